@@ -1,0 +1,401 @@
+"""Streaming readers for FASTA (plain or gzip), the peers' UniRef50 layout and protein-ligand CSVs.
+
+Every reader streams in constant memory (one record at a time) and reports bad input naming the
+file and line: file-level problems (empty file, not FASTA, truncated or corrupt gzip, CSV without
+the needed columns) always raise `DataError`; record-level problems (a sequence with digits or
+unknown letters, an empty sequence, a short CSV row) go through a `Skips` policy that either
+raises (`on_error="raise"`) or counts the skip by reason and logs the first few
+(`on_error="skip"`).
+
+Sequences are returned as ASCII `bytes` (as read; no case folding) for speed; `.text` gives a str.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import os
+import pathlib
+import re
+import zlib
+from typing import Callable, Iterator
+
+import numpy as np
+
+from sedd_jax.data import tokenizers
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+ON_ERROR = ("raise", "skip")
+# Bytes a protein sequence line may hold: the 25 residue letters in either case and a stop '*'.
+PROTEIN_BYTES = bytes(tokenizers.RESIDUES + tokenizers.RESIDUES.lower() + "*", "ascii")
+
+PROTEIN_COLUMNS = ("aa_sequence", "sequence", "protein_sequence", "target_sequence", "protein",
+                   "target", "seq", "prot_seq")
+SMILES_COLUMNS = ("smiles", "ligand_smiles", "canonical_smiles", "isomeric_smiles",
+                  "compound_iso_smiles", "drug", "ligand", "compound")
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and (where known) the line."""
+
+  def __init__(self, message: str, path: PathLike | None = None, line: int | None = None):
+    super().__init__(message)
+    self.path = None if path is None else str(path)
+    self.line = line
+
+
+def _loc(path: PathLike, line: int | None) -> str:
+  return f"{path}:{line}" if line else f"{path}"
+
+
+class Skips:
+  """The bad-record policy and the count of skipped records by reason.
+
+  Args:
+    on_error: "raise" (the first bad record raises DataError) or "skip" (counted, logged).
+    max_logged: how many skips are logged as warnings (all are counted).
+  """
+
+  def __init__(self, on_error: str = "raise", max_logged: int = 10):
+    if on_error not in ON_ERROR:
+      raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    self.on_error = on_error
+    self.max_logged = max_logged
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.examples: dict[str, str] = {}
+
+  def report(self, reason: str, message: str, path: PathLike | None = None,
+             line: int | None = None) -> None:
+    """Raises DataError(message) or counts a skip under `reason`."""
+    if self.on_error == "raise":
+      raise DataError(message + " (use on_error=skip / --on-error skip to skip such records)",
+                      path, line)
+    self.counts[reason] += 1
+    self.examples.setdefault(reason, message)
+    if sum(self.counts.values()) <= self.max_logged:
+      log.warning("skipped: %s", message)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def summary(self) -> dict[str, int]:
+    return dict(sorted(self.counts.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FastaRecord:
+  """One FASTA record: `index` is its 0-based position in the file (bad records included)."""
+
+  name: str
+  description: str
+  sequence: bytes
+  line: int
+  index: int
+
+  @property
+  def text(self) -> str:
+    return self.sequence.decode("ascii")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+  """One protein-ligand pair from a CSV/TSV row (`line`: physical line where the row ends)."""
+
+  protein: bytes
+  smiles: str
+  line: int
+  index: int
+  name: str = ""
+
+
+def is_gzip(path: PathLike) -> bool:
+  with open(path, "rb") as f:
+    return f.read(2) == b"\x1f\x8b"
+
+
+def open_binary(path: PathLike) -> io.BufferedIOBase:
+  """Opens a plain or gzip file (detected from its magic bytes, not its name) for reading."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"input file {path} does not exist")
+  if path.is_dir():
+    raise DataError(f"{path} is a directory, expected a file", path)
+  if is_gzip(path):
+    return gzip.open(path, "rb")
+  return open(path, "rb", buffering=1 << 20)
+
+
+def iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
+  """Yields (1-based line number, line without the newline) of a plain or gzip file.
+
+  Raises:
+    DataError: for a truncated or corrupt gzip stream, naming the last line read.
+  """
+  lineno = 0
+  try:
+    with open_binary(path) as f:
+      for lineno, line in enumerate(f, 1):  # noqa: B007
+        yield lineno, line.rstrip(b"\r\n")
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise DataError(f"{_loc(path, lineno + 1)}: truncated or corrupt gzip stream after line "
+                    f"{lineno} ({e})", path, lineno + 1) from None
+
+
+def parse_header(description: str) -> dict:
+  """Parses a FASTA description (without '>') into fields.
+
+  UniRef (`UniRef50_Q6GZX4 Putative protein n=2 Tax=Frog virus 3 TaxID=10493 RepID=...`) gives
+  `id`, `title`, `n` (int), `tax`, `taxid`, `repid`; UniProt (`sp|P12345|NAME_HUMAN ... OS=...`)
+  gives `id` (the accession), `entry`, `title` and its `KEY=value` fields lower-cased; anything
+  else gives `id` (the first word) and `title`.
+  """
+  name, _, rest = description.strip().partition(" ")
+  out: dict = {"id": name}
+  parts = name.split("|")
+  if len(parts) >= 3 and parts[0] in ("sp", "tr"):
+    out["id"], out["entry"] = parts[1], parts[2]
+  matches = list(re.finditer(r"(?:^|\s)([A-Za-z]+)=", rest))
+  out["title"] = rest[:matches[0].start()].strip() if matches else rest.strip()
+  for m, nxt in zip(matches, matches[1:] + [None]):
+    value = rest[m.end():nxt.start() if nxt else len(rest)].strip()
+    out[m.group(1).lower()] = value
+  if "n" in out:
+    try:
+      out["n"] = int(out["n"])
+    except ValueError:
+      pass
+  return out
+
+
+def read_fasta(path: PathLike, skips: Skips | None = None,
+               alphabet: bytes | None = PROTEIN_BYTES) -> Iterator[FastaRecord]:
+  """Streams the records of a plain or gzip FASTA file.
+
+  Args:
+    path: the file.
+    skips: bad-record policy (default: raise on the first bad record).
+    alphabet: the bytes a sequence line may hold (default: residue letters, either case, and a
+      trailing '*'); None disables the check.
+
+  Raises:
+    DataError: empty file, not FASTA (content before the first '>'), truncated gzip, and (under
+      on_error=raise) a sequence with a character outside `alphabet` or '*' before its end, or an
+      empty sequence; each naming `path:line`.
+  """
+  skips = skips or Skips()
+  header: bytes | None = None
+  header_line = 0
+  chunks: list[bytes] = []
+  chunk_lines: list[int] = []
+  bad = False
+  index = -1
+  seen_content = False
+
+  def finish() -> FastaRecord | None:
+    desc = header.decode("utf-8", errors="replace")
+    name = desc.split(None, 1)[0] if desc.strip() else f"record{index}"
+    if bad:
+      return None
+    seq = b"".join(chunks)
+    if not seq:
+      skips.report("empty_sequence", f"{_loc(path, header_line)}: record {name!r} has an empty "
+                   "sequence", path, header_line)
+      return None
+    star = seq.find(b"*")
+    if 0 <= star < len(seq) - 1:
+      # Find the line holding the first '*' that is not the final character.
+      pos = 0
+      for ln, ch in zip(chunk_lines, chunks):
+        if pos <= star < pos + len(ch):
+          break
+        pos += len(ch)
+      skips.report("invalid_character", f"{_loc(path, ln)}: stop '*' inside sequence {name!r} "
+                   f"(column {star - pos + 1}); '*' is accepted only at the end", path, ln)
+      return None
+    return FastaRecord(name, desc, seq, header_line, index)
+
+  for lineno, line in iter_lines(path):
+    if line.startswith(b">"):
+      if header is not None:
+        rec = finish()
+        if rec is not None:
+          yield rec
+      header, header_line, chunks, chunk_lines, bad = line[1:], lineno, [], [], False
+      index += 1
+      seen_content = True
+      continue
+    line = line.strip()
+    if not line:
+      continue
+    if header is None:
+      preview = line[:40].decode("utf-8", errors="replace")
+      raise DataError(f"{_loc(path, lineno)}: not a FASTA file: expected a '>' header line, found "
+                      f"{preview!r}", path, lineno)
+    if bad:
+      continue
+    if alphabet is not None:
+      wrong = line.translate(None, alphabet)
+      if wrong:
+        col = next(i for i, b in enumerate(line) if b in wrong)
+        name = header.decode("utf-8", errors="replace").split(" ", 1)[0]
+        ch = chr(line[col]) if line[col] < 128 else f"\\x{line[col]:02x}"
+        kind = "digit" if ch.isdigit() else "character"
+        skips.report("invalid_character", f"{_loc(path, lineno)}: invalid {kind} {ch!r} at column "
+                     f"{col + 1} in sequence {name!r}", path, lineno)
+        bad = True
+        continue
+    chunks.append(line)
+    chunk_lines.append(lineno)
+  if header is not None:
+    rec = finish()
+    if rec is not None:
+      yield rec
+  if not seen_content:
+    raise DataError(f"{path}: empty file (no FASTA records)", path)
+
+
+def load_splits_json(path: PathLike) -> dict[str, np.ndarray]:
+  """Reads a peers' `splits.json` ({"train": [indices], "valid"|"val": [...], "test": [...]}).
+
+  Returns:
+    split name (train | valid | test) -> sorted int64 record indices into consensus.fasta.
+  """
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{_loc(path, e.lineno)}: malformed splits.json ({e.msg})", path,
+                    e.lineno) from None
+  if not isinstance(raw, dict):
+    raise DataError(f"{path}: splits.json must be an object of split name -> index list", path)
+  alias = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
+           "test": "test"}
+  out = {}
+  for key, value in raw.items():
+    if key.lower() not in alias:
+      log.warning("%s: ignoring split %r (not train/valid/test)", path, key)
+      continue
+    try:
+      out[alias[key.lower()]] = np.sort(np.asarray(value, dtype=np.int64).reshape(-1))
+    except (TypeError, ValueError):
+      raise DataError(f"{path}: split {key!r} is not a list of integer indices", path) from None
+  if "train" not in out:
+    raise DataError(f"{path}: splits.json has no 'train' split (keys: {sorted(raw)})", path)
+  return out
+
+
+def peers_layout(directory: PathLike) -> tuple[pathlib.Path, Callable[[int], str | None]]:
+  """The peers' UniRef50 layout: `consensus.fasta` + `splits.json` (EvoDiff, DPLM).
+
+  Returns:
+    (path of consensus.fasta, split_of(record_index) -> "train" | "valid" | "test" | None).
+  """
+  directory = pathlib.Path(directory)
+  fasta = next((directory / n for n in ("consensus.fasta", "consensus.fasta.gz")
+                if (directory / n).exists()), None)
+  if fasta is None:
+    raise DataError(f"{directory}: no consensus.fasta in the peers' layout directory", directory)
+  splits = load_splits_json(directory / "splits.json")
+  size = int(max(int(v.max()) for v in splits.values() if v.size) + 1)
+  names = ("train", "valid", "test")
+  code = np.full(size, -1, np.int8)
+  for i, name in enumerate(names):
+    if name in splits:
+      code[splits[name]] = i
+
+  def split_of(index: int) -> str | None:
+    c = int(code[index]) if index < size else -1
+    return names[c] if c >= 0 else None
+
+  return fasta, split_of
+
+
+def _find_column(header: list[str], wanted: str | None, candidates: tuple[str, ...],
+                 what: str, path: PathLike) -> int:
+  lower = [h.strip().lower() for h in header]
+  if wanted is not None:
+    if wanted.strip().lower() not in lower:
+      raise DataError(f"{_loc(path, 1)}: no {what} column {wanted!r}; the header has {header}",
+                      path, 1)
+    return lower.index(wanted.strip().lower())
+  for c in candidates:
+    if c in lower:
+      return lower.index(c)
+  raise DataError(f"{_loc(path, 1)}: no {what} column found; the header has {header}; expected "
+                  f"one of {list(candidates)} (or name it explicitly)", path, 1)
+
+
+def read_pairs(path: PathLike, protein_column: str | None = None,
+               smiles_column: str | None = None, delimiter: str | None = None,
+               skips: Skips | None = None, name_column: str | None = None
+               ) -> Iterator[PairRecord]:
+  """Streams protein-ligand pairs from a CSV/TSV (plain or gzip) with a header row.
+
+  Columns default to the first header match (case-insensitive) of PROTEIN_COLUMNS and
+  SMILES_COLUMNS; the delimiter defaults to tab if the header holds one, else comma.
+
+  Raises:
+    DataError: empty file, missing columns (naming the header), truncated gzip, and (under
+      on_error=raise) rows with too few fields or an empty protein/SMILES, naming `path:line`.
+  """
+  skips = skips or Skips()
+  lineno = 0
+  try:
+    with open_binary(path) as raw:
+      text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+      first = text.readline()
+      if not first.strip():
+        raise DataError(f"{path}: empty file (no CSV header)", path, 1)
+      if delimiter is None:
+        delimiter = "\t" if "\t" in first else ","
+      header = next(csv.reader([first], delimiter=delimiter))
+      pi = _find_column(header, protein_column, PROTEIN_COLUMNS, "protein sequence", path)
+      si = _find_column(header, smiles_column, SMILES_COLUMNS, "SMILES", path)
+      ni = None
+      if name_column is not None:
+        ni = _find_column(header, name_column, (), "name", path)
+      need = max(pi, si, ni or 0) + 1
+      reader = csv.reader(text, delimiter=delimiter)
+      index = -1
+      for row in reader:
+        lineno = reader.line_num + 1
+        if not row or (len(row) == 1 and not row[0].strip()):
+          continue
+        index += 1
+        if len(row) < need:
+          skips.report("short_row", f"{_loc(path, lineno)}: row has {len(row)} fields, needs "
+                       f"{need} (columns {header[pi]!r}, {header[si]!r})", path, lineno)
+          continue
+        protein = row[pi].strip().encode("ascii", errors="replace")
+        smiles = row[si].strip()
+        if not protein or not smiles:
+          which = "protein sequence" if not protein else "SMILES"
+          skips.report("empty_field", f"{_loc(path, lineno)}: empty {which}", path, lineno)
+          continue
+        yield PairRecord(protein, smiles, lineno, index, row[ni] if ni is not None else "")
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise DataError(f"{_loc(path, lineno + 1)}: truncated or corrupt gzip stream ({e})", path,
+                    lineno + 1) from None
+  except csv.Error as e:
+    raise DataError(f"{_loc(path, lineno + 1)}: malformed CSV ({e})", path, lineno + 1) from None
+
+
+def detect_format(path: PathLike) -> str:
+  """'peers' for a directory with consensus.fasta, 'csv' for *.csv/*.tsv(.gz), else 'fasta'."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    return "peers"
+  suffixes = [s.lower() for s in p.suffixes]
+  if suffixes and suffixes[-1] == ".gz":
+    suffixes = suffixes[:-1]
+  if suffixes and suffixes[-1] in (".csv", ".tsv"):
+    return "csv"
+  return "fasta"

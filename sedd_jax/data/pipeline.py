@@ -1,0 +1,385 @@
+"""Input pipeline on grain: prepared store -> shuffled, cropped, length-bucketed, padded batches.
+
+  it = make_iterator(cfg, "train", batch_size=64, seed=0,
+                     shard_index=jax.process_index(), shard_count=jax.process_count())
+  batch = next(it)   # {"tokens": (B, W) int32, "lengths": (B,) int32}
+  state = it.get_state(); ...; it.set_state(state)   # resumes with the same next batches
+
+Per example (a grain `MapDataset`, random access): the record ids of this shard
+(`shard_index::shard_count`, disjoint across processes), shuffled with `seed` (a new permutation
+every epoch), repeated (`num_epochs=None`: forever, the default for every split; `num_epochs=1`
+for one pass over valid/test), then loaded from the memory-mapped store and, when longer than the
+model length L = cfg.model.length, cropped to L at a random start drawn from
+(seed, record id, epoch) -- so crops are reproducible and differ between epochs.
+
+Batching (`BucketBatchIterator`, grain `DatasetIterator`): each example goes to the first bucket
+whose boundary holds its length; a bucket that reaches `batch_size` examples is emitted as one
+batch. `tokens` has `<pad>` (= 1; the ligand track: the SMILES `<pad>` = 1) after each sequence;
+`lengths` counts the real tokens, so the loss weight / attention mask is `arange(W) < lengths`.
+The batch width W depends on `pad_to`:
+
+* "full" (default; cfg.data.pad_to): W = L for every batch, one jit shape. Buckets then only
+  group similar lengths (so a trimming step can cut work); the padding is 1 - mean(len) / L. With
+  no boundaries configured, "full" uses a single bucket (plain batching in shuffled order).
+* "bucket": W = the bucket's boundary, so there are as many distinct shapes as boundaries (5 by
+  default: L/8, L/4, L/2, 3L/4, L) and jit compiles once per shape; the padding is much lower
+  (`padding_fraction` gives both figures for a store).
+
+The iterator's state (`get_state()`: the stream position, the positions waiting in the buckets
+and the token counters) is a small JSON-able dict; `set_state` re-materialises the waiting
+examples by position, so a restored iterator yields exactly the batches the saved one would have.
+With a finite `num_epochs` the leftovers are emitted at the end (sorted by length, in batches of
+`batch_size`; the last may hold fewer rows unless `drop_remainder`).
+
+Paths: `ensure_prepared` resolves `cfg.data.fasta` and `cfg.data.prepared` with
+`prepare.resolve_path` (absolute as given; relative against the CWD when the path exists there,
+else against the repository root) and prepares the store on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from sedd_jax.data import prepare as prepare_lib
+from sedd_jax.data import store as store_lib
+from sedd_jax.data import tokenizers
+
+log = logging.getLogger(__name__)
+
+PAD_TO = ("full", "bucket")
+resolve_path = prepare_lib.resolve_path
+DEFAULT_LIGAND_LENGTH = 128
+
+
+def _cfg_get(section: Any, key: str, default: Any) -> Any:
+  try:
+    value = section.get(key, default)
+  except AttributeError:
+    value = getattr(section, key, default)
+  return default if value is None else value
+
+
+def ensure_prepared(cfg: Any) -> pathlib.Path:
+  """Prepares `cfg.data.fasta` into `cfg.data.prepared` unless a complete store is there.
+
+  Uses cfg.data.{min_length, max_length, min_standard_fraction, valid_fraction, test_fraction}
+  and, when present, cfg.data.{format, on_error, max_ligand_length, protein_column,
+  smiles_column}. An existing store whose filters differ from the config is kept, with a warning
+  (delete it or run the prepare CLI with --overwrite to rebuild). Safe against several processes
+  preparing at once (each writes a temporary directory; the first rename wins).
+
+  Returns:
+    The resolved store directory.
+  """
+  d = cfg.data
+  out = prepare_lib.resolve_path(d.prepared)
+  opts = prepare_lib.PrepareOptions(
+      min_length=int(d.min_length), max_length=int(d.max_length),
+      min_standard_fraction=float(d.min_standard_fraction),
+      valid_fraction=float(d.valid_fraction), test_fraction=float(d.test_fraction),
+      on_error=str(_cfg_get(d, "on_error", "raise")),
+      max_ligand_length=int(_cfg_get(d, "max_ligand_length", DEFAULT_LIGAND_LENGTH)),
+      protein_column=_cfg_get(d, "protein_column", None),
+      smiles_column=_cfg_get(d, "smiles_column", None))
+  if store_lib.is_prepared(out):
+    manifest = store_lib.Store(out, "train").manifest
+    wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
+    have = manifest.get("filters", {})
+    diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    if diff:
+      log.warning("store %s was prepared with other settings (store, config): %s; using it "
+                  "as is (rebuild with python -m sedd_jax.data.prepare --overwrite)", out, diff)
+    return out
+  src = prepare_lib.resolve_path(d.fasta)
+  log.info("preparing %s into %s (first use)", src, out)
+  try:
+    prepare_lib.prepare(src, out, fmt=str(_cfg_get(d, "format", "auto")), options=opts)
+  except FileExistsError:
+    if not store_lib.is_prepared(out):
+      raise
+  return out
+
+
+def default_boundaries(length: int) -> tuple[int, ...]:
+  """Bucket boundaries derived from the model length L: L/8, L/4, L/2, 3L/4, L (deduplicated)."""
+  cands = [length // 8, length // 4, length // 2, (3 * length) // 4, length]
+  return tuple(sorted({c for c in cands if c > 0}))
+
+
+def _boundaries(cfg: Any, length: int, pad_to: str) -> tuple[int, ...]:
+  given = tuple(int(b) for b in _cfg_get(cfg.data, "bucket_boundaries", ()) or ())
+  if not given:
+    return default_boundaries(length) if pad_to == "bucket" else (length,)
+  if any(b <= 0 for b in given) or list(given) != sorted(set(given)):
+    raise ValueError(f"data.bucket_boundaries must be increasing positive ints, got {given}")
+  if given[-1] > length:
+    raise ValueError(f"data.bucket_boundaries {given} exceed the model length {length}")
+  return given if given[-1] == length else given + (length,)
+
+
+def padding_fraction(lengths: np.ndarray, length: int,
+                     boundaries: Sequence[int] | None = None) -> float:
+  """Expected fraction of padding tokens in batches of sequences with `lengths`.
+
+  Args:
+    lengths: `(N,)` sequence lengths (cropped to `length` here).
+    length: the model length L.
+    boundaries: bucket widths (batches padded to the bucket's boundary, pad_to="bucket"); None
+      for one width L (pad_to="full").
+
+  Returns:
+    1 - real tokens / batch tokens, ignoring partial final batches.
+  """
+  lengths = np.minimum(np.asarray(lengths, np.int64), length)
+  if lengths.size == 0:
+    return 0.0
+  bounds = np.asarray(tuple(boundaries) if boundaries else (length,), np.int64)
+  if bounds[-1] < length:
+    bounds = np.append(bounds, length)
+  widths = bounds[np.searchsorted(bounds, lengths, side="left")]
+  return float(1.0 - lengths.sum() / widths.sum())
+
+
+class _Examples:
+  """Random-access examples: position in the (sharded, shuffled, repeated) stream -> example."""
+
+  def __init__(self, store: store_lib.Store, seed: int, shard_index: int, shard_count: int,
+               shuffle: bool, num_epochs: int | None, length: int):
+    import grain  # pylint: disable=g-import-not-at-top
+
+    self.store = store
+    self.length = length
+    self.ligand = "ligand" in store.tracks
+    self.seed = int(seed)
+    ids = grain.MapDataset.range(len(store))[shard_index::shard_count]
+    self.shard_size = len(ids)
+    if self.shard_size == 0:
+      raise ValueError(f"shard {shard_index} of {shard_count} of {store.root}/{store.split} is "
+                       f"empty ({len(store)} sequences)")
+    if shuffle:
+      ids = ids.shuffle(seed=self.seed)
+    self.ids = ids.repeat(num_epochs)
+    self.size = len(self.ids) if num_epochs is not None else None
+    self._lengths = np.minimum(store.lengths, length)
+    self._cache: dict[int, int] = {}  # position -> record id (grain's lookup is the slow part)
+
+  def record(self, position: int) -> int:
+    rec = self._cache.get(position)
+    if rec is None:
+      rec = self._cache[position] = int(self.ids[position])
+      if len(self._cache) > 1 << 16:
+        self._cache.clear()
+    return rec
+
+  def length_of(self, position: int) -> int:
+    return int(self._lengths[self.record(position)])
+
+  def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+    rec = self.record(position)
+    self._cache.pop(position, None)
+    seq = self.store[rec]
+    if seq.size > self.length:
+      epoch = position // self.shard_size
+      rng = np.random.default_rng((self.seed, rec, epoch))
+      start = int(rng.integers(0, seq.size - self.length + 1))
+      seq = seq[start:start + self.length]
+    out = {"tokens": seq}
+    if self.ligand:
+      out["ligand_tokens"] = self.store.get(rec, "ligand")
+    return out
+
+
+class BucketBatchIterator:  # subclassed from grain.DatasetIterator in _iterator_class()
+  """Buckets examples by length and emits padded batches; checkpointable (see module doc)."""
+
+  def __init__(self, examples: _Examples, batch_size: int, boundaries: tuple[int, ...],
+               pad_to: str, drop_remainder: bool, ligand_length: int):
+    super().__init__()
+    self._ex = examples
+    self._batch_size = batch_size
+    self._bounds = np.asarray(boundaries, np.int64)
+    self._pad_to = pad_to
+    self._drop_remainder = drop_remainder
+    self._ligand_length = ligand_length
+    self._position = 0
+    self._buckets: list[list[int]] = [[] for _ in boundaries]
+    self._leftovers: list[int] | None = None  # finite stream: sorted positions still to emit
+    self._real = 0
+    self._total = 0
+
+  # --- grain DatasetIterator API ---
+  def get_state(self) -> dict[str, Any]:
+    return {"position": self._position, "buckets": [list(b) for b in self._buckets],
+            "leftovers": None if self._leftovers is None else list(self._leftovers),
+            "real_tokens": self._real, "total_tokens": self._total}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    buckets = [list(map(int, b)) for b in state["buckets"]]
+    if len(buckets) != len(self._buckets):
+      raise ValueError(f"iterator state has {len(buckets)} buckets, this pipeline has "
+                       f"{len(self._buckets)} (boundaries {self._bounds.tolist()})")
+    self._position = int(state["position"])
+    self._buckets = buckets
+    left = state.get("leftovers")
+    self._leftovers = None if left is None else list(map(int, left))
+    self._real = int(state.get("real_tokens", 0))
+    self._total = int(state.get("total_tokens", 0))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    ex, b = self._ex, self._batch_size
+    if self._leftovers is None:
+      while ex.size is None or self._position < ex.size:
+        pos = self._position
+        self._position += 1
+        j = int(np.searchsorted(self._bounds, ex.length_of(pos), side="left"))
+        bucket = self._buckets[j]
+        bucket.append(pos)
+        if len(bucket) == b:
+          self._buckets[j] = []
+          return self._make_batch(bucket, int(self._bounds[j]))
+      # End of a finite stream: emit what waits in the buckets, sorted by length.
+      waiting = [p for bucket in self._buckets for p in bucket]
+      self._buckets = [[] for _ in self._buckets]
+      self._leftovers = sorted(waiting, key=lambda p: (ex.length_of(p), p))
+    if not self._leftovers or (self._drop_remainder and len(self._leftovers) < b):
+      raise StopIteration
+    chunk, self._leftovers = self._leftovers[:b], self._leftovers[b:]
+    longest = max(ex.length_of(p) for p in chunk)
+    j = int(np.searchsorted(self._bounds, longest, side="left"))
+    return self._make_batch(chunk, int(self._bounds[j]))
+
+  def _make_batch(self, positions: list[int], bucket_width: int) -> dict[str, np.ndarray]:
+    width = bucket_width if self._pad_to == "bucket" else self._ex.length
+    items = [self._ex[p] for p in positions]
+    tokens = np.full((len(items), width), tokenizers.PAD_ID, np.int32)
+    lengths = np.zeros((len(items),), np.int32)
+    for i, item in enumerate(items):
+      seq = item["tokens"]
+      tokens[i, :seq.size] = seq
+      lengths[i] = seq.size
+    batch = {"tokens": tokens, "lengths": lengths}
+    self._real += int(lengths.sum())
+    self._total += tokens.size
+    if self._ex.ligand:
+      lig = np.full((len(items), self._ligand_length), tokenizers.SmilesTokenizer.pad_id, np.int32)
+      lig_len = np.zeros((len(items),), np.int32)
+      for i, item in enumerate(items):
+        t = item["ligand_tokens"][:self._ligand_length]
+        lig[i, :t.size] = t
+        lig_len[i] = t.size
+      batch["ligand_tokens"], batch["ligand_lengths"] = lig, lig_len
+    return batch
+
+  def padding_fraction(self) -> float:
+    """Measured fraction of padding in the protein `tokens` emitted so far."""
+    return 1.0 - self._real / self._total if self._total else 0.0
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _iterator_class() -> type:
+  """BucketBatchIterator mixed with grain.DatasetIterator (grain imported lazily)."""
+  if "iter" not in _CLASSES:
+    import grain  # pylint: disable=g-import-not-at-top
+
+    class GrainBucketBatchIterator(BucketBatchIterator, grain.DatasetIterator):
+      pass
+
+    class BucketBatchDataset(grain.IterDataset):
+      """A grain IterDataset whose iterator is a GrainBucketBatchIterator."""
+
+      def __init__(self, **kwargs):
+        super().__init__()
+        self._kwargs = kwargs
+
+      def __iter__(self):
+        return GrainBucketBatchIterator(**self._kwargs)
+
+    _CLASSES["iter"] = GrainBucketBatchIterator
+    _CLASSES["dataset"] = BucketBatchDataset
+  return _CLASSES["iter"]
+
+
+def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: int = 0,
+                 shard_count: int = 1, *, num_epochs: int | None = None,
+                 shuffle: bool | None = None, pad_to: str | None = None,
+                 drop_remainder: bool = False, store: store_lib.Store | None = None):
+  """The grain IterDataset behind `make_iterator` (same arguments)."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  pad_to = pad_to or str(_cfg_get(cfg.data, "pad_to", "full"))
+  if pad_to not in PAD_TO:
+    raise ValueError(f"pad_to must be one of {PAD_TO}, got {pad_to!r}")
+  length = int(cfg.model.length)
+  if store is None:
+    store = store_lib.Store(ensure_prepared(cfg), split)
+  if len(store) == 0:
+    raise store_lib.StoreError(f"{store.root}/{split} holds no sequences")
+  ligand_length = int(_cfg_get(cfg.data, "ligand_length", DEFAULT_LIGAND_LENGTH))
+  if "ligand" in store.tracks:
+    longest = int(store.track("ligand").lengths.max())
+    if longest > ligand_length:
+      raise ValueError(f"{store.root}/{split} holds ligands of {longest} tokens, more than "
+                       f"data.ligand_length = {ligand_length}; prepare with "
+                       f"--max-ligand-length {ligand_length}")
+  bounds = _boundaries(cfg, length, pad_to)
+  examples = _Examples(store, seed, shard_index, shard_count,
+                       shuffle=(split == "train") if shuffle is None else shuffle,
+                       num_epochs=num_epochs, length=length)
+  lengths = store.lengths[shard_index::shard_count]
+  full = padding_fraction(lengths, length)
+  mine = padding_fraction(lengths, length, bounds if pad_to == "bucket" else None)
+  log.info("data %s/%s: %d sequences (shard %d/%d), batch %d, L %d, pad_to %s, buckets %s; "
+           "padding fraction %.3f (fixed width L: %.3f, buckets of width %s: %.3f)",
+           store.root, split, examples.shard_size, shard_index, shard_count, batch_size, length,
+           pad_to, list(bounds), mine, full, list(default_boundaries(length)),
+           padding_fraction(lengths, length, default_boundaries(length)))
+  if "ligand" in store.tracks:
+    log.info("data %s/%s: ligand padding fraction %.3f (width %d)", store.root, split,
+             padding_fraction(store.track("ligand").lengths[shard_index::shard_count],
+                              ligand_length), ligand_length)
+  _iterator_class()
+  return _CLASSES["dataset"](examples=examples, batch_size=batch_size, boundaries=bounds,
+                             pad_to=pad_to, drop_remainder=drop_remainder,
+                             ligand_length=ligand_length)
+
+
+def make_iterator(cfg: Any, split: str, batch_size: int, seed: int, shard_index: int = 0,
+                  shard_count: int = 1, *, num_epochs: int | None = None,
+                  shuffle: bool | None = None, pad_to: str | None = None,
+                  drop_remainder: bool = False, store: store_lib.Store | None = None):
+  """A checkpointable iterator of batches of split `split` (see the module docstring).
+
+  Args:
+    cfg: the config (reads cfg.model.length and cfg.data.*; cfg.data.pad_to and
+      cfg.data.ligand_length are optional, defaults "full" and 128).
+    split: train | valid | test.
+    batch_size: sequences per batch of THIS shard (the per-process batch).
+    seed: shuffle and crop seed.
+    shard_index, shard_count: this process's shard (e.g. jax.process_index(),
+      jax.process_count()); shards are disjoint.
+    num_epochs: None = forever (default for every split); 1 = one pass.
+    shuffle: default True for train, False otherwise.
+    pad_to: "full" | "bucket", overriding cfg.data.pad_to.
+    drop_remainder: with a finite num_epochs, drop the last batch if it is partial.
+    store: an already open store (skips `ensure_prepared`).
+
+  Returns:
+    A grain DatasetIterator with get_state()/set_state() and padding_fraction(), yielding
+    {"tokens": (B, W) int32, "lengths": (B,) int32} (+ "ligand_tokens": (B, Lg) int32,
+    "ligand_lengths": (B,) int32 for protein-ligand stores); W = L unless pad_to="bucket".
+  """
+  ds = make_dataset(cfg, split, batch_size, seed, shard_index, shard_count,
+                    num_epochs=num_epochs, shuffle=shuffle, pad_to=pad_to,
+                    drop_remainder=drop_remainder, store=store)
+  return iter(ds)

@@ -1,0 +1,155 @@
+"""Tests of sedd_jax.data.fasta: streaming FASTA/CSV readers and their file:line errors."""
+
+import gzip
+import json
+import pathlib
+
+import pytest
+
+from sedd_jax.data import fasta
+from sedd_jax.data.fasta import DataError, Skips
+
+DATA = pathlib.Path(__file__).parent / "data"
+FAA = DATA / "pyhmmer_938293_first200.faa"
+PAIRS = DATA / "pairs_first60.csv"
+
+
+def _write(path, text):
+  path.write_text(text)
+  return path
+
+
+def test_reads_fixture_with_stop_codons():
+  recs = list(fasta.read_fasta(FAA))
+  assert len(recs) == 200
+  assert recs[0].name == "938293.PRJEB85.HG003688_1" and recs[0].line == 1
+  assert recs[0].sequence.startswith(b"MNINELLKDK") and recs[0].sequence.endswith(b"*")
+  assert [r.index for r in recs] == list(range(200))
+
+
+def test_multiline_blank_lines_and_gzip_equal(tmp_path):
+  text = ">a desc\nMKV\nLLA\n\n>b\r\nmkv*\r\n"
+  plain = _write(tmp_path / "x.fasta", text)
+  gz = tmp_path / "x.fa.gz"
+  gz.write_bytes(gzip.compress(text.encode()))
+  for p in (plain, gz):
+    recs = list(fasta.read_fasta(p))
+    assert [(r.name, r.description, r.sequence, r.line) for r in recs] == [
+        ("a", "a desc", b"MKVLLA", 1), ("b", "b", b"mkv*", 5)]
+
+
+def test_parse_uniref_and_uniprot_headers():
+  h = fasta.parse_header("UniRef50_Q6GZX4 Putative transcription factor 001R n=2 "
+                         "Tax=Frog virus 3 TaxID=10493 RepID=001R_FRG3G")
+  assert h == {"id": "UniRef50_Q6GZX4", "title": "Putative transcription factor 001R", "n": 2,
+               "tax": "Frog virus 3", "taxid": "10493", "repid": "001R_FRG3G"}
+  h = fasta.parse_header("tr|W0FSK4|W0FSK4_9FLAV Genome polyprotein OS=Dengue virus 3 PE=4 SV=1")
+  assert h["id"] == "W0FSK4" and h["entry"] == "W0FSK4_9FLAV" and h["os"] == "Dengue virus 3"
+  assert fasta.parse_header("seq1")["id"] == "seq1"
+
+
+def test_truncated_gzip_names_file_and_line(tmp_path):
+  data = gzip.compress(("".join(f">s{i}\n{'MKV' * 40}\n" for i in range(2000))).encode())
+  p = tmp_path / "cut.fasta.gz"
+  p.write_bytes(data[:len(data) // 2])
+  with pytest.raises(DataError, match=r"cut\.fasta\.gz:\d+: truncated or corrupt gzip") as e:
+    list(fasta.read_fasta(p))
+  assert e.value.line > 1
+
+
+def test_non_fasta_names_file_and_line(tmp_path):
+  p = _write(tmp_path / "notes.txt", "\nhello world\n>x\nMKV\n")
+  with pytest.raises(DataError, match=r"notes\.txt:2: not a FASTA file"):
+    list(fasta.read_fasta(p))
+
+
+def test_empty_file(tmp_path):
+  p = _write(tmp_path / "empty.fasta", "\n\n")
+  with pytest.raises(DataError, match=r"empty\.fasta: empty file"):
+    list(fasta.read_fasta(p))
+
+
+@pytest.mark.parametrize("bad,what", [("MK3V", "digit '3'"), ("MKJV", "character 'J'")])
+def test_bad_sequence_line_named(tmp_path, bad, what):
+  p = _write(tmp_path / "bad.fasta", f">a\nMKV\n>b\nMKV\n{bad}\n>c\nMKV\n")
+  with pytest.raises(DataError) as e:
+    list(fasta.read_fasta(p))
+  assert f"bad.fasta:5: invalid {what} at column 3 in sequence 'b'" in str(e.value)
+  skips = Skips("skip")
+  assert [r.name for r in fasta.read_fasta(p, skips)] == ["a", "c"]
+  assert skips.summary() == {"invalid_character": 1}
+
+
+def test_inner_stop_and_empty_sequence(tmp_path):
+  p = _write(tmp_path / "s.fasta", ">a\nMKV\nM*K\n>b\n>c\nMK\n")
+  with pytest.raises(DataError, match=r"s\.fasta:3: stop '\*' inside sequence 'a'"):
+    list(fasta.read_fasta(p))
+  p = _write(tmp_path / "e.fasta", ">a\nMKV\n>b\n>c\nMK\n")
+  with pytest.raises(DataError, match=r"e\.fasta:3: record 'b' has an empty sequence"):
+    list(fasta.read_fasta(p))
+  skips = Skips("skip")
+  assert [r.name for r in fasta.read_fasta(p, skips)] == ["a", "c"]
+  assert skips.summary() == {"empty_sequence": 1}
+
+
+def test_missing_file_and_bad_policy(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.fasta"):
+    list(fasta.read_fasta(tmp_path / "nope.fasta"))
+  with pytest.raises(ValueError, match="on_error"):
+    Skips("ignore")
+
+
+def test_read_pairs_detects_columns():
+  recs = list(fasta.read_pairs(PAIRS))
+  assert len(recs) == 60
+  assert recs[0].smiles and recs[0].protein.startswith(b"M") and recs[0].line == 2
+
+
+def test_read_pairs_tsv_explicit_columns_and_gzip(tmp_path):
+  text = "id\tTarget\tLig\nx\tMKVL\tCCO\ny\tMKKK\tc1ccccc1\n"
+  p = tmp_path / "p.tsv.gz"
+  p.write_bytes(gzip.compress(text.encode()))
+  recs = list(fasta.read_pairs(p, protein_column="target", smiles_column="Lig", name_column="id"))
+  assert [(r.protein, r.smiles, r.name, r.line) for r in recs] == [
+      (b"MKVL", "CCO", "x", 2), (b"MKKK", "c1ccccc1", "y", 3)]
+
+
+def test_csv_without_needed_columns(tmp_path):
+  p = _write(tmp_path / "p.csv", "name,affinity\na,1.0\n")
+  with pytest.raises(DataError, match=r"p\.csv:1: no protein sequence column found; the header"):
+    list(fasta.read_pairs(p))
+  p = _write(tmp_path / "q.csv", "sequence,affinity\nMKV,1.0\n")
+  with pytest.raises(DataError, match=r"q\.csv:1: no SMILES column found"):
+    list(fasta.read_pairs(p))
+  with pytest.raises(DataError, match=r"q\.csv:1: no protein sequence column 'prot'"):
+    list(fasta.read_pairs(p, protein_column="prot"))
+
+
+def test_csv_short_row_and_empty_field(tmp_path):
+  p = _write(tmp_path / "p.csv", "sequence,smiles\nMKV,CCO\nMKV\n,CC\n")
+  with pytest.raises(DataError, match=r"p\.csv:3: row has 1 fields, needs 2"):
+    list(fasta.read_pairs(p))
+  skips = Skips("skip")
+  assert len(list(fasta.read_pairs(p, skips=skips))) == 1
+  assert skips.summary() == {"empty_field": 1, "short_row": 1}
+  p = _write(tmp_path / "empty.csv", "")
+  with pytest.raises(DataError, match=r"empty\.csv: empty file"):
+    list(fasta.read_pairs(p))
+
+
+def test_peers_layout(tmp_path):
+  _write(tmp_path / "consensus.fasta", ">u0\nMKV\n>u1\nMKL\n>u2\nMKA\n>u3\nMKG\n")
+  (tmp_path / "splits.json").write_text(json.dumps({"train": [0, 3], "valid": [1], "rtest": [2]}))
+  path, split_of = fasta.peers_layout(tmp_path)
+  assert path.name == "consensus.fasta"
+  assert [split_of(i) for i in range(5)] == ["train", "valid", None, "train", None]
+  (tmp_path / "splits.json").write_text("{\"train\": [0,\n")
+  with pytest.raises(DataError, match=r"splits\.json:\d+: malformed"):
+    fasta.peers_layout(tmp_path)
+
+
+def test_detect_format(tmp_path):
+  assert fasta.detect_format("a/b.fasta.gz") == "fasta"
+  assert fasta.detect_format("a/b.csv.gz") == "csv"
+  assert fasta.detect_format("b.TSV") == "csv"
+  assert fasta.detect_format(tmp_path) == "peers"

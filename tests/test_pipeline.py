@@ -1,0 +1,181 @@
+"""Tests of sedd_jax.data.pipeline: shapes, padding, crops, buckets, sharding, resuming."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from sedd_jax.data import pipeline, prepare, store, tokenizers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import uniref50  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data"
+FAA = DATA / "pyhmmer_938293_first200.faa"
+PAIRS = DATA / "pairs_first60.csv"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  out = tmp_path_factory.mktemp("pipe") / "faa"
+  prepare.prepare(FAA, out, valid_fraction=0.1, test_fraction=0.1)
+  return out
+
+
+def _cfg(root, length=64, **data):
+  cfg = uniref50.get_config("tiny")
+  cfg.model.length = length
+  cfg.data.fasta = str(FAA)
+  cfg.data.prepared = str(root)
+  cfg.data.update(data)
+  return cfg
+
+
+def _is_substring(row, seq):
+  n = row.size
+  return any(np.array_equal(seq[s:s + n], row) for s in range(seq.size - n + 1))
+
+
+def test_batch_shapes_padding_and_crops(root):
+  cfg = _cfg(root)
+  st = store.open_store(root, "train")
+  contents = [np.asarray(st[i]) for i in range(len(st))]
+  it = pipeline.make_iterator(cfg, "train", batch_size=8, seed=0)
+  for _ in range(5):
+    b = next(it)
+    assert set(b) == {"tokens", "lengths"}
+    assert b["tokens"].shape == (8, 64) and b["tokens"].dtype == np.int32
+    assert b["lengths"].shape == (8,) and b["lengths"].dtype == np.int32
+    mask = np.arange(64)[None] < b["lengths"][:, None]
+    assert np.all(b["tokens"][~mask] == tokenizers.PAD_ID)
+    assert np.all((b["tokens"][mask] >= 4) & (b["tokens"][mask] <= 28))
+    for row, n in zip(b["tokens"], b["lengths"]):
+      assert any(_is_substring(row[:n], c) for c in contents if c.size >= n)
+
+
+def test_same_seed_same_batches_other_seed_differs(root):
+  cfg = _cfg(root)
+  a = [next(it)["tokens"] for it in [pipeline.make_iterator(cfg, "train", 8, 3)] for _ in range(6)]
+  it = pipeline.make_iterator(cfg, "train", 8, 3)
+  b = [next(it)["tokens"] for _ in range(6)]
+  it = pipeline.make_iterator(cfg, "train", 8, 4)
+  c = [next(it)["tokens"] for _ in range(6)]
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_crops_deterministic_per_record_and_vary_by_epoch(root):
+  st = store.open_store(root, "train")
+  ex = pipeline._Examples(st, seed=0, shard_index=0, shard_count=1, shuffle=True,
+                          num_epochs=None, length=32)
+  n = ex.shard_size
+  first = {ex.record(p): ex[p]["tokens"].tobytes() for p in range(n)}
+  again = {ex.record(p): ex[p]["tokens"].tobytes() for p in range(n)}
+  second = {ex.record(p): ex[p]["tokens"].tobytes() for p in range(n, 2 * n)}
+  assert first == again and set(first) == set(second) == set(range(n))
+  assert sum(first[r] != second[r] for r in first) > n // 2  # new crops in the next epoch
+
+
+@pytest.mark.parametrize("pad_to", ["full", "bucket"])
+def test_resume_from_state_yields_same_batches(root, pad_to):
+  cfg = _cfg(root, length=128)
+  it = pipeline.make_iterator(cfg, "train", 8, seed=1, pad_to=pad_to)
+  for _ in range(7):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # JSON-able
+  expected = [next(it) for _ in range(12)]
+  it2 = pipeline.make_iterator(cfg, "train", 8, seed=1, pad_to=pad_to)
+  it2.set_state(state)
+  got = [next(it2) for _ in range(12)]
+  for e, g in zip(expected, got):
+    assert e.keys() == g.keys()
+    for k in e:
+      np.testing.assert_array_equal(e[k], g[k])
+
+
+def test_bucket_widths_and_lower_padding(root):
+  cfg = _cfg(root, length=512)
+  it = pipeline.make_iterator(cfg, "train", 4, seed=0, pad_to="bucket")
+  bounds = pipeline.default_boundaries(512)
+  assert bounds == (64, 128, 256, 384, 512)
+  widths = set()
+  for _ in range(30):
+    b = next(it)
+    w = b["tokens"].shape[1]
+    widths.add(w)
+    assert w in bounds and b["lengths"].max() <= w
+    i = bounds.index(w)
+    assert i == 0 or b["lengths"].min() > bounds[i - 1]
+  assert len(widths) > 1
+  full = pipeline.make_iterator(cfg, "train", 4, seed=0)
+  for _ in range(30):
+    next(full)
+  assert it.padding_fraction() < full.padding_fraction()
+  lengths = store.open_store(root, "train").lengths
+  assert abs(full.padding_fraction() - pipeline.padding_fraction(lengths, 512)) < 0.1
+
+
+def test_padding_fraction_formula():
+  lengths = np.array([10, 30, 64, 100])
+  assert pipeline.padding_fraction(lengths, 64) == pytest.approx(1 - (10 + 30 + 64 + 64) / 256)
+  assert pipeline.padding_fraction(lengths, 64, (16, 32, 64)) == pytest.approx(
+      1 - (10 + 30 + 64 + 64) / (16 + 32 + 64 + 64))
+
+
+def test_one_pass_and_disjoint_shards(root):
+  cfg = _cfg(root, length=1024)
+  st = store.open_store(root, "valid")
+  everything = sorted(np.asarray(st[i]).tobytes() for i in range(len(st)))
+  seen = []
+  for shard in range(2):
+    it = pipeline.make_iterator(cfg, "valid", 3, seed=0, shard_index=shard, shard_count=2,
+                                num_epochs=1)
+    rows = [r[:n].astype(np.uint8).tobytes() for b in it for r, n in zip(b["tokens"], b["lengths"])]
+    seen.append(rows)
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == everything
+  it = pipeline.make_iterator(cfg, "valid", 3, seed=0, num_epochs=1, drop_remainder=True)
+  assert all(b["tokens"].shape[0] == 3 for b in it)
+  with pytest.raises(ValueError, match="shard_index"):
+    pipeline.make_iterator(cfg, "valid", 3, seed=0, shard_index=2, shard_count=2)
+
+
+def test_ensure_prepared_prepares_once(tmp_path):
+  cfg = _cfg(tmp_path / "prep" / "x")
+  out = pipeline.ensure_prepared(cfg)
+  assert out == tmp_path / "prep" / "x" and store.is_prepared(out)
+  stamp = (out / "manifest.json").stat().st_mtime_ns
+  assert pipeline.ensure_prepared(cfg) == out
+  assert (out / "manifest.json").stat().st_mtime_ns == stamp
+  it = pipeline.make_iterator(cfg, "valid", 2, seed=0)
+  assert next(it)["tokens"].shape == (2, 64)
+
+
+def test_relative_paths_cwd_first_then_repo_root(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "x.faa").write_bytes(FAA.read_bytes())
+  assert pipeline.resolve_path("x.faa") == tmp_path / "x.faa"
+  assert pipeline.resolve_path("data/uniprot_mmseqs2_example.fasta.gz") == (
+      ROOT / "data" / "uniprot_mmseqs2_example.fasta.gz")
+  assert pipeline.resolve_path("data/prepared/new") == ROOT / "data" / "prepared" / "new"
+  assert pipeline.resolve_path(tmp_path / "abs") == tmp_path / "abs"
+
+
+def test_protein_ligand_batches(tmp_path):
+  out = tmp_path / "pl"
+  prepare.prepare(PAIRS, out, max_length=5000, valid_fraction=0.1, test_fraction=0.1)
+  cfg = _cfg(out, length=256)
+  it = pipeline.make_iterator(cfg, "train", 4, seed=0)
+  b = next(it)
+  assert b["tokens"].shape == (4, 256) and b["ligand_tokens"].shape == (4, 128)
+  assert b["ligand_lengths"].dtype == np.int32 and b["ligand_lengths"].min() > 0
+  smi = store.open_store(out).smiles_tokenizer()
+  mask = np.arange(128)[None] < b["ligand_lengths"][:, None]
+  assert np.all(b["ligand_tokens"][~mask] == smi.pad_id)
+  assert all(smi.decode(r) for r in b["ligand_tokens"])
+  cfg.data.ligand_length = 16
+  with pytest.raises(ValueError, match="ligand_length"):
+    pipeline.make_iterator(cfg, "train", 4, seed=0)

@@ -1,0 +1,60 @@
+"""Tests of sedd_jax.data.store: opening a prepared store, and clear errors for bad ones."""
+
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from sedd_jax.data import prepare, store, tokenizers
+from sedd_jax.data.store import StoreError
+
+FAA = pathlib.Path(__file__).parent / "data" / "pyhmmer_938293_first200.faa"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  out = tmp_path_factory.mktemp("store") / "s"
+  prepare.prepare(FAA, out, valid_fraction=0.1, test_fraction=0.1)
+  return out
+
+
+def test_open_len_getitem_lengths(prepared):
+  st = store.open_store(prepared, "train")
+  m = st.manifest
+  assert len(st) == m["splits"]["train"]["sequences"] == st.split_manifest["sequences"]
+  assert st.tracks == ("protein",)
+  assert st.lengths.dtype == np.int32 and st.lengths.shape == (len(st),)
+  assert all(st[i].size == st.lengths[i] for i in range(len(st)))
+  assert st[0].dtype == np.uint8 and st[-1].size == st.lengths[-1]
+  assert 30 <= st.lengths.min() and st.lengths.max() <= 1000
+  assert tokenizers.ProteinTokenizer().decode(st[0]).isalpha()
+  with pytest.raises(IndexError):
+    st[len(st)]
+  assert store.is_prepared(prepared)
+
+
+def test_missing_store_named(tmp_path):
+  with pytest.raises(StoreError, match=f"prepared store {tmp_path / 'nope'} does not exist"):
+    store.open_store(tmp_path / "nope")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(StoreError, match=r"empty/manifest\.json is missing"):
+    store.open_store(tmp_path / "empty")
+  assert not store.is_prepared(tmp_path / "empty")
+  with pytest.raises(ValueError, match="split"):
+    store.open_store(tmp_path, "dev")
+
+
+def test_corrupt_store_named(prepared, tmp_path):
+  bad = tmp_path / "bad"
+  shutil.copytree(prepared, bad)
+  (bad / "valid" / "offsets.npy").unlink()
+  with pytest.raises(StoreError, match=r"valid/offsets\.npy is missing"):
+    store.open_store(bad, "valid")
+  tokens = bad / "train" / "tokens.npy"
+  tokens.write_bytes(tokens.read_bytes()[:-100])
+  with pytest.raises(StoreError, match=r"train/tokens\.npy is corrupt"):
+    store.open_store(bad, "train")
+  (bad / "manifest.json").write_text("{")
+  with pytest.raises(StoreError, match=r"bad/manifest\.json is corrupt"):
+    store.open_store(bad, "test")
