@@ -1,0 +1,293 @@
+"""DDiT, the SEDD transformer, in Flax NNX (numerically the reference's `SEDD` module).
+
+indices (B, L) -> token embedding (B, L, H); sigma (B,) -> 256-dim sinusoid -> Linear-SiLU-Linear
+-> SiLU = c (B, C); `n_blocks` adaLN-Zero blocks with rotary attention and a 4x GELU(tanh) MLP;
+final LayerNorm + modulate + Linear -> (B, L, D) log score; absorbing graphs with
+`scale_by_sigma` subtract log(expm1(sigma)) + log(D - 1); the entry at the input token is 0.
+
+Precision: parameters are float32. Matmuls of the blocks (qkv, attention, out proj, MLP, adaLN)
+run in `cfg.dtype` (bfloat16 or float32); the residual stream, LayerNorms, rotary, the sigma map,
+the output layer (logits) and the sigma scaling are float32, so the output is float32.
+float32 matmuls use Precision.HIGHEST (no TF32 on GPUs).
+
+State names mirror the PyTorch state_dict (see `torch_import`): `vocab_embed.embedding`,
+`sigma_map.{mlp_in,mlp_out}`, `blocks.<n>.{norm1,attn_qkv,attn_out,norm2,mlp_in,mlp_out,
+adaLN_modulation}`, `output_layer.{norm_final,linear,adaLN_modulation}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sedd_jax.model import attention as attention_lib
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
+DEFAULTS = {
+    "dropout": 0.1,
+    "scale_by_sigma": True,
+    "length": 1024,
+    "attention": "auto",
+    "attention_chunk": 0,
+    "dtype": "bfloat16",
+    "remat": "none",
+}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "block", "block_save_dots")
+FREQ_DIM = 256  # sinusoidal sigma embedding size
+MLP_RATIO = 4
+LN_EPS = 1e-5
+ROTARY_BASE = 10_000
+
+
+def _cfg(cfg: Any, key: str):
+  """cfg[key] for a ConfigDict / dict / attribute object; DEFAULTS for optional keys."""
+  if isinstance(cfg, dict) or hasattr(cfg, "keys"):
+    if key in cfg:
+      return cfg[key]
+  elif hasattr(cfg, key):
+    return getattr(cfg, key)
+  if key in DEFAULTS:
+    return DEFAULTS[key]
+  raise ValueError(f"model config has no key {key!r} (needs {REQUIRED_KEYS})")
+
+
+def timestep_embedding(sigma: jax.Array, dim: int = FREQ_DIM, max_period: float = 10_000):
+  """Sinusoidal embedding: sigma (B,) -> (B, dim) float32, [cos(args), sin(args)]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = sigma.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def rotary_cos_sin(length: int, head_dim: int, base: float = ROTARY_BASE):
+  """cos, sin tables (length, head_dim) float32 of rotate-half rotary embeddings."""
+  inv_freq = 1.0 / jnp.power(jnp.float32(base),
+                             jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  t = jnp.arange(length, dtype=jnp.float32)
+  freqs = t[:, None] * inv_freq[None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x (B, L, H, Dh) rotated by cos/sin (L, Dh), in float32; returns x's dtype."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos[None, :, None, :] + rot * sin[None, :, None, :]).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """x (B, L, H) * (1 + scale) + shift, with shift/scale (B, 1, H)."""
+  return x * (1 + scale) + shift
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32."""
+
+  def __init__(self, dim: int):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + LN_EPS) * self.scale[...]
+
+
+def _torch_linear_init(in_features: int):
+  """U(-1/sqrt(in), 1/sqrt(in)), torch.nn.Linear's default for weight and bias."""
+  bound = 1.0 / math.sqrt(in_features)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False) -> nnx.Linear:
+  """nnx.Linear with float32 params computing in `dtype`; torch's init, or zeros.
+
+  float32 layers use Precision.HIGHEST, so that float32 is not silently TF32 on GPUs.
+  """
+  init = nnx.initializers.zeros_init() if zero else _torch_linear_init(n_in)
+  precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+  return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+                    precision=precision, kernel_init=init, bias_init=init, rngs=rngs)
+
+
+class TimestepEmbedder(nnx.Module):
+  """sigma (B,) -> sinusoid (B, 256) -> Linear -> SiLU -> Linear -> (B, C), float32."""
+
+  def __init__(self, cond_dim: int, rngs: nnx.Rngs):
+    self.mlp_in = _linear(rngs, FREQ_DIM, cond_dim)
+    self.mlp_out = _linear(rngs, cond_dim, cond_dim)
+
+  def __call__(self, sigma: jax.Array) -> jax.Array:
+    return self.mlp_out(jax.nn.silu(self.mlp_in(timestep_embedding(sigma))))
+
+
+class DDiTBlock(nnx.Module):
+  """adaLN-Zero transformer block: x (B, L, H) float32 -> (B, L, H) float32."""
+
+  def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
+               attention: str, chunk: int, rngs: nnx.Rngs):
+    self.n_heads = n_heads
+    self.attention = attention
+    self.chunk = chunk
+    self.norm1 = LayerNorm(dim)
+    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype)
+    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype)
+    self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
+    self.norm2 = LayerNorm(dim)
+    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype)
+    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype)
+    self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+    self.adaLN_modulation = _linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
+
+  def __call__(self, x, cos, sin, c, lengths=None):
+    """x (B, L, H) f32, cos/sin (L, Dh) f32, c (B, C) f32, lengths (B,) | None -> (B, L, H)."""
+    b, l, dim = x.shape
+    mods = self.adaLN_modulation(c)[:, None, :]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
+
+    h = modulate(self.norm1(x), shift_msa, scale_msa)
+    qkv = self.attn_qkv(h).reshape(b, l, 3, self.n_heads, dim // self.n_heads)
+    q = apply_rotary(qkv[:, :, 0], cos, sin)
+    k = apply_rotary(qkv[:, :, 1], cos, sin)
+    v = qkv[:, :, 2]
+    o = attention_lib.dot_product_attention(q, k, v, lengths, backend=self.attention,
+                                            chunk=self.chunk)
+    o = self.attn_out(o.reshape(b, l, dim))
+    x = x + gate_msa.astype(jnp.float32) * self.dropout1(o).astype(jnp.float32)
+
+    h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+    h = self.mlp_out(jax.nn.gelu(self.mlp_in(h), approximate=True))
+    return x + gate_mlp.astype(jnp.float32) * self.dropout2(h).astype(jnp.float32)
+
+
+class DDiTFinalLayer(nnx.Module):
+  """LayerNorm + modulate + Linear, float32: (B, L, H) -> (B, L, D) float32."""
+
+  def __init__(self, dim: int, out_dim: int, cond_dim: int, rngs: nnx.Rngs):
+    self.norm_final = LayerNorm(dim)
+    self.linear = _linear(rngs, dim, out_dim, zero=True)
+    self.adaLN_modulation = _linear(rngs, cond_dim, 2 * dim, zero=True)
+
+  def __call__(self, x, c):
+    shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
+    return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DDiT(nnx.Module):
+  """The SEDD transformer. See the module docstring.
+
+  Args:
+    cfg_model: the `model` sub-config (hidden_size, n_heads, n_blocks, cond_dim, dropout,
+      scale_by_sigma, length, attention, attention_chunk, dtype, remat); missing optional keys
+      take `DEFAULTS`.
+    vocab_size: D = graph.dim (tokens + 1 for absorbing).
+    absorb: whether the graph is absorbing (last index = mask).
+    rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
+  """
+
+  def __init__(self, cfg_model, vocab_size: int, absorb: bool, rngs: nnx.Rngs):
+    hidden = int(_cfg(cfg_model, "hidden_size"))
+    n_heads = int(_cfg(cfg_model, "n_heads"))
+    n_blocks = int(_cfg(cfg_model, "n_blocks"))
+    cond_dim = int(_cfg(cfg_model, "cond_dim"))
+    dropout = float(_cfg(cfg_model, "dropout"))
+    dtype_name = str(_cfg(cfg_model, "dtype"))
+    attention = str(_cfg(cfg_model, "attention"))
+    chunk = int(_cfg(cfg_model, "attention_chunk"))
+    remat = str(_cfg(cfg_model, "remat"))
+    if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
+      raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
+                       f"model.n_heads {n_heads}")
+    if (hidden // n_heads) % 2:
+      raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
+    if dtype_name not in DTYPES:
+      raise ValueError(f"model.dtype {dtype_name!r}: choose one of {tuple(DTYPES)}")
+    if attention not in attention_lib.BACKENDS:
+      raise ValueError(f"model.attention {attention!r}: choose one of {attention_lib.BACKENDS}")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat {remat!r}: choose one of {REMAT_POLICIES}")
+    if chunk < 0:
+      raise ValueError(f"model.attention_chunk {chunk} must be >= 0 (0 = chosen from length)")
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
+    if vocab_size < 2:
+      raise ValueError(f"vocab_size {vocab_size} must be >= 2")
+    self.scale_by_sigma = bool(_cfg(cfg_model, "scale_by_sigma"))
+    if self.scale_by_sigma and not absorb:
+      raise ValueError("model.scale_by_sigma=True needs the absorbing graph (as in the reference);"
+                       " set model.scale_by_sigma=False for graph.type='uniform'")
+    self.hidden_size = hidden
+    self.n_heads = n_heads
+    self.vocab_size = int(vocab_size)
+    self.absorb = bool(absorb)
+    self.dtype = DTYPES[dtype_name]
+    self.remat = remat
+
+    bound = 1.0 / math.sqrt(hidden)  # torch kaiming_uniform(a=sqrt(5)) on (D, H)
+    self.vocab_embed = nnx.Embed(
+        vocab_size, hidden, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
+        embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound))
+    self.sigma_map = TimestepEmbedder(cond_dim, rngs)
+    self.blocks = nnx.List([
+        DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs)
+        for _ in range(n_blocks)])
+    self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs)
+
+  def __call__(self, indices: jax.Array, sigma: jax.Array,
+               lengths: jax.Array | None = None) -> jax.Array:
+    """indices (B, L) int, sigma (B,) float, lengths (B,) int | None -> (B, L, D) float32."""
+    indices = jnp.asarray(indices)
+    sigma = jnp.asarray(sigma)
+    if indices.ndim != 2 or not jnp.issubdtype(indices.dtype, jnp.integer):
+      raise ValueError(f"indices must be (B, L) integer; got shape {indices.shape} "
+                       f"dtype {indices.dtype}")
+    b, l = indices.shape
+    if sigma.shape != (b,):
+      raise ValueError(f"sigma must be (B,) = ({b},) for indices {indices.shape}; "
+                       f"got {sigma.shape}")
+    if lengths is not None:
+      lengths = jnp.asarray(lengths)
+      if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be (B,) = ({b},) integer for indices {indices.shape}; "
+                         f"got shape {lengths.shape} dtype {lengths.dtype}")
+      lengths = lengths.astype(jnp.int32)
+    indices = indices.astype(jnp.int32)
+    sigma = sigma.astype(jnp.float32)
+
+    x = self.vocab_embed(indices)  # (B, L, H) f32
+    c = jax.nn.silu(self.sigma_map(sigma))  # (B, C) f32
+    cos, sin = rotary_cos_sin(l, self.hidden_size // self.n_heads)
+
+    def run_block(block, x, cos, sin, c, lengths):
+      return block(x, cos, sin, c, lengths)
+
+    if self.remat == "block":
+      run_block = nnx.remat(run_block)
+    elif self.remat == "block_save_dots":
+      run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.checkpoint_dots)
+    for block in self.blocks:
+      x = run_block(block, x, cos, sin, c, lengths)
+
+    x = self.output_layer(x, c)  # (B, L, D) f32
+    if self.scale_by_sigma:
+      esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
+      x = x - jnp.log(esigm1)[:, None, None] - math.log(x.shape[-1] - 1)
+    at_input = jnp.arange(x.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
+    return jnp.where(at_input, jnp.zeros((), x.dtype), x)

@@ -1,0 +1,200 @@
+"""DDiT: parity with the PyTorch reference, shapes, padding, dropout, precision, remat."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from parity_cases import cases
+from sedd_jax import parity
+from sedd_jax.model import DDiT, import_state_dict
+from sedd_jax.model import ddit as ddit_lib
+
+
+def model_cfg(**kw) -> ml_collections.ConfigDict:
+  base = dict(hidden_size=16, n_heads=2, n_blocks=2, cond_dim=8, dropout=0.0,
+              scale_by_sigma=True, length=16, attention="xla", attention_chunk=0,
+              dtype="float32", remat="none")
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def fixture_model(fx, **kw):
+  """A DDiT holding the fixture's weights, in eval mode; sizes from the fixture's meta."""
+  meta = fx.meta["model"]
+  cfg = model_cfg(**{k: meta[k] for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim",
+                                           "dropout", "scale_by_sigma", "length")}, **kw)
+  absorb = fx.meta["graph"] == "absorb"
+  model = DDiT(cfg, fx.meta["tokens"] + int(absorb), absorb, nnx.Rngs(0))
+  import_state_dict(model, {k[len("param/"):]: v for k, v in fx.inputs.items()
+                            if k.startswith("param/")})
+  model.eval()
+  return model
+
+
+@nnx.jit
+def apply(model, indices, sigma, lengths=None):
+  return model(indices, sigma, lengths)
+
+
+def randomize(model, seed=0, scale=0.3):
+  """Replaces every parameter with random values (the zero inits hide most of the network)."""
+  rng = np.random.default_rng(seed)
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      v = var.get_value()
+      var.set_value(jnp.asarray(scale * rng.standard_normal(v.shape), v.dtype))
+  return model
+
+
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+@pytest.mark.parametrize("path,out", cases("model"))
+def test_model_parity(path, out, backend):
+  fx = parity.load_fixture(path)
+  # a chunk that does not divide the length, so padding inside `chunked` is exercised
+  model = fixture_model(fx, attention=backend, attention_chunk=12 if backend == "chunked" else 0)
+  expected = fx.outputs[out]
+  if out == "log_score":
+    got = apply(model, fx.inputs["indices"], fx.inputs["sigma"])
+  elif out == "loss":
+    diffusion = pytest.importorskip("sedd_jax.diffusion")
+    meta = fx.meta
+    graph = diffusion.get_graph({"type": meta["graph"], "tokens": meta["tokens"]})
+    noise = diffusion.get_noise({"type": meta["noise"], "eps": meta.get("eps", 1e-3),
+                                 "sigma_min": meta.get("sigma_min", 1e-4),
+                                 "sigma_max": meta.get("sigma_max", 20.0)})
+    t = jnp.asarray(fx.inputs["loss/t"])
+    x = jnp.asarray(fx.inputs["loss/x"], jnp.int32)
+    x0 = jnp.asarray(fx.inputs["loss/x0"], jnp.int32)
+    log_score = apply(model, x, noise.total_noise(t))
+    got = diffusion.score_entropy_loss(graph, noise, log_score, x, x0, t)
+  else:
+    pytest.fail(f"{path}: no test for output {out!r}")
+  assert got.shape == expected.shape and got.dtype == jnp.float32
+  err = float(np.max(np.abs(np.asarray(got) - expected)))
+  assert err <= parity.tolerance(expected), f"{path.name} {out} [{backend}]: max err {err:.3g}"
+
+
+def test_fresh_model_is_zero_initialised():
+  d = 11
+  model = DDiT(model_cfg(), d, True, nnx.Rngs(0))
+  idx = jnp.array([[0, 3, 10, 10, 5]], jnp.int32)
+  sigma = jnp.array([0.3], jnp.float32)
+  out = apply(model, idx, sigma)
+  assert out.shape == (1, 5, d) and out.dtype == jnp.float32
+  want = -math.log(math.expm1(0.3)) - math.log(d - 1)
+  at_input = np.asarray(jax.nn.one_hot(idx, d)) > 0
+  np.testing.assert_allclose(np.asarray(out)[~at_input], want, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out)[at_input], 0.0)
+  uniform = DDiT(model_cfg(scale_by_sigma=False), d, False, nnx.Rngs(0))
+  np.testing.assert_array_equal(apply(uniform, idx, sigma), 0.0)
+
+
+def test_params_are_float32_with_readable_names():
+  model = DDiT(model_cfg(dtype="bfloat16"), 9, True, nnx.Rngs(0))
+  names = {".".join(map(str, p)) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  assert "blocks.1.attn_qkv.kernel" in names and "vocab_embed.embedding" in names
+  for _, v in nnx.iter_graph(model):
+    if isinstance(v, nnx.Param):
+      assert v.get_value().dtype == jnp.float32
+
+
+def test_shapes_are_checked():
+  model = DDiT(model_cfg(), 9, True, nnx.Rngs(0))
+  idx = jnp.zeros((2, 6), jnp.int32)
+  with pytest.raises(ValueError, match=r"indices must be \(B, L\).*\(12,\)"):
+    model(idx.reshape(-1), jnp.ones((2,)))
+  with pytest.raises(ValueError, match=r"sigma must be \(B,\) = \(2,\).*\(2, 1\)"):
+    model(idx, jnp.ones((2, 1)))
+  with pytest.raises(ValueError, match=r"lengths must be \(B,\) = \(2,\).*\(3,\)"):
+    model(idx, jnp.ones((2,)), jnp.ones((3,), jnp.int32))
+  with pytest.raises(ValueError, match="integer"):
+    model(idx.astype(jnp.float32), jnp.ones((2,)))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(attention="flash"), "model.attention"),
+    (dict(dtype="float64"), "model.dtype"),
+    (dict(remat="all"), "model.remat"),
+    (dict(hidden_size=15), "n_heads"),
+])
+def test_bad_config_is_named(kw, match):
+  with pytest.raises(ValueError, match=match):
+    DDiT(model_cfg(**kw), 9, True, nnx.Rngs(0))
+
+
+def test_scale_by_sigma_needs_absorb():
+  with pytest.raises(ValueError, match="scale_by_sigma"):
+    DDiT(model_cfg(scale_by_sigma=True), 9, False, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+def test_padding_does_not_change_real_positions(backend):
+  model = randomize(DDiT(model_cfg(attention=backend, attention_chunk=4), 9, True, nnx.Rngs(0)))
+  model.eval()
+  key = jax.random.key(1)
+  idx = jax.random.randint(key, (2, 10), 0, 9)
+  lengths = jnp.array([10, 6], jnp.int32)
+  other = idx.at[1, 6:].set(jnp.array([1, 2, 8, 0]))
+  sigma = jnp.array([0.2, 1.3])
+  a = np.asarray(apply(model, idx, sigma, lengths))
+  b = np.asarray(apply(model, other, sigma, lengths))
+  np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+  np.testing.assert_allclose(a[1, :6], b[1, :6], atol=1e-6)
+  # and equal to running the real prefix alone
+  short = np.asarray(apply(model, idx[1:, :6], sigma[1:]))
+  np.testing.assert_allclose(a[1, :6], short[0], atol=1e-5)
+
+
+def test_dropout_follows_train_and_eval():
+  cfg = model_cfg(dropout=0.5)
+  model = randomize(DDiT(cfg, 9, True, nnx.Rngs(params=0, dropout=1)))
+  idx = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 9
+  sigma = jnp.array([0.5, 2.0])
+  model.eval()
+  e1, e2 = apply(model, idx, sigma), apply(model, idx, sigma)
+  np.testing.assert_array_equal(e1, e2)
+  model.train()
+  t1, t2 = apply(model, idx, sigma), apply(model, idx, sigma)
+  assert not np.allclose(t1, t2) and not np.allclose(t1, e1)
+  model.eval()
+  np.testing.assert_array_equal(apply(model, idx, sigma), e1)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  f32 = randomize(DDiT(model_cfg(dtype="float32"), 9, True, nnx.Rngs(0)), scale=0.1)
+  bf16 = DDiT(model_cfg(dtype="bfloat16"), 9, True, nnx.Rngs(0))
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  f32.eval(), bf16.eval()
+  idx = jax.random.randint(jax.random.key(3), (2, 12), 0, 9)
+  sigma = jnp.array([0.1, 3.0])
+  a, b = apply(f32, idx, sigma), apply(bf16, idx, sigma)
+  assert b.dtype == jnp.float32
+  assert not np.array_equal(a, b)  # bf16 really is used
+  assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
+
+
+def test_remat_policies_give_the_same_gradients():
+  idx = jax.random.randint(jax.random.key(4), (2, 8), 0, 9)
+  sigma = jnp.array([0.4, 1.1])
+  lengths = jnp.array([8, 5], jnp.int32)
+
+  @nnx.jit
+  def grads(model):
+    def loss(m):
+      return jnp.sum(jnp.tanh(m(idx, sigma, lengths)))
+    return nnx.grad(loss)(model)
+
+  results = {}
+  for remat in ddit_lib.REMAT_POLICIES:
+    model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1), 9, True, nnx.Rngs(0)))
+    model.eval()
+    results[remat] = jax.tree.leaves(grads(model))
+  for remat in ("block", "block_save_dots"):
+    for a, b in zip(results["none"], results[remat]):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
+  assert all(np.all(np.isfinite(g)) for g in results["none"])
