@@ -1,0 +1,104 @@
+"""The score-entropy training loss: time sampling, forward corruption and the per-sequence loss.
+
+A training step is (see `sedd_jax.diffusion.curriculum` for the curriculum variants):
+
+  t = sample_time(key_t, B)                          # (B,)
+  x = perturb(key_x, graph, noise, x0, t)            # (B, L)
+  log_score = model(x, noise.total_noise(t))         # (B, L, D)
+  loss = score_entropy_loss(graph, noise, log_score, x, x0, t, weight).mean()
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sedd_jax.diffusion.graph import Graph
+from sedd_jax.diffusion.noise import Noise
+
+Array = jax.Array
+
+
+def sample_time(key: Array, batch: int, eps: float = 1e-3) -> Array:
+  """t ~ U[eps, 1) for each sequence, as the reference: (1 - eps) U + eps. Returns (batch,) f32."""
+  u = jax.random.uniform(key, (batch,), dtype=jnp.float32)
+  return (1.0 - eps) * u + eps
+
+
+def _scale(sigma_scale, batch: int) -> Array:
+  """Checks a sigma scale (scalar or (B,)) and returns it as float32 of shape () or (B,)."""
+  s = jnp.asarray(sigma_scale, dtype=jnp.float32)
+  if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != batch):
+    raise ValueError(f"sigma_scale must be a scalar or have shape (B,) = ({batch},); got {s.shape}")
+  return s
+
+
+def _check_t(t: Array, x0: Array) -> Array:
+  t = jnp.asarray(t, dtype=jnp.float32)
+  if x0.ndim != 2 or t.shape != (x0.shape[0],):
+    raise ValueError(f"t must have shape (B,) = ({x0.shape[0] if x0.ndim else '?'},) for tokens "
+                     f"(B, L) = {x0.shape}; got t of shape {t.shape}")
+  return t
+
+
+def perturb(key: Array, graph: Graph, noise: Noise, x0: Array, t: Array,
+            sigma_scale: Array | float | None = None) -> Array:
+  """Corrupts clean tokens: x ~ exp(sigma(t) Q)[:, x0], per position.
+
+  Args:
+    key: PRNG key.
+    graph: the diffusion graph.
+    noise: the noise schedule.
+    x0: (B, L) int clean tokens.
+    t: (B,) times in [0, 1].
+    sigma_scale: optional scalar or (B,) factor on sigma(t) (the `sigma_scale` curriculum).
+
+  Returns:
+    (B, L) int32 perturbed tokens.
+  """
+  t = _check_t(t, x0)
+  sigma = noise.total_noise(t)
+  if sigma_scale is not None:
+    sigma = sigma * _scale(sigma_scale, x0.shape[0])
+  return graph.sample_transition(key, x0, sigma)
+
+
+def score_entropy_loss(graph: Graph, noise: Noise, log_score: Array, x: Array, x0: Array,
+                       t: Array, weight: Array | None = None,
+                       sigma_scale: Array | float | None = None) -> Array:
+  """Per-sequence loss: sum over positions of dsigma(t) * score_entropy(log_score, sigma(t), x, x0).
+
+  Args:
+    graph: the diffusion graph.
+    noise: the noise schedule.
+    log_score: (B, L, D) model output (log score), computed at sigma(t) (times sigma_scale).
+    x: (B, L) int perturbed tokens.
+    x0: (B, L) int clean tokens.
+    t: (B,) times.
+    weight: optional (B, L) position weights (0 on padding); broadcastable shapes are accepted
+      only if they broadcast to (B, L).
+    sigma_scale: optional scalar or (B,) factor c: the loss is then that of the scaled schedule
+      c * sigma(t), i.e. sigma -> c sigma and dsigma -> c dsigma (consistent `sigma_scale`
+      curriculum; leave None to score against the unscaled schedule, as the fork did).
+
+  Returns:
+    (B,) float32 loss per sequence (take the mean over the batch for the training loss).
+  """
+  t = _check_t(t, x0)
+  sigma, dsigma = noise(t)
+  if sigma_scale is not None:
+    c = _scale(sigma_scale, x0.shape[0])
+    sigma, dsigma = sigma * c, dsigma * c
+  entropy = graph.score_entropy(log_score, sigma, x, x0)  # (B, L)
+  per_pos = dsigma[:, None] * entropy
+  if weight is not None:
+    weight = jnp.asarray(weight)
+    try:
+      ok = jnp.broadcast_shapes(weight.shape, x.shape) == x.shape
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"weight {weight.shape} must broadcast to the tokens' (B, L) = {x.shape}")
+    # where, not a bare product, so that a non-finite value on a padded position counts 0.
+    per_pos = jnp.where(weight != 0, per_pos * weight, 0.0)
+  return per_pos.sum(axis=-1)

@@ -1,0 +1,110 @@
+"""One step of the reverse (denoising) process, as the reference's predictors.
+
+Every step takes `(key, graph, noise, score, x, t, step_size)`:
+  score: (B, L, D) the EXPONENTIATED model output at (x, sigma(t)) (the reference's
+    sampling score function);
+  x: (B, L) int current tokens; t: (B,) current time; step_size: scalar dt > 0 (time goes
+    from t to t - dt).
+and returns the new (B, L) int32 tokens. Each `*_step` is `sample_categorical(key, *_probs(...))`
+with the matching `*_probs(graph, noise, score, x, t, step_size)`, which returns the
+(unnormalised) probabilities; `categorical_from_uniform(probs, u)` reproduces a step from
+given uniform noise `u` of the probabilities' shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sedd_jax.diffusion.categorical import sample_categorical
+from sedd_jax.diffusion.graph import Graph
+from sedd_jax.diffusion.noise import Noise
+
+Array = jax.Array
+
+
+def _check(graph: Graph, score: Array, x: Array, t: Array) -> Array:
+  if x.ndim != 2:
+    raise ValueError(f"x must have shape (B, L); got {x.shape}")
+  if score.shape != (*x.shape, graph.dim):
+    raise ValueError(f"score must have shape (B, L, D) = {(*x.shape, graph.dim)}; got {score.shape}")
+  t = jnp.asarray(t, dtype=jnp.float32)
+  if t.shape != (x.shape[0],):
+    raise ValueError(f"t must have shape (B,) = ({x.shape[0]},); got {t.shape}")
+  return t
+
+
+def euler_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+                step_size: Array | float) -> Array:
+  """one_hot(x) + step_size * dsigma(t) * reverse_rate(x, score): (B, L, D)."""
+  t = _check(graph, score, x, t)
+  dsigma = noise.rate_noise(t)  # (B,)
+  rate = (step_size * dsigma)[:, None, None] * graph.reverse_rate(x, score)
+  return jax.nn.one_hot(x, graph.dim, dtype=rate.dtype) + rate
+
+
+def euler_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+               step_size: Array | float) -> Array:
+  """Euler (tau-leaping) step of the reverse chain: (B, L) -> (B, L) int32."""
+  return sample_categorical(key, euler_probs(graph, noise, score, x, t, step_size))
+
+
+def analytic_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+                   step_size: Array | float) -> Array:
+  """Tweedie step probabilities: staggered_score(score, dsig) * transp_transition(x, dsig),
+  dsig = sigma(t) - sigma(t - step_size). Returns (B, L, D)."""
+  t = _check(graph, score, x, t)
+  dsig = noise.total_noise(t) - noise.total_noise(t - step_size)  # (B,)
+  return graph.staggered_score(score, dsig) * graph.transp_transition(x, dsig)
+
+
+def analytic_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+                  step_size: Array | float) -> Array:
+  """Analytic (Tweedie tau-leaping) step: (B, L) -> (B, L) int32."""
+  return sample_categorical(key, analytic_probs(graph, noise, score, x, t, step_size))
+
+
+def denoise_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+                  step_size: Array | float | None = None) -> Array:
+  """Final denoising probabilities at time t (all remaining noise removed), sig = sigma(t):
+  staggered_score(score, sig) * transp_transition(x, sig), without the absorbing column for an
+  absorbing graph. Returns (B, L, D), or (B, L, D - 1) when `graph.absorb`.
+  `step_size` is ignored (kept for the common step signature)."""
+  del step_size
+  t = _check(graph, score, x, t)
+  sig = noise.total_noise(t)
+  probs = graph.staggered_score(score, sig) * graph.transp_transition(x, sig)
+  return probs[..., :-1] if graph.absorb else probs
+
+
+def denoise_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+                 step_size: Array | float | None = None) -> Array:
+  """Final denoising step (never returns the mask): (B, L) -> (B, L) int32."""
+  return sample_categorical(key, denoise_probs(graph, noise, score, x, t, step_size))
+
+
+def project(x: Array, fixed_tokens: Array, fixed_mask: Array) -> Array:
+  """Overwrites the fixed (conditioning) positions of x.
+
+  Args:
+    x: (B, L) int tokens.
+    fixed_tokens: tokens broadcastable to (B, L), e.g. (B, L) or (L,).
+    fixed_mask: bool, broadcastable to (B, L); True where `fixed_tokens` is kept.
+
+  Returns:
+    (B, L) tokens with x's dtype.
+  """
+  fixed_tokens = jnp.asarray(fixed_tokens)
+  fixed_mask = jnp.asarray(fixed_mask)
+  for name, a in (("fixed_tokens", fixed_tokens), ("fixed_mask", fixed_mask)):
+    try:
+      ok = jnp.broadcast_shapes(a.shape, x.shape) == x.shape
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name} {a.shape} must broadcast to x's shape {x.shape}")
+  return jnp.where(fixed_mask.astype(bool), fixed_tokens.astype(x.dtype), x)
+
+
+PREDICTORS = {"euler": euler_step, "analytic": analytic_step}
+"""Predictor steps by the names used in `cfg.sampling.predictor`."""
