@@ -1,0 +1,225 @@
+"""Likelihood CLI: python -m sedd_jax.evaluate --workdir DIR --split valid --out eval.json
+
+Estimates the model's negative ELBO (an upper bound on the NLL; sedd_jax.sampling.likelihood)
+on held-out data, a split of the prepared store (`--split valid|test`, from cfg.data.prepared)
+or a FASTA file (`--fasta FILE`), with `--num-samples` Monte-Carlo draws of t per sequence
+(stratified by default; `--antithetic` or `--t-sampling iid|stratified|antithetic`). Sequences
+longer than the model's length are cropped to their first `cfg.model.length` residues (counted
+in the output). Prints nelbo/token, perplexity, its standard error and the unigram baseline
+(add-one-smoothed residue frequencies of the training split, or of `--baseline-fasta`), and
+writes them with the settings (and per-sequence values) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from sedd_jax.sample import CliError
+from sedd_jax.sample import load_model
+from sedd_jax.sample import training_sequences
+
+logger = logging.getLogger("sedd_jax.evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m sedd_jax.evaluate",
+                              description=__doc__.split("\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="training run folder (newest loadable checkpoint)")
+  src.add_argument("--checkpoint", help="a checkpoint folder (<workdir>/checkpoints/<step>)")
+  p.add_argument("--config", help="expected config (file.py[:variant]); its model shape must "
+                 "match the checkpoint's")
+  p.add_argument("--use-params", action="store_true", help="raw params instead of EMA weights")
+  data = p.add_mutually_exclusive_group(required=True)
+  data.add_argument("--split", choices=("valid", "test"))
+  data.add_argument("--fasta")
+  p.add_argument("--num-samples", type=int, default=16, help="draws of t per sequence")
+  p.add_argument("--t-sampling", choices=("iid", "stratified", "antithetic"),
+                 default="stratified")
+  p.add_argument("--antithetic", action="store_true", help="= --t-sampling antithetic")
+  p.add_argument("--t-min", type=float, default=0.0, help="lower end of the t integral")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--max-sequences", type=int, default=None, help="evaluate the first N only")
+  p.add_argument("--baseline-fasta", help="training FASTA for the unigram baseline")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=True, help="output JSON")
+  return p
+
+
+def read_eval_data(args, cfg) -> tuple[list[str], list[np.ndarray]]:
+  """(names, id arrays) of the evaluation sequences."""
+  from sedd_jax.data import fasta as fasta_lib
+  from sedd_jax.data import pipeline
+  from sedd_jax.data import store as store_lib
+  from sedd_jax.data import tokenizers
+
+  if args.fasta:
+    if not pathlib.Path(args.fasta).is_file():
+      raise CliError(f"--fasta {args.fasta} does not exist")
+    tok = tokenizers.ProteinTokenizer()
+    names, seqs = [], []
+    try:
+      for rec in fasta_lib.read_fasta(args.fasta):
+        names.append(rec.name)
+        seqs.append(tok.encode(rec.text, source=str(args.fasta), line=rec.line, name=rec.name))
+        if args.max_sequences and len(seqs) >= args.max_sequences:
+          break
+    except ValueError as e:
+      raise CliError(str(e)) from None
+  else:
+    root = pipeline.resolve_path(cfg.data.prepared)
+    try:
+      st = store_lib.Store(root, args.split)
+    except (OSError, ValueError) as e:
+      raise CliError(f"--split {args.split}: {e}") from None
+    n = len(st) if not args.max_sequences else min(len(st), args.max_sequences)
+    names = [f"{args.split}_{i}" for i in range(n)]
+    seqs = [np.asarray(st[i]).astype(np.int32) for i in range(n)]
+  if not seqs:
+    raise CliError("no sequences to evaluate")
+  return names, seqs
+
+
+def evaluate_model(model, graph, noise, seqs: list[np.ndarray], max_length: int, *,
+                   num_samples: int, t_sampling: str, t_min: float, batch_size: int, seed: int):
+  """NelboResults for `seqs` (cropped to max_length), in batches of one compiled shape."""
+  import jax
+  from flax import nnx
+
+  from sedd_jax.sampling import likelihood
+
+  seqs = [s[:max_length] for s in seqs]
+  run_len = max(len(s) for s in seqs)
+  model.eval()
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, key, x0, lengths):
+    fn = likelihood.model_log_score_fn(nnx.merge(graphdef, state))
+    return likelihood.nelbo(key, fn, graph, noise, x0, lengths=lengths, num_samples=num_samples,
+                            t_sampling=t_sampling, t_min=t_min)
+
+  results = []
+  t0 = time.perf_counter()
+  n_batches = math.ceil(len(seqs) / batch_size)
+  for b in range(n_batches):
+    chunk = seqs[b * batch_size:(b + 1) * batch_size]
+    real = len(chunk)
+    chunk = chunk + [chunk[0]] * (batch_size - real)  # one shape; fillers are dropped below
+    x0 = np.ones((batch_size, run_len), np.int32)  # <pad> = 1 after each sequence
+    lengths = np.array([len(s) for s in chunk], np.int32)
+    for i, s in enumerate(chunk):
+      x0[i, :len(s)] = s
+    r = jax.device_get(run(state, jax.random.fold_in(jax.random.key(seed), b), x0, lengths))
+    results.append(likelihood.NelboResult(*(np.asarray(a)[:real] for a in (
+        r.nelbo, r.se, r.prior, r.tokens))))
+    done = min(len(seqs), (b + 1) * batch_size)
+    logger.info("batch %d/%d: %d sequences evaluated (%.1f seq/s)", b + 1, n_batches, done,
+                done / max(time.perf_counter() - t0, 1e-9))
+  return results
+
+
+def run(args) -> int:
+  from sedd_jax.data import tokenizers
+  from sedd_jax.sampling import likelihood
+
+  if args.antithetic:
+    args.t_sampling = "antithetic"
+  if args.num_samples < 1 or (args.t_sampling == "antithetic" and args.num_samples % 2):
+    raise CliError(f"--num-samples must be >= 1 (and even for antithetic); got "
+                   f"{args.num_samples}")
+  if args.batch_size < 1:
+    raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  if not 0.0 <= args.t_min < 1.0:
+    raise CliError(f"--t-min must be in [0, 1); got {args.t_min}")
+  model, cfg, graph, noise = load_model(args)
+  max_length = int(cfg.model.length)
+  names, seqs = read_eval_data(args, cfg)
+  cropped = sum(len(s) > max_length for s in seqs)
+  if cropped:
+    logger.warning("%d of %d sequences are longer than the model's length %d and are cropped",
+                   cropped, len(seqs), max_length)
+  results = evaluate_model(model, graph, noise, seqs, max_length, num_samples=args.num_samples,
+                           t_sampling=args.t_sampling, t_min=args.t_min,
+                           batch_size=args.batch_size, seed=args.seed)
+  summary = likelihood.summarize(results, noise)
+
+  # Unigram baseline over the residues (ids 4..28) on the same (cropped) tokens.
+  train = None
+  if args.baseline_fasta:
+    from sedd_jax.data import fasta as fasta_lib
+    tok = tokenizers.ProteinTokenizer()
+    try:
+      train = [tok.encode(r.text) for r in fasta_lib.read_fasta(args.baseline_fasta)]
+    except (OSError, ValueError) as e:
+      raise CliError(f"--baseline-fasta: {e}") from None
+  else:
+    data = training_sequences(cfg)
+    train = data[0] if data is not None else None
+  eval_tokens = [s[:max_length] for s in seqs]
+  if train is None:
+    logger.warning("no training data for the unigram baseline (give --baseline-fasta)")
+    unigram = None
+  else:
+    unigram = likelihood.unigram_baseline(train, eval_tokens, vocab=range(4, 29))
+  out = {
+      "source": args.workdir or args.checkpoint,
+      "data": args.fasta or f"{cfg.data.prepared}:{args.split}",
+      "num_samples": args.num_samples, "t_sampling": args.t_sampling, "t_min": args.t_min,
+      "seed": args.seed, "cropped_sequences": int(cropped), "model_length": max_length,
+      **summary,
+      "unigram_nll_per_token": unigram,
+      "unigram_perplexity": math.exp(unigram) if unigram is not None else None,
+      "per_sequence": [
+          {"name": n, "nelbo": float(v), "se": float(e), "tokens": int(t)}
+          for n, v, e, t in zip(names,
+                                np.concatenate([r.nelbo for r in results]),
+                                np.concatenate([r.se for r in results]),
+                                np.concatenate([r.tokens for r in results]))],
+  }
+  out_path = pathlib.Path(args.out)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  out_path.write_text(json.dumps(_nan_to_none(out), indent=2, allow_nan=False))
+  msg = (f"nelbo/token {summary['nelbo_per_token']:.4f} nats (SE {summary['se_per_token']:.4f}), "
+         f"perplexity {summary['perplexity']:.3f} over {summary['num_tokens']} tokens of "
+         f"{summary['num_sequences']} sequences")
+  if unigram is not None:
+    msg += f"; unigram baseline {unigram:.4f} nats/token (perplexity {math.exp(unigram):.3f})"
+  logger.info("%s -> %s", msg, out_path)
+  sys.stdout.write(msg + "\n")
+  return 0
+
+
+def _nan_to_none(obj):
+  if isinstance(obj, dict):
+    return {k: _nan_to_none(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_nan_to_none(v) for v in obj]
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the exit code (2 on a bad input, with a one-line error)."""
+  args = build_parser().parse_args(argv)
+  if not logging.getLogger().handlers:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  try:
+    return run(args)
+  except CliError as e:
+    logger.error("error: %s", e)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

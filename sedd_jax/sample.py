@@ -1,0 +1,332 @@
+"""Sampling CLI: python -m sedd_jax.sample --workdir DIR --num N --length L --out samples.fasta
+
+Loads the EMA weights of the newest loadable checkpoint (`--workdir DIR`, or one checkpoint
+folder with `--checkpoint PATH`) and runs the whole reverse process as one compiled program per
+batch shape, `--batch-size` sequences at a time, logging progress (batches, seq/s).
+
+Lengths (unconditional): `--length L` for all (default: the model's length), `--lengths FILE`
+(one integer per line; N = the number of lines), or `--lengths from-data` (N lengths drawn from
+the training split of `cfg.data.prepared`, capped at the model length).
+
+Conditioning (positions are 0-based, spans half-open):
+  --prefix SEQ / --suffix SEQ        fixed start / end (combinable) of each sequence
+  --motif SEQ@POS ...                motif segments at POS, or at drawn positions (SEQ@? or SEQ),
+                                     in a scaffold of the requested length
+  --template FASTA                   each record a template: '<mask>' or --mask-char (default
+                                     '_') marks positions to generate; --num samples per record
+  --infill FASTA                     each record a full sequence whose description holds
+                                     `spans=START:END[,START:END...]` to regenerate; --num each
+
+Only the 20 standard amino acids are generated unless --allow-rare (adds X B U Z O): the
+sampler zeroes the score of every other token (see sedd_jax.sampling.sampler). Same seed and
+batch size, same output. FASTA headers carry the settings; `--report` also writes
+`<out>.report.json` and `<out>.report.png` (sampling.report) against the training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import pathlib
+import re
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+logger = logging.getLogger("sedd_jax.sample")
+
+MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
+
+
+class CliError(ValueError):
+  """A bad command line or input file (reported as one line, exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m sedd_jax.sample", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="training run folder (newest loadable checkpoint)")
+  src.add_argument("--checkpoint", help="a checkpoint folder (<workdir>/checkpoints/<step>)")
+  p.add_argument("--config", help="expected config (file.py[:variant]); its model shape must "
+                 "match the checkpoint's")
+  p.add_argument("--use-params", action="store_true", help="raw params instead of EMA weights")
+  p.add_argument("--num", type=int, default=None, help="number of sequences (per template or "
+                 "infill record); default 8")
+  lens = p.add_mutually_exclusive_group()
+  lens.add_argument("--length", type=int, help="length of every sequence (default: the model's)")
+  lens.add_argument("--lengths", help="FILE with one length per line, or 'from-data'")
+  p.add_argument("--steps", type=int, help="predictor steps (default cfg.sampling.steps)")
+  p.add_argument("--predictor", choices=("analytic", "euler"), help="default cfg.sampling")
+  p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=True, help="output FASTA")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--cached", action="store_true", help="reuse the model output while no token "
+                 "changes (absorbing graph)")
+  p.add_argument("--prefix")
+  p.add_argument("--suffix")
+  p.add_argument("--motif", nargs="+", action="extend", default=[], metavar="SEQ@POS")
+  p.add_argument("--template", help="FASTA of templates")
+  p.add_argument("--mask-char", default="_", help="template character to generate (default _)")
+  p.add_argument("--infill", help="FASTA of sequences with spans=START:END,... in the header")
+  p.add_argument("--allow-rare", action="store_true", help="also generate X B U Z O")
+  p.add_argument("--report", action="store_true", help="write <out>.report.json/.png")
+  return p
+
+
+def load_model(args):
+  """(model, cfg, graph, noise) from --workdir/--checkpoint, checked against --config."""
+  from sedd_jax.training import checkpoint as ckpt_lib
+
+  path = args.workdir or args.checkpoint
+  if not pathlib.Path(path).exists():
+    raise CliError(f"{path} does not exist")
+  try:
+    loaded = ckpt_lib.load_for_inference(path, use_ema=not args.use_params)
+  except FileNotFoundError as e:
+    raise CliError(str(e)) from None
+  except ckpt_lib.CheckpointError as e:
+    raise CliError(f"cannot load a model from {path}: the checkpoint's weights do not fit the "
+                   f"model its config describes (another model shape?): {e}") from None
+  model, cfg = loaded[0], loaded[1]
+  if len(loaded) >= 4:
+    graph, noise = loaded[2], loaded[3]
+  else:
+    from sedd_jax import diffusion
+    graph, noise = diffusion.get_graph(cfg.graph), diffusion.get_noise(cfg.noise)
+  if getattr(args, "config", None):
+    check_same_shape(cfg, load_config(args.config), path, args.config)
+  return model, cfg, graph, noise
+
+
+def load_config(spec: str):
+  from sedd_jax import config as config_lib
+  try:
+    return config_lib.load_config(spec)
+  except (OSError, ValueError) as e:
+    raise CliError(f"--config {spec}: {e}") from None
+
+
+def check_same_shape(ckpt_cfg, want_cfg, path, spec) -> None:
+  """CliError naming every model-shape key where the checkpoint's config and `want_cfg` differ."""
+  diffs = []
+  for key in MODEL_SHAPE_KEYS + ("length",):
+    a, b = ckpt_cfg.model.get(key), want_cfg.model.get(key)
+    if a != b:
+      diffs.append(f"model.{key}: checkpoint {a}, config {b}")
+  for key in ("type", "tokens"):
+    a, b = ckpt_cfg.graph.get(key), want_cfg.graph.get(key)
+    if a != b:
+      diffs.append(f"graph.{key}: checkpoint {a}, config {b}")
+  if diffs:
+    raise CliError(f"the checkpoint {path} is of another model shape than --config {spec}: "
+                   + "; ".join(diffs))
+
+
+def read_fasta_records(path: str) -> list[tuple[str, str, str]]:
+  """(name, description, sequence text) of every record; templates keep any character."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise CliError(f"{path} does not exist")
+  records, name, desc, chunks = [], None, "", []
+  for line in p.read_text().splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    if line.startswith(">"):
+      if name is not None:
+        records.append((name, desc, "".join(chunks)))
+      head = line[1:].strip()
+      name, _, desc = head.partition(" ")
+      chunks = []
+    else:
+      if name is None:
+        raise CliError(f"{path}: not FASTA (sequence before the first '>')")
+      chunks.append(line)
+  if name is not None:
+    records.append((name, desc, "".join(chunks)))
+  if not records:
+    raise CliError(f"{path}: no FASTA records")
+  return records
+
+
+def training_sequences(cfg, limit: int | None = None, seed: int = 0):
+  """The training split of cfg.data.prepared as (list of id arrays, lengths), or None."""
+  from sedd_jax.data import pipeline
+  from sedd_jax.data import store as store_lib
+  try:
+    root = pipeline.resolve_path(cfg.data.prepared)
+    if not store_lib.is_prepared(root):
+      return None
+    st = store_lib.Store(root, "train")
+  except (OSError, ValueError) as e:
+    logger.warning("training data unavailable (%s)", e)
+    return None
+  idx = np.arange(len(st))
+  if limit is not None and len(st) > limit:
+    idx = np.sort(np.random.default_rng(seed).choice(len(st), limit, replace=False))
+  return [np.asarray(st[int(i)]) for i in idx], np.asarray(st.lengths)
+
+
+@dataclasses.dataclass
+class Plan:
+  """What to sample: per sequence a length, a condition (or None), and a header note."""
+
+  lengths: np.ndarray
+  conditions: list
+  notes: list[str]
+
+
+def make_plan(args, cfg, max_length: int) -> Plan:
+  """Builds lengths and conditions from the flags (CliError on bad input)."""
+  from sedd_jax.sampling import conditioning as cond
+
+  rng = np.random.default_rng(args.seed)
+  file_modes = [f for f in ("template", "infill") if getattr(args, f)]
+  inline = bool(args.prefix or args.suffix or args.motif)
+  if len(file_modes) > 1 or (file_modes and inline):
+    raise CliError("--template, --infill and --prefix/--suffix/--motif exclude each other")
+  num = 8 if args.num is None else args.num
+  if num < 1:
+    raise CliError(f"--num must be >= 1; got {num}")
+  try:
+    if file_modes:
+      if args.length or args.lengths:
+        raise CliError(f"--{file_modes[0]} sets the lengths; drop --length/--lengths")
+      conds, notes = [], []
+      for name, desc, text in read_fasta_records(getattr(args, file_modes[0])):
+        if args.template:
+          c = cond.template(text, args.mask_char, max_length)
+          note = f"template={name}"
+        else:
+          m = re.search(r"spans=(\S+)", desc)
+          if not m:
+            raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
+          c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
+          note = f"infill={name} spans={m.group(1)}"
+        conds += [c] * num
+        notes += [note] * num
+      return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
+
+    if args.lengths == "from-data":
+      data = training_sequences(cfg)
+      if data is None:
+        raise CliError("--lengths from-data: no prepared training data at "
+                       f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
+      lengths = np.minimum(rng.choice(data[1], num), max_length).astype(np.int32)
+    elif args.lengths:
+      path = pathlib.Path(args.lengths)
+      if not path.is_file():
+        raise CliError(f"--lengths {args.lengths}: no such file (or use 'from-data')")
+      try:
+        lengths = np.array([int(t) for t in path.read_text().split()], np.int32)
+      except ValueError:
+        raise CliError(f"--lengths {args.lengths}: expected one integer per line") from None
+      if lengths.size == 0:
+        raise CliError(f"--lengths {args.lengths} is empty")
+    else:
+      lengths = np.full((num,), max_length if args.length is None else args.length, np.int32)
+    for n in np.unique(lengths):
+      cond.check_length(int(n), max_length)
+    conds, notes = [], []
+    segments = [cond.parse_motif(m) for m in args.motif]
+    for n in lengths:
+      parts = []
+      if args.prefix:
+        parts.append(cond.prefix(args.prefix, int(n), max_length))
+      if args.suffix:
+        parts.append(cond.suffix(args.suffix, int(n), max_length))
+      if segments:
+        parts.append(cond.motif(segments, int(n), rng, max_length))
+      conds.append(cond.combine(*parts) if parts else None)
+    kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
+                            ("motif", args.motif)) if v]
+    notes = [f"cond={'+'.join(kinds)} fixed={c.describe()}" if c is not None else "cond=none"
+             for c in conds]
+    return Plan(lengths, conds, notes)
+  except ValueError as e:
+    if isinstance(e, CliError):
+      raise
+    raise CliError(str(e)) from None
+
+
+def run(args) -> int:
+  import jax
+
+  from sedd_jax.data import tokenizers
+  from sedd_jax.sampling import conditioning as cond
+  from sedd_jax.sampling import sampler
+
+  t_start = time.perf_counter()
+  if args.batch_size < 1:
+    raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  model, cfg, graph, noise = load_model(args)
+  max_length = int(cfg.model.length)
+  plan = make_plan(args, cfg, max_length)
+  steps = int(args.steps or cfg.sampling.steps)
+  if steps < 1:
+    raise CliError(f"--steps must be >= 1; got {steps}")
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  if args.cached and not graph.absorb:
+    raise CliError("--cached needs the absorbing graph")
+  run_len = int(plan.lengths.max())
+  allowed = np.zeros((graph.dim,), bool)
+  allowed[4:29 if args.allow_rare else 24] = True
+  fixed_tokens = fixed_mask = None
+  if any(c is not None for c in plan.conditions):
+    empty = cond.Condition(np.zeros((0,), np.int32), np.zeros((0,), bool))
+    fixed_tokens, fixed_mask = cond.stack([c or empty for c in plan.conditions], run_len)
+  n = len(plan.lengths)
+  logger.info("sampling %d sequences (length %d..%d, model max %d): %s, %d steps, eps %g, "
+              "batch %d, seed %d%s", n, plan.lengths.min(), run_len, max_length, predictor, steps,
+              eps, args.batch_size, args.seed, ", cached" if args.cached else "")
+  tokens = sampler.sample_batched(
+      jax.random.key(args.seed), graph, noise, n, run_len, batch_size=args.batch_size,
+      steps=steps, predictor=predictor, eps=eps, model=model, fixed_tokens=fixed_tokens,
+      fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed)
+  tok = tokenizers.ProteinTokenizer()
+  src = args.workdir or args.checkpoint
+  seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out, "w") as f:
+    for i, s in enumerate(seqs):
+      f.write(f">sample_{i} length={len(s)} steps={steps} predictor={predictor} eps={eps:g} "
+              f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
+              f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
+              f"{plan.notes[i]}\n{s}\n")
+  dt = time.perf_counter() - t_start
+  logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, dt)
+  if args.report:
+    from sedd_jax.sampling import report
+    data = training_sequences(cfg, limit=5000, seed=args.seed)
+    if data is None:
+      logger.warning("--report: no prepared training data at %s; comparing with nothing",
+                     cfg.data.prepared)
+      ref = []
+    else:
+      ref = [tok.decode(a) for a in data[0]]
+    report.write_report(seqs, ref, out.with_suffix(".report.json"),
+                        out.with_suffix(".report.png"))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the exit code (2 on a bad input, with a one-line error)."""
+  args = build_parser().parse_args(argv)
+  if not logging.getLogger().handlers:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  try:
+    return run(args)
+  except CliError as e:
+    logger.error("error: %s", e)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

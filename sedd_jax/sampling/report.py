@@ -1,0 +1,333 @@
+"""Sample-quality report for generated protein sequences (pure numpy; JSON + PNG).
+
+Every metric takes sequences as Python strings of one-letter residue codes (the ESM-2 residue
+letters; pad/special tokens must already be stripped). The report compares samples with a
+reference set (usually training or validation sequences):
+
+* composition: residue frequencies of samples and data, and KL(samples || data) in nats with
+  add-`alpha` smoothing over the union alphabet;
+* lengths: mean / std / min / max / histogram of both sets;
+* low complexity: fraction of sequences holding a homopolymer run >= `run_length` (default 5),
+  fraction of residues inside such runs, and the Shannon entropy (bits) of sliding windows of
+  `window` residues (default 12, as SEG), with the fraction of windows below `entropy_threshold`
+  (default 2.2 bits, SEG's trigger complexity K2);
+* diversity: distinct k-mer ratio (distinct / total k-mers, pooled over all samples) for each k,
+  and mean pairwise identity over a random subsample. Identity is UNGAPPED and positional:
+  matches at the same index / the shorter length (no alignment; cheap, and meaningful for
+  fixed-length diffusion samples, an underestimate of aligned identity otherwise);
+* novelty: for each sample the nearest reference sequence by k-mer Jaccard similarity (sets of
+  k-mers, default k = 3), reported as the max Jaccard, its mean / median, and the fraction of
+  samples whose nearest neighbour exceeds 0.5 (near copies).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# The 25 residue letters of the ESM-2 alphabet, in its id order (4..28).
+RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
+
+
+def composition(seqs: Iterable[str], alphabet: str | None = None) -> dict[str, float]:
+  """Residue frequencies pooled over `seqs` (sum to 1); letters of `alphabet` get 0 if unseen.
+
+  Returns an empty dict for no residues.
+  """
+  counts = collections.Counter()
+  for s in seqs:
+    counts.update(s)
+  if alphabet:
+    for a in alphabet:
+      counts.setdefault(a, 0)
+  total = sum(counts.values())
+  if total == 0:
+    return {a: 0.0 for a in sorted(counts)}
+  return {a: counts[a] / total for a in sorted(counts)}
+
+
+def kl_divergence(p: dict[str, float], q: dict[str, float], alpha: float = 1e-6) -> float:
+  """KL(p || q) in nats over the union of keys, each distribution smoothed by `alpha` and
+  renormalised (so an unseen letter never gives infinity)."""
+  keys = sorted(set(p) | set(q))
+  pv = np.array([p.get(k, 0.0) for k in keys], dtype=np.float64) + alpha
+  qv = np.array([q.get(k, 0.0) for k in keys], dtype=np.float64) + alpha
+  pv /= pv.sum()
+  qv /= qv.sum()
+  return float(np.sum(pv * (np.log(pv) - np.log(qv))))
+
+
+def length_stats(seqs: Sequence[str], bins: int = 20) -> dict:
+  """Mean, std, min, max and a histogram (`bins` equal bins) of the sequence lengths."""
+  lens = np.array([len(s) for s in seqs], dtype=np.float64)
+  if lens.size == 0:
+    return {"count": 0}
+  hist, edges = np.histogram(lens, bins=bins)
+  return {"count": int(lens.size), "mean": float(lens.mean()), "std": float(lens.std()),
+          "min": int(lens.min()), "max": int(lens.max()),
+          "hist": hist.tolist(), "bin_edges": edges.tolist()}
+
+
+def homopolymer_runs(seq: str, run_length: int = 5) -> list[tuple[int, int]]:
+  """(start, length) of every maximal run of one residue with length >= run_length."""
+  runs = []
+  start = 0
+  for i in range(1, len(seq) + 1):
+    if i == len(seq) or seq[i] != seq[start]:
+      if i - start >= run_length:
+        runs.append((start, i - start))
+      start = i
+  return runs
+
+
+def window_entropies(seq: str, window: int = 12) -> np.ndarray:
+  """Shannon entropy (bits) of every sliding window of `window` residues: (len - window + 1,).
+
+  A sequence shorter than the window gives one value, the entropy of the whole sequence
+  (empty array for an empty sequence).
+  """
+  if not seq:
+    return np.zeros((0,))
+  w = min(window, len(seq))
+  out = np.empty(len(seq) - w + 1)
+  counts = collections.Counter(seq[:w])
+
+  def entropy() -> float:
+    p = np.array([c for c in counts.values() if c > 0], dtype=np.float64) / w
+    return float(-(p * np.log2(p)).sum())
+
+  out[0] = entropy()
+  for i in range(1, len(out)):
+    counts[seq[i - 1]] -= 1
+    counts[seq[i + w - 1]] += 1
+    out[i] = entropy()
+  return out
+
+
+def low_complexity(seqs: Sequence[str], run_length: int = 5, window: int = 12,
+                   entropy_threshold: float = 2.2) -> dict:
+  """Homopolymer-run and window-entropy statistics of `seqs` (see the module docstring)."""
+  n_with_run = 0
+  run_residues = 0
+  total = 0
+  ents = []
+  for s in seqs:
+    runs = homopolymer_runs(s, run_length)
+    n_with_run += bool(runs)
+    run_residues += sum(r for _, r in runs)
+    total += len(s)
+    ents.append(window_entropies(s, window))
+  ents = np.concatenate(ents) if ents else np.zeros((0,))
+  return {
+      "run_length": run_length,
+      "frac_seqs_with_homopolymer": n_with_run / max(len(seqs), 1),
+      "frac_residues_in_homopolymer": run_residues / max(total, 1),
+      "window": window,
+      "entropy_threshold_bits": entropy_threshold,
+      "mean_window_entropy_bits": float(ents.mean()) if ents.size else float("nan"),
+      "frac_low_entropy_windows": float((ents < entropy_threshold).mean()) if ents.size else 0.0,
+  }
+
+
+def kmers(seq: str, k: int) -> list[str]:
+  """All overlapping k-mers of `seq` (empty if shorter than k)."""
+  return [seq[i:i + k] for i in range(len(seq) - k + 1)]
+
+
+def distinct_kmer_ratio(seqs: Iterable[str], k: int) -> float:
+  """Number of distinct k-mers / number of k-mers, pooled over all sequences (nan if none)."""
+  seen = set()
+  total = 0
+  for s in seqs:
+    km = kmers(s, k)
+    seen.update(km)
+    total += len(km)
+  return len(seen) / total if total else float("nan")
+
+
+def identity(a: str, b: str) -> float:
+  """Ungapped positional identity: matches at the same index / min(len(a), len(b))."""
+  n = min(len(a), len(b))
+  if n == 0:
+    return float("nan")
+  return sum(x == y for x, y in zip(a[:n], b[:n])) / n
+
+
+def mean_pairwise_identity(seqs: Sequence[str], max_seqs: int = 200, seed: int = 0) -> float:
+  """Mean `identity` over all pairs of a random subsample of at most `max_seqs` sequences."""
+  seqs = list(seqs)
+  if len(seqs) > max_seqs:
+    idx = np.random.default_rng(seed).choice(len(seqs), max_seqs, replace=False)
+    seqs = [seqs[i] for i in sorted(idx)]
+  if len(seqs) < 2:
+    return float("nan")
+  n = max(len(s) for s in seqs)
+  codes = np.full((len(seqs), n), -1, dtype=np.int32)
+  for r, s in enumerate(seqs):
+    codes[r, :len(s)] = np.frombuffer(s.encode("ascii"), dtype=np.uint8)
+  lens = np.array([len(s) for s in seqs])
+  vals = []
+  for i in range(len(seqs) - 1):
+    m = np.minimum(lens[i], lens[i + 1:])  # (n - i - 1,)
+    cols = np.arange(n)[None, :] < m[:, None]
+    same = (codes[i + 1:] == codes[i][None, :]) & cols
+    ok = m > 0
+    vals.append(same.sum(axis=1)[ok] / m[ok])
+  vals = np.concatenate(vals)
+  return float(vals.mean()) if vals.size else float("nan")
+
+
+def _kmer_matrix(seqs: Sequence[str], k: int, index: dict[str, int]) -> np.ndarray:
+  """(N, V) float32 0/1 presence matrix of the k-mers in `index` (unknown k-mers are added)."""
+  rows = []
+  for s in seqs:
+    ids = set()
+    for km in kmers(s, k):
+      if km not in index:
+        index[km] = len(index)
+      ids.add(index[km])
+    rows.append(ids)
+  mat = np.zeros((len(seqs), len(index)), dtype=np.float32)
+  for r, ids in enumerate(rows):
+    if ids:
+      mat[r, list(ids)] = 1.0
+  return mat
+
+
+def nearest_jaccard(samples: Sequence[str], reference: Sequence[str], k: int = 3,
+                    chunk: int = 1024) -> np.ndarray:
+  """For each sample the max k-mer-set Jaccard similarity to any reference sequence: (N,).
+
+  Jaccard(A, B) = |A & B| / |A | B| over the sets of k-mers; 0 when both sets are empty.
+  """
+  index: dict[str, int] = {}
+  ref = _kmer_matrix(reference, k, index)
+  smp = _kmer_matrix(samples, k, index)
+  v = len(index)
+  ref = np.pad(ref, ((0, 0), (0, v - ref.shape[1])))
+  ref_sizes = ref.sum(axis=1)
+  smp_sizes = smp.sum(axis=1)
+  best = np.zeros(len(samples))
+  if len(reference) == 0:
+    return best
+  for lo in range(0, len(samples), chunk):
+    inter = smp[lo:lo + chunk] @ ref.T  # (n, R)
+    union = smp_sizes[lo:lo + chunk, None] + ref_sizes[None, :] - inter
+    jac = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    best[lo:lo + chunk] = jac.max(axis=1)
+  return best
+
+
+def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[int] = (1, 2, 3),
+                   novelty_k: int = 3, max_reference: int = 5000, max_identity_seqs: int = 200,
+                   run_length: int = 5, window: int = 12, entropy_threshold: float = 2.2,
+                   seed: int = 0) -> dict:
+  """The full report (a JSON-serialisable dict) of `samples` against the reference `data`.
+
+  `data` is subsampled to `max_reference` sequences for novelty (seeded by `seed`).
+  """
+  samples = list(samples)
+  data = list(data)
+  rng = np.random.default_rng(seed)
+  ref = data
+  if len(ref) > max_reference:
+    ref = [data[i] for i in sorted(rng.choice(len(data), max_reference, replace=False))]
+  comp_s = composition(samples)
+  comp_d = composition(data)
+  near = nearest_jaccard(samples, ref, k=novelty_k) if samples else np.zeros((0,))
+  report = {
+      "num_samples": len(samples),
+      "num_reference": len(data),
+      "composition": {"samples": comp_s, "data": comp_d,
+                      "kl_samples_data_nats": kl_divergence(comp_s, comp_d)},
+      "lengths": {"samples": length_stats(samples), "data": length_stats(data)},
+      "low_complexity": {
+          "samples": low_complexity(samples, run_length, window, entropy_threshold),
+          "data": low_complexity(data, run_length, window, entropy_threshold)},
+      "diversity": {
+          "distinct_kmer_ratio": {str(k): distinct_kmer_ratio(samples, k) for k in ks},
+          "mean_pairwise_identity": mean_pairwise_identity(samples, max_identity_seqs, seed),
+          "identity": "ungapped positional"},
+      "novelty": {
+          "k": novelty_k,
+          "num_reference_used": len(ref),
+          "nearest_jaccard_mean": float(near.mean()) if near.size else float("nan"),
+          "nearest_jaccard_median": float(np.median(near)) if near.size else float("nan"),
+          "frac_nearest_jaccard_over_0.5": float((near > 0.5).mean()) if near.size else 0.0,
+          "nearest_jaccard": near.tolist()},
+  }
+  return report
+
+
+def _clean(obj):
+  """NaN/inf -> None, recursively, so the JSON is strict."""
+  if isinstance(obj, dict):
+    return {k: _clean(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_clean(v) for v in obj]
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+  """Writes `report` as indented strict JSON (NaN -> null)."""
+  with open(path, "w") as f:
+    json.dump(_clean(report), f, indent=2)
+  logger.info("wrote report %s", path)
+
+
+def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
+                path: str | os.PathLike, window: int = 12) -> None:
+  """Four panels to PNG: composition, length histograms, window entropy, nearest Jaccard."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  comp_s, comp_d = report["composition"]["samples"], report["composition"]["data"]
+  letters = sorted(set(comp_s) | set(comp_d), key=lambda a: -comp_d.get(a, 0.0))
+  xs = np.arange(len(letters))
+  ax = axes[0, 0]
+  ax.bar(xs - 0.2, [comp_d.get(a, 0) for a in letters], 0.4, label="data")
+  ax.bar(xs + 0.2, [comp_s.get(a, 0) for a in letters], 0.4, label="samples")
+  ax.set_xticks(xs, letters)
+  ax.set_title(f"composition (KL {report['composition']['kl_samples_data_nats']:.4f} nats)")
+  ax.legend()
+  ax = axes[0, 1]
+  ax.hist([len(s) for s in data], bins=30, alpha=0.5, density=True, label="data")
+  ax.hist([len(s) for s in samples], bins=30, alpha=0.5, density=True, label="samples")
+  ax.set_title("length")
+  ax.legend()
+  ax = axes[1, 0]
+  ent_d = np.concatenate([window_entropies(s, window) for s in data] or [np.zeros(0)])
+  ent_s = np.concatenate([window_entropies(s, window) for s in samples] or [np.zeros(0)])
+  ax.hist(ent_d, bins=30, alpha=0.5, density=True, label="data")
+  ax.hist(ent_s, bins=30, alpha=0.5, density=True, label="samples")
+  ax.set_title(f"window entropy (bits, window {window})")
+  ax.legend()
+  ax = axes[1, 1]
+  ax.hist(report["novelty"]["nearest_jaccard"], bins=30, range=(0, 1))
+  ax.set_title(f"nearest reference, {report['novelty']['k']}-mer Jaccard")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  logger.info("wrote plot %s", path)
+
+
+def write_report(samples: Sequence[str], data: Sequence[str], json_path: str | os.PathLike,
+                 png_path: str | os.PathLike | None = None, **kwargs) -> dict:
+  """Computes `quality_report`, writes it as JSON and (if `png_path`) as a PNG; returns it."""
+  report = quality_report(samples, data, **kwargs)
+  write_json(report, json_path)
+  if png_path is not None:
+    plot_report(report, samples, data, png_path, window=kwargs.get("window", 12))
+  return report

@@ -1,0 +1,342 @@
+"""The full reverse (sampling) process of SEDD under one `lax.fori_loop`, with conditioning.
+
+As the reference's `pc_sampler`: start from the limit (all `<mask>` for the absorbing graph,
+uniform tokens for the uniform graph), go from t = 1 to t = eps in `steps` equal steps of
+`(1 - eps) / steps`, one predictor step (euler or analytic) per iteration with the fixed
+(conditioning) positions overwritten before every step, then a final denoise step at t = eps
+(which drops the mask column, so no `<mask>` is left with the absorbing graph) followed by one
+last projection. Step i draws its randomness from `jax.random.fold_in(key, i)`.
+
+Score functions: `score_fn(x (B, L) int32, sigma (B,) float32) -> (B, L, D)` returns the
+EXPONENTIATED model output (the reference's `get_score_fn(..., sampling=True)`); when `lengths`
+is given to `sample`, it is called as `score_fn(x, sigma, lengths=lengths)` (`model_score_fn`
+accepts that).
+
+Which tokens come out: the denoise step never emits the mask. A trained protein model puts
+(almost) no mass on `<cls> <pad> <eos> <unk> . - <null_1>` (they never occur inside training
+sequences, and padding is excluded from the loss), but a random or poorly trained model may.
+`allowed` ((D,) bool) zeroes the score of every other non-mask token, which for the absorbing
+graph is the reverse process conditioned on never unmasking to them: then every generated
+token is in `allowed` (the CLI allows the 25 residue letters, ids 4..28). For the uniform graph
+`allowed` only removes jumps INTO disallowed tokens.
+
+Cached variant (`cached=True`, absorbing graph only; as MDLM's cached sampler): if no token of
+the batch changed since the model was last called, the previous output is reused instead of
+calling the model, inside the loop through `lax.cond`. The output is rescaled to the new noise
+level: the absorbing score at a masked position is p(y | unmasked) / (e^sigma - 1) (what the
+DDiT's `scale_by_sigma` parametrises), so the non-mask columns are multiplied by
+expm1(sigma_old) / expm1(sigma_new) and the mask column is kept. For a score function that is
+exactly of that form (the true score, or a time-independent denoiser) the cached sampler gives
+the same tokens as the uncached one for the same key; for a DDiT, which also conditions on
+sigma, reusing its output over a step is the approximation MDLM and RADD make (a trained model
+is close to time-independent given its input). The decision is batch-wide (one changed token
+anywhere forces a model call), so caching pays off when steps >> L and batches are small.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sedd_jax.diffusion import predictors as _predictors
+from sedd_jax.diffusion.graph import Graph
+from sedd_jax.diffusion.noise import Noise
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+ScoreFn = Callable[..., Array]
+
+PREDICTOR_NAMES = ("analytic", "euler")
+
+
+def _pad_id() -> int:
+  """The `<pad>` id of the protein tokenizer (1 in the ESM-2 alphabet)."""
+  try:
+    from sedd_jax.data.tokenizers import PAD_ID
+    return int(PAD_ID)
+  except ImportError:  # pragma: no cover - the data package is part of the project
+    return 1
+
+
+def _predictor(name: str):
+  steps = {"analytic": _predictors.analytic_step, "euler": _predictors.euler_step}
+  if name not in steps:
+    raise ValueError(f"predictor {name!r} is not a predictor; choose one of {PREDICTOR_NAMES}")
+  return steps[name]
+
+
+def _check_conditioning(shape, fixed_tokens, fixed_mask, lengths):
+  batch, length = shape
+  if (fixed_tokens is None) != (fixed_mask is None):
+    raise ValueError("fixed_tokens and fixed_mask must be given together")
+  if fixed_tokens is not None:
+    for name, a in (("fixed_tokens", fixed_tokens), ("fixed_mask", fixed_mask)):
+      if jnp.ndim(a) not in (1, 2) or jnp.shape(a)[-1] != length or (
+          jnp.ndim(a) == 2 and jnp.shape(a)[0] not in (1, batch)):
+        raise ValueError(f"{name} must have shape (L,) or (B, L) with (B, L) = {shape}; "
+                         f"got {jnp.shape(a)}")
+  if lengths is not None and jnp.shape(lengths) != (batch,):
+    raise ValueError(f"lengths must have shape (B,) = ({batch},); got {jnp.shape(lengths)}")
+
+
+def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tuple[int, int], *,
+           steps: int, predictor: str = "analytic", eps: float = 1e-5,
+           fixed_tokens: Array | None = None, fixed_mask: Array | None = None,
+           lengths: Array | None = None, cached: bool = False, allowed: Array | None = None,
+           pad_id: int | None = None, return_nfe: bool = False):
+  """Draws a batch of sequences by running the whole reverse process.
+
+  Jit-able as one program with `score_fn`, `graph`, `noise`, `shape`, `steps`, `predictor`,
+  `eps`, `cached` and `pad_id` static (see `jit_sampler`).
+
+  Args:
+    key: PRNG key; step i uses fold_in(key, i), the denoise step fold_in(key, steps), the
+      limit draw fold_in(key, steps + 1).
+    score_fn: (x (B, L), sigma (B,)[, lengths=(B,)]) -> (B, L, D) exponentiated score.
+    graph: the diffusion graph (D = graph.dim).
+    noise: the noise schedule.
+    shape: (B, L).
+    steps: number of predictor steps (>= 1).
+    predictor: "analytic" or "euler".
+    eps: final time; step_size = (1 - eps) / steps.
+    fixed_tokens: (L,) or (B, L) int tokens kept where `fixed_mask` is True.
+    fixed_mask: (L,) or (B, L) bool.
+    lengths: (B,) int32 sequence lengths; positions >= lengths come back as `pad_id` and are
+      ignored by the cache's change test; passed on to `score_fn(..., lengths=lengths)`.
+    cached: reuse the model output while no token changes (absorbing graph only).
+    allowed: (D,) bool, tokens that may be generated (see the module docstring); the mask
+      column is always kept.
+    pad_id: token written at positions >= lengths (default: the tokenizer's `<pad>`, 1).
+    return_nfe: also return the number of score-function calls (int32 scalar).
+
+  Returns:
+    (B, L) int32 tokens (and the call count if `return_nfe`).
+  """
+  if len(shape) != 2:
+    raise ValueError(f"shape must be (B, L); got {shape}")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1; got {steps}")
+  if cached and not graph.absorb:
+    raise ValueError("cached sampling needs the absorbing graph (a uniform-graph state never "
+                     "stays unchanged)")
+  _check_conditioning(shape, fixed_tokens, fixed_mask, lengths)
+  step_fn = _predictor(predictor)
+  batch, length = shape
+  step_size = (1.0 - eps) / steps
+  pad_id = _pad_id() if pad_id is None else pad_id
+
+  if allowed is not None:
+    allowed = jnp.asarray(allowed, dtype=bool)
+    if allowed.shape != (graph.dim,):
+      raise ValueError(f"allowed must have shape (D,) = ({graph.dim},); got {allowed.shape}")
+    if graph.absorb:
+      allowed = allowed.at[-1].set(True)
+
+  def score_at(x, sigma):
+    score = score_fn(x, sigma) if lengths is None else score_fn(x, sigma, lengths=lengths)
+    if allowed is not None:
+      score = jnp.where(allowed, score, jnp.zeros_like(score))
+    return score
+
+  def proj(x):
+    if fixed_tokens is None:
+      return x
+    return _predictors.project(x, fixed_tokens, fixed_mask)
+
+  if lengths is not None:
+    valid = jnp.arange(length)[None, :] < jnp.asarray(lengths)[:, None]  # (B, L)
+  else:
+    valid = jnp.ones(shape, dtype=bool)
+
+  x = graph.sample_limit(jax.random.fold_in(key, steps + 1), shape).astype(jnp.int32)
+  t_final = jnp.full((batch,), eps, dtype=jnp.float32)
+
+  if not cached:
+    def body(i, carry):
+      x, nfe = carry
+      t = jnp.full((batch,), 1.0 - i * step_size, dtype=jnp.float32)
+      x = proj(x)
+      score = score_at(x, noise.total_noise(t))
+      return step_fn(jax.random.fold_in(key, i), graph, noise, score, x, t, step_size), nfe + 1
+
+    x, nfe = jax.lax.fori_loop(0, steps, body, (x, jnp.int32(0)))
+    x = proj(x)
+    score = score_at(x, noise.total_noise(t_final))
+    nfe = nfe + 1
+  else:
+    score_struct = jax.eval_shape(score_at, x, t_final)
+
+    def cached_score(x, sigma, prev_x, prev_score, prev_sigma, nfe):
+      changed = jnp.any((x != prev_x) & valid)
+
+      def fresh(_):
+        return score_at(x, sigma).astype(score_struct.dtype), nfe + 1
+
+      def reuse(_):
+        ratio = (jnp.expm1(prev_sigma) / jnp.expm1(sigma))[:, None, None]  # (B, 1, 1)
+        scaled = prev_score * ratio.astype(prev_score.dtype)
+        return scaled.at[..., -1].set(prev_score[..., -1]), nfe
+
+      return jax.lax.cond(changed, fresh, reuse, None)
+
+    def body(i, carry):
+      x, prev_x, prev_score, prev_sigma, nfe = carry
+      t = jnp.full((batch,), 1.0 - i * step_size, dtype=jnp.float32)
+      sigma = noise.total_noise(t)
+      x = proj(x)
+      score, nfe = cached_score(x, sigma, prev_x, prev_score, prev_sigma, nfe)
+      new_x = step_fn(jax.random.fold_in(key, i), graph, noise, score, x, t, step_size)
+      return new_x, x, score, sigma, nfe
+
+    init = (x, jnp.full(shape, -1, dtype=jnp.int32),
+            jnp.zeros(score_struct.shape, score_struct.dtype),
+            jnp.ones((batch,), jnp.float32), jnp.int32(0))
+    x, prev_x, prev_score, prev_sigma, nfe = jax.lax.fori_loop(0, steps, body, init)
+    x = proj(x)
+    score, nfe = cached_score(x, noise.total_noise(t_final), prev_x, prev_score, prev_sigma, nfe)
+
+  x = _predictors.denoise_step(jax.random.fold_in(key, steps), graph, noise, score, x, t_final)
+  x = proj(x)
+  x = jnp.where(valid, x, jnp.int32(pad_id)).astype(jnp.int32)
+  return (x, nfe) if return_nfe else x
+
+
+def model_score_fn(model, lengths: Array | None = None) -> ScoreFn:
+  """Wraps a DDiT as a sampling score function (eval mode, exp of the log score, float32).
+
+  Args:
+    model: a `sedd_jax.model.DDiT` (`model(x, sigma, lengths) -> (B, L, D)` log score); it is
+      switched to eval mode (no dropout).
+    lengths: optional (B,) lengths baked in; a `lengths=` keyword at call time overrides them.
+
+  Returns:
+    score_fn(x (B, L), sigma (B,), lengths=None) -> (B, L, D) float32.
+  """
+  model.eval()
+  default = lengths
+
+  def score_fn(x, sigma, lengths=None):
+    ln = default if lengths is None else lengths
+    return jnp.exp(model(x, sigma, ln).astype(jnp.float32))
+
+  return score_fn
+
+
+def sample_model(model, key: Array, graph: Graph, noise: Noise, shape: tuple[int, int],
+                 **kwargs):
+  """`sample` with `model_score_fn(model)`; under jit, pass the model's state as an input
+  (`nnx.split` / `nnx.merge`, as `jit_sampler` does) so that the weights are not constants."""
+  return sample(key, model_score_fn(model), graph, noise, shape, **kwargs)
+
+
+def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: int,
+                predictor: str = "analytic", eps: float = 1e-5, cached: bool = False,
+                model=None, score_fn: ScoreFn | None = None, pad_id: int | None = None,
+                return_nfe: bool = False, compiler_options: dict | None = None):
+  """One compiled sampler for a fixed shape.
+
+  Exactly one of `model` (an nnx DDiT, switched to eval mode and split: its weights are inputs
+  of the compiled program, not baked-in constants) or
+  `score_fn` (compiled with `jax.jit`, closed over). `compiler_options` go to XLA (e.g.
+  {"xla_backend_optimization_level": 0} compiles 3x faster on the CPU, for tests).
+
+  Returns:
+    run(key, fixed_tokens, fixed_mask, lengths, allowed) -> (B, L) int32 (and nfe if
+    `return_nfe`); pass None for unused conditioning (each None/array pattern compiles once).
+  """
+  if (model is None) == (score_fn is None):
+    raise ValueError("give exactly one of model and score_fn")
+  static = dict(steps=steps, predictor=predictor, eps=eps, cached=cached, pad_id=pad_id,
+                return_nfe=return_nfe)
+  if model is not None:
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, compiler_options=compiler_options)
+    def run_model(state, key, fixed_tokens, fixed_mask, lengths, allowed):
+      return sample_model(nnx.merge(graphdef, state), key, graph, noise, shape,
+                          fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, lengths=lengths,
+                          allowed=allowed, **static)
+
+    return functools.partial(run_model, state)
+
+  @functools.partial(jax.jit, compiler_options=compiler_options)
+  def run_fn(key, fixed_tokens, fixed_mask, lengths, allowed):
+    return sample(key, score_fn, graph, noise, shape, fixed_tokens=fixed_tokens,
+                  fixed_mask=fixed_mask, lengths=lengths, allowed=allowed, **static)
+
+  return run_fn
+
+
+def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int, *,
+                   batch_size: int, steps: int, predictor: str = "analytic", eps: float = 1e-5,
+                   model=None, score_fn: ScoreFn | None = None,
+                   fixed_tokens: np.ndarray | None = None, fixed_mask: np.ndarray | None = None,
+                   lengths: np.ndarray | None = None, cached: bool = False,
+                   allowed: np.ndarray | None = None, pad_id: int | None = None,
+                   progress: bool = True, compiler_options: dict | None = None) -> np.ndarray:
+  """Draws `num` sequences of length `length` in chunks of `batch_size` (one compiled program).
+
+  Chunk c uses fold_in(key, c); the last chunk is padded to `batch_size` and trimmed, so the
+  output depends on (key, batch_size) but not on `num` beyond the chunks it covers.
+
+  Args:
+    key: PRNG key.
+    graph, noise: the diffusion.
+    num: number of sequences N.
+    length: L (the model's maximum, or the longest requested length).
+    batch_size: sequences per compiled call.
+    steps, predictor, eps, cached, allowed, pad_id: as `sample`.
+    model / score_fn: exactly one (see `jit_sampler`).
+    fixed_tokens, fixed_mask: (L,) shared by all, or (N, L) per sequence.
+    lengths: (N,) int lengths (None: all `length`).
+    progress: log each chunk with its speed.
+    compiler_options: passed to XLA (see `jit_sampler`).
+
+  Returns:
+    (N, L) int32 numpy array.
+  """
+  if batch_size < 1 or num < 0:
+    raise ValueError(f"need batch_size >= 1 and num >= 0; got {batch_size}, {num}")
+  batch_size = min(batch_size, max(num, 1))
+  run = jit_sampler(graph, noise, (batch_size, length), steps=steps, predictor=predictor,
+                    eps=eps, cached=cached, model=model, score_fn=score_fn, pad_id=pad_id,
+                    return_nfe=True, compiler_options=compiler_options)
+  per_seq = fixed_tokens is not None and np.ndim(fixed_tokens) == 2
+  if lengths is not None:
+    lengths = np.asarray(lengths, dtype=np.int32)
+    if lengths.shape != (num,):
+      raise ValueError(f"lengths must have shape (N,) = ({num},); got {lengths.shape}")
+  chunks = math.ceil(num / batch_size)
+  out = np.zeros((num, length), dtype=np.int32)
+  start = time.perf_counter()
+  for c in range(chunks):
+    lo, hi = c * batch_size, min(num, (c + 1) * batch_size)
+
+    def take(a):
+      a = np.asarray(a[lo:hi])
+      return np.concatenate([a, np.repeat(a[-1:], batch_size - (hi - lo), axis=0)])
+
+    ft, fm = fixed_tokens, fixed_mask
+    if per_seq:
+      ft, fm = take(np.asarray(fixed_tokens)), take(np.asarray(fixed_mask))
+    ln = take(lengths) if lengths is not None else None
+    t0 = time.perf_counter()
+    x, nfe = run(jax.random.fold_in(key, c), ft, fm, ln, allowed)
+    out[lo:hi] = np.asarray(jax.device_get(x))[:hi - lo]
+    if progress:
+      dt = time.perf_counter() - t0
+      logger.info("batch %d/%d: %d sequences in %.2f s (%.2f seq/s; %d model calls; %d done, "
+                  "%.1f s total)", c + 1, chunks, hi - lo, dt, (hi - lo) / max(dt, 1e-9),
+                  int(nfe), hi, time.perf_counter() - start)
+  return out

@@ -1,0 +1,148 @@
+"""Negative ELBO: tightness with the exact score (quadrature and Monte-Carlo), standard errors,
+the prior term, the unigram baseline and, on a briefly trained tiny model, beating it."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sedd_jax import diffusion
+from sedd_jax.sampling import likelihood
+
+V, L = 3, 3
+SEQS = np.array(list(itertools.product(range(V), repeat=L)), dtype=np.int32)
+PROBS = np.random.default_rng(1).dirichlet(np.full(len(SEQS), 0.8))
+GRAPH = diffusion.Absorbing(V)
+NOISE = diffusion.LogLinear(eps=1e-4)
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def _nelbo(fn, x0, num_samples, t_sampling, seed=0, **kw):
+  run = jax.jit(lambda k, x: likelihood.nelbo(k, fn, GRAPH, NOISE, x, num_samples=num_samples,
+                                              t_sampling=t_sampling, **kw),
+                compiler_options=FAST)
+  return jax.tree.map(np.asarray, run(jax.random.key(seed), jnp.asarray(x0)))
+
+
+def _quadrature(fn, x0, nodes=96):
+  """int_0^1 E_{x_t | x0}[loss(t)] dt exactly over the 2^L mask patterns, Gauss-Legendre in t."""
+  u, w = np.polynomial.legendre.leggauss(nodes)
+  ts = (u + 1) / 2
+  w = w / 2
+  patterns = np.array(list(itertools.product([0, 1], repeat=L)), bool)  # (P, L), True = masked
+  p_mask = (1 - NOISE.eps) * ts  # (T,): 1 - e^-sigma(t)
+  q = np.prod(np.where(patterns[None], p_mask[:, None, None], 1 - p_mask[:, None, None]),
+              axis=-1)  # (T, P)
+  x = np.where(patterns[None, :, None, :], GRAPH.mask, x0[None, None])  # (1, P, N, L)
+  x = np.broadcast_to(x, (len(ts),) + x.shape[1:])  # (T, P, N, L)
+  tt = np.broadcast_to(ts[:, None, None], x.shape[:3]).reshape(-1).astype(np.float32)
+  x = jnp.asarray(x.reshape(-1, L), jnp.int32)
+  x0_all = jnp.asarray(np.broadcast_to(x0, (len(ts), len(patterns)) + x0.shape).reshape(-1, L))
+  loss = diffusion.score_entropy_loss(GRAPH, NOISE, fn(x, NOISE.total_noise(tt)), x, x0_all,
+                                      jnp.asarray(tt))
+  loss = np.asarray(loss, np.float64).reshape(len(ts), len(patterns), len(x0))
+  return np.einsum("t,tp,tpn->n", w, q, loss)
+
+
+def test_exact_score_bound_is_tight_quadrature_and_mc():
+  """With the exact score of p0 the bound equals -log p0(x0): by quadrature (to the
+  truncation of sigma(1), ~eps L), and Monte-Carlo within 4 standard errors of it."""
+  fn = likelihood.exact_absorbing_log_score_fn(GRAPH, SEQS, PROBS)
+  idx = np.array([0, 5, 13, 26])
+  x0 = SEQS[idx]
+  quad = _quadrature(fn, x0)
+  np.testing.assert_allclose(quad, -np.log(PROBS[idx]), rtol=2e-3, atol=2e-3)
+  for scheme in ("stratified", "antithetic"):
+    res = _nelbo(fn, x0, 1024, scheme)
+    assert np.all(np.abs(res.nelbo - quad) < 4 * res.se + 1e-3), (scheme, res.nelbo, quad, res.se)
+    np.testing.assert_array_equal(res.tokens, [L] * 4)
+    np.testing.assert_allclose(res.per_token, res.nelbo / L)
+
+
+def test_single_sequence_distribution_gives_zero():
+  """p0 = a single sequence: the exact score makes every integrand value 0, NELBO = 0 = -log 1."""
+  seqs = SEQS[[7]]
+  fn = likelihood.exact_absorbing_log_score_fn(GRAPH, seqs, np.ones(1))
+  res = _nelbo(fn, seqs, 64, "iid")
+  np.testing.assert_allclose(res.nelbo, 0.0, atol=1e-3)
+
+
+def test_standard_error_shrinks_with_samples():
+  fn = likelihood.exact_absorbing_log_score_fn(GRAPH, SEQS, PROBS)
+  small = _nelbo(fn, SEQS, 64, "iid", seed=1)
+  large = _nelbo(fn, SEQS, 1024, "iid", seed=2)
+  # Expected 1/sqrt(16) = 0.25; the draws are heavy-tailed near t = 0 (see likelihood's
+  # docstring), so the 64-draw SE is often an underestimate: the median ratio is ~0.3.
+  ratio = np.median(large.se / small.se)
+  assert 0.15 < ratio < 0.45, ratio
+  # The two estimates agree with each other within their errors, on average over sequences.
+  z = (small.nelbo - large.nelbo) / np.sqrt(small.se ** 2 + large.se ** 2)
+  assert abs(z.mean()) < 4 / math.sqrt(len(z)) + 0.5
+
+
+def test_time_schemes():
+  t = likelihood.sample_times(jax.random.key(0), 8, 3, "stratified")
+  assert t.shape == (8, 3)
+  k = np.floor(np.asarray(t) * 8)
+  np.testing.assert_array_equal(k, np.repeat(np.arange(8)[:, None], 3, axis=1))
+  t = np.asarray(likelihood.sample_times(jax.random.key(0), 4, 2, "antithetic", t_min=0.2))
+  np.testing.assert_allclose(t[0] + t[1], 1.2, rtol=1e-6)  # (0.2 + 0.8 v) + (0.2 + 0.8 (1 - v))
+  assert (t > 0.2).all() and (t < 1).all()
+  with pytest.raises(ValueError, match="even"):
+    likelihood.sample_times(jax.random.key(0), 3, 2, "antithetic")
+  with pytest.raises(ValueError, match="t_sampling"):
+    likelihood.sample_times(jax.random.key(0), 3, 2, "sobol")
+
+
+def test_padding_is_ignored():
+  graph = diffusion.Absorbing(32)
+
+  def fn(x, sigma, lengths=None):
+    return jnp.zeros(x.shape + (graph.dim,)) - jnp.log(jnp.expm1(sigma))[:, None, None]
+
+  x0 = np.full((2, 6), 1, np.int32)
+  x0[0, :4] = [4, 5, 6, 7]
+  x0[1, :2] = [8, 9]
+  lengths = np.array([4, 2], np.int32)
+  run = lambda x: jax.tree.map(np.asarray, likelihood.nelbo(
+      jax.random.key(0), fn, graph, NOISE, x, lengths=lengths, num_samples=4))
+  a = run(x0)
+  x1 = x0.copy()
+  x1[0, 4:] = 20
+  x1[1, 2:] = 21
+  b = run(x1)
+  np.testing.assert_allclose(a.nelbo, b.nelbo)
+  np.testing.assert_array_equal(a.tokens, lengths)
+
+
+def test_uniform_prior_term():
+  graph = diffusion.Uniform(4)
+  noise = diffusion.Geometric(1e-3, 2.0)
+  x0 = jnp.zeros((1, 5), jnp.int32)
+  prior = float(likelihood.prior_term(graph, noise, x0, jnp.ones((1, 5)))[0])
+  e = math.exp(-2.0)
+  p_other = (1 - e) / 4
+  p_stay = 1 - 3 * p_other
+  kl = p_stay * math.log(4 * p_stay) + 3 * p_other * math.log(4 * p_other)
+  assert prior == pytest.approx(5 * kl, rel=1e-5)
+  assert float(likelihood.prior_term(GRAPH, NOISE, x0, jnp.ones((1, 5)))[0]) == 0.0
+
+
+def test_unigram_baseline_and_summary():
+  # Counts A 2, B 1 (+1 each): p(A) = 3/5, p(B) = 2/5.
+  nll = likelihood.unigram_baseline(["AAB"], ["AB"])
+  assert nll == pytest.approx(-(math.log(3 / 5) + math.log(2 / 5)) / 2)
+  nll = likelihood.unigram_baseline([np.array([4, 4, 5])], [np.array([6])], vocab=[4, 5, 6])
+  assert nll == pytest.approx(-math.log(1 / 6))
+  with pytest.raises(ValueError, match="not in vocab"):
+    likelihood.unigram_baseline(["AAB"], ["C"], vocab="AB")
+  r = likelihood.NelboResult(nelbo=np.array([4.0, 2.0]), se=np.array([0.3, 0.4]),
+                             prior=np.zeros(2), tokens=np.array([2.0, 4.0]))
+  s = likelihood.summarize([r], NOISE)
+  assert s["nelbo_per_token"] == pytest.approx(1.0)
+  assert s["se_per_token"] == pytest.approx(0.5 / 6)
+  assert s["perplexity"] == pytest.approx(math.e)
+  assert s["terminal_unmasked_prob"] == pytest.approx(1e-4, rel=1e-3)

@@ -1,0 +1,79 @@
+"""Sample-quality report: every metric against hand-computed values on tiny inputs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sedd_jax.sampling import report
+
+
+def test_composition_and_kl():
+  comp = report.composition(["AAB", "B"])
+  assert comp == {"A": 0.5, "B": 0.5}
+  assert report.composition(["A"], alphabet="AC") == {"A": 1.0, "C": 0.0}
+  # KL((1/2, 1/2) || (1/4, 3/4)) = 1/2 log 2 + 1/2 log(2/3).
+  kl = report.kl_divergence({"A": 0.5, "B": 0.5}, {"A": 0.25, "B": 0.75}, alpha=0.0)
+  assert kl == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-12)
+  assert report.kl_divergence(comp, comp) == pytest.approx(0.0, abs=1e-12)
+  # Unseen letters are smoothed, never infinite.
+  assert math.isfinite(report.kl_divergence({"A": 1.0}, {"B": 1.0}))
+
+
+def test_length_stats():
+  st = report.length_stats(["A", "AAA", "AA"], bins=2)
+  assert st["mean"] == 2.0 and st["min"] == 1 and st["max"] == 3
+  assert st["std"] == pytest.approx(math.sqrt(2 / 3))
+  assert sum(st["hist"]) == 3
+
+
+def test_homopolymer_and_low_complexity():
+  assert report.homopolymer_runs("AAAAABCCCCCCD", 5) == [(0, 5), (6, 6)]
+  assert report.homopolymer_runs("AAAAAB", 5) == [(0, 5)]
+  assert report.homopolymer_runs("AAAAB", 5) == []
+  lc = report.low_complexity(["AAAAAB", "ABCDEF"], run_length=5, window=2)
+  assert lc["frac_seqs_with_homopolymer"] == 0.5
+  assert lc["frac_residues_in_homopolymer"] == pytest.approx(5 / 12)
+  # Windows of 2: "AAAAAB" -> 0,0,0,0,1 bits; "ABCDEF" -> five windows of 1 bit.
+  assert lc["mean_window_entropy_bits"] == pytest.approx(6 / 10)
+  assert lc["frac_low_entropy_windows"] == 1.0  # every window is below 2.2 bits
+  lc = report.low_complexity(["AAAAAB", "ABCDEF"], run_length=5, window=2, entropy_threshold=0.5)
+  assert lc["frac_low_entropy_windows"] == pytest.approx(4 / 10)
+
+
+def test_window_entropy():
+  np.testing.assert_allclose(report.window_entropies("ABCD", 4), [2.0])
+  np.testing.assert_allclose(report.window_entropies("AABB", 2), [0.0, 1.0, 0.0])
+  np.testing.assert_allclose(report.window_entropies("AB", 12), [1.0])  # shorter than window
+
+
+def test_diversity():
+  # 2-mers of "ABAB": AB, BA, AB -> 2 distinct of 3; with "AB": 2 distinct of 4.
+  assert report.distinct_kmer_ratio(["ABAB"], 2) == pytest.approx(2 / 3)
+  assert report.distinct_kmer_ratio(["ABAB", "AB"], 2) == pytest.approx(2 / 4)
+  assert report.identity("ABCD", "ABXD") == 0.75
+  assert report.identity("ABC", "AB") == 1.0
+  # Pairs: (ABCD, ABXD) 0.75, (ABCD, XXXX) 0, (ABXD, XXXX) 0.25 -> mean 1/3.
+  assert report.mean_pairwise_identity(["ABCD", "ABXD", "XXXX"]) == pytest.approx(1 / 3)
+  assert report.mean_pairwise_identity(["ABCD", "AB"]) == pytest.approx(1.0)
+
+
+def test_novelty():
+  # 2-mers: "ABC" -> {AB, BC}; "ABD" -> {AB, BD}: Jaccard 1/3; "ABC" itself: 1.
+  near = report.nearest_jaccard(["ABC", "XYZ"], ["ABD", "ABCA"], k=2)
+  # "ABCA" -> {AB, BC, CA}: Jaccard with {AB, BC} = 2/3.
+  np.testing.assert_allclose(near, [2 / 3, 0.0])
+  np.testing.assert_allclose(report.nearest_jaccard(["ABC"], ["ABC"], k=2), [1.0])
+
+
+def test_write_report(tmp_path):
+  samples = ["ACDEFGHIKL", "AAAAAAAKLM", "MKVLAAGG"]
+  data = ["ACDEFGHIKLMN", "MKVLAAGGST", "PQRSTVWY"]
+  rep = report.write_report(samples, data, tmp_path / "r.json", tmp_path / "r.png")
+  loaded = json.loads((tmp_path / "r.json").read_text())
+  assert loaded["num_samples"] == 3
+  assert loaded["low_complexity"]["samples"]["frac_seqs_with_homopolymer"] == pytest.approx(1 / 3)
+  assert loaded["novelty"]["nearest_jaccard"][0] == pytest.approx(
+      rep["novelty"]["nearest_jaccard"][0])
+  assert (tmp_path / "r.png").stat().st_size > 1000
