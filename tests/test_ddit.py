@@ -194,7 +194,7 @@ def test_remat_policies_give_the_same_gradients():
     model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1), 9, True, nnx.Rngs(0)))
     model.eval()
     results[remat] = jax.tree.leaves(grads(model))
-  for remat in ("block", "block_save_dots"):
+  for remat in ("mlp", "block", "block_save_dots"):
     for a, b in zip(results["none"], results[remat]):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
   assert all(np.all(np.isfinite(g)) for g in results["none"])

@@ -40,7 +40,7 @@ DEFAULTS = {
     "remat": "none",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "block", "block_save_dots")
+REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
 FREQ_DIM = 256  # sinusoidal sigma embedding size
 MLP_RATIO = 4
 LN_EPS = 1e-5
@@ -138,11 +138,16 @@ class TimestepEmbedder(nnx.Module):
     return self.mlp_out(jax.nn.silu(self.mlp_in(timestep_embedding(sigma))))
 
 
+def _gelu_out(linear: nnx.Linear, h: jax.Array) -> jax.Array:
+  """linear(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
+  return linear(jax.nn.gelu(h, approximate=True))
+
+
 class DDiTBlock(nnx.Module):
   """adaLN-Zero transformer block: x (B, L, H) float32 -> (B, L, H) float32."""
 
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
-               attention: str, chunk: int, rngs: nnx.Rngs):
+               attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False):
     self.n_heads = n_heads
     self.attention = attention
     self.chunk = chunk
@@ -155,6 +160,9 @@ class DDiTBlock(nnx.Module):
     self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype)
     self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
     self.adaLN_modulation = _linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
+    self._activation_out = _gelu_out
+    if remat_mlp:  # keep only the pre-activation (B, L, 4H); recompute GELU in the backward
+      self._activation_out = nnx.remat(_gelu_out)
 
   def __call__(self, x, cos, sin, c, lengths=None):
     """x (B, L, H) f32, cos/sin (L, Dh) f32, c (B, C) f32, lengths (B,) | None -> (B, L, H)."""
@@ -172,8 +180,8 @@ class DDiTBlock(nnx.Module):
     o = self.attn_out(o.reshape(b, l, dim))
     x = x + gate_msa.astype(jnp.float32) * self.dropout1(o).astype(jnp.float32)
 
-    h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-    h = self.mlp_out(jax.nn.gelu(self.mlp_in(h), approximate=True))
+    h = self.mlp_in(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    h = self._activation_out(self.mlp_out, h)
     return x + gate_mlp.astype(jnp.float32) * self.dropout2(h).astype(jnp.float32)
 
 
@@ -246,7 +254,8 @@ class DDiT(nnx.Module):
         embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound))
     self.sigma_map = TimestepEmbedder(cond_dim, rngs)
     self.blocks = nnx.List([
-        DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs)
+        DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
+                  remat_mlp=remat == "mlp")
         for _ in range(n_blocks)])
     self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs)
 
