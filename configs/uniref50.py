@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"  # auto | xla | cudnn | chunked
   c.model.attention_chunk = 0  # key/value chunk of `chunked`; 0 = chosen from the length
   c.model.dtype = "bfloat16"  # compute dtype: bfloat16 | float32 (parameters stay float32)
-  c.model.remat = "none"  # none | block | block_save_dots
+  c.model.remat = "none"  # none | mlp (recompute GELU) | block | block_save_dots
 
   c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/uniprot_mmseqs2_example.fasta.gz"  # source, prepared on first use
@@ -110,7 +110,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant == "tiny":
     c.model.update(hidden_size=64, n_heads=4, n_blocks=2, cond_dim=32, dropout=0.0, length=128,
                    dtype="float32")
-    c.training.update(batch_size=32, steps=600, log_every=25, eval_every=200, eval_batches=4,
+    c.training.update(batch_size=32, steps=600, log_every=25, eval_every=100, eval_batches=4,
                       sample_every=300, ckpt_every=200, milestone_every=0)
     c.optim.update(lr=2e-3, warmup=50)
     c.sampling.steps = 64

@@ -1,0 +1,564 @@
+r"""Training CLI: `python -m sedd_jax.train --config=configs/uniref50.py[:variant] [flags]`.
+
+  python -m sedd_jax.train --config=configs/uniref50.py:tiny --workdir runs/tiny
+  python -m sedd_jax.train --config=configs/uniref50.py:small --workdir runs/small \
+      --config.training.batch_size=128 --config.optim.lr=1e-4
+
+Flags: `--config=FILE[:VARIANT]` (variant default: the file's `get_config()` default, `tiny` for
+uniref50.py), `--config.KEY=VALUE` overrides (unknown keys and bad values fail before anything is
+compiled, naming the key), `--workdir DIR` (default `runs/<variant>`), `--fresh`.
+
+Workdir: `checkpoints/<step>/` (see `sedd_jax.training.checkpoint`), `metrics.jsonl`,
+`config.json` (the config of the latest start), `samples/step_<n>.fasta`, `loss_curve.png`,
+`wandb/`. Starting resumes from the newest loadable checkpoint; if it is already at
+`training.steps` the job says so and exits 0. `--fresh` starts from step 0 WITHOUT deleting
+anything: the workdir's current content is moved into `<workdir>/old-<YYYYmmdd-HHMMSS>/`.
+
+Stopping: SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop finishes the current step, writes a
+checkpoint and exits 0 (a second Ctrl-C aborts at once). `training.max_bad_steps` consecutive
+non-finite steps stop the run with a checkpoint and exit code 3.
+
+Devices: all devices of all processes form one data-parallel mesh (`sedd_jax.training.step`).
+Multi-host: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`),
+or under SLURM with more than one task (`SLURM_NTASKS` > 1), `jax.distributed.initialize()` is
+called first; each process then reads its own shard of the data (`batch_size / process_count`
+sequences per step) and only process 0 writes metrics, samples and the workdir's bookkeeping.
+The checkpoint stores process 0's data-iterator state and every process resumes from it: exact
+with the default single length bucket (the state is then only the stream position, the same on
+every shard), approximate with several buckets (examples waiting in a bucket may differ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sedd_jax import config as config_lib
+
+logger = logging.getLogger("sedd_jax.train")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment.
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls jax.distributed.initialize() when the environment describes a multi-process job."""
+  import jax  # noqa: PLC0415
+
+  env = os.environ
+  multi_slurm = "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+  if "JAX_COORDINATOR_ADDRESS" not in env and not multi_slurm:
+    return False
+  kwargs = {}
+  if "JAX_NUM_PROCESSES" in env:
+    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+  if "JAX_PROCESS_ID" in env:
+    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+  jax.distributed.initialize(**kwargs)
+  logger.info("jax.distributed: process %d of %d, %d local / %d global devices",
+              jax.process_index(), jax.process_count(), jax.local_device_count(),
+              jax.device_count())
+  return True
+
+
+def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
+  """Creates the workdir; with `fresh`, moves its content to `old-<timestamp>/` (never deletes)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not fresh:
+    return
+  entries = [p for p in workdir.iterdir() if not p.name.startswith("old-")]
+  if not entries:
+    return
+  dest = workdir / f"old-{time.strftime('%Y%m%d-%H%M%S')}"
+  n = 0
+  while dest.exists():
+    n += 1
+    dest = workdir / f"old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+  dest.mkdir()
+  for p in entries:
+    p.rename(dest / p.name)
+  logger.info("--fresh: moved the previous content of %s to %s", workdir, dest)
+
+
+class StopFlag:
+  """Set by SIGTERM / SIGINT; the training loop checks it between steps."""
+
+  def __init__(self):
+    self.reason: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __bool__(self) -> bool:
+    return self.reason is not None
+
+  def _handler(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self.reason is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # second Ctrl-C: abort at once
+    self.reason = name
+    logger.warning("%s received: finishing the current step, then checkpointing and stopping "
+                   "(Ctrl-C again aborts without a checkpoint)", name)
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handler)
+
+  def uninstall(self) -> None:
+    for sig, old in self._previous.items():
+      signal.signal(sig, old)
+    self._previous.clear()
+
+
+class Prefetcher:
+  """Pulls host batches in a background thread and puts them on the devices one step ahead.
+
+  Yields (device_batch, data_state_after, padded_tokens, real_tokens), where
+  `data_state_after` is the iterator's `get_state()` right after this batch was drawn (what a
+  checkpoint taken after training on it must store).
+  """
+
+  def __init__(self, iterator, put: Callable[[dict], dict], depth: int = 2):
+    self._it = iterator
+    self._put = put
+    self._q: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self._it)
+        state = self._it.get_state()
+        tokens = batch["tokens"]
+        item = (self._put(batch), state, float(tokens.size), float(batch["lengths"].sum()))
+        while not self._stop.is_set():
+          try:
+            self._q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
+      self._q.put(e)
+
+  def next(self):
+    item = self._q.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training job.
+
+
+@dataclasses.dataclass
+class Result:
+  """What `train` did: exit code, final step, and why it stopped."""
+
+  code: int
+  step: int
+  reason: str
+
+
+_STEP_CACHE: dict[Any, Any] = {}
+
+
+def _cached(kind: str, cfg, mesh, options: dict, build: Callable[[], Any]):
+  """Reuses compiled step functions within a process for an identical config and mesh."""
+  key = (kind, config_lib.to_json(cfg), tuple(d.id for d in mesh.devices.flat),
+         tuple(sorted(options.items())))
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = build()
+  return _STEP_CACHE[key]
+
+
+def _residue_mask(dim: int):
+  """(D,) bool: the 20 standard amino acids (ESM-2 ids 4..23), the tokens allowed in samples."""
+  import numpy as np  # noqa: PLC0415
+
+  allowed = np.zeros((dim,), bool)
+  allowed[4:min(24, dim)] = True
+  return allowed
+
+
+def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int | None = None,
+          devices: Sequence[Any] | None = None,
+          compiler_options: dict | None = None) -> Result:
+  """Runs (or resumes) a training job; the library form of the CLI.
+
+  Args:
+    cfg: a config (validated here, before anything is compiled).
+    workdir: the run's folder.
+    fresh: start over (see the module docstring).
+    stop_after: stop, with a checkpoint, after this many steps of THIS invocation (tests use it
+      to simulate an interruption).
+    devices: the devices of the mesh (default all).
+    compiler_options: XLA options for the compiled steps (tests: faster CPU compilation).
+
+  Returns:
+    Result(code, step, reason); code 0 when finished or stopped by a signal, 3 after too many
+    non-finite steps.
+  """
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from sedd_jax import diffusion  # noqa: PLC0415
+  from sedd_jax.data import pipeline  # noqa: PLC0415
+  from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
+  from sedd_jax.training import metrics as metrics_lib  # noqa: PLC0415
+  from sedd_jax.training import state as state_lib  # noqa: PLC0415
+  from sedd_jax.training import step as step_lib  # noqa: PLC0415
+
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(cfg, n_devices=len(devices))
+  if cfg.get("task", "sedd") not in ("sedd",):
+    raise config_lib.ConfigError("task", f"{cfg.get('task')!r} is not trained by sedd_jax.train "
+                                 "(it trains the protein-only SEDD of configs/uniref50.py)")
+  workdir = pathlib.Path(workdir).absolute()
+  primary = jax.process_index() == 0
+  if primary:
+    prepare_workdir(workdir, fresh)
+  total = int(cfg.training.steps)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.training.keep,
+                               milestone_every=cfg.training.milestone_every)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= total:
+    logger.info("%s is already at step %d (training.steps = %d): nothing to do. Raise "
+                "--config.training.steps to train further, or use --fresh to start over.",
+                workdir, latest, total)
+    ckpt.close()
+    return Result(EXIT_OK, latest, "done")
+  if primary:
+    (workdir / "config.json").write_text(config_lib.to_json(cfg))
+
+  # Model, optimizer, state.
+  graph = diffusion.get_graph(cfg.graph)
+  noise = diffusion.get_noise(cfg.noise)
+  model = state_lib.build_model(cfg, graph)
+  defs, params, rest = state_lib.split_model(model)
+  n_params = state_lib.param_count(params)
+  optimizer = state_lib.make_optimizer(cfg)
+  mesh = step_lib.make_mesh(devices)
+  state = state_lib.init_state(cfg, params, optimizer)
+  shardings = step_lib.state_shardings(mesh, state, bool(cfg.training.fsdp))
+  state = jax.device_put(state, shardings)
+  rest = jax.device_put(rest, step_lib.replicated(mesh, rest))
+  del model, params
+
+  data_state = None
+  restored = ckpt.restore_latest(state, shardings)
+  if restored is not None:
+    state, data_state = restored.state, restored.data_state
+    logger.info("resumed from %s (step %d)", restored.path, restored.step)
+    if restored.config is not None:
+      changed = config_lib.diff(restored.config, cfg)
+      if changed:
+        logger.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
+  step = int(jax.device_get(state.step))
+  logger.info("model: %s parameters (%.1f M); %d devices (%s), mesh %s; fsdp %s; batch %d "
+              "(accum %d); %d -> %d steps", f"{n_params:,}", n_params / 1e6, len(devices),
+              devices[0].platform, dict(mesh.shape), cfg.training.fsdp,
+              cfg.training.batch_size, cfg.training.accum, step, total)
+
+  # Data.
+  nproc, pidx = jax.process_count(), jax.process_index()
+  pipeline.ensure_prepared(cfg)
+  train_it = pipeline.make_iterator(cfg, "train", cfg.training.batch_size // nproc, int(cfg.seed),
+                                    shard_index=pidx, shard_count=nproc)
+  if data_state is not None:
+    train_it.set_state(data_state)
+  bsh = step_lib.batch_sharding(mesh)
+  eval_batches = []
+  if cfg.training.eval_every > 0 or cfg.training.sample_every > 0:
+    eval_bs = cfg.training.batch_size // cfg.training.accum // nproc
+    try:
+      valid_it = pipeline.make_iterator(cfg, "valid", eval_bs, int(cfg.seed), shard_index=pidx,
+                                        shard_count=nproc)
+      for _ in range(max(1, cfg.training.eval_batches)):
+        b = next(valid_it)
+        eval_batches.append({k: np.asarray(b[k]) for k in step_lib.BATCH_KEYS})
+    except (ValueError, OSError, StopIteration) as e:
+      logger.warning("no validation batches (%s): validation loss disabled", e)
+      eval_batches = []
+
+  # Compiled functions.
+  opts = dict(compiler_options or {})
+  train_step = _cached("train", cfg, mesh, opts, lambda: step_lib.make_train_step(
+    cfg, graph, noise, defs, optimizer, mesh, shardings, rest, compiler_options=opts or None))
+  eval_step = None
+  if cfg.training.eval_every > 0 and eval_batches:
+    eval_step = _cached("eval", cfg, mesh, opts, lambda: step_lib.make_eval_step(
+      cfg, graph, noise, defs, mesh, shardings.ema, rest, compiler_options=opts or None))
+  sample_fn = None
+  if cfg.training.sample_every > 0 and cfg.training.num_samples > 0:
+    sample_fn = _make_sampler(cfg, graph, noise, defs, mesh, opts)
+
+  writer = metrics_lib.MetricsWriter(workdir, cfg, primary=primary)
+  stop = StopFlag()
+  stop.install()
+  prefetch = Prefetcher(train_it, lambda b: step_lib.put_batch(b, bsh))
+  meter = metrics_lib.Throughput(step)
+  pending: list[dict] = []
+  last_saved = ckpt.latest_step()
+  data_after = data_state
+  reason = "finished"
+  code = EXIT_OK
+  start_step = step
+  eval_key = jax.random.PRNGKey(int(cfg.seed) + 3)
+  sample_key = jax.random.PRNGKey(int(cfg.seed) + 4)
+
+  def save(why: str):
+    nonlocal last_saved
+    if last_saved == step:
+      return
+    ckpt.save(state, data_after, cfg)
+    last_saved = step
+    logger.info("checkpoint at step %d (%s)", step, why)
+
+  def flush_train_row():
+    vals = jax.device_get(pending)
+    pending.clear()
+    finite = [v for v in vals if bool(v["finite"])]
+    use = finite or vals
+    row = {
+      "loss": float(np.mean([v["loss"] for v in use])),
+      "loss_per_token": float(np.mean([v["loss_per_token"] for v in use])),
+      "grad_norm": float(np.mean([v["grad_norm"] for v in use])),
+      "lr": float(vals[-1]["lr"]),
+      "skipped": int(vals[-1]["skipped"]),
+    }
+    row.update(meter.measure(step))
+    row["eta_s"] = row["step_time"] * (total - step)
+    writer.train(step, row)
+
+  t_start = time.perf_counter()
+  try:
+    if step == 0 and eval_step is not None and stop_after != 0:
+      _evaluate(eval_step, state, rest, eval_batches, bsh, eval_key, writer, step)
+      t_start = time.perf_counter()
+    while step < total:
+      if stop:
+        reason = f"stopped by {stop.reason}"
+        break
+      if stop_after is not None and step - start_step >= stop_after:
+        reason = "stop_after"
+        break
+      batch, data_after, padded, real = prefetch.next()
+      state, m = train_step(state, rest, batch)
+      step += 1
+      meter.add_tokens(padded, real)
+      pending.append(m)
+      if step == start_step + 1:
+        jax.block_until_ready(m)
+        logger.info("first step done in %.1f s (compilation included)",
+                    time.perf_counter() - t_start)
+        meter.reset(step)
+      bad = int(jax.device_get(m["bad_steps"]))
+      if step % cfg.training.log_every == 0 or step == total or bad:
+        flush_train_row()
+      if bad >= cfg.training.max_bad_steps:
+        code, reason = EXIT_NONFINITE, "non-finite"
+        save("non-finite")
+        logger.error("stopping: %d consecutive steps with a non-finite loss or gradient (up to "
+                     "step %d; training.max_bad_steps = %d). The checkpoint at step %d holds the "
+                     "last good parameters. Lower optim.lr, raise optim.warmup or check the data.",
+                     bad, step, cfg.training.max_bad_steps, step)
+        writer.event(step, "stopped: non-finite", bad_steps=bad)
+        break
+      paused = False
+      if eval_step is not None and step % cfg.training.eval_every == 0:
+        _evaluate(eval_step, state, rest, eval_batches, bsh, eval_key, writer, step)
+        paused = True
+      if sample_fn is not None and step % cfg.training.sample_every == 0:
+        _write_samples(sample_fn, state, rest, eval_batches, cfg, sample_key, workdir, step,
+                       primary)
+        paused = True
+      if step % cfg.training.ckpt_every == 0 or (
+          cfg.training.milestone_every and step % cfg.training.milestone_every == 0):
+        save("periodic")
+        paused = True
+      if paused:
+        meter.reset(step)
+    if pending:
+      flush_train_row()
+    if code == EXIT_OK:
+      save(reason)
+      if reason == "finished":
+        logger.info("finished: step %d of %d", step, total)
+      else:
+        logger.info("%s at step %d; checkpoint written; run the same command to resume", reason,
+                    step)
+    writer.event(step, reason)
+  finally:
+    stop.uninstall()
+    prefetch.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if primary:
+      try:
+        png = metrics_lib.plot_loss_curve(workdir / metrics_lib.METRICS_FILE,
+                                          workdir / metrics_lib.LOSS_CURVE_FILE,
+                                          title=f"variant {cfg.variant}, workdir {workdir.name}")
+        if png:
+          logger.info("loss curve: %s", png)
+      except Exception as e:  # noqa: BLE001 -- a plot must not hide the real outcome
+        logger.warning("could not plot the loss curve: %s", e)
+  return Result(code, step, reason)
+
+
+def _evaluate(eval_step, state, rest, batches, bsh, key, writer, step):
+  """Validation loss of the EMA parameters over the fixed validation batches."""
+  import jax  # noqa: PLC0415
+
+  from sedd_jax.training import step as step_lib  # noqa: PLC0415
+
+  total, seqs, toks = 0.0, 0.0, 0.0
+  for i, b in enumerate(batches):
+    s, n, t = jax.device_get(eval_step(state.ema, rest, step_lib.put_batch(b, bsh),
+                                       jax.random.fold_in(key, i)))
+    total, seqs, toks = total + float(s), seqs + float(n), toks + float(t)
+  writer.eval(step, {"valid_loss": total / max(seqs, 1.0),
+                     "valid_loss_per_token": total / max(toks, 1.0)})
+
+
+def _make_sampler(cfg, graph, noise, defs, mesh, options):
+  """jit(ema params, rest, key, lengths) -> (num_samples, L) int32, or None if unavailable."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  try:
+    from sedd_jax.sampling import sampler as sampler_lib  # noqa: PLC0415
+  except ImportError as e:
+    logger.warning("sampling unavailable (%s); no samples will be written", e)
+    return None
+  shape = (int(cfg.training.num_samples), int(cfg.model.length))
+  allowed = jnp.asarray(_residue_mask(graph.dim))
+
+  def run(ema, rest, key, lengths):
+    model = nnx.merge(defs.eval, ema, rest)
+    return sampler_lib.sample(key, sampler_lib.model_score_fn(model), graph, noise, shape,
+                              steps=int(cfg.sampling.steps), predictor=str(cfg.sampling.predictor),
+                              eps=float(cfg.sampling.eps), lengths=lengths, allowed=allowed)
+
+  return _cached("sample", cfg, mesh, options,
+                 lambda: jax.jit(run, compiler_options=options or None))
+
+
+def _write_samples(sample_fn, state, rest, batches, cfg, key, workdir, step, primary):
+  """Samples with the EMA weights, lengths taken from validation sequences, to a FASTA file."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from sedd_jax.data.tokenizers import ProteinTokenizer  # noqa: PLC0415
+
+  n, L = int(cfg.training.num_samples), int(cfg.model.length)
+  if batches:
+    pool = np.concatenate([b["lengths"] for b in batches])
+    lengths = np.resize(pool, n).astype(np.int32)
+  else:
+    lengths = np.full((n,), L, np.int32)
+  t0 = time.perf_counter()
+  tokens = np.asarray(jax.device_get(sample_fn(state.ema, rest, jax.random.fold_in(key, step),
+                                               lengths)))
+  if not primary:
+    return
+  tok = ProteinTokenizer()
+  out = pathlib.Path(workdir) / "samples" / f"step_{step}.fasta"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  lines = []
+  for i in range(n):
+    seq = tok.decode(tokens[i, :lengths[i]])
+    lines.append(f">sample_{i} step={step} length={len(seq)}\n{seq}\n")
+  out.write_text("".join(lines))
+  logger.info("step %d: %d samples (%.1f s) -> %s; first: %s", step, n,
+              time.perf_counter() - t0, out, lines[0].split("\n")[1][:60] if lines else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+FLAGS = flags.FLAGS
+_FLAGS: dict[str, Any] = {}
+
+
+def define_flags() -> None:
+  """Defines --config, --workdir, --fresh (once; at CLI start, not at import)."""
+  if _FLAGS:
+    return
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+    "config", None, "Config file, FILE.py[:VARIANT] (e.g. configs/uniref50.py:tiny).",
+    lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Run folder (default runs/<variant>).")
+  _FLAGS["fresh"] = flags.DEFINE_bool(
+    "fresh", False, "Start over; the workdir's content is moved to <workdir>/old-<timestamp>/ "
+    "(nothing is deleted).")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with an unknown `--config.KEY` reported in one line naming the key."""
+  try:
+    config_lib.check_override_args(argv[1:])
+  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(EXIT_CONFIG)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(EXIT_CONFIG)
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in ("absl", "jax._src.xla_bridge"):  # orbax's per-save and jax's backend chatter
+    logging.getLogger(name).setLevel(logging.WARNING)
+  cfg = _FLAGS["config"].value
+  if cfg is None:
+    raise app.UsageError("--config=FILE.py[:VARIANT] is required")
+  maybe_initialize_distributed()
+  import jax  # noqa: PLC0415
+
+  try:
+    config_lib.validate(cfg, n_devices=jax.device_count())
+  except config_lib.ConfigError as e:
+    sys.stderr.write(f"error: {e}\n")
+    return EXIT_CONFIG
+  workdir = _FLAGS["workdir"].value or os.path.join("runs", str(cfg.variant))
+  return train(cfg, workdir, fresh=_FLAGS["fresh"].value).code
+
+
+def run() -> None:
+  """Entry point of `python -m sedd_jax.train`."""
+  define_flags()
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

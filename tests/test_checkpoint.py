@@ -1,0 +1,199 @@
+"""Checkpoints: round trip, retention with milestones, corrupt fallback, inference loading."""
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sedd_jax import config as config_lib
+from sedd_jax import diffusion
+from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import state as state_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def micro_config():
+  return config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), {
+    "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
+    "model.length": 32, "training.batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = micro_config()
+  graph = diffusion.get_graph(cfg.graph)
+  model = state_lib.build_model(cfg, graph)
+  _, params, _ = state_lib.split_model(model)
+  state = state_lib.init_state(cfg, params)
+  return cfg, state
+
+
+def _at(state, step, seed=0):
+  """`state` at `step` with parameters/EMA/moments shifted so that steps are distinguishable."""
+  bump = lambda t: jax.tree.map(lambda x: x + jnp.asarray(step + seed, x.dtype), t)
+  return state.replace(step=jnp.int32(step), params=bump(state.params), ema=bump(state.ema),
+                       opt_state=bump(state.opt_state), skipped=jnp.int32(1))
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_roundtrip_all_contents(tmp_path, setup):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=3)
+  s3 = _at(state, 3)
+  data_state = {"position": 17, "buckets": [[1, 2]], "leftovers": None}
+  assert ck.save(s3, data_state, cfg)
+  assert not ck.save(s3, data_state, cfg)  # same step: not written twice
+  ck.wait()
+  r = ck.restore_latest(state)
+  assert r.step == 3 and r.data_state == data_state
+  assert config_lib.diff(r.config, cfg) == []
+  _leaves_equal(r.state, s3)
+  assert int(r.state.skipped) == 1
+  ck.close()
+  # Documented layout.
+  step_dir = tmp_path / "checkpoints" / "3"
+  for item in ("params", "ema", "opt_state", "train", "data", "config"):
+    assert (step_dir / item).is_dir(), item
+  raw = ckpt_lib.read_items(step_dir)
+  assert raw["train"]["step"] == 3 and raw["train"]["format"] == ckpt_lib.FORMAT
+  _leaves_equal(raw["params"], nnx.to_pure_dict(s3.params))
+
+
+def test_bytes_data_state(tmp_path, setup):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  ck.save(_at(state, 1), b'{"a": 1}', cfg)
+  ck.wait()
+  assert ck.restore_latest(state).data_state == b'{"a": 1}'
+  ck.close()
+
+
+def test_keep_last_n_plus_milestones(tmp_path, setup):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=2, milestone_every=4, async_save=False)
+  for step in range(1, 11):
+    ck.save(_at(state, step), None, cfg)
+  ck.wait()
+  assert ck.all_steps() == [4, 8, 9, 10]
+  ck.close()
+
+
+def _corrupt(step_dir: pathlib.Path):
+  """Garbles every file of the params item (as a torn write or a bad disk would)."""
+  for f in (step_dir / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x00garbage")
+
+
+def test_corrupt_latest_falls_back(tmp_path, setup, caplog):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5)
+  for step in (1, 2):
+    ck.save(_at(state, step), {"position": step}, cfg)
+  ck.wait()
+  _corrupt(tmp_path / "checkpoints" / "2")
+  # A half-written checkpoint (orbax's temporary folder) is ignored.
+  (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234").mkdir()
+  with caplog.at_level(logging.ERROR):
+    r = ck.restore_latest(state)
+  assert r.step == 1 and r.data_state == {"position": 1}
+  _leaves_equal(r.state, _at(state, 1))
+  assert "step 2" in caplog.text and str(tmp_path / "checkpoints" / "2") in caplog.text
+  moved = list((tmp_path / ckpt_lib.CORRUPT).iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["2"]
+  assert ck.all_steps() == [1]
+  # Training goes on: step 2 can be written again.
+  assert ck.save(_at(state, 2, seed=7), None, cfg)
+  ck.wait()
+  assert ck.restore_latest(state).step == 2
+  ck.close()
+
+
+def test_all_corrupt_raises_and_moves_nothing(tmp_path, setup):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  ck.save(_at(state, 1), None, cfg)
+  ck.wait()
+  _corrupt(tmp_path / "checkpoints" / "1")
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 1"):
+    ck.restore_latest(state)
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+  ck.close()
+
+
+def test_restore_into_other_structure_fails_loudly(tmp_path, setup):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  ck.save(_at(state, 1), None, cfg)
+  ck.wait()
+  other = micro_config()
+  other.model.hidden_size = 64
+  graph = diffusion.get_graph(other.graph)
+  _, p2, _ = state_lib.split_model(state_lib.build_model(other, graph))
+  with pytest.raises(ckpt_lib.CheckpointError, match="config changed"):
+    ck.restore_latest(state_lib.init_state(other, p2))
+  ck.close()
+
+
+def test_load_for_inference_uses_ema(tmp_path, setup):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  s = _at(state, 5)
+  s = s.replace(ema=jax.tree.map(lambda x: x * 0 + 0.5, s.ema))
+  ck.save(s, None, cfg)
+  ck.wait()
+  ck.close()
+  for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "5"):
+    model, cfg2, graph, noise = ckpt_lib.load_for_inference(path)
+    assert config_lib.diff(cfg2, cfg) == []
+    assert graph.dim == 33 and noise is not None
+    np.testing.assert_array_equal(np.asarray(model.vocab_embed.embedding[...]), 0.5)
+    out = model(jnp.full((2, 8), 5, jnp.int32), jnp.ones((2,)))
+    assert out.shape == (2, 8, 33)
+  model, *_ = ckpt_lib.load_for_inference(tmp_path, use_ema=False)
+  assert not np.allclose(np.asarray(model.vocab_embed.embedding[...]), 0.5)
+
+
+def test_params_only_checkpoint(tmp_path, setup):
+  """The format sedd_jax.convert writes: items params/ema + config (or a config.json)."""
+  cfg, state = setup
+  ckpt_lib.save_inference_checkpoint(tmp_path / "converted" / "checkpoints" / "0", state.params,
+                                     cfg)
+  model, cfg2, _, _ = ckpt_lib.load_for_inference(tmp_path / "converted")
+  np.testing.assert_array_equal(np.asarray(model.vocab_embed.embedding[...]),
+                                np.asarray(state.params["vocab_embed"]["embedding"][...]))
+  # No `config` item, a config.json beside it instead.
+  import shutil
+  step = tmp_path / "converted" / "checkpoints" / "0"
+  shutil.rmtree(step / "config")
+  (tmp_path / "converted" / "config.json").write_text(config_lib.to_json(cfg))
+  model, cfg3, _, _ = ckpt_lib.load_for_inference(step)
+  assert cfg3.model.hidden_size == 32
+
+
+def test_load_for_inference_skips_corrupt(tmp_path, setup, caplog):
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  ck.save(_at(state, 1), None, cfg)
+  ck.save(_at(state, 2), None, cfg)
+  ck.wait()
+  ck.close()
+  for f in (tmp_path / "checkpoints" / "2" / "ema").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"junk")
+  with caplog.at_level(logging.ERROR):
+    ckpt_lib.load_for_inference(tmp_path)
+  assert str(tmp_path / "checkpoints" / "2") in caplog.text

@@ -1,0 +1,96 @@
+"""Config loading, overrides and validation: errors name the key, before anything compiles."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sedd_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "uniref50.py")
+
+
+def test_variants_load_and_validate():
+  for variant in ("tiny", "small", "medium", "protlig_stable"):
+    cfg = config_lib.load_config(f"{CONFIG}:{variant}")
+    assert cfg.variant == variant
+  assert config_lib.load_config(CONFIG).variant == "tiny"  # get_config() default
+
+
+def test_overrides_are_typed():
+  cfg = config_lib.load_config(f"{CONFIG}:tiny", ["optim.lr=1e-4", "training.batch_size=16",
+                                                  "training.fsdp=true", "model.attention=xla",
+                                                  "data.bucket_boundaries=(16, 32)"])
+  assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+  assert cfg.training.batch_size == 16 and isinstance(cfg.training.batch_size, int)
+  assert cfg.training.fsdp is True
+  assert cfg.model.attention == "xla"
+  assert cfg.data.bucket_boundaries == (16, 32)
+  cfg = config_lib.load_config(f"{CONFIG}:tiny", {"model.dropout": 0.2})
+  assert cfg.model.dropout == 0.2
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+  (["model.atention=xla"], "model.atention", "did you mean 'model.attention'"),
+  (["trainin.steps=3"], "trainin.steps", "did you mean 'training"),
+  (["model.attention=flash"], "model.attention", "must be one of"),
+  (["graph.type=foo"], "graph.type", "must be one of"),
+  (["noise.type=linear"], "noise.type", "must be one of"),
+  (["model.hidden_size=100", "model.n_heads=3"], "model.hidden_size", "not divisible"),
+  (["training.batch_size=30", "training.accum=4"], "training.batch_size", "accum"),
+  (["training.batch_size=abc"], "training.batch_size", "cannot parse"),
+  (["optim.lr=-1"], "optim.lr", "must be >"),
+  (["training.ema=1.0"], "training.ema", "must be <"),
+  (["model.dtype=float8"], "model.dtype", "must be one of"),
+  (["model.remat=all"], "model.remat", "must be one of"),
+  (["optim.schedule=linear"], "optim.schedule", "must be one of"),
+  (["wandb.mode=cloud"], "wandb.mode", "must be one of"),
+  (["training.steps=0"], "training.steps", "positive"),
+])
+def test_errors_name_the_key(overrides, key, words):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load_config(f"{CONFIG}:tiny", overrides)
+  assert e.value.key == key
+  assert repr(key) in str(e.value) and words in str(e.value)
+
+
+def test_batch_must_divide_by_devices():
+  cfg = config_lib.load_config(f"{CONFIG}:tiny", {"training.batch_size": 12})
+  config_lib.validate(cfg, n_devices=4)
+  with pytest.raises(config_lib.ConfigError, match="training.batch_size.*8 devices"):
+    config_lib.validate(cfg, n_devices=8)
+  cfg.training.accum = 3
+  with pytest.raises(config_lib.ConfigError, match="micro-batch 4"):
+    config_lib.validate(cfg, n_devices=8)
+
+
+def test_unknown_variant_and_file():
+  with pytest.raises(ValueError, match="huge"):
+    config_lib.load_config(f"{CONFIG}:huge")
+  with pytest.raises(FileNotFoundError):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_json_roundtrip_and_diff():
+  cfg = config_lib.load_config(f"{CONFIG}:tiny")
+  back = config_lib.from_dict(__import__("json").loads(config_lib.to_json(cfg)))
+  assert config_lib.diff(cfg, back) == []
+  back.optim.lr = 1.0
+  assert config_lib.diff(cfg, back) == ["optim.lr"]
+
+
+def test_cli_errors_name_the_key(tmp_path):
+  """The CLI exits 2 with a one-line error naming the key, before importing the model."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for extra, key in (("--config.model.atention=xla", "model.atention"),
+                     ("--config.graph.type=foo", "graph.type")):
+    p = subprocess.run([sys.executable, "-m", "sedd_jax.train", f"--config={CONFIG}:tiny",
+                        f"--workdir={tmp_path / 'run'}", extra], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"config key '{key}'" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
