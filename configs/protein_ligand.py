@@ -1,0 +1,154 @@
+"""SEDD on protein-ligand pairs: a protein track and a ligand (SMILES) track with cross-attention.
+
+The model is `sedd_jax.protein_ligand.model.ProteinLigandDDiT`; the training modes are in
+`sedd_jax.protein_ligand.modes` (`c.mode`, one of protein_only, ligand_only,
+ligand_given_protein, protein_given_ligand, joint, all). The generic trainer recognises this
+config by `c.task == "protein_ligand"`.
+
+Variants, selected as ``--config=configs/protein_ligand.py:NAME``:
+
+* ``tiny``: minutes on a laptop CPU on the bundled protein-ligand pairs (mode ``all``).
+* ``small``: a GPU run: protein track SEDD-small width (768 hidden, 12 heads, cond 128) with
+  8 blocks, protein length 512, ligand length 128.
+
+Override any key on the command line: ``--config.mode=ligand_given_protein``.
+"""
+
+import ml_collections
+
+VARIANTS = ("tiny", "small")
+MODES = ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_ligand", "joint",
+         "all")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the protein-ligand training job reads (GPU-sized defaults)."""
+  c = ml_collections.ConfigDict()
+  c.task = "protein_ligand"  # the trainer dispatches on this key (uniref50.py has none)
+  c.variant = "small"
+  c.seed = 0
+  # Training mode: one of MODES. `all` draws one of the five others per step from the step key
+  # (probabilities `mode_weights`, in the order of MODES[:5]; () = uniform).
+  c.mode = "all"
+  c.mode_weights = ()
+
+  # Protein track graph: the ESM-2 alphabet without <mask>; absorbing adds <mask> = 32.
+  c.graph = ml_collections.ConfigDict()
+  c.graph.type = "absorb"
+  c.graph.tokens = 32
+
+  c.noise = ml_collections.ConfigDict()
+  c.noise.type = "loglinear"  # loglinear | geometric | cosine (shared by both tracks)
+  c.noise.eps = 1e-3
+  c.noise.sigma_min = 1e-4
+  c.noise.sigma_max = 20.0
+
+  c.curriculum = ml_collections.ConfigDict()
+  c.curriculum.kind = "none"  # none | time_bias | sigma_scale
+  c.curriculum.ramp = "linear"
+  c.curriculum.preschool_time = 5000
+
+  # Protein track (and the width shared by both tracks: cross-attention mixes the two streams,
+  # so the ligand track has the same hidden size and number of blocks).
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden_size = 768
+  c.model.n_heads = 12
+  c.model.n_blocks = 8
+  c.model.cond_dim = 128
+  c.model.dropout = 0.1
+  c.model.scale_by_sigma = True
+  c.model.length = 512  # maximum protein length
+  c.model.attention = "auto"  # auto | xla | cudnn | chunked
+  c.model.attention_chunk = 0
+  c.model.dtype = "bfloat16"
+  c.model.remat = "none"  # none | block
+  c.model.cross_attention = True  # bidirectional protein <-> ligand cross-attention per layer
+
+  # Ligand (SMILES) track.
+  c.ligand = ml_collections.ConfigDict()
+  c.ligand.length = 128  # maximum SMILES length in tokens
+  # Ligand graph: SMILES ids of the prepared data's SmilesTokenizer without <mask> (so <mask> =
+  # tokens is the absorbing state). 0 = read from <data.prepared>/smiles_vocab.json when the model
+  # is built (sedd_jax.protein_ligand.resolve_ligand_vocab); set it to pin a vocabulary.
+  c.ligand.graph = ml_collections.ConfigDict()
+  c.ligand.graph.type = "absorb"
+  c.ligand.graph.tokens = 0
+
+  # Data: the pairs CSV (columns aa_sequence / smiles detected by sedd_jax.data.prepare) is
+  # prepared on first use into `prepared` (with smiles_vocab.json beside the store).
+  c.data = ml_collections.ConfigDict()
+  c.data.fasta = "data/protein_ligand_pairs.csv.gz"  # source (FASTA or pairs CSV)
+  c.data.format = "csv"
+  c.data.prepared = "data/prepared/protein_ligand"
+  c.data.min_length = 30
+  c.data.max_length = 5000  # longer proteins are kept and cropped to model.length by the pipeline
+  c.data.min_standard_fraction = 0.95
+  c.data.valid_fraction = 0.02  # the prepare CLI's defaults (pairs split by protein)
+  c.data.test_fraction = 0.02
+  c.data.max_ligand_length = c.ligand.get_ref("length")  # longer SMILES are dropped by prepare
+  c.data.ligand_length = c.ligand.get_ref("length")  # ligand batch width
+  c.data.pad_to = "full"
+  c.data.bucket_boundaries = ()
+  c.data.num_workers = 0
+
+  c.training = ml_collections.ConfigDict()
+  c.training.batch_size = 64
+  c.training.accum = 1
+  c.training.steps = 200_000
+  c.training.ema = 0.9999
+  c.training.log_every = 50
+  c.training.eval_every = 2000
+  c.training.eval_batches = 8
+  c.training.sample_every = 10000
+  c.training.num_samples = 4
+  c.training.ckpt_every = 2000
+  c.training.keep = 3
+  c.training.milestone_every = 50_000
+  c.training.max_bad_steps = 10
+  c.training.fsdp = False
+  c.training.time_eps = 1e-3
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.beta1 = 0.9
+  c.optim.beta2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.warmup = 2500
+  c.optim.schedule = "constant"
+  c.optim.clip = 1.0
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.steps = 128
+  c.sampling.predictor = "analytic"  # analytic | euler
+  c.sampling.eps = 1e-5
+  # What `sample` generates for this task: ligand_given_protein | protein_given_ligand.
+  c.sampling.task = "ligand_given_protein"
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "offline"
+  c.wandb.project = "sedd_jax"
+  c.wandb.name = ""
+  return c
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  """Returns the config of `variant` (one of VARIANTS)."""
+  if variant not in VARIANTS:
+    raise ValueError(
+        f"unknown variant {variant!r} of configs/protein_ligand.py; choose one of {VARIANTS}")
+  c = base_config()
+  c.variant = variant
+  if variant == "tiny":
+    c.model.update(hidden_size=64, n_heads=4, n_blocks=2, cond_dim=32, dropout=0.0, length=256,
+                   dtype="float32", attention="xla")
+    c.ligand.length = 128
+    c.training.update(batch_size=16, steps=600, log_every=25, eval_every=200, eval_batches=4,
+                      sample_every=300, num_samples=4, ckpt_every=200, milestone_every=0)
+    c.optim.update(lr=2e-3, warmup=50)
+    c.sampling.steps = 64
+  elif variant == "small":
+    c.model.update(hidden_size=768, n_heads=12, n_blocks=8, cond_dim=128, length=512)
+    c.ligand.length = 128
+    c.training.batch_size = 64
+  return c

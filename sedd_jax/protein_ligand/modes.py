@@ -1,0 +1,491 @@
+"""Training modes, losses, conditional sampling and SMILES validity for the protein-ligand model.
+
+Modes (`cfg.mode`):
+
+- protein_only: protein track corrupted and run ALONE (no ligand track, no cross-attention);
+  loss on the protein.
+- ligand_only: the same for the ligand.
+- ligand_given_protein: protein clean (sigma = 0, context), ligand corrupted, cross-attention
+  both ways; loss on the ligand.
+- protein_given_ligand: the reverse.
+- joint: both corrupted with one t per example, cross-attention; loss = mean of the two tracks.
+- all: one of the five drawn per step from the step key (`lax.switch`, inside jit).
+
+Single-track modes run one track ALONE: the other track's parameters and every cross-attention
+parameter get exactly zero gradient (they are not in the computation at all). In a conditional
+mode the clean track is context only: its output head is not evaluated (zero gradient), its
+blocks are trained through the cross-attention. Parameters that a step leaves at zero gradient
+still move under Adam momentum (and weight decay) from earlier steps of other modes in `all`;
+wrap the optimizer with `skip_unused_updates` so that they get no update at all.
+
+The per-track loss is the reference's: per-sequence sum over real (non-pad) positions of
+dsigma(t) * score_entropy, mean over the batch (`sedd_jax.diffusion.loss`), with the curriculum
+of `cfg.curriculum` applied to each corrupted track.
+
+Batches: dicts with `tokens (B, Lp) int32`, `lengths (B,) int32` (protein, ESM-2 ids) and
+`ligand_tokens (B, Ll) int32`, `ligand_lengths (B,) int32` (SMILES ids), padding after the
+sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sedd_jax import diffusion
+from sedd_jax.data.tokenizers import SmilesTokenizer
+from sedd_jax.data.tokenizers import TokenizeError
+from sedd_jax.protein_ligand.model import ProteinLigandDDiT
+from sedd_jax.protein_ligand.model import get_graphs
+from sedd_jax.sampling import sampler
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+
+MODES = ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_ligand", "joint")
+"""The five training modes, in the order of their index (metrics' `mode`, `cfg.mode_weights`)."""
+ALL = "all"
+SAMPLING_TASKS = ("ligand_given_protein", "protein_given_ligand")
+BATCH_KEYS = ("tokens", "lengths", "ligand_tokens", "ligand_lengths")
+
+# ESM-2 ids that are not residues (<cls> <pad> <eos> <unk>, '.', '-', <null_1>): never sampled.
+PROTEIN_FORBIDDEN = (0, 1, 2, 3, 29, 30, 31)
+# SMILES specials <cls> <pad> <eos> <unk> (ids 0..3 of SmilesTokenizer): never sampled.
+LIGAND_FORBIDDEN = (0, 1, 2, 3)
+PAD_ID = 1  # <pad> in both tokenizers
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes and losses.
+
+
+def mode_index(mode: str) -> int:
+  """Index of `mode` in MODES; a ValueError naming `mode` otherwise (also for `all`)."""
+  if mode not in MODES:
+    raise ValueError(f"mode = {mode!r} is not a training mode; choose one of {MODES + (ALL,)}")
+  return MODES.index(mode)
+
+
+def check_mode(cfg) -> str:
+  """Validates `cfg.mode` (and `cfg.mode_weights` for `all`); returns the mode."""
+  mode = cfg.mode
+  if mode != ALL:
+    mode_index(mode)
+  weights = tuple(cfg.get("mode_weights", ()) or ())
+  if weights and (len(weights) != len(MODES) or min(weights) < 0 or sum(weights) <= 0):
+    raise ValueError(f"mode_weights = {weights} must be {len(MODES)} non-negative numbers (one "
+                     f"per mode of {MODES}) with a positive sum, or () for uniform")
+  return mode
+
+
+def _weight(lengths: Array, length: int) -> Array:
+  """Padding weight: (B,) lengths -> (B, L) float32, 1 on real positions, 0 after."""
+  return (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)
+
+
+def _check_batch(batch: dict[str, Any]) -> None:
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"protein-ligand batch lacks {missing}; it needs {BATCH_KEYS}")
+  b = batch["tokens"].shape[0]
+  for k, rank in zip(BATCH_KEYS, (2, 1, 2, 1)):
+    shape = batch[k].shape
+    if len(shape) != rank or shape[0] != b:
+      raise ValueError(f"batch[{k!r}] has shape {shape}; expected rank {rank} with batch {b}")
+
+
+def _corrupt(key: Array, graph, noise, cur, x0: Array, step: Array, time_eps: float,
+             t: Array | None = None):
+  """Draws t (unless given) and corrupts x0 (B, L) -> (t (B,), x (B, L), model sigma (B,),
+  loss sigma scale ())."""
+  k_t, k_x = jax.random.split(key)
+  if t is None:
+    t = cur.sample_time(k_t, x0.shape[0], step, eps=time_eps)
+  corrupt_scale, loss_scale = cur.sigma_scales(step)
+  x = diffusion.perturb(k_x, graph, noise, x0, t, sigma_scale=corrupt_scale)
+  sigma = noise.total_noise(t) * loss_scale
+  return t, x, sigma, loss_scale
+
+
+def mode_loss(mode: str, model: ProteinLigandDDiT, batch: dict[str, Array], key: Array,
+              step: Array | int, cfg) -> tuple[Array, dict[str, Array]]:
+  """The loss of one fixed training mode (see the module docstring).
+
+  Args:
+    mode: one of MODES (static).
+    model: the dual-track model.
+    batch: `tokens (B, Lp)`, `lengths (B,)`, `ligand_tokens (B, Ll)`, `ligand_lengths (B,)`.
+    key: PRNG key of this step.
+    step: training step (may be traced), for the curriculum.
+    cfg: the protein-ligand config.
+
+  Returns:
+    (scalar loss, metrics) with metrics `loss`, `protein_loss`, `ligand_loss` (0 for a track
+    without loss) and `mode` (int32 index in MODES).
+  """
+  idx = mode_index(mode)
+  pgraph, lgraph = get_graphs(cfg)
+  noise = diffusion.get_noise(cfg.noise)
+  cur = diffusion.get_curriculum(cfg.curriculum)
+  eps = float(cfg.training.time_eps)
+  p0 = jnp.asarray(batch["tokens"], jnp.int32)
+  l0 = jnp.asarray(batch["ligand_tokens"], jnp.int32)
+  plen = jnp.asarray(batch["lengths"], jnp.int32)
+  llen = jnp.asarray(batch["ligand_lengths"], jnp.int32)
+  b = p0.shape[0]
+  step = jnp.asarray(step)
+  k_p, k_l, k_t = jax.random.split(key, 3)
+  zero = jnp.zeros((), jnp.float32)
+  zeros_b = jnp.zeros((b,), jnp.float32)
+  p_loss = l_loss = zero
+
+  if mode == "protein_only":
+    t, x, sigma, ls = _corrupt(k_p, pgraph, noise, cur, p0, step, eps)
+    out, _ = model(x, None, sigma, None, plen, None, tracks="protein")
+    p_loss = diffusion.score_entropy_loss(pgraph, noise, out, x, p0, t, _weight(plen, x.shape[1]),
+                                          sigma_scale=ls).mean()
+    loss = p_loss
+  elif mode == "ligand_only":
+    t, x, sigma, ls = _corrupt(k_l, lgraph, noise, cur, l0, step, eps)
+    _, out = model(None, x, None, sigma, None, llen, tracks="ligand")
+    l_loss = diffusion.score_entropy_loss(lgraph, noise, out, x, l0, t, _weight(llen, x.shape[1]),
+                                          sigma_scale=ls).mean()
+    loss = l_loss
+  elif mode == "ligand_given_protein":
+    t, x, sigma, ls = _corrupt(k_l, lgraph, noise, cur, l0, step, eps)
+    _, out = model(p0, x, zeros_b, sigma, plen, llen, heads=("ligand",))
+    l_loss = diffusion.score_entropy_loss(lgraph, noise, out, x, l0, t, _weight(llen, x.shape[1]),
+                                          sigma_scale=ls).mean()
+    loss = l_loss
+  elif mode == "protein_given_ligand":
+    t, x, sigma, ls = _corrupt(k_p, pgraph, noise, cur, p0, step, eps)
+    out, _ = model(x, l0, sigma, zeros_b, plen, llen, heads=("protein",))
+    p_loss = diffusion.score_entropy_loss(pgraph, noise, out, x, p0, t, _weight(plen, x.shape[1]),
+                                          sigma_scale=ls).mean()
+    loss = p_loss
+  else:  # joint: one t per example for both tracks.
+    t = cur.sample_time(k_t, b, step, eps=eps)
+    t, xp, sp, ls = _corrupt(k_p, pgraph, noise, cur, p0, step, eps, t=t)
+    _, xl, sl, _ = _corrupt(k_l, lgraph, noise, cur, l0, step, eps, t=t)
+    p_out, l_out = model(xp, xl, sp, sl, plen, llen)
+    p_loss = diffusion.score_entropy_loss(pgraph, noise, p_out, xp, p0, t,
+                                          _weight(plen, xp.shape[1]), sigma_scale=ls).mean()
+    l_loss = diffusion.score_entropy_loss(lgraph, noise, l_out, xl, l0, t,
+                                          _weight(llen, xl.shape[1]), sigma_scale=ls).mean()
+    loss = 0.5 * (p_loss + l_loss)
+  metrics = {"loss": loss, "protein_loss": p_loss, "ligand_loss": l_loss,
+             "mode": jnp.asarray(idx, jnp.int32)}
+  return loss, metrics
+
+
+def draw_mode(key: Array, cfg) -> Array:
+  """The mode index of an `all` step: () int32 in [0, len(MODES)), uniform or by
+  `cfg.mode_weights`."""
+  weights = tuple(cfg.get("mode_weights", ()) or ())
+  if not weights:
+    return jax.random.randint(key, (), 0, len(MODES), dtype=jnp.int32)
+  logits = jnp.log(jnp.asarray(weights, jnp.float32))
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def indexed_loss_fn(model: ProteinLigandDDiT, batch: dict[str, Array], key: Array,
+                    step: Array | int, cfg, index: Array | int) -> tuple[Array, dict[str, Array]]:
+  """The loss of mode MODES[index] with `index` a (possibly traced) int32 scalar: one compiled
+  program serves every mode (`nnx.switch` over the five branches; only the selected one runs,
+  and the parameters it does not use get exactly zero gradient). Same returns as `loss_fn`."""
+  _check_batch(batch)
+  branches = [functools.partial(_branch, m, cfg) for m in MODES]
+  return nnx.switch(jnp.asarray(index, jnp.int32), branches, model, batch, key,
+                    jnp.asarray(step))
+
+
+def loss_fn(model: ProteinLigandDDiT, batch: dict[str, Array], key: Array, step: Array | int,
+            cfg) -> tuple[Array, dict[str, Array]]:
+  """Training loss of `cfg.mode`; for `all`, a mode drawn from `key` and run via lax.switch.
+
+  Differentiate with `nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, key, step, cfg)`
+  with cfg closed over (or a hashable `ml_collections.FrozenConfigDict` as a static argument).
+
+  Args:
+    model: the dual-track model (train mode for dropout).
+    batch: `tokens (B, Lp)`, `lengths (B,)`, `ligand_tokens (B, Ll)`, `ligand_lengths (B,)`.
+    key: PRNG key of this step.
+    step: training step (int or traced scalar).
+    cfg: the protein-ligand config.
+
+  Returns:
+    (scalar float32 loss, metrics dict of scalars: loss, protein_loss, ligand_loss, mode).
+  """
+  _check_batch(batch)
+  mode = check_mode(cfg)
+  if mode != ALL:
+    return mode_loss(mode, model, batch, key, step, cfg)
+  k_mode, k_loss = jax.random.split(key)
+  return indexed_loss_fn(model, batch, k_loss, step, cfg, draw_mode(k_mode, cfg))
+
+
+def _branch(mode, cfg, model, batch, key, step):
+  return mode_loss(mode, model, batch, key, step, cfg)
+
+
+def eval_loss_fn(model: ProteinLigandDDiT, batch: dict[str, Array], key: Array,
+                 cfg) -> dict[str, Array]:
+  """Evaluation losses (put the model in eval mode first; at the end of the schedule, step is
+  taken as finished for the curriculum).
+
+  For a single mode: `loss` of that mode. For `all`: the loss of every mode as `loss/<mode>`
+  and `loss` = their mean. Per-track losses come as `protein_loss`/`ligand_loss` (single mode).
+
+  Returns:
+    dict of float32 scalars.
+  """
+  _check_batch(batch)
+  mode = check_mode(cfg)
+  step = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+  if mode != ALL:
+    _, metrics = mode_loss(mode, model, batch, key, step, cfg)
+    return {k: v for k, v in metrics.items() if k != "mode"}
+  out = {}
+  keys = jax.random.split(key, len(MODES))
+  for m, k in zip(MODES, keys):
+    out[f"loss/{m}"] = mode_loss(m, model, batch, k, step, cfg)[0]
+  out["loss"] = jnp.mean(jnp.stack([out[f"loss/{m}"] for m in MODES]))
+  return out
+
+
+def skip_unused_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Wraps an optimizer so that a parameter whose gradient is exactly zero this step (not used
+  by the step's mode) gets a zero update: no Adam momentum, no weight decay.
+
+  The inner state still advances (its moments decay); only the update is masked, leaf by leaf.
+  """
+
+  def init_fn(params):
+    return inner.init(params)
+
+  def update_fn(grads, state, params=None):
+    updates, state = inner.update(grads, state, params)
+    updates = jax.tree.map(
+        lambda u, g: jnp.where(jnp.any(g != 0), u, jnp.zeros_like(u)), updates, grads)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional sampling.
+
+
+def _allowed(dim: int, forbidden: Sequence[int]) -> Array:
+  """(D,) bool: every token but `forbidden` (the mask column is kept by the sampler)."""
+  return jnp.ones((dim,), bool).at[jnp.asarray(forbidden, jnp.int32)].set(False)
+
+
+@functools.partial(nnx.jit, static_argnames=("task", "target_length", "steps", "predictor",
+                                             "eps", "pgraph", "lgraph", "noise"))
+def _sample_jit(model, key, given, given_lengths, target_lengths, *, task, target_length, steps,
+                predictor, eps, pgraph, lgraph, noise):
+  """The conditional reverse process (`sedd_jax.sampling.sampler.sample`), model as input."""
+  b = given.shape[0]
+  zeros_b = jnp.zeros((b,), jnp.float32)
+  if task == "ligand_given_protein":
+    graph, forbidden = lgraph, LIGAND_FORBIDDEN
+  else:
+    graph, forbidden = pgraph, PROTEIN_FORBIDDEN
+
+  def score_fn(x, sigma, lengths=None):
+    """x (B, Lt), sigma (B,) -> exp(log score) (B, Lt, Dt) of the sampled track, given clean."""
+    del lengths  # target_lengths, closed over
+    if task == "ligand_given_protein":
+      _, out = model(given, x, zeros_b, sigma, given_lengths, target_lengths, heads=("ligand",))
+    else:
+      out, _ = model(x, given, sigma, zeros_b, target_lengths, given_lengths, heads=("protein",))
+    return jnp.exp(out.astype(jnp.float32))
+
+  return sampler.sample(key, score_fn, graph, noise, (b, target_length), steps=steps,
+                        predictor=predictor, eps=eps, lengths=target_lengths,
+                        allowed=_allowed(graph.dim, forbidden), pad_id=PAD_ID)
+
+
+def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
+                       given_tokens: Array, given_lengths: Array, target_lengths: Array, *,
+                       target_length: int | None = None, steps: int | None = None,
+                       predictor: str | None = None, eps: float | None = None) -> Array:
+  """Samples one track given the other (clean, sigma 0) with `sedd_jax.sampling.sampler.sample`
+  (the predictors of `sedd_jax.diffusion` in one `lax.fori_loop`, final denoise step).
+
+  Args:
+    key: PRNG key.
+    model: the dual-track model (switched to eval mode here).
+    cfg: the protein-ligand config (sampling.steps/predictor/eps are the defaults).
+    task: `ligand_given_protein` or `protein_given_ligand`.
+    given_tokens: (B, Lg) int clean tokens of the given track (padded after `given_lengths`).
+    given_lengths: (B,) int lengths of the given sequences.
+    target_lengths: (B,) int number of tokens to generate per example (>= 1).
+    target_length: padded length of the output (default: cfg.ligand.length or cfg.model.length,
+      at least max(target_lengths)).
+
+  Returns:
+    (B, target_length) int32 tokens of the sampled track: never the mask nor a special/gap id,
+    `<pad>` (1) at positions >= target_lengths. The given track is not touched.
+  """
+  if task not in SAMPLING_TASKS:
+    raise ValueError(f"task = {task!r}; choose one of {SAMPLING_TASKS}")
+  given_tokens = jnp.asarray(given_tokens, jnp.int32)
+  given_lengths = jnp.asarray(given_lengths, jnp.int32)
+  target_lengths = jnp.asarray(target_lengths, jnp.int32)
+  b = given_tokens.shape[0]
+  if given_tokens.ndim != 2 or given_lengths.shape != (b,) or target_lengths.shape != (b,):
+    raise ValueError(f"given_tokens must be (B, L) with given_lengths and target_lengths (B,); "
+                     f"got {given_tokens.shape}, {given_lengths.shape}, {target_lengths.shape}")
+  if target_length is None:
+    target_length = int(cfg.ligand.length if task == "ligand_given_protein" else cfg.model.length)
+  pgraph, lgraph = get_graphs(cfg)
+  noise = diffusion.get_noise(cfg.noise)
+  predictor = predictor or cfg.sampling.predictor
+  if predictor not in diffusion.PREDICTORS:
+    raise ValueError(f"predictor {predictor!r}; choose one of {tuple(diffusion.PREDICTORS)}")
+  if int(jnp.max(target_lengths)) > target_length or int(jnp.min(target_lengths)) < 1:
+    raise ValueError(f"target_lengths must lie in [1, target_length = {target_length}]")
+  model.eval()
+  return _sample_jit(model, key, given_tokens, given_lengths, target_lengths, task=task,
+                     target_length=int(target_length), steps=int(steps or cfg.sampling.steps),
+                     predictor=predictor,
+                     eps=float(eps if eps is not None else cfg.sampling.eps), pgraph=pgraph,
+                     lgraph=lgraph, noise=noise)
+
+
+def sample_ligand_given_protein(key: Array, model: ProteinLigandDDiT, cfg, protein_tokens: Array,
+                                protein_lengths: Array, ligand_lengths: Array,
+                                **kwargs) -> Array:
+  """Ligands for clean proteins: (B, Lp), (B,), (B,) -> (B, Ll) int32 SMILES ids (see
+  `sample_conditional` for the keyword arguments)."""
+  return sample_conditional(key, model, cfg, "ligand_given_protein", protein_tokens,
+                            protein_lengths, ligand_lengths, **kwargs)
+
+
+def sample_protein_given_ligand(key: Array, model: ProteinLigandDDiT, cfg, ligand_tokens: Array,
+                                ligand_lengths: Array, protein_lengths: Array,
+                                **kwargs) -> Array:
+  """Proteins for clean ligands: (B, Ll), (B,), (B,) -> (B, Lp) int32 ESM-2 ids."""
+  return sample_conditional(key, model, cfg, "protein_given_ligand", ligand_tokens,
+                            ligand_lengths, protein_lengths, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# SMILES validity.
+
+_BOND = frozenset("-=#:/\\~")
+_ORGANIC = frozenset(["B", "C", "N", "O", "P", "S", "F", "Cl", "Br", "I", "b", "c", "n", "o", "s",
+                      "p", "*"])
+_ELEMENTS = frozenset(
+    "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As "
+    "Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd "
+    "Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am "
+    "Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og".split()
+    + ["*", "b", "c", "n", "o", "s", "p", "se", "as", "te"])
+# Inside brackets: [isotope] symbol [chirality] [H count] [charge] [:class].
+_BRACKET = re.compile(
+    r"^\[(\d{1,3})?"
+    r"(\*|[A-Z][a-z]?|se|as|te|b|c|n|o|s|p)"
+    r"(@@|@(?:TH|AL|SP|TB|OH)?\d{0,2})?"
+    r"(H\d?)?"
+    r"(\+{1,3}|-{1,3}|[+-]\d{1,2})?"
+    r"(:\d+)?\]$")
+
+
+def grammar_valid_smiles(smiles: str) -> bool:
+  """Grammar check of one SMILES string (no chemistry): it splits into the tokenizer's regex
+  tokens exactly, is non-empty, parentheses balance and never open a branch before an atom or
+  hold an empty one, ring-closure labels (digits, %nn) pair up, bonds sit between atoms, bracket
+  atoms are well formed, '.' separates non-empty fragments, and nothing else ('>', '+', '@', '?',
+  '$' outside brackets) appears."""
+  if not isinstance(smiles, str) or not smiles or smiles != smiles.strip():
+    return False
+  try:
+    tokens = SmilesTokenizer.split(smiles)
+  except TokenizeError:
+    return False
+  depth = 0
+  open_rings: set[str] = set()
+  prev = "start"  # start | atom | bond | open | close | ring | dot
+  for tok in tokens:
+    if tok in _ORGANIC or tok.startswith("["):
+      if tok.startswith("["):
+        m = _BRACKET.match(tok)
+        if not m or m.group(2) not in _ELEMENTS:
+          return False
+      prev = "atom"
+    elif tok in _BOND:
+      if prev not in ("atom", "ring", "close", "open"):
+        return False
+      prev = "bond"
+    elif tok == "(":
+      if prev not in ("atom", "ring", "close"):
+        return False
+      depth += 1
+      prev = "open"
+    elif tok == ")":
+      if prev not in ("atom", "ring", "close") or depth == 0:
+        return False
+      depth -= 1
+      prev = "close"
+    elif tok.isdigit() or tok.startswith("%"):
+      if prev not in ("atom", "ring", "bond"):
+        return False
+      open_rings ^= {tok}
+      prev = "ring"
+    elif tok == ".":
+      if prev not in ("atom", "ring", "close") or depth != 0:
+        return False
+      prev = "dot"
+    else:
+      return False
+  return prev in ("atom", "ring", "close") and depth == 0 and not open_rings
+
+
+def _rdkit_checker() -> Callable[[str], bool] | None:
+  try:
+    from rdkit import Chem  # pylint: disable=import-outside-toplevel
+    from rdkit import RDLogger  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  RDLogger.DisableLog("rdApp.*")
+  return lambda s: bool(s) and Chem.MolFromSmiles(s) is not None
+
+
+def validity_checker(checker: str = "auto") -> tuple[str, Callable[[str], bool]]:
+  """(name, function) of the SMILES checker: `rdkit` when installed (or asked), else `grammar`.
+
+  Raises ImportError if `rdkit` is asked for and not installed.
+  """
+  if checker not in ("auto", "rdkit", "grammar"):
+    raise ValueError(f"checker {checker!r}; choose auto, rdkit or grammar")
+  if checker != "grammar":
+    fn = _rdkit_checker()
+    if fn is not None:
+      return "rdkit", fn
+    if checker == "rdkit":
+      raise ImportError("rdkit is not installed (pip install rdkit)")
+  return "grammar", grammar_valid_smiles
+
+
+def smiles_validity(smiles_list: Sequence[str], checker: str = "auto") -> float:
+  """Fraction of valid SMILES in `smiles_list` (0.0 for an empty list): parsed by RDKit when it
+  is installed (`checker="auto"`), else by `grammar_valid_smiles`."""
+  name, fn = validity_checker(checker)
+  n = len(smiles_list)
+  if n == 0:
+    return 0.0
+  valid = sum(bool(fn(s)) for s in smiles_list)
+  logger.debug("SMILES validity (%s): %d / %d", name, valid, n)
+  return valid / n
