@@ -28,8 +28,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, "configs")
 import uniref50  # noqa: E402
 
-from sedd_jax import diffusion  # noqa: E402
-from sedd_jax.training import state as state_lib  # noqa: E402
 from sedd_jax.training import step as step_lib  # noqa: E402
 
 CLASSES = (
@@ -76,19 +74,12 @@ def main(argv=None) -> None:
   cfg.model.update(length=length, attention=args.attention, dropout=args.dropout,
                    remat=args.remat)
   cfg.training.batch_size = batch
-  graph, noise = diffusion.get_graph(cfg.graph), diffusion.get_noise(cfg.noise)
-  defs, params, rest = state_lib.split_model(state_lib.build_model(cfg, graph))
-  optimizer = state_lib.make_optimizer(cfg)
-  mesh = step_lib.make_mesh()
-  state = state_lib.init_state(cfg, params, optimizer)
-  shardings = step_lib.state_shardings(mesh, state, False)
-  state = jax.device_put(state, shardings)
-  rest = jax.device_put(rest, step_lib.replicated(mesh, rest))
-  train_step = step_lib.make_train_step(cfg, graph, noise, defs, optimizer, mesh, shardings, rest)
+  s = step_lib.setup(cfg, fsdp=False)
+  state, rest = s.state, s.rest
+  train_step = s.train_step()
   rng = np.random.default_rng(0)
-  data = step_lib.put_batch({"tokens": rng.integers(4, 29, (batch, length), dtype=np.int32),
-                             "lengths": np.full((batch,), length, np.int32)},
-                            step_lib.batch_sharding(mesh))
+  data = s.put_batch({"tokens": rng.integers(4, 29, (batch, length), dtype=np.int32),
+                      "lengths": np.full((batch,), length, np.int32)})
   for _ in range(3):
     state, m = train_step(state, rest, data)
   jax.block_until_ready(m)

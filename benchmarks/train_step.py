@@ -29,8 +29,6 @@ import numpy as np
 sys.path.insert(0, "configs")
 import uniref50  # noqa: E402
 
-from sedd_jax import diffusion  # noqa: E402
-from sedd_jax.training import state as state_lib  # noqa: E402
 from sedd_jax.training import step as step_lib  # noqa: E402
 
 PEAK_TFLOPS = 989.0
@@ -48,41 +46,31 @@ def run_case(length: int, batch: int, attention: str, dropout: float, remat: str
   cfg = uniref50.get_config(variant)
   cfg.model.update(length=length, attention=attention, dropout=dropout, remat=remat, dtype=dtype)
   cfg.training.batch_size = batch
-  graph = diffusion.get_graph(cfg.graph)
-  noise = diffusion.get_noise(cfg.noise)
-  model = state_lib.build_model(cfg, graph)
-  defs, params, rest = state_lib.split_model(model)
-  n_params = state_lib.param_count(params)
-  optimizer = state_lib.make_optimizer(cfg)
-  mesh = step_lib.make_mesh()
-  state = state_lib.init_state(cfg, params, optimizer)
-  shardings = step_lib.state_shardings(mesh, state, False)
-  state = jax.device_put(state, shardings)
-  rest = jax.device_put(rest, step_lib.replicated(mesh, rest))
-  del model, params
-  train_step = step_lib.make_train_step(cfg, graph, noise, defs, optimizer, mesh, shardings, rest)
+  s = step_lib.setup(cfg, fsdp=False)
+  state, n_params = s.state, s.n_params
+  train_step = s.train_step()
   rng = np.random.default_rng(0)
   batch_np = {"tokens": rng.integers(4, 29, (batch, length), dtype=np.int32),
               "lengths": np.full((batch,), length, np.int32)}
-  data = step_lib.put_batch(batch_np, step_lib.batch_sharding(mesh))
+  data = s.put_batch(batch_np)
 
   t0 = time.perf_counter()
-  state, metrics = train_step(state, rest, data)
+  state, metrics = train_step(state, s.rest, data)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   for _ in range(3):
-    state, metrics = train_step(state, rest, data)
+    state, metrics = train_step(state, s.rest, data)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = train_step(state, rest, data)
+      state, metrics = train_step(state, s.rest, data)
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - t0) / steps)
   step_s = statistics.median(times)
   tok_s = batch * length / step_s
-  fpt = step_lib.flops_per_token(cfg, n_params, graph.dim)
+  fpt = step_lib.flops_per_token(cfg, n_params, s.task.graph.dim)
   return {
     "bench": "train_step", "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     "date": time.strftime("%Y-%m-%d"), "L": length, "B": batch, "attention": attention,

@@ -41,6 +41,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# `task` (default "sedd") -> the keys that task adds (sedd_jax.training.task.TASKS has the
+# implementations). Protein-ligand training modes, as sedd_jax.protein_ligand.modes.MODES + all.
+TASKS = ("sedd", "protein_ligand")
+PROTEIN_LIGAND_CHOICES: dict[str, tuple[str, ...]] = {
+  "mode": ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_ligand", "joint",
+           "all"),
+  "ligand.graph.type": ("absorb", "uniform"),
+  "sampling.task": ("ligand_given_protein", "protein_given_ligand"),
+}
+
+
 class ConfigError(ValueError):
   """A config key that does not exist or a value that is not allowed; the message names it."""
 
@@ -290,6 +301,31 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
 
   _positive_int(cfg, "sampling.steps")
   _number(cfg, "sampling.eps", 0.0, 1.0, lo_open=True, hi_open=True)
+
+  task = cfg.get("task", "sedd")
+  _need(task in TASKS, "task", f"must be one of {TASKS}, got {task!r}")
+  if task == "protein_ligand":
+    _validate_protein_ligand(cfg)
+
+
+def _validate_protein_ligand(cfg: ml_collections.ConfigDict) -> None:
+  """The keys configs/protein_ligand.py adds (mode, mode_weights, ligand.*, sampling.task)."""
+  for key, choices in PROTEIN_LIGAND_CHOICES.items():
+    v = get(cfg, key)
+    _need(v in choices, key, f"must be one of {choices}, got {v!r}")
+  weights = tuple(get(cfg, "mode_weights") or ())
+  n_modes = len(PROTEIN_LIGAND_CHOICES["mode"]) - 1
+  _need(not weights or (len(weights) == n_modes and min(weights) >= 0 and sum(weights) > 0),
+        "mode_weights", f"must be () or {n_modes} non-negative numbers with a positive sum, one "
+        f"per mode of {PROTEIN_LIGAND_CHOICES['mode'][:-1]}; got {weights}")
+  _need(cfg.ligand.graph.type == cfg.graph.type, "ligand.graph.type",
+        f"must equal graph.type ({cfg.graph.type!r}), got {cfg.ligand.graph.type!r}")
+  _positive_int(cfg, "ligand.graph.tokens", allow_zero=True)  # 0 = from the prepared data
+  length = _positive_int(cfg, "ligand.length")
+  width = _positive_int(cfg, "data.ligand_length")
+  _need(width <= length, "data.ligand_length",
+        f"{width} exceeds ligand.length={length} (the model's ligand length)")
+  _positive_int(cfg, "data.max_ligand_length")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

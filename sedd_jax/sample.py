@@ -21,12 +21,25 @@ Only the 20 standard amino acids are generated unless --allow-rare (adds X B U Z
 sampler zeroes the score of every other token (see sedd_jax.sampling.sampler). Same seed and
 batch size, same output. FASTA headers carry the settings; `--report` also writes
 `<out>.report.json` and `<out>.report.png` (sampling.report) against the training data.
+
+Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): `--task` (default
+cfg.sampling.task) picks what is generated given the other track, clean:
+  ligand_given_protein   proteins from `--proteins FASTA` (--num ligands per record, default 1)
+                         or the first --num (default 8) pairs of `--split` (default test);
+                         ligand lengths = the reference pairs' (FASTA: drawn from the split's
+                         ligands) or `--ligand-length N`. Writes `SMILES<TAB>protein name` per
+                         line to --out and `<out stem>.validity.json` (fraction of valid SMILES,
+                         the checker: RDKit if installed, else the tokenizer's grammar checks).
+  protein_given_ligand   ligands of the first --num pairs of --split; protein lengths = the
+                         reference proteins' (cropped to the model length) or `--length N`.
+                         Writes FASTA.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import pathlib
 import re
@@ -39,6 +52,7 @@ import numpy as np
 logger = logging.getLogger("sedd_jax.sample")
 
 MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
+PL_TASKS = ("ligand_given_protein", "protein_given_ligand")
 
 
 class CliError(ValueError):
@@ -75,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--infill", help="FASTA of sequences with spans=START:END,... in the header")
   p.add_argument("--allow-rare", action="store_true", help="also generate X B U Z O")
   p.add_argument("--report", action="store_true", help="write <out>.report.json/.png")
+  pl = p.add_argument_group("protein-ligand checkpoints")
+  pl.add_argument("--task", choices=PL_TASKS, help="default cfg.sampling.task")
+  pl.add_argument("--proteins", help="FASTA of proteins to generate ligands for")
+  pl.add_argument("--split", choices=("train", "valid", "test"), default="test",
+                  help="reference pairs (default test)")
+  pl.add_argument("--ligand-length", type=int, help="ligand length in SMILES tokens")
   return p
 
 
@@ -265,6 +285,11 @@ def run(args) -> int:
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
   model, cfg, graph, noise = load_model(args)
+  if cfg.get("task", "sedd") == "protein_ligand":
+    return run_protein_ligand(args, model, cfg, t_start)
+  for flag in ("task", "proteins", "ligand_length"):
+    if getattr(args, flag) is not None:
+      raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   max_length = int(cfg.model.length)
   plan = make_plan(args, cfg, max_length)
   steps = int(args.steps or cfg.sampling.steps)
@@ -313,6 +338,139 @@ def run(args) -> int:
       ref = [tok.decode(a) for a in data[0]]
     report.write_report(seqs, ref, out.with_suffix(".report.json"),
                         out.with_suffix(".report.png"))
+  return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Protein-ligand checkpoints.
+
+
+def reference_pairs(cfg, split: str):
+  """(store of `split` of cfg.data.prepared, its SmilesTokenizer); CliError if unavailable."""
+  from sedd_jax.data import pipeline
+  from sedd_jax.data import store as store_lib
+  root = pipeline.resolve_path(cfg.data.prepared)
+  try:
+    st = store_lib.Store(root, split)
+    return st, st.smiles_tokenizer()
+  except (OSError, ValueError, KeyError) as e:
+    raise CliError(f"no prepared protein-ligand pairs at {root} ({e}); run python -m "
+                   "sedd_jax.data.prepare on the pairs CSV of the config") from None
+
+
+def _pad(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sequences -> ((N, width) int32 padded with <pad> = 1, (N,) int32 lengths)."""
+  out = np.ones((len(seqs), width), np.int32)
+  for i, x in enumerate(seqs):
+    out[i, :len(x)] = x
+  return out, np.array([len(x) for x in seqs], np.int32)
+
+
+def run_protein_ligand(args, model, cfg, t_start: float) -> int:
+  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
+  import jax
+
+  from sedd_jax.data import fasta as fasta_lib
+  from sedd_jax.data import tokenizers
+  from sedd_jax.protein_ligand import modes
+
+  unused = [f for f in ("prefix", "suffix", "template", "infill", "lengths") if getattr(args, f)]
+  unused += [f for f in ("motif", "cached", "report", "allow_rare") if getattr(args, f)]
+  if unused:
+    raise CliError(f"--{unused[0].replace('_', '-')} does not apply to protein-ligand "
+                   "checkpoints")
+  task = args.task or str(cfg.sampling.task)
+  if task not in PL_TASKS:
+    raise CliError(f"--task {task!r}: choose one of {PL_TASKS}")
+  if task == "protein_given_ligand" and args.proteins:
+    raise CliError("--proteins gives proteins; protein_given_ligand takes ligands from --split")
+  if args.batch_size < 1:
+    raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
+  for flag, value, top in (("--ligand-length", args.ligand_length, l_len),
+                           ("--length", args.length, p_len)):
+    if value is not None and not 1 <= value <= top:
+      raise CliError(f"{flag} {value} must lie in [1, {top}]")
+  store, smiles_tok = reference_pairs(cfg, args.split)
+  rng = np.random.default_rng(args.seed)
+  ptok = tokenizers.ProteinTokenizer()
+
+  if args.proteins:
+    if not pathlib.Path(args.proteins).is_file():
+      raise CliError(f"--proteins {args.proteins} does not exist")
+    names, given = [], []
+    try:
+      for rec in fasta_lib.read_fasta(args.proteins):
+        x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
+        names += [rec.name] * (args.num or 1)
+        given += [x[:p_len]] * (args.num or 1)
+    except ValueError as e:
+      raise CliError(str(e)) from None
+    if not given:
+      raise CliError(f"--proteins {args.proteins}: no records")
+    ref_lengths = store.track("ligand").lengths
+    targets = (np.full((len(given),), args.ligand_length, np.int32) if args.ligand_length
+               else np.minimum(rng.choice(ref_lengths, len(given)), l_len).astype(np.int32))
+    refs = [""] * len(given)
+  else:
+    n = min(args.num or 8, len(store))
+    if n < 1:
+      raise CliError(f"--split {args.split} has no pairs")
+    names = [f"{args.split}_{i}" for i in range(n)]
+    prots = [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)]
+    ligs = [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)]
+    if task == "ligand_given_protein":
+      given, refs = prots, [smiles_tok.decode(x) for x in ligs]
+      targets = np.array([args.ligand_length or len(x) for x in ligs], np.int32)
+    else:
+      given, refs = ligs, [smiles_tok.decode(x) for x in ligs]
+      targets = np.array([args.length or len(x) for x in prots], np.int32)
+  given_tokens, given_lengths = _pad(given, p_len if task == "ligand_given_protein" else l_len)
+  steps = int(args.steps or cfg.sampling.steps)
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  n = len(given)
+  bs = min(args.batch_size, n)
+  logger.info("%s: %d samples, %s, %d steps, eps %g, batch %d, seed %d (proteins cropped to the "
+              "model length %d)", task, n, predictor, steps, eps, bs, args.seed, p_len)
+  chunks = []
+  for b in range(0, n, bs):
+    idx = np.resize(np.arange(b, min(b + bs, n)), bs)  # one compiled shape; extras dropped
+    out = modes.sample_conditional(
+        jax.random.fold_in(jax.random.key(args.seed), b // bs), model, cfg, task,
+        given_tokens[idx], given_lengths[idx], targets[idx], steps=steps, predictor=predictor,
+        eps=eps)
+    chunks.append(np.asarray(jax.device_get(out))[:min(bs, n - b)])
+    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
+                time.perf_counter() - t_start)
+  tokens = np.concatenate(chunks)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  src = args.workdir or args.checkpoint
+  settings = {"task": task, "steps": steps, "predictor": predictor, "eps": eps,
+              "seed": args.seed, "batch_size": bs,
+              "weights": "params" if args.use_params else "ema", "checkpoint": str(src),
+              "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
+  if task == "ligand_given_protein":
+    smiles = [smiles_tok.decode(tokens[i, :targets[i]]) for i in range(n)]
+    checker, is_valid = modes.validity_checker()
+    valid = [bool(is_valid(x)) for x in smiles]
+    out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
+    report = {**settings, "checker": checker, "num": n, "num_valid": sum(valid),
+              "validity": sum(valid) / n,
+              "samples": [{"name": nm, "smiles": x, "valid": v, "length": int(t), "reference": r}
+                          for nm, x, v, t, r in zip(names, smiles, valid, targets, refs)]}
+    json_path = out.with_suffix(".validity.json")
+    json_path.write_text(json.dumps(report, indent=2))
+    logger.info("wrote %d SMILES to %s; valid %d/%d = %.3f (%s) -> %s (%.1f s in all)", n, out,
+                sum(valid), n, sum(valid) / n, checker, json_path, time.perf_counter() - t_start)
+  else:
+    with open(out, "w") as f:
+      for i in range(n):
+        seq = ptok.decode(tokens[i, :targets[i]])
+        f.write(f">sample_{i} ligand={refs[i]} ref={names[i]} length={len(seq)} "
+                + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
+    logger.info("wrote %d proteins to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
   return 0
 
 

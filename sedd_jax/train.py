@@ -3,16 +3,24 @@ r"""Training CLI: `python -m sedd_jax.train --config=configs/uniref50.py[:varian
   python -m sedd_jax.train --config=configs/uniref50.py:tiny --workdir runs/tiny
   python -m sedd_jax.train --config=configs/uniref50.py:small --workdir runs/small \
       --config.training.batch_size=128 --config.optim.lr=1e-4
+  python -m sedd_jax.train --config=configs/protein_ligand.py:tiny --workdir runs/pl_tiny
+
+The config's `task` (default "sedd") picks the model and loss (`sedd_jax.training.task`): the
+protein-only SEDD of configs/uniref50.py, or the protein-ligand model of
+configs/protein_ligand.py (`task = "protein_ligand"`; its ligand vocabulary is filled into the
+saved config).
 
 Flags: `--config=FILE[:VARIANT]` (variant default: the file's `get_config()` default, `tiny` for
 uniref50.py), `--config.KEY=VALUE` overrides (unknown keys and bad values fail before anything is
 compiled, naming the key), `--workdir DIR` (default `runs/<variant>`), `--fresh`.
 
 Workdir: `checkpoints/<step>/` (see `sedd_jax.training.checkpoint`), `metrics.jsonl`,
-`config.json` (the config of the latest start), `samples/step_<n>.fasta`, `loss_curve.png`,
-`wandb/`. Starting resumes from the newest loadable checkpoint; if it is already at
-`training.steps` the job says so and exits 0. `--fresh` starts from step 0 WITHOUT deleting
-anything: the workdir's current content is moved into `<workdir>/old-<YYYYmmdd-HHMMSS>/`.
+`config.json` (the config of the latest start), `samples/step_<n>.fasta` (protein-ligand:
+`samples/step_<n>.smi`, ligands for validation proteins, with their SMILES validity logged as a
+`sample` row), `loss_curve.png`, `wandb/`. Starting resumes from the newest loadable
+checkpoint; if it is already at `training.steps` the job says so and exits 0. `--fresh` starts
+from step 0 WITHOUT deleting anything: the workdir's current content is moved into
+`<workdir>/old-<YYYYmmdd-HHMMSS>/`.
 
 Stopping: SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop finishes the current step, writes a
 checkpoint and exits 0 (a second Ctrl-C aborts at once). `training.max_bad_steps` consecutive
@@ -132,12 +140,14 @@ class Prefetcher:
 
   Yields (device_batch, data_state_after, padded_tokens, real_tokens), where
   `data_state_after` is the iterator's `get_state()` right after this batch was drawn (what a
-  checkpoint taken after training on it must store).
+  checkpoint taken after training on it must store); `count(batch) -> (padded, real)`.
   """
 
-  def __init__(self, iterator, put: Callable[[dict], dict], depth: int = 2):
+  def __init__(self, iterator, put: Callable[[dict], dict],
+               count: Callable[[dict], tuple[Any, Any]], depth: int = 2):
     self._it = iterator
     self._put = put
+    self._count = count
     self._q: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
@@ -148,8 +158,8 @@ class Prefetcher:
       while not self._stop.is_set():
         batch = next(self._it)
         state = self._it.get_state()
-        tokens = batch["tokens"]
-        item = (self._put(batch), state, float(tokens.size), float(batch["lengths"].sum()))
+        padded, real = self._count(batch)
+        item = (self._put(batch), state, float(padded), float(real))
         while not self._stop.is_set():
           try:
             self._q.put(item, timeout=0.1)
@@ -225,18 +235,14 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from sedd_jax import diffusion  # noqa: PLC0415
   from sedd_jax.data import pipeline  # noqa: PLC0415
   from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
   from sedd_jax.training import metrics as metrics_lib  # noqa: PLC0415
-  from sedd_jax.training import state as state_lib  # noqa: PLC0415
   from sedd_jax.training import step as step_lib  # noqa: PLC0415
+  from sedd_jax.training import task as task_lib  # noqa: PLC0415
 
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, n_devices=len(devices))
-  if cfg.get("task", "sedd") not in ("sedd",):
-    raise config_lib.ConfigError("task", f"{cfg.get('task')!r} is not trained by sedd_jax.train "
-                                 "(it trains the protein-only SEDD of configs/uniref50.py)")
   workdir = pathlib.Path(workdir).absolute()
   primary = jax.process_index() == 0
   if primary:
@@ -252,22 +258,14 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
                 workdir, latest, total)
     ckpt.close()
     return Result(EXIT_OK, latest, "done")
+  task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
   if primary:
     (workdir / "config.json").write_text(config_lib.to_json(cfg))
 
   # Model, optimizer, state.
-  graph = diffusion.get_graph(cfg.graph)
-  noise = diffusion.get_noise(cfg.noise)
-  model = state_lib.build_model(cfg, graph)
-  defs, params, rest = state_lib.split_model(model)
-  n_params = state_lib.param_count(params)
-  optimizer = state_lib.make_optimizer(cfg)
-  mesh = step_lib.make_mesh(devices)
-  state = state_lib.init_state(cfg, params, optimizer)
-  shardings = step_lib.state_shardings(mesh, state, bool(cfg.training.fsdp))
-  state = jax.device_put(state, shardings)
-  rest = jax.device_put(rest, step_lib.replicated(mesh, rest))
-  del model, params
+  built = step_lib.setup(cfg, devices, task=task)
+  state, shardings, rest = built.state, built.shardings, built.rest
+  mesh, n_params = built.mesh, built.n_params
 
   data_state = None
   restored = ckpt.restore_latest(state, shardings)
@@ -279,9 +277,9 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
       if changed:
         logger.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
   step = int(jax.device_get(state.step))
-  logger.info("model: %s parameters (%.1f M); %d devices (%s), mesh %s; fsdp %s; batch %d "
-              "(accum %d); %d -> %d steps", f"{n_params:,}", n_params / 1e6, len(devices),
-              devices[0].platform, dict(mesh.shape), cfg.training.fsdp,
+  logger.info("task %s, model: %s parameters (%.1f M); %d devices (%s), mesh %s; fsdp %s; batch "
+              "%d (accum %d); %d -> %d steps", task.name, f"{n_params:,}", n_params / 1e6,
+              len(devices), devices[0].platform, dict(mesh.shape), cfg.training.fsdp,
               cfg.training.batch_size, cfg.training.accum, step, total)
 
   # Data.
@@ -291,7 +289,6 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
                                     shard_index=pidx, shard_count=nproc)
   if data_state is not None:
     train_it.set_state(data_state)
-  bsh = step_lib.batch_sharding(mesh)
   eval_batches = []
   if cfg.training.eval_every > 0 or cfg.training.sample_every > 0:
     eval_bs = cfg.training.batch_size // cfg.training.accum // nproc
@@ -300,27 +297,25 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
                                         shard_count=nproc)
       for _ in range(max(1, cfg.training.eval_batches)):
         b = next(valid_it)
-        eval_batches.append({k: np.asarray(b[k]) for k in step_lib.BATCH_KEYS})
+        eval_batches.append({k: np.asarray(b[k]) for k in task.batch_keys})
     except (ValueError, OSError, StopIteration) as e:
       logger.warning("no validation batches (%s): validation loss disabled", e)
       eval_batches = []
 
   # Compiled functions.
   opts = dict(compiler_options or {})
-  train_step = _cached("train", cfg, mesh, opts, lambda: step_lib.make_train_step(
-    cfg, graph, noise, defs, optimizer, mesh, shardings, rest, compiler_options=opts or None))
+  train_step = _cached("train", cfg, mesh, opts, lambda: built.train_step(opts or None))
   eval_step = None
   if cfg.training.eval_every > 0 and eval_batches:
-    eval_step = _cached("eval", cfg, mesh, opts, lambda: step_lib.make_eval_step(
-      cfg, graph, noise, defs, mesh, shardings.ema, rest, compiler_options=opts or None))
-  sample_fn = None
-  if cfg.training.sample_every > 0 and cfg.training.num_samples > 0:
-    sample_fn = _make_sampler(cfg, graph, noise, defs, mesh, opts)
-
+    eval_step = _cached("eval", cfg, mesh, opts, lambda: built.eval_step(opts or None))
   writer = metrics_lib.MetricsWriter(workdir, cfg, primary=primary)
+  write_samples = None
+  if cfg.training.sample_every > 0 and cfg.training.num_samples > 0:
+    write_samples = SAMPLE_WRITERS[task.name](built, opts, writer, workdir, primary)
+
   stop = StopFlag()
   stop.install()
-  prefetch = Prefetcher(train_it, lambda b: step_lib.put_batch(b, bsh))
+  prefetch = Prefetcher(train_it, built.put_batch, task.count_tokens)
   meter = metrics_lib.Throughput(step)
   pending: list[dict] = []
   last_saved = ckpt.latest_step()
@@ -351,6 +346,11 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
       "lr": float(vals[-1]["lr"]),
       "skipped": int(vals[-1]["skipped"]),
     }
+    for k in vals[-1]:  # the task's extra metrics; NaN = not measured in that step
+      if k not in STEP_METRICS:
+        xs = np.asarray([v[k] for v in use], np.float64)
+        if np.isfinite(xs).any():
+          row[k] = float(np.nanmean(xs))
     row.update(meter.measure(step))
     row["eta_s"] = row["step_time"] * (total - step)
     writer.train(step, row)
@@ -358,7 +358,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   t_start = time.perf_counter()
   try:
     if step == 0 and eval_step is not None and stop_after != 0:
-      _evaluate(eval_step, state, rest, eval_batches, bsh, eval_key, writer, step)
+      _evaluate(eval_step, state, rest, eval_batches, built.put_batch, eval_key, writer, step)
       t_start = time.perf_counter()
     while step < total:
       if stop:
@@ -391,11 +391,10 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
         break
       paused = False
       if eval_step is not None and step % cfg.training.eval_every == 0:
-        _evaluate(eval_step, state, rest, eval_batches, bsh, eval_key, writer, step)
+        _evaluate(eval_step, state, rest, eval_batches, built.put_batch, eval_key, writer, step)
         paused = True
-      if sample_fn is not None and step % cfg.training.sample_every == 0:
-        _write_samples(sample_fn, state, rest, eval_batches, cfg, sample_key, workdir, step,
-                       primary)
+      if write_samples is not None and step % cfg.training.sample_every == 0:
+        write_samples(state, eval_batches, jax.random.fold_in(sample_key, step), step)
         paused = True
       if step % cfg.training.ckpt_every == 0 or (
           cfg.training.milestone_every and step % cfg.training.milestone_every == 0):
@@ -431,73 +430,128 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   return Result(code, step, reason)
 
 
-def _evaluate(eval_step, state, rest, batches, bsh, key, writer, step):
-  """Validation loss of the EMA parameters over the fixed validation batches."""
+def _evaluate(eval_step, state, rest, batches, put, key, writer, step):
+  """Validation losses of the EMA parameters over the fixed validation batches: the eval step's
+  sums (`task.eval_loss`) over all batches, per sequence (`valid_<name>`) and, for the loss, per
+  real token."""
   import jax  # noqa: PLC0415
 
-  from sedd_jax.training import step as step_lib  # noqa: PLC0415
-
-  total, seqs, toks = 0.0, 0.0, 0.0
+  totals: dict[str, float] = {}
   for i, b in enumerate(batches):
-    s, n, t = jax.device_get(eval_step(state.ema, rest, step_lib.put_batch(b, bsh),
-                                       jax.random.fold_in(key, i)))
-    total, seqs, toks = total + float(s), seqs + float(n), toks + float(t)
-  writer.eval(step, {"valid_loss": total / max(seqs, 1.0),
-                     "valid_loss_per_token": total / max(toks, 1.0)})
+    sums = jax.device_get(eval_step(state.ema, rest, put(b), jax.random.fold_in(key, i)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  seqs, toks = max(totals.pop("n_seqs"), 1.0), max(totals.pop("n_tokens"), 1.0)
+  row = {"valid_loss": totals["loss"] / seqs, "valid_loss_per_token": totals["loss"] / toks}
+  row.update({f"valid_{k}": v / seqs for k, v in totals.items() if k != "loss"})
+  writer.eval(step, row)
 
 
-def _make_sampler(cfg, graph, noise, defs, mesh, options):
-  """jit(ema params, rest, key, lengths) -> (num_samples, L) int32, or None if unavailable."""
+# Periodic samples during training, one writer per task: `SAMPLE_WRITERS[task.name](built,
+# compiler_options, metrics_writer, workdir, primary)` returns `write(state, validation batches,
+# key, step)`, which samples with the EMA weights and writes `<workdir>/samples/step_<step>.*`.
+
+
+def _protein_sample_writer(built, options, writer, workdir, primary):
+  """SEDD: `num_samples` proteins, lengths from the validation batches -> step_<n>.fasta."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
+
+  from sedd_jax.data.tokenizers import ProteinTokenizer  # noqa: PLC0415
 
   try:
     from sedd_jax.sampling import sampler as sampler_lib  # noqa: PLC0415
   except ImportError as e:
     logger.warning("sampling unavailable (%s); no samples will be written", e)
     return None
-  shape = (int(cfg.training.num_samples), int(cfg.model.length))
+  cfg, graph, noise = built.cfg, built.task.graph, built.task.noise
+  n, L = int(cfg.training.num_samples), int(cfg.model.length)
   allowed = jnp.asarray(_residue_mask(graph.dim))
 
   def run(ema, rest, key, lengths):
-    model = nnx.merge(defs.eval, ema, rest)
-    return sampler_lib.sample(key, sampler_lib.model_score_fn(model), graph, noise, shape,
+    model = nnx.merge(built.defs.eval, ema, rest)
+    return sampler_lib.sample(key, sampler_lib.model_score_fn(model), graph, noise, (n, L),
                               steps=int(cfg.sampling.steps), predictor=str(cfg.sampling.predictor),
                               eps=float(cfg.sampling.eps), lengths=lengths, allowed=allowed)
 
-  return _cached("sample", cfg, mesh, options,
-                 lambda: jax.jit(run, compiler_options=options or None))
+  sample_fn = _cached("sample", cfg, built.mesh, options,
+                      lambda: jax.jit(run, compiler_options=options or None))
+
+  def write(state, batches, key, step):
+    if batches:
+      pool = np.concatenate([b["lengths"] for b in batches])
+      lengths = np.resize(pool, n).astype(np.int32)
+    else:
+      lengths = np.full((n,), L, np.int32)
+    t0 = time.perf_counter()
+    tokens = np.asarray(jax.device_get(sample_fn(state.ema, built.rest, key, lengths)))
+    if not primary:
+      return
+    tok = ProteinTokenizer()
+    out = pathlib.Path(workdir) / "samples" / f"step_{step}.fasta"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+      seq = tok.decode(tokens[i, :lengths[i]])
+      lines.append(f">sample_{i} step={step} length={len(seq)}\n{seq}\n")
+    out.write_text("".join(lines))
+    logger.info("step %d: %d samples (%.1f s) -> %s; first: %s", step, n,
+                time.perf_counter() - t0, out, lines[0].split("\n")[1][:60] if lines else "")
+
+  return write
 
 
-def _write_samples(sample_fn, state, rest, batches, cfg, key, workdir, step, primary):
-  """Samples with the EMA weights, lengths taken from validation sequences, to a FASTA file."""
+def _ligand_sample_writer(built, options, writer, workdir, primary):
+  """Protein-ligand: ligands given the first `num_samples` validation proteins (target lengths
+  = their reference ligands') -> step_<n>.smi (`SMILES<TAB>name`), SMILES validity logged as a
+  `sample` row (`smiles_validity`, checked by RDKit if installed, else by grammar)."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
 
-  from sedd_jax.data.tokenizers import ProteinTokenizer  # noqa: PLC0415
+  from sedd_jax.data import pipeline  # noqa: PLC0415
+  from sedd_jax.data import store as store_lib  # noqa: PLC0415
+  from sedd_jax.protein_ligand import modes  # noqa: PLC0415
 
-  n, L = int(cfg.training.num_samples), int(cfg.model.length)
-  if batches:
-    pool = np.concatenate([b["lengths"] for b in batches])
-    lengths = np.resize(pool, n).astype(np.int32)
-  else:
-    lengths = np.full((n,), L, np.int32)
-  t0 = time.perf_counter()
-  tokens = np.asarray(jax.device_get(sample_fn(state.ema, rest, jax.random.fold_in(key, step),
-                                               lengths)))
-  if not primary:
-    return
-  tok = ProteinTokenizer()
-  out = pathlib.Path(workdir) / "samples" / f"step_{step}.fasta"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  lines = []
-  for i in range(n):
-    seq = tok.decode(tokens[i, :lengths[i]])
-    lines.append(f">sample_{i} step={step} length={len(seq)}\n{seq}\n")
-  out.write_text("".join(lines))
-  logger.info("step %d: %d samples (%.1f s) -> %s; first: %s", step, n,
-              time.perf_counter() - t0, out, lines[0].split("\n")[1][:60] if lines else "")
+  del options  # sample_ligand_given_protein is compiled (and cached) by nnx.jit
+  cfg, n = built.cfg, int(built.cfg.training.num_samples)
+  smiles_tok = store_lib.Store(pipeline.resolve_path(cfg.data.prepared), "train").smiles_tokenizer()
+  checker, is_valid = modes.validity_checker()
+
+  def write(state, batches, key, step):
+    if not batches:
+      logger.warning("step %d: no validation pairs to condition on; no ligand samples", step)
+      return
+    pool = {k: np.concatenate([b[k] for b in batches])[:n] for k in modes.BATCH_KEYS}
+    t0 = time.perf_counter()
+    model = nnx.merge(built.defs.eval, state.ema, built.rest)
+    ligands = np.asarray(jax.device_get(modes.sample_ligand_given_protein(
+      key, model, cfg, pool["tokens"], pool["lengths"], pool["ligand_lengths"])))
+    if not primary:
+      return
+    smiles = [smiles_tok.decode(ligands[i, :pool["ligand_lengths"][i]])
+              for i in range(len(ligands))]
+    valid = [bool(is_valid(x)) for x in smiles]
+    out = pathlib.Path(workdir) / "samples" / f"step_{step}.smi"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(f"{x}\tvalid_protein_{i} step={step} valid={int(v)}\n"
+                           for i, (x, v) in enumerate(zip(smiles, valid))))
+    validity = sum(valid) / max(len(valid), 1)
+    writer.write("sample", step, {"smiles_validity": validity, "checker": checker,
+                                  "num_samples": len(smiles)})
+    logger.info("step %d: %d ligands given validation proteins (%.1f s) -> %s; SMILES validity "
+                "%.2f (%s); first: %s", step, len(smiles), time.perf_counter() - t0, out,
+                validity, checker, smiles[0][:60] if smiles else "")
+
+  return write
+
+
+SAMPLE_WRITERS = {"sedd": _protein_sample_writer, "protein_ligand": _ligand_sample_writer}
+# Step metrics that are not a task's extra metrics (see `flush_train_row` in `train`).
+STEP_METRICS = ("loss", "loss_per_token", "grad_norm", "lr", "finite", "bad_steps", "skipped",
+                "tokens")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Training: state and optimizer (`state`), jitted steps and shardings (`step`), orbax
+"""Training: state and optimizer (`state`), the model and loss of a config's task (`task`:
+protein-only SEDD or protein-ligand), jitted steps, shardings and set-up (`step`), orbax
 checkpoints and inference loading (`checkpoint`), console/JSONL/wandb metrics (`metrics`).
 
 The job itself is `sedd_jax.train` (`python -m sedd_jax.train --config=configs/uniref50.py:tiny`).

@@ -331,13 +331,15 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
   """Loads a model for sampling/evaluation from a workdir, a `checkpoints/` folder or a step.
 
   Returns:
-    (model, cfg, graph, noise): a DDiT in eval mode holding the EMA weights (or `params` when
-    `use_ema` is False or the checkpoint has no EMA), its ConfigDict, and the diffusion graph
-    and noise schedule built from the config. The newest checkpoint that loads is used; a
-    corrupt one is reported and skipped.
+    (model, cfg, graph, noise): the model of the config's task (`cfg.task`: a DDiT, or for
+    "protein_ligand" a ProteinLigandDDiT) in eval mode holding the EMA weights (or `params`
+    when `use_ema` is False or the checkpoint has no EMA), its ConfigDict, and the diffusion
+    graph (`cfg.graph`: the protein track's; the ligand graph is
+    `sedd_jax.protein_ligand.get_graphs(cfg)[1]`) and noise schedule built from the config. The
+    newest checkpoint that loads is used; a corrupt one is reported and skipped.
   """
   from sedd_jax import diffusion
-  from sedd_jax.training.state import build_model
+  from sedd_jax.training.task import get_task
 
   errors = []
   for step_dir in resolve_checkpoint_dirs(path_or_workdir):
@@ -345,10 +347,14 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       cfg = _read_config(step_dir)
       graph = diffusion.get_graph(cfg.graph)
       noise = diffusion.get_noise(cfg.noise)
-      model = build_model(cfg, graph)
+      model = get_task(cfg).build_model()
       _, params_t, _ = nnx.split(model, nnx.Param, ...)
       item = "ema" if use_ema and (step_dir / "ema").is_dir() else "params"
-      target = _abstract(nnx.to_pure_dict(params_t))
+      # Placed on this process's first device: the checkpoint may come from another topology
+      # (e.g. trained on 8 devices, sampled on 1), which orbax's saved shardings would need.
+      pure = nnx.to_pure_dict(params_t)
+      one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = _abstract(pure, jax.tree.map(lambda _: one, pure))
       restored = _composite_checkpointer().restore(
         step_dir, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
       nnx.update(model, _fill(params_t, restored[item]))

@@ -1,11 +1,16 @@
-"""The jit-compiled train and eval steps, device mesh and shardings.
+"""The jit-compiled train and eval steps, device mesh and shardings, for any task.
+
+The loss comes from a task object (`sedd_jax.training.task`): `SeddTask` (defined here, beside
+its math) for protein-only SEDD, `sedd_jax.protein_ligand.task.ProteinLigandTask` for the
+dual-track model. `setup(cfg, devices)` builds what a training job (or a benchmark) needs:
+task, model split, optimizer, mesh, sharded initial state.
 
 Devices: one 1-D mesh `('data',)` over all devices (`jax.make_mesh`); batches are sharded over
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
 `cfg.training.fsdp` sharded fsdp-style (each array's largest axis divisible by the device count
 is split over `data`; arrays with none stay replicated). XLA inserts the collectives; no pmap.
 
-Train step (pure; `state` donated):
+Train step (pure; `state` donated), shown for the SEDD task (`draw` + `loss`):
 
   step_key = fold_in(state.rng, state.step); k_t, k_x, k_drop = split(step_key, 3)
   t = curriculum.sample_time(k_t, B, step)          (B,)  for the whole global batch
@@ -18,7 +23,9 @@ Train step (pure; `state` donated):
   loss = mean_a loss_a, grads = mean_a grads_a
 
 Because t and the corruption keys are drawn per sequence of the global batch, the loss does not
-depend on `accum` or on the number of devices (up to float summation order).
+depend on `accum` or on the number of devices (up to float summation order). Other tasks draw
+their step randomness in `task.draw` the same way; micro-batch a's loss key is
+`fold_in(draw.loss_key, a)`.
 
 Loss normalisation: as the reference, a per-sequence SUM over real positions, then the MEAN over
 sequences (not divided by the number of tokens). `loss_per_token` (sum / real tokens) is reported
@@ -30,7 +37,8 @@ advances (the batch is consumed), `bad_steps` (consecutive) and `skipped` (total
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +50,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sedd_jax import diffusion
+from sedd_jax.training import state as state_lib
+from sedd_jax.training import task as task_lib
 from sedd_jax.training.state import ModelDefs
 from sedd_jax.training.state import TrainState
 from sedd_jax.training.state import ema_decay
@@ -50,7 +60,7 @@ from sedd_jax.training.state import make_schedule
 
 Array = jax.Array
 AXIS = "data"
-BATCH_KEYS = ("tokens", "lengths")
+BATCH_KEYS = ("tokens", "lengths")  # the SEDD task's; a task's own are `task.batch_keys`
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,10 +124,13 @@ def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Array]:
-  """This process's rows of a batch -> global arrays sharded over 'data' (works multi-host)."""
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              keys: Sequence[str] = BATCH_KEYS) -> dict[str, Array]:
+  """This process's rows of `batch[k]` for k in `keys` (default the SEDD task's; pass
+  `task.batch_keys`) -> global arrays sharded over 'data' on their first axis (works
+  multi-host)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in BATCH_KEYS}
+          for k in keys}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,68 +186,139 @@ def _micro_batches(x: Array, accum: int) -> Array:
   return y
 
 
+@dataclasses.dataclass(frozen=True)
+class SeddTask(task_lib.Task):
+  """Protein-only SEDD (configs/uniref50.py): a DDiT and `sequence_losses`.
+
+  `draw`: t (B,) and one corruption key per sequence of the global batch (`draw_noise`), and
+  the curriculum factors as `shared`; `loss`: mean / sum over the micro-batch of
+  `sequence_losses`; `eval_loss`: the same without curriculum, t from the given key.
+  """
+
+  graph: Any = None
+  noise: Any = None
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "SeddTask":
+    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise))
+
+  def build_model(self, seed: int | None = None) -> nnx.Module:
+    return state_lib.build_model(self.cfg, self.graph, seed)
+
+  def draw(self, key: Array, batch: dict[str, Array], step: Array) -> task_lib.Draw:
+    curriculum = diffusion.get_curriculum(self.cfg.curriculum)
+    t, row_keys, k_drop, cs, ls = draw_noise(key, batch["tokens"].shape[0], step, curriculum,
+                                             float(self.cfg.training.time_eps))
+    rows = {"tokens": batch["tokens"], "lengths": batch["lengths"], "t": t,
+            "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
+    return task_lib.Draw(rows=rows, shared=(cs, ls), loss_key=None, dropout_key=k_drop)
+
+  def loss(self, model, rows, shared, key, step):
+    del key, step  # all randomness is per row (rows["t"], rows["row_keys"])
+    cs, ls = shared
+    per_seq = sequence_losses(model, self.graph, self.noise, rows["tokens"], rows["lengths"],
+                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls)
+    return per_seq.mean(), {"loss_sum": per_seq.sum()}
+
+  def eval_loss(self, model, batch, key):
+    tokens, lengths = batch["tokens"], batch["lengths"]
+    b = tokens.shape[0]
+    plain = diffusion.Curriculum(kind="none")
+    t, row_keys, _, cs, ls = draw_noise(key, b, jnp.zeros((), jnp.int32), plain,
+                                        float(self.cfg.training.time_eps))
+    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls)
+    return {"loss": per_seq.sum(), "n_seqs": jnp.float32(b),
+            "n_tokens": lengths.astype(jnp.float32).sum()}
+
+
+def _task(cfg, graph, noise, task: task_lib.Task | None) -> task_lib.Task:
+  """`task`, or the SEDD task of (cfg, graph, noise) when None."""
+  return task if task is not None else SeddTask(cfg, graph=graph, noise=noise)
+
+
 # ----------------------------------------------------------------------------------------------
 # Train step.
 
 
-def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
-                 mesh: jax.sharding.Mesh) -> Callable:
-  """The pure `loss_and_grads(params, rest, batch, step, rng) -> (loss, loss_sum, grads)`.
+def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
+                       mesh: jax.sharding.Mesh) -> Callable:
+  """The pure `loss_and_grads(params, rest, batch, step, rng) -> (loss, aux, grads)`.
 
-  loss: () mean over the global batch of the per-sequence loss; loss_sum: () its sum; grads: the
-  gradient of `loss` (shaped like params), accumulated over `cfg.training.accum` micro-batches.
-  `step` () int32 and `rng` (2,) uint32 pick the randomness (see the module docstring).
+  loss: () mean over the micro-batches of the task's loss; aux: the task's aux (`loss_sum`
+  summed over micro-batches, the other metrics averaged); grads: the gradient of `loss`
+  (shaped like params), accumulated over `cfg.training.accum` micro-batches.
   """
   accum = int(cfg.training.accum)
-  time_eps = float(cfg.training.time_eps)
-  curriculum = diffusion.get_curriculum(cfg.curriculum)
   use_dropout = float(cfg.model.dropout) > 0
 
   def reseeded(params, rest, drop_key):
     """`rest` with the dropout streams reset to `drop_key` (done outside the grad trace)."""
     if not use_dropout:
       return rest
-    model = nnx.merge(defs.train, params, rest)
+    # Fresh Variables: inside the accumulation scan, `rest` belongs to the outer trace.
+    model = nnx.merge(defs.train, params, jax.tree.map(lambda x: x, rest))
     nnx.reseed(model, dropout=drop_key)
     return nnx.split(model, nnx.Param, ...)[2]
 
-  def loss_fn(params, rest, tokens, lengths, t, row_keys, corrupt_scale, loss_scale):
+  def loss_fn(params, rest, rows, shared, key, step):
     # Fresh Variables at this trace level (dropout advances its RngCount while running).
     rest = jax.tree.map(lambda x: x, rest)
     model = nnx.merge(defs.train, params, rest)
-    per_seq = sequence_losses(model, graph, noise, tokens, lengths, t,
-                              jax.random.wrap_key_data(row_keys), corrupt_scale, loss_scale)
-    return per_seq.mean(), per_seq.sum()
+    return task.loss(model, rows, shared, key, step)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def micro_key(base, a):
+    return None if base is None else jax.random.fold_in(base, a)
+
   def loss_and_grads(params, rest, batch, step, rng):
-    tokens, lengths = batch["tokens"], batch["lengths"]
-    b = tokens.shape[0]
+    b = batch["tokens"].shape[0]
     if b % accum:
       raise ValueError(f"batch {b} is not divisible by training.accum = {accum}")
     key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-    t, row_keys, k_drop, cs, ls = draw_noise(key, b, step, curriculum, time_eps)
-    row_keys = jax.random.key_data(row_keys)  # (B, 2) uint32
+    draw = task.draw(key, batch, step)
     if accum == 1:
-      r = reseeded(params, rest, jax.random.fold_in(k_drop, 0))
-      (loss, loss_sum), grads = grad_fn(params, r, tokens, lengths, t, row_keys, cs, ls)
-      return loss, loss_sum, grads
-    mbs = [_micro_batches(a, accum) for a in (tokens, lengths, t, row_keys)]
-    mbs = [jax.lax.with_sharding_constraint(
-      a, NamedSharding(mesh, P(*((None, AXIS) + (None,) * (a.ndim - 2))))) for a in mbs]
+      r = reseeded(params, rest, jax.random.fold_in(draw.dropout_key, 0))
+      (loss, aux), grads = grad_fn(params, r, draw.rows, draw.shared,
+                                   micro_key(draw.loss_key, 0), step)
+      return loss, aux, grads
+    mbs = {k: _micro_batches(a, accum) for k, a in draw.rows.items()}
+    mbs = {k: jax.lax.with_sharding_constraint(
+      a, NamedSharding(mesh, P(*((None, AXIS) + (None,) * (a.ndim - 2))))) for k, a in mbs.items()}
+    aux_shape = jax.eval_shape(  # the aux pytree (eval mode: no dropout state to advance)
+      lambda: task.loss(nnx.merge(defs.eval, params, rest), jax.tree.map(lambda x: x[0], mbs),
+                        draw.shared, micro_key(draw.loss_key, 0), step)[1])
 
     def body(carry, xs):
-      g_acc, l_acc, s_acc = carry
-      a, tok, ln, tt, rk = xs
-      r = reseeded(params, rest, jax.random.fold_in(k_drop, a))
-      (l, s), g = grad_fn(params, r, tok, ln, tt, rk, cs, ls)
-      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, s_acc + s), None
+      g_acc, l_acc, aux_acc = carry
+      a, rows = xs
+      r = reseeded(params, rest, jax.random.fold_in(draw.dropout_key, a))
+      (l, aux), g = grad_fn(params, r, rows, draw.shared, micro_key(draw.loss_key, a), step)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, aux_acc, aux)), None
 
     init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32))
-    (grads, loss, loss_sum), _ = jax.lax.scan(body, init, (jnp.arange(accum), *mbs))
-    return loss / accum, loss_sum, jax.tree.map(lambda g: g / accum, grads)
+            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape))
+    (grads, loss, aux), _ = jax.lax.scan(body, init, (jnp.arange(accum), mbs))
+    aux = {k: v if k == "loss_sum" else v / accum for k, v in aux.items()}
+    return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
+
+  return loss_and_grads
+
+
+def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
+                 mesh: jax.sharding.Mesh, task: task_lib.Task | None = None) -> Callable:
+  """The pure `loss_and_grads(params, rest, batch, step, rng) -> (loss, loss_sum, grads)`.
+
+  loss: () mean over the global batch of the per-sequence loss; loss_sum: () its sum; grads: the
+  gradient of `loss` (shaped like params), accumulated over `cfg.training.accum` micro-batches.
+  `step` () int32 and `rng` (2,) uint32 pick the randomness (see the module docstring).
+  `task` defaults to the SEDD task of (cfg, graph, noise).
+  """
+  fn = _loss_and_grads_fn(cfg, _task(cfg, graph, noise, task), defs, mesh)
+
+  def loss_and_grads(params, rest, batch, step, rng):
+    loss, aux, grads = fn(params, rest, batch, step, rng)
+    return loss, aux["loss_sum"], grads
 
   return loss_and_grads
 
@@ -242,21 +326,24 @@ def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
 def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
                     optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     state_sharding: TrainState, rest: Any,
-                    compiler_options: dict | None = None) -> Callable:
+                    compiler_options: dict | None = None,
+                    task: task_lib.Task | None = None) -> Callable:
   """Builds the jitted `train_step(state, rest, batch) -> (state, metrics)`.
 
-  `state` is donated. `batch` is {'tokens': (B, L) int32, 'lengths': (B,) int32} sharded over
-  'data' (B = cfg.training.batch_size). metrics: scalars loss, loss_per_token, grad_norm, lr,
-  finite (bool), bad_steps, skipped, tokens (real tokens in the batch). `compiler_options` go
-  to XLA (tests pass {"xla_backend_optimization_level": 0} to compile faster on the CPU).
+  `state` is donated. `batch` is {k: (B, ...)} for k in `task.batch_keys` (SEDD: 'tokens'
+  (B, L) int32, 'lengths' (B,) int32) sharded over 'data' (B = cfg.training.batch_size).
+  metrics: scalars loss, loss_per_token, grad_norm, lr, finite (bool), bad_steps, skipped,
+  tokens (real tokens in the batch), and the task's extra metrics. `compiler_options` go to XLA
+  (tests pass {"xla_backend_optimization_level": 0} to compile faster on the CPU). `task`
+  defaults to the SEDD task of (cfg, graph, noise).
   """
+  task = _task(cfg, graph, noise, task)
   decay = float(cfg.training.ema)
   schedule = make_schedule(cfg)
-  loss_and_grads = make_grad_fn(cfg, graph, noise, defs, mesh)
+  loss_and_grads = _loss_and_grads_fn(cfg, task, defs, mesh)
 
   def step_fn(state: TrainState, rest, batch):
-    lengths = batch["lengths"]
-    loss, loss_sum, grads = loss_and_grads(state.params, rest, batch, state.step, state.rng)
+    loss, aux, grads = loss_and_grads(state.params, rest, batch, state.step, state.rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Zero non-finite grads before the update so no NaN reaches the optimizer's arithmetic.
@@ -278,16 +365,17 @@ def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDef
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32),
       skipped=(state.skipped + jnp.where(finite, 0, 1)).astype(jnp.int32),
     )
-    n_tokens = lengths.astype(jnp.float32).sum()
+    n_tokens = task.count_tokens(batch)[1]
     metrics = {
       "loss": loss,
-      "loss_per_token": loss_sum / jnp.maximum(n_tokens, 1.0),
+      "loss_per_token": aux["loss_sum"] / jnp.maximum(n_tokens, 1.0),
       "grad_norm": grad_norm,
       "lr": jnp.asarray(schedule(n_applied), jnp.float32),
       "finite": finite,
       "bad_steps": new_state.bad_steps,
       "skipped": new_state.skipped,
       "tokens": n_tokens,
+      **{k: v for k, v in aux.items() if k != "loss_sum"},
     }
     return new_state, metrics
 
@@ -295,7 +383,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDef
   bs = batch_sharding(mesh)
   return jax.jit(
     step_fn,
-    in_shardings=(state_sharding, replicated(mesh, rest), {k: bs for k in BATCH_KEYS}),
+    in_shardings=(state_sharding, replicated(mesh, rest), {k: bs for k in task.batch_keys}),
     out_shardings=(state_sharding, rep),
     donate_argnums=(0,),
     compiler_options=compiler_options,
@@ -304,28 +392,87 @@ def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDef
 
 def make_eval_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
                    mesh: jax.sharding.Mesh, params_sharding: Any, rest: Any,
-                   compiler_options: dict | None = None) -> Callable:
-  """Builds the jitted `eval_step(params, rest, batch, key) -> (loss_sum, n_seqs, n_tokens)`.
+                   compiler_options: dict | None = None,
+                   task: task_lib.Task | None = None) -> Callable:
+  """Builds the jitted `eval_step(params, rest, batch, key) -> sums` (`task.eval_loss`).
 
-  Dropout off, no curriculum: t ~ U[time_eps, 1) from `key`, so with a fixed key per batch the
+  sums: {"loss": () sum over the batch's sequences, ..., "n_seqs": (), "n_tokens": ()}. Dropout
+  off, no curriculum: t ~ U[time_eps, 1) from `key`, so with a fixed key per batch the
   validation loss is comparable across steps. Use it with the EMA parameters.
   """
-  time_eps = float(cfg.training.time_eps)
-  plain = diffusion.Curriculum(kind="none")
+  task = _task(cfg, graph, noise, task)
 
   def eval_fn(params, rest, batch, key):
-    model = nnx.merge(defs.eval, params, rest)
-    tokens, lengths = batch["tokens"], batch["lengths"]
-    b = tokens.shape[0]
-    t, row_keys, _, cs, ls = draw_noise(key, b, jnp.zeros((), jnp.int32), plain, time_eps)
-    per_seq = sequence_losses(model, graph, noise, tokens, lengths, t, row_keys, cs, ls)
-    return per_seq.sum(), jnp.float32(b), lengths.astype(jnp.float32).sum()
+    return task.eval_loss(nnx.merge(defs.eval, params, rest), batch, key)
 
   rep = NamedSharding(mesh, P())
   bs = batch_sharding(mesh)
   return jax.jit(eval_fn, in_shardings=(params_sharding, replicated(mesh, rest),
-                                        {k: bs for k in BATCH_KEYS}, rep),
+                                        {k: bs for k in task.batch_keys}, rep),
                  out_shardings=rep, compiler_options=compiler_options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up shared by the training job and the benchmarks.
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a training job builds before its first step (`setup`).
+
+  Attributes:
+    cfg: the config; task: its task (`task.graph`/`task.noise` for SEDD).
+    defs: the model's graphdefs (train / eval); rest: its non-parameter state (dropout
+      streams), replicated over the mesh.
+    n_params: number of parameters.
+    optimizer: `task.wrap_optimizer(state.make_optimizer(cfg))`.
+    mesh: the ('data',) mesh; state: the step-0 TrainState placed with `shardings`.
+  """
+
+  cfg: ml_collections.ConfigDict
+  task: task_lib.Task
+  defs: ModelDefs
+  rest: Any
+  n_params: int
+  optimizer: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  shardings: TrainState
+
+  def train_step(self, compiler_options: dict | None = None) -> Callable:
+    """`make_train_step` for this set-up."""
+    return make_train_step(self.cfg, None, None, self.defs, self.optimizer, self.mesh,
+                           self.shardings, self.rest, compiler_options=compiler_options,
+                           task=self.task)
+
+  def eval_step(self, compiler_options: dict | None = None) -> Callable:
+    """`make_eval_step` for this set-up (EMA parameters' shardings)."""
+    return make_eval_step(self.cfg, None, None, self.defs, self.mesh, self.shardings.ema,
+                          self.rest, compiler_options=compiler_options, task=self.task)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
+    """A host batch -> the task's batch arrays sharded over 'data'."""
+    return put_batch(batch, batch_sharding(self.mesh), self.task.batch_keys)
+
+
+def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
+          task: task_lib.Task | None = None, fsdp: bool | None = None) -> Setup:
+  """Task, model, optimizer, mesh over `devices` (default all) and the sharded step-0 state.
+
+  `task` defaults to `task.get_task(cfg)`; `fsdp` to cfg.training.fsdp.
+  """
+  task = task if task is not None else task_lib.get_task(cfg)
+  defs, params, rest = state_lib.split_model(task.build_model())
+  n_params = state_lib.param_count(params)
+  optimizer = task.wrap_optimizer(state_lib.make_optimizer(cfg))
+  mesh = make_mesh(devices)
+  state = state_lib.init_state(cfg, params, optimizer)
+  fsdp = bool(cfg.training.fsdp if fsdp is None else fsdp)
+  shardings = state_shardings(mesh, state, fsdp)
+  state = jax.device_put(state, shardings)
+  rest = jax.device_put(rest, replicated(mesh, rest))
+  return Setup(cfg=cfg, task=task, defs=defs, rest=rest, n_params=n_params, optimizer=optimizer,
+               mesh=mesh, state=state, shardings=shardings)
 
 
 def flops_per_token(cfg: ml_collections.ConfigDict, n_params: int, vocab: int) -> float:

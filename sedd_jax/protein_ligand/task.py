@@ -1,0 +1,72 @@
+"""The protein-ligand task of the generic trainer (`sedd_jax.training.task`, `cfg.task ==
+"protein_ligand"`): the dual-track model, its training modes and their losses.
+
+- `from_config` resolves `cfg.ligand.graph.tokens` from the prepared data's SMILES vocabulary
+  (`resolve_ligand_vocab`), so the config saved with a run is self-contained.
+- `draw`: the step key is split into (mode, loss, dropout) keys; with `cfg.mode == "all"` the
+  mode is drawn once per step (`modes.draw_mode`) and shared by every micro-batch.
+- `loss`: `modes.loss_fn` for a fixed mode, `modes.indexed_loss_fn` with the step's mode for
+  `all`; metrics `loss/<mode>` = the loss of the step's mode (NaN for the other modes, so that
+  logged rows average each mode over its own steps).
+- `eval_loss`: `modes.eval_loss_fn` (every mode for `all`) times the batch size.
+- `wrap_optimizer`: `modes.skip_unused_updates` (parameters a mode does not use get no update).
+
+Batches: `tokens (B, Lp)`, `lengths (B,)`, `ligand_tokens (B, Ll)`, `ligand_lengths (B,)`; real
+tokens are counted on both tracks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from sedd_jax.protein_ligand import model as model_lib
+from sedd_jax.protein_ligand import modes
+from sedd_jax.training import task as task_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ProteinLigandTask(task_lib.Task):
+  """See the module docstring."""
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "ProteinLigandTask":
+    model_lib.resolve_ligand_vocab(cfg)
+    modes.check_mode(cfg)
+    return cls(cfg, name="protein_ligand", batch_keys=modes.BATCH_KEYS,
+               length_keys=("lengths", "ligand_lengths"), token_keys=("tokens", "ligand_tokens"))
+
+  def build_model(self, seed: int | None = None) -> model_lib.ProteinLigandDDiT:
+    seed = int(self.cfg.seed if seed is None else seed)
+    return model_lib.build_model(self.cfg, nnx.Rngs(params=seed, dropout=seed + 1))
+
+  def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    return modes.skip_unused_updates(tx)
+
+  def draw(self, key, batch, step) -> task_lib.Draw:
+    k_mode, k_loss, k_drop = jax.random.split(key, 3)
+    mode = modes.draw_mode(k_mode, self.cfg) if self.cfg.mode == modes.ALL else None
+    return task_lib.Draw(rows={k: batch[k] for k in self.batch_keys}, shared=mode,
+                         loss_key=k_loss, dropout_key=k_drop)
+
+  def loss(self, model, rows, shared, key, step):
+    if shared is None:
+      loss, metrics = modes.loss_fn(model, rows, key, step, self.cfg)
+    else:
+      loss, metrics = modes.indexed_loss_fn(model, rows, key, step, self.cfg, shared)
+    aux = {"loss_sum": loss * rows["tokens"].shape[0]}
+    for i, name in enumerate(modes.MODES):
+      aux[f"loss/{name}"] = jnp.where(metrics["mode"] == i, loss, jnp.nan)
+    return loss, aux
+
+  def eval_loss(self, model, batch, key):
+    b = batch["tokens"].shape[0]
+    sums = {k: v * b for k, v in modes.eval_loss_fn(model, batch, key, self.cfg).items()}
+    sums["n_seqs"] = jnp.float32(b)
+    sums["n_tokens"] = self.count_tokens(batch)[1]
+    return sums
