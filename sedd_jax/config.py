@@ -262,6 +262,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _positive_int(cfg, "model.attention_chunk", allow_zero=True)
   _number(cfg, "model.dropout", 0.0, 1.0, hi_open=True)
   _need(isinstance(cfg.model.scale_by_sigma, bool), "model.scale_by_sigma", "must be a bool")
+  _need(not (cfg.model.scale_by_sigma and cfg.graph.type == "uniform"), "model.scale_by_sigma",
+        "must be false with graph.type='uniform' (the reference scales absorbing scores only)")
 
   _positive_int(cfg, "data.min_length")
   _positive_int(cfg, "data.max_length")

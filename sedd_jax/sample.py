@@ -300,8 +300,7 @@ def run(args) -> int:
   if args.cached and not graph.absorb:
     raise CliError("--cached needs the absorbing graph")
   run_len = int(plan.lengths.max())
-  allowed = np.zeros((graph.dim,), bool)
-  allowed[4:29 if args.allow_rare else 24] = True
+  allowed = tokenizers.residue_mask(graph.dim, allow_rare=args.allow_rare)
   fixed_tokens = fixed_mask = None
   if any(c is not None for c in plan.conditions):
     empty = cond.Condition(np.zeros((0,), np.int32), np.zeros((0,), bool))

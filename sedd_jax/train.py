@@ -205,15 +205,6 @@ def _cached(kind: str, cfg, mesh, options: dict, build: Callable[[], Any]):
   return _STEP_CACHE[key]
 
 
-def _residue_mask(dim: int):
-  """(D,) bool: the 20 standard amino acids (ESM-2 ids 4..23), the tokens allowed in samples."""
-  import numpy as np  # noqa: PLC0415
-
-  allowed = np.zeros((dim,), bool)
-  allowed[4:min(24, dim)] = True
-  return allowed
-
-
 def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int | None = None,
           devices: Sequence[Any] | None = None,
           compiler_options: dict | None = None) -> Result:
@@ -459,16 +450,11 @@ def _protein_sample_writer(built, options, writer, workdir, primary):
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from sedd_jax.data.tokenizers import ProteinTokenizer  # noqa: PLC0415
-
-  try:
-    from sedd_jax.sampling import sampler as sampler_lib  # noqa: PLC0415
-  except ImportError as e:
-    logger.warning("sampling unavailable (%s); no samples will be written", e)
-    return None
+  from sedd_jax.data import tokenizers  # noqa: PLC0415
+  from sedd_jax.sampling import sampler as sampler_lib  # noqa: PLC0415
   cfg, graph, noise = built.cfg, built.task.graph, built.task.noise
   n, L = int(cfg.training.num_samples), int(cfg.model.length)
-  allowed = jnp.asarray(_residue_mask(graph.dim))
+  allowed = jnp.asarray(tokenizers.residue_mask(graph.dim))
 
   def run(ema, rest, key, lengths):
     model = nnx.merge(built.defs.eval, ema, rest)
@@ -489,7 +475,7 @@ def _protein_sample_writer(built, options, writer, workdir, primary):
     tokens = np.asarray(jax.device_get(sample_fn(state.ema, built.rest, key, lengths)))
     if not primary:
       return
-    tok = ProteinTokenizer()
+    tok = tokenizers.ProteinTokenizer()
     out = pathlib.Path(workdir) / "samples" / f"step_{step}.fasta"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -39,6 +39,7 @@ def test_overrides_are_typed():
   (["model.attention=flash"], "model.attention", "must be one of"),
   (["graph.type=foo"], "graph.type", "must be one of"),
   (["noise.type=linear"], "noise.type", "must be one of"),
+  (["graph.type=uniform"], "model.scale_by_sigma", "uniform"),
   (["model.hidden_size=100", "model.n_heads=3"], "model.hidden_size", "not divisible"),
   (["training.batch_size=30", "training.accum=4"], "training.batch_size", "accum"),
   (["training.batch_size=abc"], "training.batch_size", "cannot parse"),

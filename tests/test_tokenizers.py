@@ -122,3 +122,13 @@ def test_smiles_vocab_json_round_trip(tmp_path):
     SmilesTokenizer.load(tmp_path / "bad.json")
   with pytest.raises(FileNotFoundError, match="missing.json"):
     SmilesTokenizer.load(tmp_path / "missing.json")
+
+
+def test_residue_mask_allows_exactly_the_residues():
+  from sedd_jax.data.tokenizers import residue_mask
+  standard = residue_mask(33)
+  assert standard.shape == (33,)
+  assert np.flatnonzero(standard).tolist() == list(range(4, 24))  # L A G ... C in ESM-2 order
+  with_rare = residue_mask(33, allow_rare=True)
+  assert np.flatnonzero(with_rare).tolist() == list(range(4, 29))  # + X B U Z O
+  assert not standard[32] and not with_rare[32]  # never <mask>

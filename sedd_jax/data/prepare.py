@@ -490,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
       split_salt=a.split_salt, max_ligand_length=a.max_ligand_length,
       protein_column=a.protein_column, smiles_column=a.smiles_column, delimiter=a.delimiter)
   try:
-    prepare(resolve_path(a.input), resolve_path(a.output), fmt=a.format, overwrite=a.overwrite,
+    # The input may be bundled data (found from any folder); the output is where the user says.
+    output = pathlib.Path(a.output).expanduser().absolute()
+    prepare(resolve_path(a.input), output, fmt=a.format, overwrite=a.overwrite,
             log_every_s=a.log_every, options=opts)
   except (fasta_lib.DataError, FileExistsError, FileNotFoundError, ValueError) as e:
     log.error("%s", e)

@@ -35,6 +35,15 @@ ESM2_ALPHABET: tuple[str, ...] = (
 RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 RARE_RESIDUES = "XBUZO"
+
+
+def residue_mask(dim: int, allow_rare: bool = False) -> np.ndarray:
+  """(dim,) bool: the ESM-2 ids a protein sampler may emit (the 20 standard residues, plus
+  X/B/U/Z/O when `allow_rare`); dim is the graph's dimension (33 with the absorbing graph)."""
+  letters = STANDARD_RESIDUES + (RARE_RESIDUES if allow_rare else "")
+  allowed = np.zeros((dim,), bool)
+  allowed[[ESM2_ALPHABET.index(a) for a in letters if ESM2_ALPHABET.index(a) < dim]] = True
+  return allowed
 GAPS = ".-"
 
 CLS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 32

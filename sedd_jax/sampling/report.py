@@ -97,19 +97,13 @@ def window_entropies(seq: str, window: int = 12) -> np.ndarray:
   if not seq:
     return np.zeros((0,))
   w = min(window, len(seq))
-  out = np.empty(len(seq) - w + 1)
-  counts = collections.Counter(seq[:w])
-
-  def entropy() -> float:
-    p = np.array([c for c in counts.values() if c > 0], dtype=np.float64) / w
-    return float(-(p * np.log2(p)).sum())
-
-  out[0] = entropy()
-  for i in range(1, len(out)):
-    counts[seq[i - 1]] -= 1
-    counts[seq[i + w - 1]] += 1
-    out[i] = entropy()
-  return out
+  codes = np.frombuffer(seq.encode("latin-1"), np.uint8)
+  onehot = codes[:, None] == np.unique(codes)[None, :]  # (len, letters)
+  cum = np.concatenate([np.zeros((1, onehot.shape[1]), np.int64), np.cumsum(onehot, axis=0)])
+  p = (cum[w:] - cum[:-w]) / w  # (len - w + 1, letters) window frequencies
+  with np.errstate(divide="ignore", invalid="ignore"):
+    terms = np.where(p > 0, p * np.log2(p), 0.0)
+  return 0.0 - terms.sum(axis=1)
 
 
 def low_complexity(seqs: Sequence[str], run_length: int = 5, window: int = 12,
@@ -288,11 +282,10 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
                 path: str | os.PathLike, window: int = 12) -> None:
   """Four panels to PNG: composition, length histograms, window entropy, nearest Jaccard."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  fig = Figure(figsize=(12, 8))
+  axes = fig.subplots(2, 2)
   comp_s, comp_d = report["composition"]["samples"], report["composition"]["data"]
   letters = sorted(set(comp_s) | set(comp_d), key=lambda a: -comp_d.get(a, 0.0))
   xs = np.arange(len(letters))
@@ -319,7 +312,6 @@ def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
   ax.set_title(f"nearest reference, {report['novelty']['k']}-mer Jaccard")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   logger.info("wrote plot %s", path)
 
 

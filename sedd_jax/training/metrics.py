@@ -206,13 +206,12 @@ def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike
   rows = read_metrics(metrics_path)
   if not _series(rows, "train", "loss")[0] and not _series(rows, "eval", "valid_loss")[0]:
     return None
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: the caller's backend stays)
 
   panels = (("loss", "valid_loss", "loss per sequence (sum over residues)"),
             ("loss_per_token", "valid_loss_per_token", "loss per residue"))
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+  fig = Figure(figsize=(11, 4.2), dpi=110)
+  axes = fig.subplots(1, 2)
   for ax, (train_key, valid_key, label) in zip(axes, panels):
     steps, values = _series(rows, "train", train_key)
     vsteps, vvalues = _series(rows, "eval", valid_key)
@@ -230,5 +229,4 @@ def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike
   out = pathlib.Path(out_path)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out)
-  plt.close(fig)
   return out
