@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sedd_jax.sample import CliError
+from sedd_jax.sample import CliError, run_cli
 from sedd_jax.sample import load_model
 from sedd_jax.sample import training_sequences
 
@@ -297,14 +297,7 @@ def _nan_to_none(obj):
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the exit code (2 on a bad input, with a one-line error)."""
-  args = build_parser().parse_args(argv)
-  if not logging.getLogger().handlers:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  try:
-    return run(args)
-  except CliError as e:
-    logger.error("error: %s", e)
-    return 2
+  return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

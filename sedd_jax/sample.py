@@ -473,16 +473,21 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point; returns the exit code (2 on a bad input, with a one-line error)."""
-  args = build_parser().parse_args(argv)
+def run_cli(parser: argparse.ArgumentParser, run_fn, argv: Sequence[str] | None) -> int:
+  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2."""
+  args = parser.parse_args(argv)
   if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
-    return run(args)
+    return run_fn(args)
   except CliError as e:
     logger.error("error: %s", e)
     return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the exit code (2 on a bad input, with a one-line error)."""
+  return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
