@@ -14,6 +14,9 @@ Variants, selected as ``--config=configs/protein_ligand.py:NAME``:
 Override any key on the command line: ``--config.mode=ligand_given_protein``.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 VARIANTS = ("tiny", "small")
@@ -21,47 +24,32 @@ MODES = ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_l
          "all")
 
 
+def _uniref50():
+  """configs/uniref50.py, loaded by path (config files are not a package)."""
+  path = pathlib.Path(__file__).with_name("uniref50.py")
+  spec = importlib.util.spec_from_file_location("sedd_jax_configs_uniref50", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Every key the protein-ligand training job reads (GPU-sized defaults)."""
-  c = ml_collections.ConfigDict()
+  """Every key the protein-ligand training job reads (GPU-sized defaults).
+
+  Starts from configs/uniref50.py's base config (graph, noise, curriculum, model, optim,
+  sampling, wandb are the protein model's) and adds the ligand track and the training mode.
+  """
+  c = _uniref50().base_config()
   c.task = "protein_ligand"  # the trainer dispatches on this key (uniref50.py has none)
   c.variant = "small"
-  c.seed = 0
   # Training mode: one of MODES. `all` draws one of the five others per step from the step key
   # (probabilities `mode_weights`, in the order of MODES[:5]; () = uniform).
   c.mode = "all"
   c.mode_weights = ()
 
-  # Protein track graph: the ESM-2 alphabet without <mask>; absorbing adds <mask> = 32.
-  c.graph = ml_collections.ConfigDict()
-  c.graph.type = "absorb"
-  c.graph.tokens = 32
-
-  c.noise = ml_collections.ConfigDict()
-  c.noise.type = "loglinear"  # loglinear | geometric | cosine (shared by both tracks)
-  c.noise.eps = 1e-3
-  c.noise.sigma_min = 1e-4
-  c.noise.sigma_max = 20.0
-
-  c.curriculum = ml_collections.ConfigDict()
-  c.curriculum.kind = "none"  # none | time_bias | sigma_scale
-  c.curriculum.ramp = "linear"
-  c.curriculum.preschool_time = 5000
-
   # Protein track (and the width shared by both tracks: cross-attention mixes the two streams,
   # so the ligand track has the same hidden size and number of blocks).
-  c.model = ml_collections.ConfigDict()
-  c.model.hidden_size = 768
-  c.model.n_heads = 12
-  c.model.n_blocks = 8
-  c.model.cond_dim = 128
-  c.model.dropout = 0.1
-  c.model.scale_by_sigma = True
-  c.model.length = 512  # maximum protein length
-  c.model.attention = "auto"  # auto | xla | cudnn | chunked
-  c.model.attention_chunk = 0
-  c.model.dtype = "bfloat16"
-  c.model.remat = "none"  # none | block
+  c.model.update(n_blocks=8, length=512)  # length: maximum protein length
   c.model.cross_attention = True  # bidirectional protein <-> ligand cross-attention per layer
 
   # Ligand (SMILES) track.
@@ -76,59 +64,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Data: the pairs CSV (columns aa_sequence / smiles detected by sedd_jax.data.prepare) is
   # prepared on first use into `prepared` (with smiles_vocab.json beside the store).
-  c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/protein_ligand_pairs.csv.gz"  # source (FASTA or pairs CSV)
   c.data.format = "csv"
   c.data.prepared = "data/prepared/protein_ligand"
-  c.data.min_length = 30
   c.data.max_length = 5000  # longer proteins are kept and cropped to model.length by the pipeline
-  c.data.min_standard_fraction = 0.95
-  c.data.valid_fraction = 0.02  # the prepare CLI's defaults (pairs split by protein)
-  c.data.test_fraction = 0.02
   c.data.max_ligand_length = c.ligand.get_ref("length")  # longer SMILES are dropped by prepare
   c.data.ligand_length = c.ligand.get_ref("length")  # ligand batch width
   c.data.pad_to = "full"
-  c.data.bucket_boundaries = ()
-  c.data.num_workers = 0
 
-  c.training = ml_collections.ConfigDict()
-  c.training.batch_size = 64
-  c.training.accum = 1
-  c.training.steps = 200_000
-  c.training.ema = 0.9999
-  c.training.log_every = 50
-  c.training.eval_every = 2000
-  c.training.eval_batches = 8
-  c.training.sample_every = 10000
-  c.training.num_samples = 4
-  c.training.ckpt_every = 2000
-  c.training.keep = 3
-  c.training.milestone_every = 50_000
-  c.training.max_bad_steps = 10
-  c.training.fsdp = False
-  c.training.time_eps = 1e-3
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 3e-4
-  c.optim.beta1 = 0.9
-  c.optim.beta2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.warmup = 2500
-  c.optim.schedule = "constant"
-  c.optim.clip = 1.0
-
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.steps = 128
-  c.sampling.predictor = "analytic"  # analytic | euler
-  c.sampling.eps = 1e-5
+  c.training.update(steps=200_000, eval_every=2000, ckpt_every=2000, milestone_every=50_000)
   # What `sample` generates for this task: ligand_given_protein | protein_given_ligand.
   c.sampling.task = "ligand_given_protein"
-
-  c.wandb = ml_collections.ConfigDict()
-  c.wandb.mode = "offline"
-  c.wandb.project = "sedd_jax"
-  c.wandb.name = ""
   return c
 
 
