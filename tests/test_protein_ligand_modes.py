@@ -18,6 +18,7 @@ from flax import nnx
 
 from sedd_jax.protein_ligand import model as pl_model
 from sedd_jax.protein_ligand import modes
+from test_protein_ligand_model import randomize
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,6 @@ def tiny_cfg(mode="joint", frozen=True):
   cfg.mode = mode
   cfg.sampling.steps = 8
   return ml_collections.FrozenConfigDict(cfg) if frozen else cfg
-
-
-def randomize(model, seed=1, scale=0.3):
-  """Adds noise to every parameter, so that zero-initialised gates and heads are live."""
-  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
-  rng = np.random.default_rng(seed)
-  new = [jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype)
-         for x in leaves]
-  nnx.update(model, jax.tree.unflatten(treedef, new))
-  return model
 
 
 def make_model(cfg, seed=0, random=True):

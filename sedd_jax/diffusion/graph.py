@@ -46,6 +46,16 @@ def _check_score(score: Array, i: Array, dim: int, name: str = "score") -> None:
         f"(tokens {i.shape})")
 
 
+def check_broadcasts_to(name: str, a: Array, shape: tuple[int, ...]) -> None:
+  """Raises ValueError unless `a` broadcasts to exactly `shape` (e.g. (L,) or (B, L) to (B, L))."""
+  try:
+    ok = jnp.broadcast_shapes(a.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{name} {a.shape} must broadcast to the tokens' shape {tuple(shape)}")
+
+
 def _esigm1(sigma: Array) -> Array:
   """E = exp(sigma) - 1 as the reference computes it: expm1 below 0.5, exp - 1 above."""
   return jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1.0)

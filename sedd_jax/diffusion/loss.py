@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sedd_jax.diffusion.graph import Graph
+from sedd_jax.diffusion.graph import Graph, check_broadcasts_to
 from sedd_jax.diffusion.noise import Noise
 
 Array = jax.Array
@@ -93,12 +93,7 @@ def score_entropy_loss(graph: Graph, noise: Noise, log_score: Array, x: Array, x
   per_pos = dsigma[:, None] * entropy
   if weight is not None:
     weight = jnp.asarray(weight)
-    try:
-      ok = jnp.broadcast_shapes(weight.shape, x.shape) == x.shape
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(f"weight {weight.shape} must broadcast to the tokens' (B, L) = {x.shape}")
+    check_broadcasts_to("weight", weight, x.shape)
     # where, not a bare product, so that a non-finite value on a padded position counts 0.
     per_pos = jnp.where(weight != 0, per_pos * weight, 0.0)
   return per_pos.sum(axis=-1)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sedd_jax.diffusion.categorical import sample_categorical
-from sedd_jax.diffusion.graph import Graph
+from sedd_jax.diffusion.graph import Graph, check_broadcasts_to
 from sedd_jax.diffusion.noise import Noise
 
 Array = jax.Array
@@ -96,13 +96,8 @@ def project(x: Array, fixed_tokens: Array, fixed_mask: Array) -> Array:
   """
   fixed_tokens = jnp.asarray(fixed_tokens)
   fixed_mask = jnp.asarray(fixed_mask)
-  for name, a in (("fixed_tokens", fixed_tokens), ("fixed_mask", fixed_mask)):
-    try:
-      ok = jnp.broadcast_shapes(a.shape, x.shape) == x.shape
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(f"{name} {a.shape} must broadcast to x's shape {x.shape}")
+  check_broadcasts_to("fixed_tokens", fixed_tokens, x.shape)
+  check_broadcasts_to("fixed_mask", fixed_mask, x.shape)
   return jnp.where(fixed_mask.astype(bool), fixed_tokens.astype(x.dtype), x)
 
 

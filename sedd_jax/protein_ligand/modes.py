@@ -148,39 +148,38 @@ def mode_loss(mode: str, model: ProteinLigandDDiT, batch: dict[str, Array], key:
   zeros_b = jnp.zeros((b,), jnp.float32)
   p_loss = l_loss = zero
 
+  def track_loss(graph, out, x, x0, t, lengths, ls):
+    """Batch mean of the per-sequence score-entropy loss of one track (padding weighted 0)."""
+    return diffusion.score_entropy_loss(graph, noise, out, x, x0, t, _weight(lengths, x.shape[1]),
+                                        sigma_scale=ls).mean()
+
   if mode == "protein_only":
     t, x, sigma, ls = _corrupt(k_p, pgraph, noise, cur, p0, step, eps)
     out, _ = model(x, None, sigma, None, plen, None, tracks="protein")
-    p_loss = diffusion.score_entropy_loss(pgraph, noise, out, x, p0, t, _weight(plen, x.shape[1]),
-                                          sigma_scale=ls).mean()
+    p_loss = track_loss(pgraph, out, x, p0, t, plen, ls)
     loss = p_loss
   elif mode == "ligand_only":
     t, x, sigma, ls = _corrupt(k_l, lgraph, noise, cur, l0, step, eps)
     _, out = model(None, x, None, sigma, None, llen, tracks="ligand")
-    l_loss = diffusion.score_entropy_loss(lgraph, noise, out, x, l0, t, _weight(llen, x.shape[1]),
-                                          sigma_scale=ls).mean()
+    l_loss = track_loss(lgraph, out, x, l0, t, llen, ls)
     loss = l_loss
   elif mode == "ligand_given_protein":
     t, x, sigma, ls = _corrupt(k_l, lgraph, noise, cur, l0, step, eps)
     _, out = model(p0, x, zeros_b, sigma, plen, llen, heads=("ligand",))
-    l_loss = diffusion.score_entropy_loss(lgraph, noise, out, x, l0, t, _weight(llen, x.shape[1]),
-                                          sigma_scale=ls).mean()
+    l_loss = track_loss(lgraph, out, x, l0, t, llen, ls)
     loss = l_loss
   elif mode == "protein_given_ligand":
     t, x, sigma, ls = _corrupt(k_p, pgraph, noise, cur, p0, step, eps)
     out, _ = model(x, l0, sigma, zeros_b, plen, llen, heads=("protein",))
-    p_loss = diffusion.score_entropy_loss(pgraph, noise, out, x, p0, t, _weight(plen, x.shape[1]),
-                                          sigma_scale=ls).mean()
+    p_loss = track_loss(pgraph, out, x, p0, t, plen, ls)
     loss = p_loss
   else:  # joint: one t per example for both tracks.
     t = cur.sample_time(k_t, b, step, eps=eps)
     t, xp, sp, ls = _corrupt(k_p, pgraph, noise, cur, p0, step, eps, t=t)
     _, xl, sl, _ = _corrupt(k_l, lgraph, noise, cur, l0, step, eps, t=t)
     p_out, l_out = model(xp, xl, sp, sl, plen, llen)
-    p_loss = diffusion.score_entropy_loss(pgraph, noise, p_out, xp, p0, t,
-                                          _weight(plen, xp.shape[1]), sigma_scale=ls).mean()
-    l_loss = diffusion.score_entropy_loss(lgraph, noise, l_out, xl, l0, t,
-                                          _weight(llen, xl.shape[1]), sigma_scale=ls).mean()
+    p_loss = track_loss(pgraph, p_out, xp, p0, t, plen, ls)
+    l_loss = track_loss(lgraph, l_out, xl, l0, t, llen, ls)
     loss = 0.5 * (p_loss + l_loss)
   metrics = {"loss": loss, "protein_loss": p_loss, "ligand_loss": l_loss,
              "mode": jnp.asarray(idx, jnp.int32)}
