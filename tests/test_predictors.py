@@ -68,9 +68,11 @@ def test_step_is_a_categorical_draw_of_its_probs(graph, kind):
   probs = PROBS[kind](graph, noise, score, x, t, 0.05)
   assert new.shape == x.shape and new.dtype == jnp.int32
   np.testing.assert_array_equal(new, diffusion.sample_categorical(key, probs))
-  # ... with u = jax.random.uniform(key, probs.shape) (how the sampling fixtures' u are used).
+  # The reference draw, with u = jax.random.uniform(key, probs.shape) (how the sampling
+  # fixtures' u are used).
+  ref = STEPS[kind](key, graph, noise, score, x, t, 0.05, draw="reference")
   u = jax.random.uniform(key, probs.shape, dtype=jnp.float32)
-  np.testing.assert_array_equal(new, diffusion.categorical_from_uniform(probs, u))
+  np.testing.assert_array_equal(ref, diffusion.categorical_from_uniform(probs, u))
 
 
 @pytest.mark.parametrize("graph", GRAPHS, ids=GRAPH_IDS)

@@ -5,7 +5,10 @@ and curricula; pure, jit-able JAX functions. Import everything from here:
   graph = diffusion.get_graph(cfg.graph); noise = diffusion.get_noise(cfg.noise)
 """
 
+from sedd_jax.diffusion.categorical import CATEGORICAL_DRAWS
+from sedd_jax.diffusion.categorical import categorical_from_exponential
 from sedd_jax.diffusion.categorical import categorical_from_uniform
+from sedd_jax.diffusion.categorical import exponential_from_bits
 from sedd_jax.diffusion.categorical import sample_categorical
 from sedd_jax.diffusion.curriculum import Curriculum
 from sedd_jax.diffusion.curriculum import biased_time
@@ -38,9 +41,10 @@ from sedd_jax.diffusion.predictors import project
 
 __all__ = [
     "Absorbing", "Cosine", "Curriculum", "Geometric", "Graph", "LogLinear", "Noise",
-    "PREDICTORS", "Uniform", "analytic_probs", "analytic_step", "biased_time",
-    "categorical_from_uniform", "denoise_probs", "denoise_step", "euler_probs", "euler_step",
-    "get_curriculum", "get_graph", "get_noise", "perturb", "project", "ramp_factor",
-    "sample_categorical", "sample_time", "sample_time_curriculum", "scale_sigma",
-    "score_entropy_loss", "sigma_scale_factor", "time_bias_exponent",
+    "CATEGORICAL_DRAWS", "PREDICTORS", "Uniform", "analytic_probs", "analytic_step",
+    "biased_time", "categorical_from_exponential", "categorical_from_uniform", "denoise_probs",
+    "denoise_step", "euler_probs", "euler_step", "exponential_from_bits", "get_curriculum",
+    "get_graph", "get_noise", "perturb", "project", "ramp_factor", "sample_categorical",
+    "sample_time", "sample_time_curriculum", "scale_sigma", "score_entropy_loss",
+    "sigma_scale_factor", "time_bias_exponent",
 ]

@@ -5,10 +5,12 @@ Every step takes `(key, graph, noise, score, x, t, step_size)`:
     sampling score function);
   x: (B, L) int current tokens; t: (B,) current time; step_size: scalar dt > 0 (time goes
     from t to t - dt).
-and returns the new (B, L) int32 tokens. Each `*_step` is `sample_categorical(key, *_probs(...))`
-with the matching `*_probs(graph, noise, score, x, t, step_size)`, which returns the
-(unnormalised) probabilities; `categorical_from_uniform(probs, u)` reproduces a step from
-given uniform noise `u` of the probabilities' shape.
+and returns the new (B, L) int32 tokens. Each `*_step` is `sample_categorical(key, *_probs(...),
+draw)` with the matching `*_probs(graph, noise, score, x, t, step_size)`, which returns the
+(unnormalised) probabilities; `draw` is "unbiased" (default) or "reference" (the reference's
+float32 draw; sedd_jax.diffusion.categorical). With draw="reference",
+`categorical_from_uniform(probs, u)` reproduces a step from u = jax.random.uniform(key, probs.shape)
+(how the parity fixtures' u are used).
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ def euler_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
 
 
 def euler_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
-               step_size: Array | float) -> Array:
+               step_size: Array | float, draw: str = "unbiased") -> Array:
   """Euler (tau-leaping) step of the reverse chain: (B, L) -> (B, L) int32."""
-  return sample_categorical(key, euler_probs(graph, noise, score, x, t, step_size))
+  return sample_categorical(key, euler_probs(graph, noise, score, x, t, step_size), draw)
 
 
 def analytic_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
@@ -59,9 +61,9 @@ def analytic_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
 
 
 def analytic_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
-                  step_size: Array | float) -> Array:
+                  step_size: Array | float, draw: str = "unbiased") -> Array:
   """Analytic (Tweedie tau-leaping) step: (B, L) -> (B, L) int32."""
-  return sample_categorical(key, analytic_probs(graph, noise, score, x, t, step_size))
+  return sample_categorical(key, analytic_probs(graph, noise, score, x, t, step_size), draw)
 
 
 def denoise_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
@@ -78,9 +80,9 @@ def denoise_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
 
 
 def denoise_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
-                 step_size: Array | float | None = None) -> Array:
+                 step_size: Array | float | None = None, draw: str = "unbiased") -> Array:
   """Final denoising step (never returns the mask): (B, L) -> (B, L) int32."""
-  return sample_categorical(key, denoise_probs(graph, noise, score, x, t, step_size))
+  return sample_categorical(key, denoise_probs(graph, noise, score, x, t, step_size), draw)
 
 
 def project(x: Array, fixed_tokens: Array, fixed_mask: Array) -> Array:
