@@ -57,7 +57,7 @@ def _codes(x):
   return (x * np.array([V ** (L - 1 - i) for i in range(L)])).sum(-1)
 
 
-@pytest.mark.parametrize("predictor", ["analytic", "euler"])
+@pytest.mark.parametrize("predictor", ["analytic", "euler", "first_hitting"])
 def test_determinism_and_valid_tokens(predictor):
   graph = diffusion.Absorbing(32)
   run = _sampler(random_score_fn(graph), (4, 16), graph=graph, steps=8, predictor=predictor)
@@ -123,6 +123,11 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="cached"):
     sampler.sample(jax.random.key(0), fn, diffusion.Uniform(3), NOISE, (2, L), steps=2,
                    cached=True)
+  with pytest.raises(ValueError, match="absorbing"):
+    sampler.sample(jax.random.key(0), fn, diffusion.Uniform(3), NOISE, (2, L), steps=2,
+                   predictor="first_hitting")
+  with pytest.raises(ValueError, match="draw"):
+    sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2, draw="float32")
   with pytest.raises(ValueError, match="fixed_tokens"):
     sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2,
                    fixed_tokens=np.zeros(L + 1, np.int32), fixed_mask=np.zeros(L + 1, bool))
@@ -135,7 +140,8 @@ def _chi2_pvalue(x):
 
 
 @pytest.mark.parametrize("predictor,cached,seed", [("analytic", False, 11), ("analytic", True, 12),
-                                                   ("euler", False, 13)])
+                                                   ("euler", False, 13),
+                                                   ("first_hitting", False, 14)])
 def test_distribution_matches_target(predictor, cached, seed):
   """With the exact score of p0 the sampled sequences follow p0 (chi-square over 27 cells).
 
@@ -143,7 +149,7 @@ def test_distribution_matches_target(predictor, cached, seed):
   its own conditional) well below the noise of 10k draws; drawing each position from its
   marginal instead gives p ~ 1e-100 here. Each variant uses its own seed, so the cached run is
   an independent check of its distribution (its equality with the uncached one for the same
-  key is tested below)."""
+  key is tested below). The first-hitting sampler is exact: `steps` does not apply to it."""
   n = 10000
   x = np.asarray(jax.jit(lambda k: sampler.sample(
       k, exact_score_fn(), GRAPH, NOISE, (n, L), steps=64, predictor=predictor,
@@ -154,6 +160,34 @@ def test_distribution_matches_target(predictor, cached, seed):
   rng = np.random.default_rng(seed)
   indep = np.stack([rng.choice(V, n, p=m / n) for m in marg], axis=1)
   assert _chi2_pvalue(indep)[0] < 1e-6  # the test has power against a wrong joint
+
+
+def test_first_hitting_clock():
+  """Reveal times: each position's m(tau) = 1 - e^{-sigma(tau)} is U(0, m(1)), independently.
+  A score that emits token 1 when sigma < s0 (else 0) then gives iid positions with
+  P(1) = (1 - e^{-s0}) / m(1): chi-square over the 8 cells of L = 3. Also one model call per
+  position (L calls), and fixed positions are never revealed (fewer calls)."""
+  s0 = 0.4
+
+  def clock_fn(x, sigma):
+    hot = jnp.where((sigma < s0)[:, None, None], jax.nn.one_hot(1, GRAPH.dim),
+                    jax.nn.one_hot(0, GRAPH.dim))
+    return jnp.broadcast_to(hot, (*x.shape, GRAPH.dim))
+
+  n = 8000
+  x, nfe = _run(clock_fn, (n, L), seed=21, steps=1, predictor="first_hitting", return_nfe=True)
+  assert int(nfe) == L and set(np.unique(x)) <= {0, 1}
+  m1 = -np.expm1(-float(NOISE.total_noise(jnp.float32(1.0))))
+  q = -np.expm1(-s0) / m1
+  codes = (x * np.array([4, 2, 1])).sum(-1)
+  ones = np.array([bin(c).count("1") for c in range(8)])
+  expected = n * q ** ones * (1 - q) ** (L - ones)
+  p = stats.chisquare(np.bincount(codes, minlength=8), expected).pvalue
+  assert p > 1e-4, (p, np.bincount(codes, minlength=8), expected)
+  fixed = np.array([2, 0, 0], np.int32)
+  y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
+                fixed_tokens=fixed, fixed_mask=fixed > 0)
+  assert int(nfe) == L - 1 and (y[:, 0] == 2).all()
 
 
 def test_cached_equals_uncached_given_same_draws():

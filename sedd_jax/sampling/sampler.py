@@ -31,6 +31,25 @@ the same tokens as the uncached one for the same key; for a DDiT, which also con
 sigma, reusing its output over a step is the approximation MDLM and RADD make (a trained model
 is close to time-independent given its input). The decision is batch-wide (one changed token
 anywhere forces a model call), so caching pays off when steps >> L and batches are small.
+
+First-hitting sampler (`predictor="first_hitting"`, absorbing graph only; Zheng et al. 2024,
+"Masked diffusion models are secretly time-agnostic masked models"): under the absorbing
+forward process each token is masked independently, with probability m(t) = 1 - e^{-sigma(t)}
+at time t, so going backwards a masked token is revealed at its own time, with
+P(still masked at s | masked at t) = m(s) / m(t). With n masked tokens at time t, the next
+reveal happens at the latest of n such times: m(tau) = m(t) u^{1/n}, u ~ U(0, 1); the revealed
+position is uniform among the masked ones and its token is drawn from the model's conditional
+p(y | unmasked) (the normalised non-mask columns of the score at sigma(tau), clamped at
+sigma(eps)). Nothing else happens between reveals, so the model is called once per revealed
+token (n calls in all, whatever `steps` says) and the process has no time-discretisation error:
+with the exact score the samples follow the data distribution exactly (tests/test_sampler.py).
+Each sequence of the batch has its own clock (sigma is (B,)); the loop runs while any sequence
+has a masked position (fixed and padded positions are never masked), so the call count is the
+largest number of generated positions in the batch. Random numbers: reveal k uses
+fold_in(key, k).
+
+Categorical draws: `draw="unbiased"` (default) or "reference" (the reference's float32 draw;
+see sedd_jax.diffusion.categorical; the parity fixtures use it).
 """
 
 from __future__ import annotations
@@ -45,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sedd_jax.diffusion import categorical as _categorical
 from sedd_jax.diffusion import predictors as _predictors
 from sedd_jax.diffusion.graph import Graph
 from sedd_jax.diffusion.noise import Noise
@@ -54,7 +74,7 @@ logger = logging.getLogger(__name__)
 Array = jax.Array
 ScoreFn = Callable[..., Array]
 
-PREDICTOR_NAMES = ("analytic", "euler")
+PREDICTOR_NAMES = ("analytic", "euler", "first_hitting")
 
 
 def _pad_id() -> int:
@@ -66,11 +86,39 @@ def _pad_id() -> int:
     return 1
 
 
-def _predictor(name: str):
+def _predictor(name: str, draw: str):
   steps = {"analytic": _predictors.analytic_step, "euler": _predictors.euler_step}
-  if name not in steps:
+  if name not in PREDICTOR_NAMES:
     raise ValueError(f"predictor {name!r} is not a predictor; choose one of {PREDICTOR_NAMES}")
-  return steps[name]
+  if draw not in _categorical.CATEGORICAL_DRAWS:
+    raise ValueError(f"draw {draw!r} is not one of {_categorical.CATEGORICAL_DRAWS}")
+  return functools.partial(steps[name], draw=draw) if name in steps else None
+
+
+def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
+                         ) -> tuple[Array, Array]:
+  """What one reveal of the first-hitting sampler unmasks (see the module docstring).
+
+  Args:
+    key: PRNG key.
+    score: (B, L, D) exponentiated score at the reveal time (its last column is the mask).
+    masked: (B, L) bool, positions still to generate.
+    draw: categorical draw ("unbiased" or "reference").
+
+  Returns:
+    (position (B,) int32 uniform among the masked ones, token (B,) int32 drawn from the
+    non-mask columns of the score there). Rows without a masked position get position 0.
+  """
+  k_pos, k_tok = jax.random.split(key)
+  pos = _categorical.sample_categorical(k_pos, masked.astype(jnp.float32), draw)
+  probs = jnp.take_along_axis(score, pos[:, None, None], axis=1)[:, 0, :-1]  # (B, D - 1)
+  return pos, _categorical.sample_categorical(k_tok, probs, draw)
+
+
+def next_reveal_log_m(key: Array, log_m: Array, n: Array) -> Array:
+  """log m(tau) of the next reveal among n masked tokens: log m(t) + log(u) / n, (B,)."""
+  u = jax.random.uniform(key, log_m.shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+  return log_m + jnp.log(u) / jnp.maximum(n, 1).astype(jnp.float32)
 
 
 def _check_conditioning(shape, fixed_tokens, fixed_mask, lengths):
@@ -91,7 +139,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
            steps: int, predictor: str = "analytic", eps: float = 1e-5,
            fixed_tokens: Array | None = None, fixed_mask: Array | None = None,
            lengths: Array | None = None, cached: bool = False, allowed: Array | None = None,
-           pad_id: int | None = None, return_nfe: bool = False):
+           pad_id: int | None = None, return_nfe: bool = False, draw: str = "unbiased"):
   """Draws a batch of sequences by running the whole reverse process.
 
   Jit-able as one program with `score_fn`, `graph`, `noise`, `shape`, `steps`, `predictor`,
@@ -104,8 +152,8 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     graph: the diffusion graph (D = graph.dim).
     noise: the noise schedule.
     shape: (B, L).
-    steps: number of predictor steps (>= 1).
-    predictor: "analytic" or "euler".
+    steps: number of predictor steps (>= 1; not used by "first_hitting").
+    predictor: "analytic", "euler" or "first_hitting" (absorbing graph; module docstring).
     eps: final time; step_size = (1 - eps) / steps.
     fixed_tokens: (L,) or (B, L) int tokens kept where `fixed_mask` is True.
     fixed_mask: (L,) or (B, L) bool.
@@ -116,6 +164,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
       column is always kept.
     pad_id: token written at positions >= lengths (default: the tokenizer's `<pad>`, 1).
     return_nfe: also return the number of score-function calls (int32 scalar).
+    draw: "unbiased" (default) or "reference" categorical draws.
 
   Returns:
     (B, L) int32 tokens (and the call count if `return_nfe`).
@@ -128,7 +177,10 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     raise ValueError("cached sampling needs the absorbing graph (a uniform-graph state never "
                      "stays unchanged)")
   _check_conditioning(shape, fixed_tokens, fixed_mask, lengths)
-  step_fn = _predictor(predictor)
+  step_fn = _predictor(predictor, draw)
+  if predictor == "first_hitting" and (not graph.absorb or cached):
+    raise ValueError("the first_hitting predictor needs the absorbing graph and no cache (it "
+                     "calls the model only when a token is revealed)")
   batch, length = shape
   step_size = (1.0 - eps) / steps
   pad_id = _pad_id() if pad_id is None else pad_id
@@ -158,6 +210,11 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
 
   x = graph.sample_limit(jax.random.fold_in(key, steps + 1), shape).astype(jnp.int32)
   t_final = jnp.full((batch,), eps, dtype=jnp.float32)
+
+  if predictor == "first_hitting":
+    x, nfe = _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, eps, draw)
+    x = jnp.where(valid, x, jnp.int32(pad_id)).astype(jnp.int32)
+    return (x, nfe) if return_nfe else x
 
   if not cached:
     def body(i, carry):
@@ -203,10 +260,44 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     x = proj(x)
     score, nfe = cached_score(x, noise.total_noise(t_final), prev_x, prev_score, prev_sigma, nfe)
 
-  x = _predictors.denoise_step(jax.random.fold_in(key, steps), graph, noise, score, x, t_final)
+  x = _predictors.denoise_step(jax.random.fold_in(key, steps), graph, noise, score, x, t_final,
+                               draw=draw)
   x = proj(x)
   x = jnp.where(valid, x, jnp.int32(pad_id)).astype(jnp.int32)
   return (x, nfe) if return_nfe else x
+
+
+def _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, eps, draw):
+  """The first-hitting reveals (module docstring) under one `lax.while_loop`.
+
+  Returns (x (B, L) int32 with every valid position revealed, number of model calls)."""
+  batch = x.shape[0]
+  x = proj(x)
+  log_m = jnp.log(-jnp.expm1(-noise.total_noise(jnp.ones((batch,), jnp.float32))))
+  sigma_min = noise.total_noise(jnp.full((batch,), eps, jnp.float32))
+
+  def masked_of(x):
+    return (x == graph.mask) & valid
+
+  def cond(carry):
+    return jnp.any(masked_of(carry[0]))
+
+  def body(carry):
+    x, log_m, k = carry
+    masked = masked_of(x)
+    n = masked.sum(axis=-1)  # (B,)
+    key_k = jax.random.fold_in(key, k)
+    new_log_m = next_reveal_log_m(jax.random.fold_in(key_k, 0), log_m, n)
+    sigma = jnp.maximum(-jnp.log1p(-jnp.exp(new_log_m)), sigma_min)
+    pos, token = first_hitting_reveal(jax.random.fold_in(key_k, 1), score_at(x, sigma), masked,
+                                      draw)
+    active = n > 0
+    row = jnp.arange(batch)
+    x = x.at[row, pos].set(jnp.where(active, token, x[row, pos]))
+    return x, jnp.where(active, new_log_m, log_m), k + 1
+
+  x, _, nfe = jax.lax.while_loop(cond, body, (x, log_m, jnp.int32(0)))
+  return x, nfe
 
 
 def model_score_fn(model, lengths: Array | None = None) -> ScoreFn:
@@ -240,7 +331,8 @@ def sample_model(model, key: Array, graph: Graph, noise: Noise, shape: tuple[int
 def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: int,
                 predictor: str = "analytic", eps: float = 1e-5, cached: bool = False,
                 model=None, score_fn: ScoreFn | None = None, pad_id: int | None = None,
-                return_nfe: bool = False, compiler_options: dict | None = None):
+                return_nfe: bool = False, compiler_options: dict | None = None,
+                draw: str = "unbiased"):
   """One compiled sampler for a fixed shape.
 
   Exactly one of `model` (an nnx DDiT, switched to eval mode and split: its weights are inputs
@@ -255,7 +347,7 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
   if (model is None) == (score_fn is None):
     raise ValueError("give exactly one of model and score_fn")
   static = dict(steps=steps, predictor=predictor, eps=eps, cached=cached, pad_id=pad_id,
-                return_nfe=return_nfe)
+                return_nfe=return_nfe, draw=draw)
   if model is not None:
     from flax import nnx
 
@@ -284,7 +376,8 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
                    fixed_tokens: np.ndarray | None = None, fixed_mask: np.ndarray | None = None,
                    lengths: np.ndarray | None = None, cached: bool = False,
                    allowed: np.ndarray | None = None, pad_id: int | None = None,
-                   progress: bool = True, compiler_options: dict | None = None) -> np.ndarray:
+                   progress: bool = True, compiler_options: dict | None = None,
+                   draw: str = "unbiased") -> np.ndarray:
   """Draws `num` sequences of length `length` in chunks of `batch_size` (one compiled program).
 
   Chunk c uses fold_in(key, c); the last chunk is padded to `batch_size` and trimmed, so the
@@ -296,7 +389,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
     num: number of sequences N.
     length: L (the model's maximum, or the longest requested length).
     batch_size: sequences per compiled call.
-    steps, predictor, eps, cached, allowed, pad_id: as `sample`.
+    steps, predictor, eps, cached, allowed, pad_id, draw: as `sample`.
     model / score_fn: exactly one (see `jit_sampler`).
     fixed_tokens, fixed_mask: (L,) shared by all, or (N, L) per sequence.
     lengths: (N,) int lengths (None: all `length`).
@@ -311,7 +404,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
   batch_size = min(batch_size, max(num, 1))
   run = jit_sampler(graph, noise, (batch_size, length), steps=steps, predictor=predictor,
                     eps=eps, cached=cached, model=model, score_fn=score_fn, pad_id=pad_id,
-                    return_nfe=True, compiler_options=compiler_options)
+                    return_nfe=True, compiler_options=compiler_options, draw=draw)
   per_seq = fixed_tokens is not None and np.ndim(fixed_tokens) == 2
   if lengths is not None:
     lengths = np.asarray(lengths, dtype=np.int32)
