@@ -128,6 +128,11 @@ def test_bad_arguments():
                    predictor="first_hitting")
   with pytest.raises(ValueError, match="draw"):
     sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2, draw="float32")
+  with pytest.raises(ValueError, match="remask needs the analytic"):
+    sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2, predictor="euler",
+                   remask=0.1)
+  with pytest.raises(ValueError, match=r"remask must be in \[0, 1\]"):
+    sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2, remask=1.5)
   with pytest.raises(ValueError, match="fixed_tokens"):
     sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2,
                    fixed_tokens=np.zeros(L + 1, np.int32), fixed_mask=np.zeros(L + 1, bool))
@@ -141,7 +146,8 @@ def _chi2_pvalue(x):
 
 @pytest.mark.parametrize("predictor,cached,seed", [("analytic", False, 11), ("analytic", True, 12),
                                                    ("euler", False, 13),
-                                                   ("first_hitting", False, 14)])
+                                                   ("first_hitting", False, 14),
+                                                   ("remask", True, 15)])
 def test_distribution_matches_target(predictor, cached, seed):
   """With the exact score of p0 the sampled sequences follow p0 (chi-square over 27 cells).
 
@@ -149,17 +155,41 @@ def test_distribution_matches_target(predictor, cached, seed):
   its own conditional) well below the noise of 10k draws; drawing each position from its
   marginal instead gives p ~ 1e-100 here. Each variant uses its own seed, so the cached run is
   an independent check of its distribution (its equality with the uncached one for the same
-  key is tested below). The first-hitting sampler is exact: `steps` does not apply to it."""
+  key is tested below). The first-hitting sampler is exact: `steps` does not apply to it.
+  ReMDM remasking keeps each position's forward marginals (exactly: see the test below), but
+  its extra unmasking per step is ~eta alpha_t / (1 - alpha_t) whatever the step size, so
+  the error of drawing positions independently within a step grows with eta and the number
+  of steps: eta = 0.002 with 256 steps keeps it small (eta = 0.1 gives p ~ 1e-13 here)."""
   n = 10000
+  remask = 0.002 if predictor == "remask" else 0.0
+  predictor = "analytic" if predictor == "remask" else predictor
   x = np.asarray(jax.jit(lambda k: sampler.sample(
-      k, exact_score_fn(), GRAPH, NOISE, (n, L), steps=64, predictor=predictor,
-      cached=cached))(jax.random.key(seed)))
+      k, exact_score_fn(), GRAPH, NOISE, (n, L), steps=256 if remask else 64, predictor=predictor,
+      cached=cached, remask=remask))(jax.random.key(seed)))
   p, counts = _chi2_pvalue(x)
   assert p > 1e-4, (p, counts, np.round(PROBS * n))
   marg = np.stack([np.bincount(x[:, i], minlength=V) for i in range(L)])
   rng = np.random.default_rng(seed)
   indep = np.stack([rng.choice(V, n, p=m / n) for m in marg], axis=1)
   assert _chi2_pvalue(indep)[0] < 1e-6  # the test has power against a wrong joint
+
+
+@pytest.mark.parametrize("eta", [0.9])
+def test_remask_keeps_one_position_exact(eta):
+  """With one position (no joint to factorise) remasking at any eta leaves the sampled
+  distribution exactly the target's, even with 16 steps; the draws differ from eta = 0."""
+  graph = diffusion.Absorbing(3)
+  log_fn = likelihood.exact_absorbing_log_score_fn(graph, np.arange(3)[:, None], P1)
+  fn = lambda x, sigma: jnp.exp(log_fn(x, sigma))  # noqa: E731
+  n = 20000
+  x = _run(fn, (n, 1), seed=31, graph=graph, steps=16, remask=eta)
+  counts = np.bincount(x[:, 0], minlength=3)
+  assert stats.chisquare(counts, P1 * n).pvalue > 1e-4, counts
+  plain = _run(fn, (n, 1), seed=31, graph=graph, steps=16)
+  assert (plain != x).any()
+
+
+P1 = np.array([0.7, 0.25, 0.05])
 
 
 def test_first_hitting_clock():

@@ -38,13 +38,16 @@ from sedd_jax.diffusion.predictors import euler_probs
 from sedd_jax.diffusion.predictors import euler_step
 from sedd_jax.diffusion.predictors import PREDICTORS
 from sedd_jax.diffusion.predictors import project
+from sedd_jax.diffusion.predictors import remdm_probs
+from sedd_jax.diffusion.predictors import remdm_step
 
 __all__ = [
     "Absorbing", "Cosine", "Curriculum", "Geometric", "Graph", "LogLinear", "Noise",
     "CATEGORICAL_DRAWS", "PREDICTORS", "Uniform", "analytic_probs", "analytic_step",
     "biased_time", "categorical_from_exponential", "categorical_from_uniform", "denoise_probs",
     "denoise_step", "euler_probs", "euler_step", "exponential_from_bits", "get_curriculum",
-    "get_graph", "get_noise", "perturb", "project", "ramp_factor", "sample_categorical",
+    "get_graph", "get_noise", "perturb", "project", "ramp_factor",
+    "remdm_probs", "remdm_step", "sample_categorical",
     "sample_time", "sample_time_curriculum", "scale_sigma", "score_entropy_loss",
     "sigma_scale_factor", "time_bias_exponent",
 ]

@@ -66,6 +66,48 @@ def analytic_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array
   return sample_categorical(key, analytic_probs(graph, noise, score, x, t, step_size), draw)
 
 
+def remdm_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+                step_size: Array | float, eta: Array | float) -> Array:
+  """Analytic step with ReMDM remasking (Wang et al. 2025, "Remasking discrete diffusion
+  models with inference-time scaling"; absorbing graph only), the "max-capped" schedule.
+
+  With alpha = e^{-sigma}, s = t - step_size and the remasking probability
+  sigma_t = min(eta, (1 - alpha_s) / alpha_t) (the largest that keeps the forward marginals),
+  ReMDM's posterior is
+    unmasked x:  stays with probability 1 - sigma_t, is masked again with sigma_t;
+    mask:        unmasks with total probability (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t)
+                 (the analytic step's (alpha_s - alpha_t) / (1 - alpha_t) plus the remasked
+                 mass), stays masked with (1 - alpha_s - sigma_t alpha_t) / (1 - alpha_t).
+  The mask rows are the analytic step's, with the unmask columns scaled by
+  (alpha_s - alpha_t + sigma_t alpha_t) / (alpha_s - alpha_t) and the mask column by
+  (1 - alpha_s - sigma_t alpha_t) / (1 - alpha_s); eta = 0 gives `analytic_probs`. With the
+  exact score the samples still follow the data distribution (remasking trades model calls
+  for the chance to correct earlier tokens). Returns (B, L, D).
+  """
+  if not graph.absorb:
+    raise ValueError("ReMDM remasking needs the absorbing graph")
+  probs = analytic_probs(graph, noise, score, x, t, step_size)
+  t = jnp.asarray(t, jnp.float32)
+  alpha_t = jnp.exp(-noise.total_noise(t))[:, None, None]  # (B, 1, 1)
+  alpha_s = jnp.exp(-noise.total_noise(t - step_size))[:, None, None]
+  sigma_t = jnp.minimum(eta, (1.0 - alpha_s) / alpha_t)
+  unmask = (alpha_s - alpha_t + sigma_t * alpha_t) / jnp.maximum(alpha_s - alpha_t, 1e-30)
+  stay = (1.0 - alpha_s - sigma_t * alpha_t) / jnp.maximum(1.0 - alpha_s, 1e-30)
+  is_mask_col = jnp.arange(graph.dim) == graph.mask
+  masked_rows = probs * jnp.where(is_mask_col, stay, unmask)
+  mask_hot = is_mask_col.astype(probs.dtype)
+  unmasked_rows = (1.0 - sigma_t) * jax.nn.one_hot(x, graph.dim, dtype=probs.dtype) + (
+      sigma_t * mask_hot)
+  return jnp.where((x == graph.mask)[..., None], masked_rows, unmasked_rows)
+
+
+def remdm_step(key: Array, graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
+               step_size: Array | float, eta: Array | float = 0.0, draw: str = "unbiased"
+               ) -> Array:
+  """Analytic step with ReMDM remasking (`remdm_probs`): (B, L) -> (B, L) int32."""
+  return sample_categorical(key, remdm_probs(graph, noise, score, x, t, step_size, eta), draw)
+
+
 def denoise_probs(graph: Graph, noise: Noise, score: Array, x: Array, t: Array,
                   step_size: Array | float | None = None) -> Array:
   """Final denoising probabilities at time t (all remaining noise removed), sig = sigma(t):

@@ -48,6 +48,11 @@ has a masked position (fixed and padded positions are never masked), so the call
 largest number of generated positions in the batch. Random numbers: reveal k uses
 fold_in(key, k).
 
+Remasking (`remask=eta > 0`, analytic predictor, absorbing graph): ReMDM's max-capped
+schedule, `predictors.remdm_probs`: every step may mask generated tokens again (probability
+min(eta, (1 - alpha_s) / alpha_t)) while more masks are unmasked, so the marginals stay those of
+the forward process and a later step can revise an early token.
+
 Categorical draws: `draw="unbiased"` (default) or "reference" (the reference's float32 draw;
 see sedd_jax.diffusion.categorical; the parity fixtures use it).
 """
@@ -86,12 +91,18 @@ def _pad_id() -> int:
     return 1
 
 
-def _predictor(name: str, draw: str):
+def _predictor(name: str, draw: str, remask: float):
   steps = {"analytic": _predictors.analytic_step, "euler": _predictors.euler_step}
   if name not in PREDICTOR_NAMES:
     raise ValueError(f"predictor {name!r} is not a predictor; choose one of {PREDICTOR_NAMES}")
   if draw not in _categorical.CATEGORICAL_DRAWS:
     raise ValueError(f"draw {draw!r} is not one of {_categorical.CATEGORICAL_DRAWS}")
+  if not 0.0 <= remask <= 1.0:
+    raise ValueError(f"remask must be in [0, 1]; got {remask}")
+  if remask > 0:
+    if name != "analytic":
+      raise ValueError(f"remask needs the analytic predictor; got {name!r}")
+    return functools.partial(_predictors.remdm_step, eta=remask, draw=draw)
   return functools.partial(steps[name], draw=draw) if name in steps else None
 
 
@@ -139,7 +150,8 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
            steps: int, predictor: str = "analytic", eps: float = 1e-5,
            fixed_tokens: Array | None = None, fixed_mask: Array | None = None,
            lengths: Array | None = None, cached: bool = False, allowed: Array | None = None,
-           pad_id: int | None = None, return_nfe: bool = False, draw: str = "unbiased"):
+           pad_id: int | None = None, return_nfe: bool = False, draw: str = "unbiased",
+           remask: float = 0.0):
   """Draws a batch of sequences by running the whole reverse process.
 
   Jit-able as one program with `score_fn`, `graph`, `noise`, `shape`, `steps`, `predictor`,
@@ -165,6 +177,8 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     pad_id: token written at positions >= lengths (default: the tokenizer's `<pad>`, 1).
     return_nfe: also return the number of score-function calls (int32 scalar).
     draw: "unbiased" (default) or "reference" categorical draws.
+    remask: ReMDM remasking probability cap eta in [0, 1] (analytic predictor, absorbing
+      graph; `predictors.remdm_probs`); 0 (default) = no remasking.
 
   Returns:
     (B, L) int32 tokens (and the call count if `return_nfe`).
@@ -177,7 +191,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     raise ValueError("cached sampling needs the absorbing graph (a uniform-graph state never "
                      "stays unchanged)")
   _check_conditioning(shape, fixed_tokens, fixed_mask, lengths)
-  step_fn = _predictor(predictor, draw)
+  step_fn = _predictor(predictor, draw, remask)
   if predictor == "first_hitting" and (not graph.absorb or cached):
     raise ValueError("the first_hitting predictor needs the absorbing graph and no cache (it "
                      "calls the model only when a token is revealed)")
@@ -332,7 +346,7 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
                 predictor: str = "analytic", eps: float = 1e-5, cached: bool = False,
                 model=None, score_fn: ScoreFn | None = None, pad_id: int | None = None,
                 return_nfe: bool = False, compiler_options: dict | None = None,
-                draw: str = "unbiased"):
+                draw: str = "unbiased", remask: float = 0.0):
   """One compiled sampler for a fixed shape.
 
   Exactly one of `model` (an nnx DDiT, switched to eval mode and split: its weights are inputs
@@ -347,7 +361,7 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
   if (model is None) == (score_fn is None):
     raise ValueError("give exactly one of model and score_fn")
   static = dict(steps=steps, predictor=predictor, eps=eps, cached=cached, pad_id=pad_id,
-                return_nfe=return_nfe, draw=draw)
+                return_nfe=return_nfe, draw=draw, remask=remask)
   if model is not None:
     from flax import nnx
 
@@ -377,7 +391,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
                    lengths: np.ndarray | None = None, cached: bool = False,
                    allowed: np.ndarray | None = None, pad_id: int | None = None,
                    progress: bool = True, compiler_options: dict | None = None,
-                   draw: str = "unbiased") -> np.ndarray:
+                   draw: str = "unbiased", remask: float = 0.0) -> np.ndarray:
   """Draws `num` sequences of length `length` in chunks of `batch_size` (one compiled program).
 
   Chunk c uses fold_in(key, c); the last chunk is padded to `batch_size` and trimmed, so the
@@ -389,7 +403,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
     num: number of sequences N.
     length: L (the model's maximum, or the longest requested length).
     batch_size: sequences per compiled call.
-    steps, predictor, eps, cached, allowed, pad_id, draw: as `sample`.
+    steps, predictor, eps, cached, allowed, pad_id, draw, remask: as `sample`.
     model / score_fn: exactly one (see `jit_sampler`).
     fixed_tokens, fixed_mask: (L,) shared by all, or (N, L) per sequence.
     lengths: (N,) int lengths (None: all `length`).
@@ -404,7 +418,8 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
   batch_size = min(batch_size, max(num, 1))
   run = jit_sampler(graph, noise, (batch_size, length), steps=steps, predictor=predictor,
                     eps=eps, cached=cached, model=model, score_fn=score_fn, pad_id=pad_id,
-                    return_nfe=True, compiler_options=compiler_options, draw=draw)
+                    return_nfe=True, compiler_options=compiler_options, draw=draw,
+                    remask=remask)
   per_seq = fixed_tokens is not None and np.ndim(fixed_tokens) == 2
   if lengths is not None:
     lengths = np.asarray(lengths, dtype=np.int32)
