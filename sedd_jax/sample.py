@@ -74,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
   lens.add_argument("--length", type=int, help="length of every sequence (default: the model's)")
   lens.add_argument("--lengths", help="FILE with one length per line, or 'from-data'")
   p.add_argument("--steps", type=int, help="predictor steps (default cfg.sampling.steps)")
-  p.add_argument("--predictor", choices=("analytic", "euler"), help="default cfg.sampling")
+  p.add_argument("--predictor", choices=("analytic", "euler", "first_hitting"),
+                 help="default cfg.sampling; first_hitting (absorbing graph) reveals one token per "
+                 "model call at its exact time and ignores --steps")
+  p.add_argument("--draw", choices=("unbiased", "reference"), default="unbiased",
+                 help="categorical draws: unbiased (64-bit noise, default) or reference (the "
+                 "reference's float32 draw, which under-samples probabilities below ~1e-7)")
+  p.add_argument("--remask", type=float, default=0.0, metavar="ETA",
+                 help="ReMDM remasking probability cap in [0, 1] (analytic predictor, absorbing "
+                 "graph; default 0 = off)")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=True, help="output FASTA")
@@ -274,6 +282,16 @@ def make_plan(args, cfg, max_length: int) -> Plan:
     raise CliError(str(e)) from None
 
 
+def check_sampler_flags(args, predictor: str, graph) -> None:
+  """CliError for --predictor first_hitting / --remask combinations the sampler cannot run."""
+  if predictor == "first_hitting" and (not graph.absorb or args.cached):
+    raise CliError("--predictor first_hitting needs the absorbing graph and no --cached")
+  if not 0.0 <= args.remask <= 1.0:
+    raise CliError(f"--remask must be in [0, 1]; got {args.remask}")
+  if args.remask > 0 and (predictor != "analytic" or not graph.absorb):
+    raise CliError("--remask needs --predictor analytic and the absorbing graph")
+
+
 def run(args) -> int:
   import jax
 
@@ -299,6 +317,7 @@ def run(args) -> int:
   eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   if args.cached and not graph.absorb:
     raise CliError("--cached needs the absorbing graph")
+  check_sampler_flags(args, predictor, graph)
   run_len = int(plan.lengths.max())
   allowed = tokenizers.residue_mask(graph.dim, allow_rare=args.allow_rare)
   fixed_tokens = fixed_mask = None
@@ -312,7 +331,8 @@ def run(args) -> int:
   tokens = sampler.sample_batched(
       jax.random.key(args.seed), graph, noise, n, run_len, batch_size=args.batch_size,
       steps=steps, predictor=predictor, eps=eps, model=model, fixed_tokens=fixed_tokens,
-      fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed)
+      fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed,
+      draw=args.draw, remask=args.remask)
   tok = tokenizers.ProteinTokenizer()
   src = args.workdir or args.checkpoint
   seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
@@ -322,6 +342,7 @@ def run(args) -> int:
     for i, s in enumerate(seqs):
       f.write(f">sample_{i} length={len(s)} steps={steps} predictor={predictor} eps={eps:g} "
               f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
+              f"draw={args.draw} remask={args.remask:g} "
               f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
               f"{plan.notes[i]}\n{s}\n")
   dt = time.perf_counter() - t_start
@@ -427,6 +448,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   given_tokens, given_lengths = _pad(given, p_len if task == "ligand_given_protein" else l_len)
   steps = int(args.steps or cfg.sampling.steps)
   predictor = args.predictor or str(cfg.sampling.predictor)
+  if predictor == "first_hitting" or args.remask or args.draw != "unbiased":
+    raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
   eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   n = len(given)
   bs = min(args.batch_size, n)
