@@ -7,7 +7,11 @@ or a FASTA file (`--fasta FILE`), with `--num-samples` Monte-Carlo draws of t pe
 longer than the model's length are cropped to their first `cfg.model.length` residues (counted
 in the output). Prints nelbo/token, perplexity, its standard error and the unigram baseline
 (add-one-smoothed residue frequencies of the training split, or of `--baseline-fasta`), and
-writes them with the settings (and per-sequence values) to `--out`.
+writes them with the settings (and per-sequence values) to `--out`. Beside the negative ELBO:
+bits per residue (nats / ln 2) and, for the absorbing graph, the masked pseudo-perplexity that
+ESM-2 and other protein masked language models report (`--mask-frac` of the tokens masked,
+default 0.15, `--pppl-samples` mask draws per sequence, default 4; `--no-pseudo-perplexity`
+skips it; sedd_jax.sampling.likelihood.masked_nll).
 
 Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): the score-entropy loss of every
 training mode (`sedd_jax.protein_ligand.modes.eval_loss_fn`, the per-sequence loss averaged over
@@ -58,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--baseline-fasta", help="training FASTA for the unigram baseline")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=True, help="output JSON")
+  p.add_argument("--mask-frac", type=float, default=0.15,
+                 help="masked fraction for the pseudo-perplexity (default 0.15, as ESM-2)")
+  p.add_argument("--pppl-samples", type=int, default=4,
+                 help="mask draws per sequence for the pseudo-perplexity (default 4)")
+  p.add_argument("--no-pseudo-perplexity", action="store_true",
+                 help="skip the masked pseudo-perplexity")
   return p
 
 
@@ -134,6 +144,39 @@ def evaluate_model(model, graph, noise, seqs: list[np.ndarray], max_length: int,
   return results
 
 
+def pseudo_perplexity(model, graph, seqs: list[np.ndarray], max_length: int, *,
+                      mask_frac: float, num_samples: int, batch_size: int, seed: int) -> dict:
+  """`likelihood.pseudo_perplexity_summary` of `seqs` (cropped to max_length), in batches of
+  one compiled shape; batch b draws its masks from fold_in(key(seed + 1), b)."""
+  import jax
+  from flax import nnx
+
+  from sedd_jax.sample import _pad
+  from sedd_jax.sampling import likelihood
+
+  tokens, lengths = _pad([s[:max_length] for s in seqs], max(min(len(s), max_length)
+                                                              for s in seqs))
+  model.eval()
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, key, x0, lengths):
+    fn = likelihood.model_log_score_fn(nnx.merge(graphdef, state))
+    return likelihood.masked_nll(key, fn, graph, x0, lengths=lengths, mask_frac=mask_frac,
+                                 num_samples=num_samples)
+
+  nll, count = [], []
+  for b, lo in enumerate(range(0, len(seqs), batch_size)):
+    idx = np.resize(np.arange(lo, min(lo + batch_size, len(seqs))), batch_size)
+    out = jax.device_get(run(state, jax.random.fold_in(jax.random.key(seed + 1), b), tokens[idx],
+                             lengths[idx]))
+    real = min(batch_size, len(seqs) - lo)  # repeated fillers are dropped
+    nll.append(np.asarray(out[0])[:real])
+    count.append(np.asarray(out[1])[:real])
+  return likelihood.pseudo_perplexity_summary(np.concatenate(nll), np.concatenate(count),
+                                              mask_frac)
+
+
 def run(args) -> int:
   from sedd_jax.data import tokenizers
   from sedd_jax.sampling import likelihood
@@ -147,6 +190,9 @@ def run(args) -> int:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
   if not 0.0 <= args.t_min < 1.0:
     raise CliError(f"--t-min must be in [0, 1); got {args.t_min}")
+  if not 0.0 < args.mask_frac < 1.0 or args.pppl_samples < 1:
+    raise CliError(f"--mask-frac must be in (0, 1) and --pppl-samples >= 1; got "
+                   f"{args.mask_frac}, {args.pppl_samples}")
   model, cfg, graph, noise = load_model(args)
   if cfg.get("task", "sedd") == "protein_ligand":
     return run_protein_ligand(args, model, cfg)
@@ -160,6 +206,11 @@ def run(args) -> int:
                            t_sampling=args.t_sampling, t_min=args.t_min,
                            batch_size=args.batch_size, seed=args.seed)
   summary = likelihood.summarize(results, noise)
+  pppl = None
+  if graph.absorb and not args.no_pseudo_perplexity:
+    pppl = pseudo_perplexity(model, graph, seqs, max_length, mask_frac=args.mask_frac,
+                             num_samples=args.pppl_samples, batch_size=args.batch_size,
+                             seed=args.seed)
 
   # Unigram baseline over the residues (ids 4..28) on the same (cropped) tokens.
   train = None
@@ -187,6 +238,8 @@ def run(args) -> int:
       **summary,
       "unigram_nll_per_token": unigram,
       "unigram_perplexity": math.exp(unigram) if unigram is not None else None,
+      "unigram_bits_per_residue": unigram / math.log(2) if unigram is not None else None,
+      "pseudo_perplexity": pppl,
       "per_sequence": [
           {"name": n, "nelbo": float(v), "se": float(e), "tokens": int(t)}
           for n, v, e, t in zip(names,
@@ -200,8 +253,13 @@ def run(args) -> int:
   msg = (f"nelbo/token {summary['nelbo_per_token']:.4f} nats (SE {summary['se_per_token']:.4f}), "
          f"perplexity {summary['perplexity']:.3f} over {summary['num_tokens']} tokens of "
          f"{summary['num_sequences']} sequences")
+  msg += f", {summary['bits_per_residue']:.4f} bits/residue"
   if unigram is not None:
     msg += f"; unigram baseline {unigram:.4f} nats/token (perplexity {math.exp(unigram):.3f})"
+  if pppl is not None:
+    msg += (f"; {pppl['mask_frac']:.0%}-masked pseudo-perplexity {pppl['pseudo_perplexity']:.3f}"
+            f" ({pppl['masked_bits_per_residue']:.4f} bits/residue over "
+            f"{pppl['masked_tokens']} masked tokens)")
   logger.info("%s -> %s", msg, out_path)
   sys.stdout.write(msg + "\n")
   return 0
