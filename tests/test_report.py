@@ -76,4 +76,57 @@ def test_write_report(tmp_path):
   assert loaded["low_complexity"]["samples"]["frac_seqs_with_homopolymer"] == pytest.approx(1 / 3)
   assert loaded["novelty"]["nearest_jaccard"][0] == pytest.approx(
       rep["novelty"]["nearest_jaccard"][0])
+  # "ACDEFGHIKL" is in "ACDEFGHIKLMN", "MKVLAAGG" in "MKVLAAGGST": identity 1.
+  assert loaded["novelty"]["nearest_identity"][0] == 1.0
+  assert loaded["novelty"]["nearest_identity"][2] == 1.0
+  assert loaded["novelty"]["frac_nearest_identity_over_0.9"] >= 2 / 3
+  assert 0 <= loaded["diversity"]["mean_pairwise_aligned_identity"] <= 1
+  assert loaded["low_complexity"]["samples"]["frac_low_complexity_seqs"] == pytest.approx(1 / 3)
   assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_aligned_identity():
+  # One deletion: 7 identical aligned residues / shorter length 7.
+  assert report.aligned_identity("MKVLAAGG", "MKVAAGG") == 1.0
+  # End gaps are free: a sequence inside a longer one is identical over its length.
+  assert report.aligned_identity("WWWMKVLAAGGWWW", "MKVLAAGG") == 1.0
+  # A shift defeats the ungapped identity, not the alignment.
+  assert report.identity("AMKVLAAGGST", "MKVLAAGGST") < 0.3
+  assert report.aligned_identity("AMKVLAAGGST", "MKVLAAGGST") == 1.0
+  # One substitution in 10.
+  assert report.aligned_identity("MKVLAAGGST", "MKVLWAGGST") == pytest.approx(0.9)
+  assert math.isnan(report.aligned_identity("", "MK"))
+  # Pairs: (a, b) 1.0, (a, c) and (b, c) by hand below.
+  a, b, c = "MKVLAAGGST", "MKVLAAGGST", "PQRSTVWYHD"
+  want = (1.0 + 2 * report.aligned_identity(a, c)) / 3
+  assert report.mean_pairwise_aligned_identity([a, b, c]) == pytest.approx(want)
+  assert report.aligned_identity(a, c) < 0.5
+
+
+def test_nearest_aligned_identity():
+  ref = ["PQRSTVWYHDPQRS", "AMKVLAAGGSTEEK", "GGGGSGGGGS"]
+  near = report.nearest_aligned_identity(["MKVLAAGGSTEEK", "MKVLWAGGSTEEK"], ref, k=2,
+                                         candidates=3)
+  np.testing.assert_allclose(near, [1.0, 12 / 13])
+  # With one candidate the k-mer prefilter picks the right reference here too.
+  np.testing.assert_allclose(report.nearest_aligned_identity(["MKVLWAGGSTEEK"], ref, k=2,
+                                                             candidates=1), [12 / 13])
+  np.testing.assert_allclose(report.nearest_aligned_identity(["MK"], []), [0.0])
+
+
+def test_tandem_repeats_and_low_complexity_samples():
+  np.testing.assert_array_equal(report.tandem_repeat_mask("MEKEKEKEKAL"),
+                                [0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(report.tandem_repeat_mask("ABCABCABCX"), [1] * 9 + [0])
+  assert not report.tandem_repeat_mask("ABCABCX").any()  # two copies only
+  assert not report.tandem_repeat_mask("MKVLAAGGSTEEKKQRST").any()
+  natural = "MKVLAAGGSTEEKKQRSTVWYPHDNCFIM"
+  assert not report.low_complexity_mask(natural).any()
+  # 12 of 24 residues are a tandem repeat (EK x 6): at lc_fraction 0.3 a low-complexity sample.
+  repeat = "MKVLAGSTWYPD" + "EK" * 6
+  lc = report.low_complexity_mask(repeat)
+  assert lc[12:].all()
+  stats = report.low_complexity([natural, repeat, "QQQQQQQQQQ"], lc_fraction=0.3)
+  assert stats["frac_low_complexity_seqs"] == pytest.approx(2 / 3)
+  total = len(natural) + len(repeat) + 10
+  assert stats["frac_residues_low_complexity"] == pytest.approx((lc.sum() + 10) / total)

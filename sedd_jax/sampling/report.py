@@ -17,7 +17,18 @@ reference set (usually training or validation sequences):
   fixed-length diffusion samples, an underestimate of aligned identity otherwise);
 * novelty: for each sample the nearest reference sequence by k-mer Jaccard similarity (sets of
   k-mers, default k = 3), reported as the max Jaccard, its mean / median, and the fraction of
-  samples whose nearest neighbour exceeds 0.5 (near copies).
+  samples whose nearest neighbour exceeds 0.5 (near copies);
+* aligned identity (parasail): semi-global alignment (end gaps free, BLOSUM62, gap open 10 /
+  extend 1), identity = identical aligned residues / length of the shorter sequence (CD-HIT's
+  definition). Novelty by alignment: for each sample the highest identity to the reference,
+  aligning with the `candidates` (default 20) references of highest k-mer Jaccard (a k-mer
+  prefilter as MMseqs2's: aligning with all of them costs N x R alignments); reported as
+  mean / median and the fractions of samples over 0.5 and 0.9 identity. Diversity by
+  alignment: the mean pairwise aligned identity over a random subsample;
+* low-complexity samples: a residue is low-complexity if a window of `window` residues holding
+  it has entropy < `entropy_threshold` bits (SEG-like) or it lies in a tandem repeat (a
+  period of 1..6 residues repeated at least 3 times in a row, e.g. EKEKEK); a sequence is a
+  low-complexity sample if at least `lc_fraction` (default 0.3) of its residues are.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+import parasail
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +118,48 @@ def window_entropies(seq: str, window: int = 12) -> np.ndarray:
   return 0.0 - terms.sum(axis=1)
 
 
+def tandem_repeat_mask(seq: str, max_period: int = 6, min_copies: int = 3) -> np.ndarray:
+  """(len,) bool: residues inside a tandem repeat, a block of period p <= `max_period`
+  repeated >= `min_copies` times in a row (seq[i] == seq[i + p] for (min_copies - 1) p
+  consecutive i)."""
+  codes = np.frombuffer(seq.encode("latin-1"), np.uint8)
+  out = np.zeros(len(codes), bool)
+  for p in range(1, max_period + 1):
+    need = (min_copies - 1) * p
+    if len(codes) < need + p:
+      break
+    same = np.concatenate([[0], np.cumsum(codes[:-p] == codes[p:])])  # prefix counts
+    start = (same[need:] - same[:-need]) == need  # seq[j] == seq[j + p] for j in i..i+need-1
+    out |= np.convolve(start, np.ones(need + p, bool))[:len(codes)] > 0  # spans need + p
+  return out
+
+
+def low_complexity_mask(seq: str, window: int = 12, entropy_threshold: float = 2.2,
+                        max_period: int = 6, min_copies: int = 3) -> np.ndarray:
+  """(len,) bool: residues in a window of entropy < `entropy_threshold` bits or in a tandem
+  repeat (see the module docstring)."""
+  if not seq:
+    return np.zeros((0,), bool)
+  low = window_entropies(seq, window) < entropy_threshold  # windows starting at 0..len - w
+  w = min(window, len(seq))
+  cover = np.convolve(low.astype(np.int64), np.ones(w, np.int64))[:len(seq)] > 0
+  return cover | tandem_repeat_mask(seq, max_period, min_copies)
+
+
 def low_complexity(seqs: Sequence[str], run_length: int = 5, window: int = 12,
-                   entropy_threshold: float = 2.2) -> dict:
-  """Homopolymer-run and window-entropy statistics of `seqs` (see the module docstring)."""
+                   entropy_threshold: float = 2.2, lc_fraction: float = 0.3) -> dict:
+  """Homopolymer-run, window-entropy and low-complexity-sample statistics of `seqs` (see the
+  module docstring)."""
   n_with_run = 0
   run_residues = 0
   total = 0
   ents = []
+  lc_residues = 0
+  n_lc = 0
   for s in seqs:
+    lc = low_complexity_mask(s, window, entropy_threshold)
+    lc_residues += int(lc.sum())
+    n_lc += bool(lc.size) and lc.mean() >= lc_fraction
     runs = homopolymer_runs(s, run_length)
     n_with_run += bool(runs)
     run_residues += sum(r for _, r in runs)
@@ -128,6 +174,9 @@ def low_complexity(seqs: Sequence[str], run_length: int = 5, window: int = 12,
       "entropy_threshold_bits": entropy_threshold,
       "mean_window_entropy_bits": float(ents.mean()) if ents.size else float("nan"),
       "frac_low_entropy_windows": float((ents < entropy_threshold).mean()) if ents.size else 0.0,
+      "lc_fraction": lc_fraction,
+      "frac_residues_low_complexity": lc_residues / max(total, 1),
+      "frac_low_complexity_seqs": n_lc / max(len(seqs), 1),
   }
 
 
@@ -179,6 +228,31 @@ def mean_pairwise_identity(seqs: Sequence[str], max_seqs: int = 200, seed: int =
   return float(vals.mean()) if vals.size else float("nan")
 
 
+ALIGN_GAP_OPEN, ALIGN_GAP_EXTEND = 10, 1
+ALIGNED_IDENTITY = ("semi-global alignment (parasail, BLOSUM62, gap open 10 / extend 1, end "
+                    "gaps free); identical residues / shorter length")
+
+
+def aligned_identity(a: str, b: str) -> float:
+  """Identity of the semi-global alignment of a and b (BLOSUM62, gaps 10/1, end gaps free):
+  identical aligned residues / min(len(a), len(b)); nan if either is empty."""
+  if not a or not b:
+    return float("nan")
+  r = parasail.sg_stats_striped_16(a, b, ALIGN_GAP_OPEN, ALIGN_GAP_EXTEND, parasail.blosum62)
+  return r.matches / min(len(a), len(b))
+
+
+def mean_pairwise_aligned_identity(seqs: Sequence[str], max_seqs: int = 100, seed: int = 0
+                                   ) -> float:
+  """Mean `aligned_identity` over all pairs of a random subsample of <= `max_seqs` sequences."""
+  seqs = [s for s in seqs if s]
+  if len(seqs) > max_seqs:
+    seqs = [seqs[i] for i in sorted(np.random.default_rng(seed).choice(len(seqs), max_seqs,
+                                                                       replace=False))]
+  vals = [aligned_identity(a, b) for i, a in enumerate(seqs) for b in seqs[i + 1:]]
+  return float(np.mean(vals)) if vals else float("nan")
+
+
 def _kmer_matrix(seqs: Sequence[str], k: int, index: dict[str, int]) -> np.ndarray:
   """(N, V) float32 0/1 presence matrix of the k-mers in `index` (unknown k-mers are added)."""
   rows = []
@@ -196,34 +270,54 @@ def _kmer_matrix(seqs: Sequence[str], k: int, index: dict[str, int]) -> np.ndarr
   return mat
 
 
+def _jaccard_chunks(samples: Sequence[str], reference: Sequence[str], k: int, chunk: int):
+  """Yields (lo, (n, R) k-mer-set Jaccard of samples[lo:lo + n] against every reference)."""
+  index: dict[str, int] = {}
+  ref = _kmer_matrix(reference, k, index)
+  smp = _kmer_matrix(samples, k, index)
+  ref = np.pad(ref, ((0, 0), (0, len(index) - ref.shape[1])))
+  ref_sizes = ref.sum(axis=1)
+  smp_sizes = smp.sum(axis=1)
+  for lo in range(0, len(samples), chunk):
+    inter = smp[lo:lo + chunk] @ ref.T  # (n, R)
+    union = smp_sizes[lo:lo + chunk, None] + ref_sizes[None, :] - inter
+    yield lo, np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
 def nearest_jaccard(samples: Sequence[str], reference: Sequence[str], k: int = 3,
                     chunk: int = 1024) -> np.ndarray:
   """For each sample the max k-mer-set Jaccard similarity to any reference sequence: (N,).
 
   Jaccard(A, B) = |A & B| / |A | B| over the sets of k-mers; 0 when both sets are empty.
   """
-  index: dict[str, int] = {}
-  ref = _kmer_matrix(reference, k, index)
-  smp = _kmer_matrix(samples, k, index)
-  v = len(index)
-  ref = np.pad(ref, ((0, 0), (0, v - ref.shape[1])))
-  ref_sizes = ref.sum(axis=1)
-  smp_sizes = smp.sum(axis=1)
   best = np.zeros(len(samples))
   if len(reference) == 0:
     return best
-  for lo in range(0, len(samples), chunk):
-    inter = smp[lo:lo + chunk] @ ref.T  # (n, R)
-    union = smp_sizes[lo:lo + chunk, None] + ref_sizes[None, :] - inter
-    jac = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    best[lo:lo + chunk] = jac.max(axis=1)
+  for lo, jac in _jaccard_chunks(samples, reference, k, chunk):
+    best[lo:lo + len(jac)] = jac.max(axis=1)
+  return best
+
+
+def nearest_aligned_identity(samples: Sequence[str], reference: Sequence[str], k: int = 3,
+                             candidates: int = 20, chunk: int = 1024) -> np.ndarray:
+  """For each sample the highest `aligned_identity` to the `candidates` references of highest
+  k-mer Jaccard (all of them if there are fewer): (N,) in [0, 1] (0 with no reference)."""
+  best = np.zeros(len(samples))
+  if len(reference) == 0:
+    return best
+  for lo, jac in _jaccard_chunks(samples, reference, k, chunk):
+    top = np.argsort(-jac, axis=1, kind="stable")[:, :candidates]
+    for r, row in enumerate(top):
+      ids = [aligned_identity(samples[lo + r], reference[j]) for j in row]
+      best[lo + r] = np.nanmax(ids) if np.isfinite(ids).any() else 0.0
   return best
 
 
 def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[int] = (1, 2, 3),
                    novelty_k: int = 3, max_reference: int = 5000, max_identity_seqs: int = 200,
                    run_length: int = 5, window: int = 12, entropy_threshold: float = 2.2,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, alignment_candidates: int = 20,
+                   max_aligned_identity_seqs: int = 100, lc_fraction: float = 0.3) -> dict:
   """The full report (a JSON-serialisable dict) of `samples` against the reference `data`.
 
   `data` is subsampled to `max_reference` sequences for novelty (seeded by `seed`).
@@ -237,6 +331,7 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
   comp_s = composition(samples)
   comp_d = composition(data)
   near = nearest_jaccard(samples, ref, k=novelty_k) if samples else np.zeros((0,))
+  ident = nearest_aligned_identity(samples, ref, novelty_k, alignment_candidates)
   report = {
       "num_samples": len(samples),
       "num_reference": len(data),
@@ -244,19 +339,29 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
                       "kl_samples_data_nats": kl_divergence(comp_s, comp_d)},
       "lengths": {"samples": length_stats(samples), "data": length_stats(data)},
       "low_complexity": {
-          "samples": low_complexity(samples, run_length, window, entropy_threshold),
-          "data": low_complexity(data, run_length, window, entropy_threshold)},
+          "samples": low_complexity(samples, run_length, window, entropy_threshold, lc_fraction),
+          "data": low_complexity(data, run_length, window, entropy_threshold, lc_fraction)},
       "diversity": {
           "distinct_kmer_ratio": {str(k): distinct_kmer_ratio(samples, k) for k in ks},
           "mean_pairwise_identity": mean_pairwise_identity(samples, max_identity_seqs, seed),
-          "identity": "ungapped positional"},
+          "identity": "ungapped positional",
+          "mean_pairwise_aligned_identity": mean_pairwise_aligned_identity(
+              samples, max_aligned_identity_seqs, seed),
+          "aligned_identity": ALIGNED_IDENTITY},
       "novelty": {
           "k": novelty_k,
           "num_reference_used": len(ref),
           "nearest_jaccard_mean": float(near.mean()) if near.size else float("nan"),
           "nearest_jaccard_median": float(np.median(near)) if near.size else float("nan"),
           "frac_nearest_jaccard_over_0.5": float((near > 0.5).mean()) if near.size else 0.0,
-          "nearest_jaccard": near.tolist()},
+          "nearest_jaccard": near.tolist(),
+          "alignment_candidates": alignment_candidates,
+          "aligned_identity": ALIGNED_IDENTITY,
+          "nearest_identity_mean": float(ident.mean()) if ident.size else float("nan"),
+          "nearest_identity_median": float(np.median(ident)) if ident.size else float("nan"),
+          "frac_nearest_identity_over_0.5": float((ident > 0.5).mean()) if ident.size else 0.0,
+          "frac_nearest_identity_over_0.9": float((ident > 0.9).mean()) if ident.size else 0.0,
+          "nearest_identity": ident.tolist()},
   }
   return report
 
@@ -308,8 +413,12 @@ def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
   ax.set_title(f"window entropy (bits, window {window})")
   ax.legend()
   ax = axes[1, 1]
-  ax.hist(report["novelty"]["nearest_jaccard"], bins=30, range=(0, 1))
-  ax.set_title(f"nearest reference, {report['novelty']['k']}-mer Jaccard")
+  ax.hist(report["novelty"]["nearest_jaccard"], bins=30, range=(0, 1), alpha=0.5,
+          label=f"{report['novelty']['k']}-mer Jaccard")
+  ax.hist(report["novelty"]["nearest_identity"], bins=30, range=(0, 1), alpha=0.5,
+          label="aligned identity")
+  ax.set_title("nearest reference")
+  ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   logger.info("wrote plot %s", path)
