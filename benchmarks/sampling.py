@@ -31,6 +31,30 @@ sys.path.insert(0, str(ROOT / "configs"))
 logger = logging.getLogger("benchmarks.sampling")
 
 
+def build_model(args):
+  """(cfg, graph, noise, model, allowed) for the benchmark: SEDD-small (or --tiny) of
+  args.length / args.dtype / args.attention, random weights with a re-drawn output layer, the
+  20 standard amino acids allowed."""
+  import numpy as np
+
+  import uniref50
+  from sedd_jax import diffusion
+  from sedd_jax.training import state as state_lib
+
+  cfg = uniref50.get_config("small")
+  cfg.model.update(length=args.length, dtype=args.dtype, attention=args.attention, dropout=0.0)
+  if args.tiny:
+    cfg.model.update(hidden_size=64, n_heads=4, n_blocks=2, cond_dim=32)
+  graph = diffusion.get_graph(cfg.graph)
+  noise = diffusion.get_noise(cfg.noise)
+  model = state_lib.build_model(cfg, graph, seed=0)
+  kernel = model.output_layer.linear.kernel
+  kernel[...] = 0.02 * np.random.default_rng(0).normal(size=kernel.shape).astype(np.float32)
+  allowed = np.zeros((graph.dim,), bool)
+  allowed[4:24] = True
+  return cfg, graph, noise, model, allowed
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, nargs="+", default=[128, 256, 1024])
@@ -49,22 +73,9 @@ def main(argv=None) -> int:
   import jax
   import numpy as np
 
-  import uniref50
-  from sedd_jax import diffusion
   from sedd_jax.sampling import sampler
-  from sedd_jax.training import state as state_lib
 
-  cfg = uniref50.get_config("small")
-  cfg.model.update(length=args.length, dtype=args.dtype, attention=args.attention, dropout=0.0)
-  if args.tiny:
-    cfg.model.update(hidden_size=64, n_heads=4, n_blocks=2, cond_dim=32)
-  graph = diffusion.get_graph(cfg.graph)
-  noise = diffusion.get_noise(cfg.noise)
-  model = state_lib.build_model(cfg, graph, seed=0)
-  kernel = model.output_layer.linear.kernel
-  kernel[...] = 0.02 * np.random.default_rng(0).normal(size=kernel.shape).astype(np.float32)
-  allowed = np.zeros((graph.dim,), bool)
-  allowed[4:24] = True
+  cfg, graph, noise, model, allowed = build_model(args)
   shape = (args.batch, args.length)
   device = jax.devices()[0]
   logger.info("device %s; model %s; N %d, L %d, %s", device.device_kind,
