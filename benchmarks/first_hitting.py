@@ -31,7 +31,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from sampling import build_model  # noqa: E402  (benchmarks/ is on sys.path)
+from sampling import add_model_args  # noqa: E402  (benchmarks/ is on sys.path)
+from sampling import build_model  # noqa: E402
 
 logger = logging.getLogger("benchmarks.first_hitting")
 
@@ -41,13 +42,9 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, nargs="*", default=[128, 256, 1024],
                  help="analytic step counts (none: first_hitting only)")
   p.add_argument("--no-first-hitting", action="store_true")
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--length", type=int, default=512)
   p.add_argument("--draw", default="unbiased", choices=("unbiased", "reference"))
   p.add_argument("--repeats", type=int, default=1)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  p.add_argument("--attention", default="auto", help="model.attention backend")
-  p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
+  add_model_args(p)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 

@@ -31,6 +31,15 @@ sys.path.insert(0, str(ROOT / "configs"))
 logger = logging.getLogger("benchmarks.sampling")
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """The flags `build_model` reads: --batch, --length, --dtype, --attention, --tiny."""
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--length", type=int, default=512)
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  p.add_argument("--attention", default="auto", help="model.attention backend")
+  p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
+
+
 def build_model(args):
   """(cfg, graph, noise, model, allowed) for the benchmark: SEDD-small (or --tiny) of
   args.length / args.dtype / args.attention, random weights with a re-drawn output layer, the
@@ -58,15 +67,11 @@ def build_model(args):
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, nargs="+", default=[128, 256, 1024])
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--length", type=int, default=512)
   p.add_argument("--predictor", default="analytic", choices=("analytic", "euler"))
   p.add_argument("--variants", nargs="+", default=["uncached", "cached"],
                  choices=("uncached", "cached"))
   p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  p.add_argument("--attention", default="auto", help="model.attention backend")
-  p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
+  add_model_args(p)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 

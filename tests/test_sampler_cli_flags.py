@@ -8,21 +8,11 @@ import pytest
 
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax import sample as sample_cli
-from sedd_jax.data import pipeline
 
 from test_sample_cli import STANDARD  # noqa: E402  (tests/ is on sys.path)
 from test_sample_cli import _fails  # noqa: E402
 from test_sample_cli import read_fasta  # noqa: E402
-from test_sample_cli import save_checkpoint  # noqa: E402
-from test_sample_cli import tiny_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("flags_cli")
-  cfg = tiny_config(tmp)
-  pipeline.ensure_prepared(cfg)
-  return save_checkpoint(tmp / "run", cfg)
+from test_sample_cli import workdir  # noqa: E402, F401  (the module-scoped checkpoint fixture)
 
 
 def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
