@@ -114,6 +114,12 @@ def test_lengths_give_pad():
   assert seen["lengths"] is not None
   for row, n in zip(x, lengths):
     assert (row[n:] == 1).all() and (row[:n] != 32).all()
+  # First-hitting: padded positions are never revealed, so max(lengths) calls in all.
+  x, nfe = _run(fn, (3, 16), graph=graph, steps=1, lengths=lengths, predictor="first_hitting",
+                return_nfe=True)
+  assert int(nfe) == lengths.max()
+  for row, n in zip(x, lengths):
+    assert (row[n:] == 1).all() and (row[:n] != 32).all()
 
 
 def test_bad_arguments():
