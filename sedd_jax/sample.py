@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="categorical draws: unbiased (64-bit noise, default) or reference (the "
                  "reference's float32 draw, which under-samples probabilities below ~1e-7)")
   p.add_argument("--remask", type=float, default=0.0, metavar="ETA",
-                 help="ReMDM remasking probability cap in [0, 1] (analytic predictor, absorbing "
-                 "graph; default 0 = off)")
+                 help="remasking probability in [0, 1] (absorbing graph; default 0 = off): the "
+                 "ReMDM cap for analytic, a remask-and-redraw move after each reveal for "
+                 "first_hitting")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=True, help="output FASTA")
@@ -288,8 +289,9 @@ def check_sampler_flags(args, predictor: str, graph) -> None:
     raise CliError("--predictor first_hitting needs the absorbing graph and no --cached")
   if not 0.0 <= args.remask <= 1.0:
     raise CliError(f"--remask must be in [0, 1]; got {args.remask}")
-  if args.remask > 0 and (predictor != "analytic" or not graph.absorb):
-    raise CliError("--remask needs --predictor analytic and the absorbing graph")
+  if args.remask > 0 and (predictor == "euler" or not graph.absorb):
+    raise CliError("--remask needs --predictor analytic or first_hitting and the absorbing "
+                   "graph")
 
 
 def run(args) -> int:

@@ -134,7 +134,7 @@ def test_bad_arguments():
                    predictor="first_hitting")
   with pytest.raises(ValueError, match="draw"):
     sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2, draw="float32")
-  with pytest.raises(ValueError, match="remask needs the analytic"):
+  with pytest.raises(ValueError, match="remask needs the analytic or first_hitting"):
     sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2, predictor="euler",
                    remask=0.1)
   with pytest.raises(ValueError, match=r"remask must be in \[0, 1\]"):
@@ -153,7 +153,8 @@ def _chi2_pvalue(x):
 @pytest.mark.parametrize("predictor,cached,seed", [("analytic", False, 11), ("analytic", True, 12),
                                                    ("euler", False, 13),
                                                    ("first_hitting", False, 14),
-                                                   ("remask", True, 15)])
+                                                   ("remask", True, 15),
+                                                   ("first_hitting_remask", False, 16)])
 def test_distribution_matches_target(predictor, cached, seed):
   """With the exact score of p0 the sampled sequences follow p0 (chi-square over 27 cells).
 
@@ -165,10 +166,12 @@ def test_distribution_matches_target(predictor, cached, seed):
   ReMDM remasking keeps each position's forward marginals (exactly: see the test below), but
   its extra unmasking per step is ~eta alpha_t / (1 - alpha_t) whatever the step size, so
   the error of drawing positions independently within a step grows with eta and the number
-  of steps: eta = 0.002 with 256 steps keeps it small (eta = 0.1 gives p ~ 1e-13 here)."""
+  of steps: eta = 0.002 with 256 steps keeps it small (eta = 0.1 gives p ~ 1e-13 here).
+  First-hitting's remasking corrector is a Gibbs move, exact at any eta (0.5 here)."""
   n = 10000
-  remask = 0.002 if predictor == "remask" else 0.0
-  predictor = "analytic" if predictor == "remask" else predictor
+  remask = {"remask": 0.002, "first_hitting_remask": 0.5}.get(predictor, 0.0)
+  predictor = {"remask": "analytic", "first_hitting_remask": "first_hitting"}.get(predictor,
+                                                                                  predictor)
   x = np.asarray(jax.jit(lambda k: sampler.sample(
       k, exact_score_fn(), GRAPH, NOISE, (n, L), steps=256 if remask else 64, predictor=predictor,
       cached=cached, remask=remask))(jax.random.key(seed)))
@@ -224,6 +227,10 @@ def test_first_hitting_clock():
   y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
                 fixed_tokens=fixed, fixed_mask=fixed > 0)
   assert int(nfe) == L - 1 and (y[:, 0] == 2).all()
+  # Remasking with eta = 1: a corrector call after every reveal, never on the fixed position.
+  y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
+                fixed_tokens=fixed, fixed_mask=fixed > 0, remask=1.0)
+  assert int(nfe) == 2 * (L - 1) and (y[:, 0] == 2).all()
 
 
 def test_cached_equals_uncached_given_same_draws():

@@ -18,7 +18,8 @@ from test_sample_cli import workdir  # noqa: E402, F401  (the module-scoped chec
 def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   base = ["--workdir", str(workdir), "--num", "3", "--length", "12", "--batch-size", "3"]
   assert sample_cli.main(base + ["--predictor", "first_hitting", "--draw", "reference",
-                                 "--prefix", "MK", "--out", str(tmp_path / "f.fasta")]) == 0
+                                 "--remask", "0.5", "--prefix", "MK",
+                                 "--out", str(tmp_path / "f.fasta")]) == 0
   recs = read_fasta(tmp_path / "f.fasta")
   assert len(recs) == 3
   for head, seq in recs:
@@ -29,7 +30,7 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   assert all("remask=0.2" in h for h, _ in read_fasta(tmp_path / "r.fasta"))
   out = ["--out", str(tmp_path / "x.fasta")]
   _fails(base + out + ["--predictor", "euler", "--remask", "0.1"], caplog,
-         "--remask needs --predictor analytic")
+         "--remask needs --predictor analytic or first_hitting")
   _fails(base + out + ["--remask", "1.5"], caplog, "--remask must be in [0, 1]")
   _fails(base + out + ["--predictor", "first_hitting", "--cached"], caplog,
          "first_hitting needs the absorbing graph and no --cached")

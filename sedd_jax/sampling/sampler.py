@@ -48,10 +48,15 @@ has a masked position (fixed and padded positions are never masked), so the call
 largest number of generated positions in the batch. Random numbers: reveal k uses
 fold_in(key, k).
 
-Remasking (`remask=eta > 0`, analytic predictor, absorbing graph): ReMDM's max-capped
+Remasking (`remask=eta > 0`, absorbing graph). Analytic predictor: ReMDM's max-capped
 schedule, `predictors.remdm_probs`: every step may mask generated tokens again (probability
-min(eta, (1 - alpha_s) / alpha_t)) while more masks are unmasked, so the marginals stay those of
-the forward process and a later step can revise an early token.
+min(eta, (1 - alpha_s) / alpha_t)) while more masks are unmasked, so each position's marginals
+stay those of the forward process and a later step can revise an early token. First-hitting:
+after each reveal at sigma, each sequence with probability eta masks one generated token
+(uniform among them; never a fixed one) and redraws it from the model at the same sigma. With
+the exact score that is a Gibbs move on the revealed tokens given the mask pattern, so the
+sampler stays exact at any eta; it costs one more model call per reveal when any sequence of
+the batch remasks (`lax.cond`), so up to 2 L calls.
 
 Categorical draws: `draw="unbiased"` (default) or "reference" (the reference's float32 draw;
 see sedd_jax.diffusion.categorical; the parity fixtures use it).
@@ -100,10 +105,17 @@ def _predictor(name: str, draw: str, remask: float):
   if not 0.0 <= remask <= 1.0:
     raise ValueError(f"remask must be in [0, 1]; got {remask}")
   if remask > 0:
-    if name != "analytic":
-      raise ValueError(f"remask needs the analytic predictor; got {name!r}")
-    return functools.partial(_predictors.remdm_step, eta=remask, draw=draw)
+    if name == "euler":
+      raise ValueError("remask needs the analytic or first_hitting predictor; got 'euler'")
+    if name == "analytic":
+      return functools.partial(_predictors.remdm_step, eta=remask, draw=draw)
   return functools.partial(steps[name], draw=draw) if name in steps else None
+
+
+def _token_at(key: Array, score: Array, pos: Array, draw: str) -> Array:
+  """(B,) int32 token drawn from the non-mask columns of `score` (B, L, D) at `pos` (B,)."""
+  probs = jnp.take_along_axis(score, pos[:, None, None], axis=1)[:, 0, :-1]  # (B, D - 1)
+  return _categorical.sample_categorical(key, probs, draw)
 
 
 def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
@@ -122,8 +134,7 @@ def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
   """
   k_pos, k_tok = jax.random.split(key)
   pos = _categorical.sample_categorical(k_pos, masked.astype(jnp.float32), draw)
-  probs = jnp.take_along_axis(score, pos[:, None, None], axis=1)[:, 0, :-1]  # (B, D - 1)
-  return pos, _categorical.sample_categorical(k_tok, probs, draw)
+  return pos, _token_at(k_tok, score, pos, draw)
 
 
 def next_reveal_log_m(key: Array, log_m: Array, n: Array) -> Array:
@@ -177,8 +188,9 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     pad_id: token written at positions >= lengths (default: the tokenizer's `<pad>`, 1).
     return_nfe: also return the number of score-function calls (int32 scalar).
     draw: "unbiased" (default) or "reference" categorical draws.
-    remask: ReMDM remasking probability cap eta in [0, 1] (analytic predictor, absorbing
-      graph; `predictors.remdm_probs`); 0 (default) = no remasking.
+    remask: remasking probability eta in [0, 1] (absorbing graph; module docstring): the
+      ReMDM cap for "analytic", the corrector probability for "first_hitting"; 0 (default) =
+      no remasking.
 
   Returns:
     (B, L) int32 tokens (and the call count if `return_nfe`).
@@ -226,7 +238,10 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
   t_final = jnp.full((batch,), eps, dtype=jnp.float32)
 
   if predictor == "first_hitting":
-    x, nfe = _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, eps, draw)
+    generated = valid if fixed_mask is None else valid & ~jnp.broadcast_to(
+        jnp.asarray(fixed_mask, bool), shape)
+    x, nfe = _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, generated, eps,
+                                 draw, remask)
     x = jnp.where(valid, x, jnp.int32(pad_id)).astype(jnp.int32)
     return (x, nfe) if return_nfe else x
 
@@ -281,11 +296,14 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
   return (x, nfe) if return_nfe else x
 
 
-def _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, eps, draw):
-  """The first-hitting reveals (module docstring) under one `lax.while_loop`.
+def _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, generated, eps, draw,
+                        remask):
+  """The first-hitting reveals (module docstring) under one `lax.while_loop`, each followed by
+  the remasking corrector when `remask` > 0. `generated` (B, L): positions it may remask.
 
   Returns (x (B, L) int32 with every valid position revealed, number of model calls)."""
   batch = x.shape[0]
+  row = jnp.arange(batch)
   x = proj(x)
   log_m = jnp.log(-jnp.expm1(-noise.total_noise(jnp.ones((batch,), jnp.float32))))
   sigma_min = noise.total_noise(jnp.full((batch,), eps, jnp.float32))
@@ -293,11 +311,26 @@ def _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, eps, draw):
   def masked_of(x):
     return (x == graph.mask) & valid
 
+  def corrector(key, x, sigma, nfe):
+    """Remask one generated token (probability `remask` per sequence) and redraw it from the
+    model at the same sigma: a Gibbs move that keeps the state's distribution."""
+    cand = generated & (x != graph.mask)
+    do = (jax.random.uniform(jax.random.fold_in(key, 0), (batch,)) < remask) & cand.any(-1)
+    pos = _categorical.sample_categorical(jax.random.fold_in(key, 1),
+                                          cand.astype(jnp.float32), draw)
+
+    def call(x):
+      xm = x.at[row, pos].set(jnp.where(do, graph.mask, x[row, pos]))
+      token = _token_at(jax.random.fold_in(key, 2), score_at(xm, sigma), pos, draw)
+      return x.at[row, pos].set(jnp.where(do, token, x[row, pos])), nfe + 1
+
+    return jax.lax.cond(jnp.any(do), call, lambda x: (x, nfe), x)
+
   def cond(carry):
     return jnp.any(masked_of(carry[0]))
 
   def body(carry):
-    x, log_m, k = carry
+    x, log_m, k, nfe = carry
     masked = masked_of(x)
     n = masked.sum(axis=-1)  # (B,)
     key_k = jax.random.fold_in(key, k)
@@ -306,11 +339,12 @@ def _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, eps, draw):
     pos, token = first_hitting_reveal(jax.random.fold_in(key_k, 1), score_at(x, sigma), masked,
                                       draw)
     active = n > 0
-    row = jnp.arange(batch)
     x = x.at[row, pos].set(jnp.where(active, token, x[row, pos]))
-    return x, jnp.where(active, new_log_m, log_m), k + 1
+    if remask > 0:
+      x, nfe = corrector(jax.random.fold_in(key_k, 2), x, sigma, nfe)
+    return x, jnp.where(active, new_log_m, log_m), k + 1, nfe + 1
 
-  x, _, nfe = jax.lax.while_loop(cond, body, (x, log_m, jnp.int32(0)))
+  x, _, _, nfe = jax.lax.while_loop(cond, body, (x, log_m, jnp.int32(0), jnp.int32(0)))
   return x, nfe
 
 
