@@ -43,6 +43,8 @@ def main(argv=None) -> int:
                  help="analytic step counts (none: first_hitting only)")
   p.add_argument("--no-first-hitting", action="store_true")
   p.add_argument("--draw", default="unbiased", choices=("unbiased", "reference"))
+  p.add_argument("--remask", type=float, default=0.0,
+                 help="first_hitting's remasking probability (0: off; up to 2 L model calls)")
   p.add_argument("--repeats", type=int, default=1)
   add_model_args(p)
   args = p.parse_args(argv)
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     def run(state, key, predictor=predictor, steps=steps):
       return sampler.sample_model(nnx.merge(graphdef, state), key, graph, noise, shape,
                                   steps=steps or 1, predictor=predictor, allowed=allowed,
-                                  draw=args.draw, return_nfe=True)
+                                  draw=args.draw, return_nfe=True,
+                                  remask=args.remask if predictor == "first_hitting" else 0.0)
 
     t0 = time.perf_counter()
     compiled = jax.jit(run).lower(state, jax.random.key(0)).compile()
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     sec = statistics.median(times)
     row = {"benchmark": "first_hitting", "device": device, "predictor": predictor,
            "steps": steps, "draw": args.draw, "batch": args.batch, "length": args.length,
+           "remask": args.remask if predictor == "first_hitting" else 0.0,
            "seconds": sec, "seq_per_s": args.batch / sec,
            "tokens_per_s": args.batch * args.length / sec,
            "model_calls": statistics.median(calls), "compile_s": compile_s,
