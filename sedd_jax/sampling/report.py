@@ -238,7 +238,7 @@ def aligned_identity(a: str, b: str) -> float:
   identical aligned residues / min(len(a), len(b)); nan if either is empty."""
   if not a or not b:
     return float("nan")
-  # 16-bit scores hold up to 32767 (BLOSUM62's best is 11 a residue): 32-bit beyond ~2900.
+  # 16-bit scores saturate at 32767 (BLOSUM62's best is 11 a residue): 32 bits beyond 2900.
   align = parasail.sg_stats_striped_16 if max(len(a), len(b)) < 2900 else (
       parasail.sg_stats_striped_32)
   r = align(a, b, ALIGN_GAP_OPEN, ALIGN_GAP_EXTEND, parasail.blosum62)
