@@ -284,11 +284,18 @@ def save_inference_checkpoint(path: str | os.PathLike, params: Any,
 
 def read_items(step_dir: str | os.PathLike,
                items: tuple[str, ...] = ("params", "ema", "train", "data", "config")) -> dict:
-  """The raw content of a checkpoint's items (arrays as saved; JSON items as dicts)."""
+  """The raw content of a checkpoint's items (JSON items as dicts; arrays as saved, on this
+  process's first device whatever topology wrote them, e.g. several processes)."""
   step_dir = pathlib.Path(step_dir).absolute()
   json_items = {"train", "data", "config"}
-  args = {k: ocp.args.JsonRestore() if k in json_items else ocp.args.StandardRestore()
-          for k in items}
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def arrays(item):
+    meta = ocp.StandardCheckpointHandler().metadata(step_dir / item)
+    return ocp.args.StandardRestore(jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta))
+
+  args = {k: ocp.args.JsonRestore() if k in json_items else arrays(k) for k in items}
   restored = _composite_checkpointer().restore(step_dir, args=ocp.args.Composite(**args))
   return {k: restored[k] for k in items}
 
