@@ -14,7 +14,8 @@
   compared with the uninterrupted run on the resuming topology and on the saving one (the batch
   stream and the loss do not depend on the topology).
 
-tokens/s: the median over the logged windows after the first of `tokens_per_s` in the run's
+Runs share a JAX compilation cache (`--root`/jax_cache), so `first_step_s` of a later run may
+be a cache load. tokens/s: the median over the logged windows after the first of `tokens_per_s` in the run's
 metrics.jsonl (padded tokens of the global batch per second of the loop, data loading
 included); per GPU and efficiency = (tokens/s per GPU) / (1-GPU tokens/s).
 
@@ -64,6 +65,7 @@ def train(name: str, root: pathlib.Path, variant: str, gpus: int, processes: int
   t0 = time.perf_counter()
   for p in range(processes):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids[p * per:(p + 1) * per]),
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),  # later runs skip compiling
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if cpu:
       env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={per}")
@@ -110,13 +112,14 @@ def emit(record: dict) -> None:
 def throughput(args, root: pathlib.Path, parts: set[str]) -> None:
   cases = []
   if parts & {"scaling", "processes"}:
-    cases.append(("small_1gpu", 1, 1, False))
+    cases.append(("1gpu", 1, 1, False))
   if "scaling" in parts:
-    cases += [("small_2gpu_dp", 2, 1, False), ("small_2gpu_fsdp", 2, 1, True)]
+    cases += [("2gpu_dp", 2, 1, False), ("2gpu_fsdp", 2, 1, True)]
   if "processes" in parts:
-    cases += [("small_2proc_dp", 2, 2, False), ("small_2proc_fsdp", 2, 2, True)]
+    cases += [("2proc_dp", 2, 2, False), ("2proc_fsdp", 2, 2, True)]
   base = None
-  for name, gpus, procs, fsdp in cases:
+  for case, gpus, procs, fsdp in cases:
+    name = f"{args.variant}_{case}"
     batch = args.batch_per_gpu * gpus
     over = dict(QUIET, **{"training.steps": args.steps, "training.batch_size": batch,
                           "training.log_every": args.log_every, "training.fsdp": fsdp,

@@ -135,8 +135,9 @@ def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):  # no
   1. `--fresh`, 3 steps: the old run (checkpoints included) is moved aside, training starts at
      step 0 and ends with a checkpoint at 3 equal to the reference's (parameters, EMA to 1e-5;
      the data state exactly); the samples written at step 3 are the reference's.
-  2. the same job with no step limit: resumes from 3; SIGTERM to process 1 alone stops both after
-     the same step, exit code 0, one new loadable checkpoint at that step.
+  2. the same job with no step limit and FSDP (parameters and optimizer state sharded over the
+     two processes): resumes from 3; SIGTERM to process 1 alone stops both after the same step,
+     exit code 0, one new loadable checkpoint at that step.
   The loss of every step equals the one-process run's to 1e-5.
   """
   run = tmp_path / "run"
@@ -156,7 +157,7 @@ def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):  # no
   samples = "samples/step_3.fasta"
   assert (run / samples).read_text() == (one_process / samples).read_text()
 
-  pair = Pair(run, store, tmp_path / "b", steps=100_000)
+  pair = Pair(run, store, tmp_path / "b", steps=100_000, **{"training.fsdp": True})
   pair.wait_for_line(0, r"step 5/100000 \|")
   pair.procs[1].send_signal(signal.SIGTERM)
   logs = pair.wait()
