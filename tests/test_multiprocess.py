@@ -34,7 +34,7 @@ from test_train import store  # noqa: E402, F401  (fixture)
 
 STEPS = 6
 SAMPLES = {"training.sample_every": 3, "training.ckpt_every": 3}  # samples and checkpoints at 3
-LAUNCH_TIMEOUT_S = 150  # one two-process run: start-up, compilation, a few steps, checkpoint
+LAUNCH_TIMEOUT_S = 300  # one two-process run: start-up, compilation, a few steps, checkpoint
 
 
 def free_port() -> int:
