@@ -15,8 +15,8 @@
   stream and the loss do not depend on the topology).
 
 Runs share a JAX compilation cache (`--root`/jax_cache), so `first_step_s` of a later run may
-be a cache load. tokens/s: the median over the logged windows after the first of `tokens_per_s` in the run's
-metrics.jsonl (padded tokens of the global batch per second of the loop, data loading
+be a cache load. tokens/s: the median over the logged windows after the first of `tokens_per_s`
+in the run's metrics.jsonl (padded tokens of the global batch per second of the loop, data loading
 included); per GPU and efficiency = (tokens/s per GPU) / (1-GPU tokens/s).
 
 One JSON line per measurement on stdout; each run's log and workdir under `--root`.
@@ -92,8 +92,8 @@ def train(name: str, root: pathlib.Path, variant: str, gpus: int, processes: int
   text = logs[0].read_text(errors="replace")
   first = [float(line.split("first step done in ")[1].split(" s")[0])
            for line in text.splitlines() if "first step done in" in line]
-  return {"wall_s": round(time.perf_counter() - t0, 1), "first_step_s": first[-1] if first else None,
-          "workdir": workdir, "log": text}
+  return {"wall_s": round(time.perf_counter() - t0, 1),
+          "first_step_s": first[-1] if first else None, "workdir": workdir, "log": text}
 
 
 def train_rows(workdir: pathlib.Path) -> list[dict]:
@@ -130,7 +130,8 @@ def throughput(args, root: pathlib.Path, parts: set[str]) -> None:
     base = base or tps
     emit({"bench": "multi_gpu", "part": "scaling" if procs == 1 else "processes", "case": name,
           "variant": args.variant, "gpus": gpus, "processes": procs, "fsdp": fsdp, "batch": batch,
-          "steps": args.steps, "tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / gpus),
+          "steps": args.steps, "tokens_per_s": round(tps),
+          "tokens_per_s_per_gpu": round(tps / gpus),
           "efficiency_vs_1gpu": round(tps / gpus / base, 3), "windows": len(windows),
           "first_step_s": r["first_step_s"], "wall_s": r["wall_s"]})
 
