@@ -27,13 +27,16 @@ checkpoint and exits 0 (a second Ctrl-C aborts at once). `training.max_bad_steps
 non-finite steps stop the run with a checkpoint and exit code 3.
 
 Devices: all devices of all processes form one data-parallel mesh (`sedd_jax.training.step`).
-Multi-host: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`),
-or under SLURM with more than one task (`SLURM_NTASKS` > 1), `jax.distributed.initialize()` is
-called first; each process then reads its own shard of the data (`batch_size / process_count`
-sequences per step) and only process 0 writes metrics, samples and the workdir's bookkeeping.
-The checkpoint stores process 0's data-iterator state and every process resumes from it: exact
-with the default single length bucket (the state is then only the stream position, the same on
-every shard), approximate with several buckets (examples waiting in a bucket may differ).
+Multi-process: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`,
+`JAX_PROCESS_ID`), or under SLURM with more than one task (`SLURM_NTASKS` > 1),
+`jax.distributed.initialize()` is called first. Every process then draws the same global batches
+from the data (its iterator state is the same everywhere) and hands only its devices' rows to
+them (`step.put_batch`), so the losses, the checkpointed data state and resuming do not depend
+on the number of processes or devices (a run saved on 2 GPUs resumes on 1 and the reverse).
+Process 0 alone moves the workdir aside (`--fresh`, then a barrier), prepares the data store,
+writes metrics, samples and `config.json`; every process writes its shards of each checkpoint
+(orbax). A signal to any process stops all of them after the same step: the flags are
+gathered from every process before each step (`StopFlag.agreed`).
 """
 
 from __future__ import annotations
@@ -106,20 +109,36 @@ def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
 
 
 class StopFlag:
-  """Set by SIGTERM / SIGINT; the training loop checks it between steps."""
+  """Set by SIGTERM / SIGINT; the training loop asks `agreed()` between steps."""
 
   def __init__(self):
     self.reason: str | None = None
+    self.signum = 0
     self._previous: dict[int, Any] = {}
 
   def __bool__(self) -> bool:
     return self.reason is not None
 
+  def agreed(self) -> str | None:
+    """The signal's name if this or ANY other process received one, else None.
+
+    With several processes this is a collective (an all-gather of the signal numbers): every
+    process must call it at the same step, and all get the same answer.
+    """
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    if jax.process_count() == 1:
+      return self.reason
+    signum = int(multihost_utils.process_allgather(np.int32(self.signum)).max())
+    return signal.Signals(signum).name if signum else None
+
   def _handler(self, signum, frame):
     name = signal.Signals(signum).name
     if self.reason is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # second Ctrl-C: abort at once
-    self.reason = name
+    self.reason, self.signum = name, int(signum)
     logger.warning("%s received: finishing the current step, then checkpointing and stopping "
                    "(Ctrl-C again aborts without a checkpoint)", name)
 
@@ -238,6 +257,8 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   primary = jax.process_index() == 0
   if primary:
     prepare_workdir(workdir, fresh)
+    pipeline.ensure_prepared(cfg)
+  step_lib.barrier("sedd_jax.train: workdir and data ready")
   total = int(cfg.training.steps)
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.training.keep,
@@ -273,19 +294,15 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
               len(devices), devices[0].platform, dict(mesh.shape), cfg.training.fsdp,
               cfg.training.batch_size, cfg.training.accum, step, total)
 
-  # Data.
-  nproc, pidx = jax.process_count(), jax.process_index()
-  pipeline.ensure_prepared(cfg)
-  train_it = pipeline.make_iterator(cfg, "train", cfg.training.batch_size // nproc, int(cfg.seed),
-                                    shard_index=pidx, shard_count=nproc)
+  # Data: the same global batches on every process (see the module docstring).
+  train_it = pipeline.make_iterator(cfg, "train", cfg.training.batch_size, int(cfg.seed))
   if data_state is not None:
     train_it.set_state(data_state)
   eval_batches = []
   if cfg.training.eval_every > 0 or cfg.training.sample_every > 0:
-    eval_bs = cfg.training.batch_size // cfg.training.accum // nproc
+    eval_bs = cfg.training.batch_size // cfg.training.accum
     try:
-      valid_it = pipeline.make_iterator(cfg, "valid", eval_bs, int(cfg.seed), shard_index=pidx,
-                                        shard_count=nproc)
+      valid_it = pipeline.make_iterator(cfg, "valid", eval_bs, int(cfg.seed))
       for _ in range(max(1, cfg.training.eval_batches)):
         b = next(valid_it)
         eval_batches.append({k: np.asarray(b[k]) for k in task.batch_keys})
@@ -352,8 +369,9 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
       _evaluate(eval_step, state, rest, eval_batches, built.put_batch, eval_key, writer, step)
       t_start = time.perf_counter()
     while step < total:
-      if stop:
-        reason = f"stopped by {stop.reason}"
+      signalled = stop.agreed()
+      if signalled:
+        reason = f"stopped by {signalled}"
         break
       if stop_after is not None and step - start_step >= stop_after:
         reason = "stop_after"
@@ -438,9 +456,21 @@ def _evaluate(eval_step, state, rest, batches, put, key, writer, step):
   writer.eval(step, row)
 
 
+def _host_value(x):
+  """The full value of the jax.Array `x` as numpy on every process (gathered from the other
+  processes when it is sharded across them)."""
+  import numpy as np  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return multihost_utils.process_allgather(x)
+
+
 # Periodic samples during training, one writer per task: `SAMPLE_WRITERS[task.name](built,
 # compiler_options, metrics_writer, workdir, primary)` returns `write(state, validation batches,
 # key, step)`, which samples with the EMA weights and writes `<workdir>/samples/step_<step>.*`.
+# Every process runs the sampler on the same global inputs (a collective); process 0 writes.
 
 
 def _protein_sample_writer(built, options, writer, workdir, primary):
@@ -462,8 +492,10 @@ def _protein_sample_writer(built, options, writer, workdir, primary):
                               steps=int(cfg.sampling.steps), predictor=str(cfg.sampling.predictor),
                               eps=float(cfg.sampling.eps), lengths=lengths, allowed=allowed)
 
+  replicated = jax.sharding.NamedSharding(built.mesh, jax.sharding.PartitionSpec())
   sample_fn = _cached("sample", cfg, built.mesh, options,
-                      lambda: jax.jit(run, compiler_options=options or None))
+                      lambda: jax.jit(run, out_shardings=replicated,
+                                      compiler_options=options or None))
 
   def write(state, batches, key, step):
     if batches:
@@ -513,8 +545,8 @@ def _ligand_sample_writer(built, options, writer, workdir, primary):
     pool = {k: np.concatenate([b[k] for b in batches])[:n] for k in modes.BATCH_KEYS}
     t0 = time.perf_counter()
     model = nnx.merge(built.defs.eval, state.ema, built.rest)
-    ligands = np.asarray(jax.device_get(modes.sample_ligand_given_protein(
-      key, model, cfg, pool["tokens"], pool["lengths"], pool["ligand_lengths"])))
+    ligands = _host_value(modes.sample_ligand_given_protein(
+      key, model, cfg, pool["tokens"], pool["lengths"], pool["ligand_lengths"]))
     if not primary:
       return
     smiles = [smiles_tok.decode(ligands[i, :pool["ligand_lengths"][i]])

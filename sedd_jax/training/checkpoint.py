@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sedd_jax import config as config_lib
+from sedd_jax.training import step as step_lib
 from sedd_jax.training.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ class Checkpointer:
 
     def scalar(v, s):
       a = jnp.asarray(v, jnp.int32)
-      return jax.device_put(a, s) if s is not None else a
+      return step_lib.put_global(a, s) if s is not None else a
 
     rng = np.asarray(meta["rng"], np.uint32).reshape(np.shape(template.rng))
     state = TrainState(
@@ -208,7 +209,7 @@ class Checkpointer:
       else r.params,
       opt_state=r.opt_state,
       ema=_fill(template.ema, r.ema) if isinstance(template.ema, nnx.State) else r.ema,
-      rng=jax.device_put(rng, sh.rng) if sh.rng is not None else jnp.asarray(rng),
+      rng=step_lib.put_global(rng, sh.rng) if sh.rng is not None else jnp.asarray(rng),
       bad_steps=scalar(meta["bad_steps"], sh.bad_steps),
       skipped=scalar(meta["skipped"], sh.skipped),
     )
@@ -251,6 +252,7 @@ class Checkpointer:
         dest = dest_root / f"{step}-{stamp}"
         shutil.move(str(src), str(dest))
         logger.error("moved unusable checkpoint %s to %s", src, dest)
+    step_lib.barrier("sedd_jax.checkpoint: unusable checkpoints moved aside")
     self._manager.close()
     self._manager = self._make_manager()
 
@@ -282,11 +284,18 @@ def save_inference_checkpoint(path: str | os.PathLike, params: Any,
 
 def read_items(step_dir: str | os.PathLike,
                items: tuple[str, ...] = ("params", "ema", "train", "data", "config")) -> dict:
-  """The raw content of a checkpoint's items (arrays as saved; JSON items as dicts)."""
+  """The raw content of a checkpoint's items (JSON items as dicts; arrays as saved, on this
+  process's first device whatever topology wrote them, e.g. several processes)."""
   step_dir = pathlib.Path(step_dir).absolute()
   json_items = {"train", "data", "config"}
-  args = {k: ocp.args.JsonRestore() if k in json_items else ocp.args.StandardRestore()
-          for k in items}
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def arrays(item):
+    meta = ocp.StandardCheckpointHandler().metadata(step_dir / item)
+    return ocp.args.StandardRestore(jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta))
+
+  args = {k: ocp.args.JsonRestore() if k in json_items else arrays(k) for k in items}
   restored = _composite_checkpointer().restore(step_dir, args=ocp.args.Composite(**args))
   return {k: restored[k] for k in items}
 

@@ -9,6 +9,10 @@ Devices: one 1-D mesh `('data',)` over all devices (`jax.make_mesh`); batches ar
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
 `cfg.training.fsdp` sharded fsdp-style (each array's largest axis divisible by the device count
 is split over `data`; arrays with none stay replicated). XLA inserts the collectives; no pmap.
+Several processes (`jax.distributed`): the mesh spans the devices of all of them; every process
+builds the same step-0 state from the seed and the same host batch (the GLOBAL batch), and
+`put_global` / `put_batch` hand each local device its part (`jax.make_array_from_callback`), so
+neither the state nor the batch stream depends on the number of processes.
 
 Train step (pure; `state` donated), shown for the SEDD task (`draw` + `loss`):
 
@@ -46,6 +50,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -124,13 +129,44 @@ def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)` (returns at once with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Places `tree`, whose value is the same on every process, with `shardings` (a matching tree).
+
+  Fully addressable shardings (one process) use `jax.device_put`; a mesh spanning several
+  processes gets global arrays whose local shards are sliced from this process's copy
+  (`jax.make_array_from_callback`; PRNG key arrays via their key data).
+  """
+
+  def one(x, s):
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shardings)
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
               keys: Sequence[str] = BATCH_KEYS) -> dict[str, Array]:
-  """This process's rows of `batch[k]` for k in `keys` (default the SEDD task's; pass
-  `task.batch_keys`) -> global arrays sharded over 'data' on their first axis (works
-  multi-host)."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in keys}
+  """The global batch `batch[k]` (B, ...) for k in `keys` (default the SEDD task's; pass
+  `task.batch_keys`), the same on every process -> arrays sharded over 'data' on their first
+  axis; each device receives only its rows (works with any number of processes)."""
+  out = {}
+  for k in keys:
+    host = np.asarray(batch[k])
+    if host.shape[0] % sharding.mesh.shape[AXIS]:
+      raise ValueError(f"batch[{k!r}] has {host.shape[0]} rows, not a multiple of the "
+                       f"{sharding.mesh.shape[AXIS]} devices of the mesh")
+    out[k] = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +487,8 @@ class Setup:
                           self.rest, compiler_options=compiler_options, task=self.task)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
-    """A host batch -> the task's batch arrays sharded over 'data'."""
+    """The global host batch (the same on every process) -> the task's batch arrays sharded
+    over 'data'."""
     return put_batch(batch, batch_sharding(self.mesh), self.task.batch_keys)
 
 
@@ -469,8 +506,8 @@ def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
   state = state_lib.init_state(cfg, params, optimizer)
   fsdp = bool(cfg.training.fsdp if fsdp is None else fsdp)
   shardings = state_shardings(mesh, state, fsdp)
-  state = jax.device_put(state, shardings)
-  rest = jax.device_put(rest, replicated(mesh, rest))
+  state = put_global(state, shardings)
+  rest = put_global(rest, replicated(mesh, rest))
   return Setup(cfg=cfg, task=task, defs=defs, rest=rest, n_params=n_params, optimizer=optimizer,
                mesh=mesh, state=state, shardings=shardings)
 

@@ -1,0 +1,193 @@
+"""Several GPUs of one host: the real training loop (`python -m sedd_jax.train`) in fresh processes.
+
+  python benchmarks/multi_gpu.py                      # all three parts, ~7 minutes on 2 H200s
+  python benchmarks/multi_gpu.py --only restore       # scaling | processes | restore
+  python benchmarks/multi_gpu.py --cpu --variant tiny --steps 20 --batch-per-gpu 8   # dry run
+
+* scaling: `small` on the bundled data, `--steps` steps, batch 64 per GPU: 1 GPU; 2 GPUs of one
+  process, data parallel and FSDP (`training.fsdp`). FSDP on one GPU is data parallelism (nothing
+  to shard over), so the 1-GPU run is the baseline of both.
+* processes: the same two 2-GPU runs as 2 processes x 1 GPU (the cluster layout:
+  `jax.distributed` on 127.0.0.1, `CUDA_VISIBLE_DEVICES` one GPU per process).
+* restore: `tiny`, 40 steps on 1 GPU and on 2 GPUs with a checkpoint at step 20; each run's
+  step-20 checkpoint resumed on the OTHER topology to step 40. The losses of steps 21..40 are
+  compared with the uninterrupted run on the resuming topology and on the saving one (the batch
+  stream and the loss do not depend on the topology).
+
+Runs share a JAX compilation cache (`--root`/jax_cache), so `first_step_s` of a later run may
+be a cache load. tokens/s: the median over the logged windows after the first of `tokens_per_s`
+in the run's metrics.jsonl (padded tokens of the global batch per second of the loop, data loading
+included); per GPU and efficiency = (tokens/s per GPU) / (1-GPU tokens/s).
+
+One JSON line per measurement on stdout; each run's log and workdir under `--root`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUIET = {"training.eval_every": 0, "training.sample_every": 0, "wandb.mode": "disabled"}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def visible_gpus() -> list[str]:
+  given = os.environ.get("CUDA_VISIBLE_DEVICES")
+  return given.split(",") if given else [str(i) for i in range(8)]
+
+
+def train(name: str, root: pathlib.Path, variant: str, gpus: int, processes: int,
+          overrides: dict, timeout_s: float, workdir: pathlib.Path | None = None,
+          cpu: bool = False) -> dict:
+  """Runs one job on `gpus` GPUs split over `processes` processes (with `cpu`, simulated CPU
+  devices instead); returns its wall time, first-step time, workdir and process 0's log."""
+  workdir = workdir or root / name
+  ids = visible_gpus()[:gpus]
+  per = gpus // processes
+  args = [sys.executable, "-m", "sedd_jax.train", f"--config=configs/uniref50.py:{variant}",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  port = free_port()
+  procs, logs = [], []
+  t0 = time.perf_counter()
+  for p in range(processes):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids[p * per:(p + 1) * per]),
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),  # later runs skip compiling
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if cpu:
+      env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={per}")
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(p))
+    logs.append(root / f"{name}.p{p}.log")
+    with open(logs[-1], "w") as f:
+      procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+  failed = None
+  while any(p.poll() is None for p in procs) and failed is None:
+    if any(p.poll() not in (None, 0) for p in procs):
+      failed = "a process failed"
+    elif time.perf_counter() - t0 > timeout_s:
+      failed = f"timed out after {timeout_s:.0f} s"
+    time.sleep(0.5)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  if failed or any(p.returncode for p in procs):
+    tail = logs[0].read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"{name}: {failed or 'a process failed'}; see {logs}\n{tail}")
+  text = logs[0].read_text(errors="replace")
+  first = [float(line.split("first step done in ")[1].split(" s")[0])
+           for line in text.splitlines() if "first step done in" in line]
+  return {"wall_s": round(time.perf_counter() - t0, 1),
+          "first_step_s": first[-1] if first else None, "workdir": workdir, "log": text}
+
+
+def train_rows(workdir: pathlib.Path) -> list[dict]:
+  rows = []
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if row["kind"] == "train":
+      rows.append(row)
+  return rows
+
+
+def emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def throughput(args, root: pathlib.Path, parts: set[str]) -> None:
+  cases = []
+  if parts & {"scaling", "processes"}:
+    cases.append(("1gpu", 1, 1, False))
+  if "scaling" in parts:
+    cases += [("2gpu_dp", 2, 1, False), ("2gpu_fsdp", 2, 1, True)]
+  if "processes" in parts:
+    cases += [("2proc_dp", 2, 2, False), ("2proc_fsdp", 2, 2, True)]
+  base = None
+  for case, gpus, procs, fsdp in cases:
+    name = f"{args.variant}_{case}"
+    batch = args.batch_per_gpu * gpus
+    over = dict(QUIET, **{"training.steps": args.steps, "training.batch_size": batch,
+                          "training.log_every": args.log_every, "training.fsdp": fsdp,
+                          "training.ckpt_every": 10 * args.steps})
+    r = train(name, root, args.variant, gpus, procs, over, args.timeout, cpu=args.cpu)
+    windows = [row["tokens_per_s"] for row in train_rows(r["workdir"])][1:]
+    tps = statistics.median(windows)
+    base = base or tps
+    emit({"bench": "multi_gpu", "part": "scaling" if procs == 1 else "processes", "case": name,
+          "variant": args.variant, "gpus": gpus, "processes": procs, "fsdp": fsdp, "batch": batch,
+          "steps": args.steps, "tokens_per_s": round(tps),
+          "tokens_per_s_per_gpu": round(tps / gpus),
+          "efficiency_vs_1gpu": round(tps / gpus / base, 3), "windows": len(windows),
+          "first_step_s": r["first_step_s"], "wall_s": r["wall_s"]})
+
+
+def restore(args, root: pathlib.Path) -> None:
+  """Save on one topology, resume on the other, compare with the uninterrupted runs."""
+  over = dict(QUIET, **{"training.steps": 40, "training.ckpt_every": 20, "training.log_every": 1})
+  full = {}
+  for gpus in (1, 2):
+    r = train(f"tiny_{gpus}gpu", root, "tiny", gpus, 1, over, args.timeout, cpu=args.cpu)
+    full[gpus] = {row["step"]: row["loss"] for row in train_rows(r["workdir"])}
+  for saved, resumed in ((2, 1), (1, 2)):
+    name = f"tiny_saved{saved}_resumed{resumed}"
+    workdir = root / name
+    shutil.copytree(root / f"tiny_{saved}gpu", workdir)
+    shutil.rmtree(workdir / "checkpoints" / "40")
+    n_before = len(train_rows(workdir))
+    r = train(name, root, "tiny", resumed, 1, over, args.timeout, workdir=workdir, cpu=args.cpu)
+    after = {row["step"]: row["loss"] for row in train_rows(workdir)[n_before:]}
+
+    def max_rel(ref):
+      return max(abs(after[s] - ref[s]) / abs(ref[s]) for s in after)
+
+    emit({"bench": "multi_gpu", "part": "restore", "variant": "tiny", "saved_on_gpus": saved,
+          "resumed_on_gpus": resumed, "saved_step": 20,
+          "resumed_from_step_20": "resumed from" in r["log"] and "(step 20)" in r["log"],
+          "resumed_steps": [min(after), max(after)],
+          "loss_before": [full[saved][s] for s in (18, 19, 20)],
+          "loss_after": [after[s] for s in (21, 22, 23)],
+          "uninterrupted_after": [full[resumed][s] for s in (21, 22, 23)],
+          "max_rel_diff_vs_uninterrupted_same_gpus": max_rel(full[resumed]),
+          "max_rel_diff_vs_uninterrupted_saving_gpus": max_rel(full[saved]),
+          "wall_s": r["wall_s"]})
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", action="append", choices=("scaling", "processes", "restore"),
+                      help="parts to run (repeatable; default all)")
+  parser.add_argument("--variant", default="small", help="config of scaling / processes")
+  parser.add_argument("--steps", type=int, default=80)
+  parser.add_argument("--log-every", type=int, default=10)
+  parser.add_argument("--batch-per-gpu", type=int, default=64)
+  parser.add_argument("--timeout", type=float, default=300, help="seconds per training job")
+  parser.add_argument("--root", default="/tmp/sedd_multi_gpu", help="logs and workdirs")
+  parser.add_argument("--cpu", action="store_true", help="simulated CPU devices (a dry run)")
+  args = parser.parse_args()
+  parts = set(args.only or ("scaling", "processes", "restore"))
+  root = pathlib.Path(args.root)
+  shutil.rmtree(root, ignore_errors=True)
+  root.mkdir(parents=True)
+  if parts & {"scaling", "processes"}:
+    throughput(args, root, parts)
+  if "restore" in parts:
+    restore(args, root)
+
+
+if __name__ == "__main__":
+  main()
