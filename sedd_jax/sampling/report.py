@@ -33,10 +33,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# The 25 residue letters of the ESM-2 alphabet, in its id order (4..28).
-RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
-
-
 def composition(seqs: Iterable[str], alphabet: str | None = None) -> dict[str, float]:
   """Residue frequencies pooled over `seqs` (sum to 1); letters of `alphabet` get 0 if unseen.
 
