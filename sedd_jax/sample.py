@@ -53,6 +53,7 @@ logger = logging.getLogger("sedd_jax.sample")
 
 MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
 PL_TASKS = ("ligand_given_protein", "protein_given_ligand")
+QUIET_LOGGERS = ("absl", "jax")  # their INFO lines only with --verbose
 
 
 class CliError(ValueError):
@@ -76,18 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, help="predictor steps (default cfg.sampling.steps)")
   p.add_argument("--predictor", choices=("analytic", "euler"), help="default cfg.sampling")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="random seed of the sampler and of drawn "
+                 "lengths / motif positions (default 0); the same seed and --batch-size give "
+                 "the same output")
   p.add_argument("--out", required=True, help="output FASTA")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--cached", action="store_true", help="reuse the model output while no token "
                  "changes (absorbing graph)")
-  p.add_argument("--prefix")
-  p.add_argument("--suffix")
-  p.add_argument("--motif", nargs="+", action="extend", default=[], metavar="SEQ@POS")
+  p.add_argument("--prefix", metavar="SEQ", help="fixed first residues of every sequence")
+  p.add_argument("--suffix", metavar="SEQ", help="fixed last residues of every sequence")
+  p.add_argument("--motif", nargs="+", action="extend", default=[], metavar="SEQ@POS",
+                 help="motif segments fixed inside the scaffold: SEQ@POS starts SEQ at the "
+                 "0-based position POS (MKV@0 = the first three residues); SEQ@? or SEQ alone "
+                 "draws the start uniformly among those overlapping nothing else fixed "
+                 "(seeded by --seed). Combinable with --prefix/--suffix")
   p.add_argument("--template", help="FASTA of templates")
   p.add_argument("--mask-char", default="_", help="template character to generate (default _)")
   p.add_argument("--infill", help="FASTA of sequences with spans=START:END,... in the header")
-  p.add_argument("--allow-rare", action="store_true", help="also generate X B U Z O")
+  p.add_argument("--allow-rare", action="store_true", help="also generate (and accept as fixed "
+                 "residues) X B U Z O")
   p.add_argument("--report", action="store_true", help="write <out>.report.json/.png")
   pl = p.add_argument_group("protein-ligand checkpoints")
   pl.add_argument("--task", choices=PL_TASKS, help="default cfg.sampling.task")
@@ -121,6 +129,19 @@ def load_model(args):
   if getattr(args, "config", None):
     check_same_shape(cfg, load_config(args.config), path, args.config)
   return model, cfg, graph, noise
+
+
+def read_config(args):
+  """The config of the checkpoint that `load_model` loads (the newest of --workdir), read
+  without building the model, so that the flags are checked before the slow load; None when it
+  cannot be read (`load_model` then says why)."""
+  from sedd_jax import config as config_lib
+  from sedd_jax.training import checkpoint as ckpt_lib
+  try:
+    step_dir = ckpt_lib.resolve_checkpoint_dirs(args.workdir or args.checkpoint)[0]
+    return config_lib.from_dict(ckpt_lib.read_items(step_dir, ("config",))["config"])
+  except Exception:  # noqa: BLE001 -- only a look ahead; load_model reports the real problem
+    return None
 
 
 def load_config(spec: str):
@@ -228,6 +249,7 @@ def make_plan(args, cfg, max_length: int) -> Plan:
             raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
           c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
           note = f"infill={name} spans={m.group(1)}"
+        check_fixed_residues(c, args.allow_rare, f"--{file_modes[0]} record {name!r}")
         conds += [c] * num
         notes += [note] * num
       return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
@@ -258,10 +280,13 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       parts = []
       if args.prefix:
         parts.append(cond.prefix(args.prefix, int(n), max_length))
+        check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
       if args.suffix:
         parts.append(cond.suffix(args.suffix, int(n), max_length))
+        check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
       if segments:
         parts.append(cond.motif(segments, int(n), rng, max_length))
+        check_fixed_residues(parts[-1], args.allow_rare, "--motif")
       conds.append(cond.combine(*parts) if parts else None)
     kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
                             ("motif", args.motif)) if v]
@@ -274,6 +299,44 @@ def make_plan(args, cfg, max_length: int) -> Plan:
     raise CliError(str(e)) from None
 
 
+def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
+  """CliError if the condition `c` fixes residues that the sampler never generates (the rule of
+  `tokenizers.residue_mask`: X B U Z O only with --allow-rare)."""
+  from sedd_jax.data import tokenizers
+  tok = tokenizers.ProteinTokenizer()
+  bad = c.mask & ~tokenizers.residue_mask(tok.vocab_size, allow_rare)[c.tokens]
+  if bad.any():
+    letters = "".join(sorted(set(tok.decode(c.tokens[bad]))))
+    raise CliError(f"{what} fixes {', '.join(letters)} (0-based positions "
+                   f"{np.flatnonzero(bad)[:10].tolist()}): only the 20 standard amino acids are "
+                   "generated unless --allow-rare; add --allow-rare or replace them")
+
+
+def is_protein_ligand(cfg) -> bool:
+  return cfg.get("task", "sedd") == "protein_ligand"
+
+
+def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
+  """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
+  flags against the config (CliError on bad input)."""
+  from sedd_jax import diffusion
+
+  for flag in ("task", "proteins", "ligand_length"):
+    if getattr(args, flag) is not None:
+      raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
+  plan = make_plan(args, cfg, int(cfg.model.length))
+  steps = int(args.steps or cfg.sampling.steps)
+  if steps < 1:
+    raise CliError(f"--steps must be >= 1; got {steps}")
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  if not 0.0 < eps < 1.0:
+    raise CliError(f"--eps must lie in (0, 1); got {eps}")
+  if args.cached and not diffusion.get_graph(cfg.graph).absorb:
+    raise CliError("--cached needs the absorbing graph")
+  return plan, steps, predictor, eps
+
+
 def run(args) -> int:
   import jax
 
@@ -284,21 +347,20 @@ def run(args) -> int:
   t_start = time.perf_counter()
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  if args.steps is not None and args.steps < 1:
+    raise CliError(f"--steps must be >= 1; got {args.steps}")
+  # The flags are checked against the checkpoint's config before the model is built and loaded.
+  peeked = read_config(args)
+  checked = None
+  if peeked is not None and not is_protein_ligand(peeked):
+    checked = check_sedd_args(args, peeked)
   model, cfg, graph, noise = load_model(args)
-  if cfg.get("task", "sedd") == "protein_ligand":
+  if is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, t_start)
-  for flag in ("task", "proteins", "ligand_length"):
-    if getattr(args, flag) is not None:
-      raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
+  if checked is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
+    checked = check_sedd_args(args, cfg)
+  plan, steps, predictor, eps = checked
   max_length = int(cfg.model.length)
-  plan = make_plan(args, cfg, max_length)
-  steps = int(args.steps or cfg.sampling.steps)
-  if steps < 1:
-    raise CliError(f"--steps must be >= 1; got {steps}")
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  if args.cached and not graph.absorb:
-    raise CliError("--cached needs the absorbing graph")
   run_len = int(plan.lengths.max())
   allowed = tokenizers.residue_mask(graph.dim, allow_rare=args.allow_rare)
   fixed_tokens = fixed_mask = None
@@ -474,10 +536,18 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
 
 
 def run_cli(parser: argparse.ArgumentParser, run_fn, argv: Sequence[str] | None) -> int:
-  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2."""
+  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2.
+
+  At the default verbosity the INFO lines of the libraries (QUIET_LOGGERS: orbax logs through
+  absl) are hidden; `--verbose` shows them.
+  """
+  parser.add_argument("--verbose", action="store_true",
+                      help="also show the INFO lines of jax, orbax and absl")
   args = parser.parse_args(argv)
   if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
   try:
     return run_fn(args)
   except CliError as e:

@@ -142,3 +142,55 @@ def test_bad_input_clear_errors(workdir, tmp_path, caplog):
   # --config naming another model shape than the checkpoint.
   _fails(base + ["--config", str(ROOT / "configs" / "uniref50.py:small")], caplog,
          "model.hidden_size: checkpoint 32, config 768")
+
+
+def test_flags_are_checked_before_the_model_is_loaded(workdir, tmp_path, caplog, monkeypatch):
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
+  base = ["--workdir", str(workdir), "--out", str(tmp_path / "x.fasta")]
+  _fails(base + ["--num", "0"], caplog, "--num must be >= 1")
+  _fails(base + ["--steps", "0"], caplog, "--steps must be >= 1")
+  _fails(base + ["--eps", "0"], caplog, "--eps must lie in (0, 1)")
+  _fails(base + ["--length", "49"], caplog, "over the model's maximum length 48")
+  _fails(base + ["--length", "10", "--prefix", "MK#"], caplog, "invalid character")
+  _fails(base + ["--lengths", str(tmp_path / "none.txt")], caplog, "no such file")
+  _fails(base + ["--task", "ligand_given_protein"], caplog, "protein-ligand checkpoints only")
+  _fails(base + ["--length", "10", "--motif", "XYZ@5"], caplog, "--motif fixes X, Z (0-based "
+         "positions [5, 7]): only the 20 standard amino acids are generated unless --allow-rare")
+
+
+def test_rare_fixed_residues_need_allow_rare(workdir, tmp_path, caplog):
+  """A fixed X/B/U/Z/O is refused without --allow-rare, whatever fixes it, and kept with it."""
+  base = ["--workdir", str(workdir), "--out", str(tmp_path / "r.fasta"), "--length", "12",
+          "--steps", "4", "--num", "2"]
+  _fails(base + ["--prefix", "MKB"], caplog, "--prefix fixes B (0-based positions [2])")
+  _fails(base + ["--suffix", "UGG"], caplog, "--suffix fixes U (0-based positions [9])")
+  tpl = tmp_path / "t.fasta"
+  tpl.write_text(">t1\nMA__G\n>t2\nO__\n")
+  _fails(base[:4] + ["--template", str(tpl)], caplog, "--template record 't2' fixes O")
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert sample_cli.main(base + ["--motif", "XYZ@5", "--allow-rare", "--verbose"]) == 0
+  for _, seq in read_fasta(tmp_path / "r.fasta"):
+    assert seq[5:8] == "XYZ" and set(seq[:5] + seq[8:]) <= STANDARD | set("XBUZO")
+  # --verbose shows the INFO lines of orbax (through absl); by default they are hidden.
+  assert any(r.name == "absl" and r.levelno == logging.INFO for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert sample_cli.main(base + ["--motif", "WYW@5"]) == 0
+  assert not [r for r in caplog.records if r.name in ("absl", "jax") or
+              r.name.startswith(("absl.", "jax."))]
+  assert any(r.name == "sedd_jax.sample" for r in caplog.records)
+
+
+def test_help_describes_the_conditioning_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    sample_cli.main(["--help"])
+  assert exit_info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for phrase in ("--prefix SEQ fixed first residues", "--suffix SEQ fixed last residues",
+                 "0-based position POS", "SEQ@? or SEQ alone draws the start",
+                 "--seed SEED random seed", "--verbose"):
+    assert phrase in text, phrase
