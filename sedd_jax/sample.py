@@ -461,7 +461,7 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
       raise CliError(f"--proteins {args.proteins} does not exist")
     names, given = [], []
     try:
-      for rec in fasta_lib.read_fasta(args.proteins):
+      for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
         x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
         names += [rec.name] * (args.num or 1)
         given += [x[:p_len]] * (args.num or 1)

@@ -31,12 +31,14 @@ def tiny_config(tmp: pathlib.Path, hidden: int = 32):
   return cfg
 
 
-def save_checkpoint(path: pathlib.Path, cfg, stored_cfg=None, seed=0):
+def save_checkpoint(path: pathlib.Path, cfg, stored_cfg=None, seed=0, random_output=True):
+  """A checkpoint of a fresh model; its output weights are random unless `random_output` is
+  False (then zero, as initialised: a uniform prediction over the non-mask tokens)."""
   graph = diffusion.get_graph(cfg.graph)
   model = state_lib.build_model(cfg, graph, seed=seed)
-  # Random (non-zero) output weights, so that the samples depend on the seed and the weights.
-  model.output_layer.linear.kernel[...] = np.random.default_rng(seed).normal(
-      size=model.output_layer.linear.kernel.shape).astype(np.float32)
+  if random_output:  # so that the samples depend on the seed and the weights
+    model.output_layer.linear.kernel[...] = np.random.default_rng(seed).normal(
+        size=model.output_layer.linear.kernel.shape).astype(np.float32)
   _, params, _ = nnx.split(model, nnx.Param, ...)
   ckpt_lib.save_inference_checkpoint(path / "checkpoints" / "0", params, stored_cfg or cfg)
   return path
