@@ -354,6 +354,8 @@ def run(args) -> int:
   checked = None
   if peeked is not None and not is_protein_ligand(peeked):
     checked = check_sedd_args(args, peeked)
+  elif peeked is not None:
+    check_protein_ligand_args(args, peeked)
   model, cfg, graph, noise = load_model(args)
   if is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, t_start)
@@ -427,14 +429,9 @@ def _pad(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
   return out, np.array([len(x) for x in seqs], np.int32)
 
 
-def run_protein_ligand(args, model, cfg, t_start: float) -> int:
-  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
-  import jax
-
-  from sedd_jax.data import fasta as fasta_lib
-  from sedd_jax.data import tokenizers
-  from sedd_jax.protein_ligand import modes
-
+def check_protein_ligand_args(args, cfg) -> str:
+  """The task to sample for a protein-ligand checkpoint of config `cfg`; CliError for flags that
+  do not apply or do not fit the config."""
   unused = [f for f in ("prefix", "suffix", "template", "infill", "lengths") if getattr(args, f)]
   unused += [f for f in ("motif", "cached", "report", "allow_rare") if getattr(args, f)]
   if unused:
@@ -445,6 +442,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
     raise CliError(f"--task {task!r}: choose one of {PL_TASKS}")
   if task == "protein_given_ligand" and args.proteins:
     raise CliError("--proteins gives proteins; protein_given_ligand takes ligands from --split")
+  if args.proteins and not pathlib.Path(args.proteins).is_file():
+    raise CliError(f"--proteins {args.proteins} does not exist")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
@@ -452,13 +451,24 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
                            ("--length", args.length, p_len)):
     if value is not None and not 1 <= value <= top:
       raise CliError(f"{flag} {value} must lie in [1, {top}]")
+  return task
+
+
+def run_protein_ligand(args, model, cfg, t_start: float) -> int:
+  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
+  import jax
+
+  from sedd_jax.data import fasta as fasta_lib
+  from sedd_jax.data import tokenizers
+  from sedd_jax.protein_ligand import modes
+
+  task = check_protein_ligand_args(args, cfg)
+  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   store, smiles_tok = reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
 
   if args.proteins:
-    if not pathlib.Path(args.proteins).is_file():
-      raise CliError(f"--proteins {args.proteins} does not exist")
     names, given = [], []
     try:
       for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
