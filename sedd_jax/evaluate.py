@@ -201,7 +201,7 @@ def run(args) -> int:
   if is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, out_path)
   max_length = int(cfg.model.length)
-  if data is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
+  if data is None or (not args.fasta and cfg.to_dict() != peeked.to_dict()):  # another ckpt
     data = read_eval_data(args, cfg)
   names, seqs = data
   cropped = sum(len(s) > max_length for s in seqs)

@@ -160,3 +160,21 @@ def test_trained_tiny_model_beats_unigram(tmp_path):
   res = json.loads(out.read_text())
   logging.getLogger(__name__).info("trained tiny model: %s", res)
   assert res["nelbo_per_token"] + 4 * res["se_per_token"] < res["unigram_nll_per_token"], res
+
+
+def test_checkpoint_without_config_item(workdir, tmp_path):
+  """A checkpoint whose config is only in the run folder's config.json (the config is then not
+  read ahead of the load): the inputs are checked after the load instead."""
+  import shutil
+
+  from sedd_jax import config as config_lib
+
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  shutil.rmtree(run / "checkpoints" / "0" / "config")
+  (run / "config.json").write_text(config_lib.to_json(tiny_config(workdir.parent)))
+  fa = tmp_path / "e.fasta"
+  fa.write_text(">a\nMKVLAAGGST\n")
+  assert evaluate_cli.main(["--workdir", str(run), "--fasta", str(fa), "--num-samples", "2",
+                            "--baseline-fasta", str(fa)]) == 0
+  assert json.loads((run / "eval_e.json").read_text())["num_tokens"] == 10
