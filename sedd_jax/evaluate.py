@@ -201,7 +201,8 @@ def run(args) -> int:
   if is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, out_path)
   max_length = int(cfg.model.length)
-  if data is None or (not args.fasta and cfg.to_dict() != peeked.to_dict()):  # another ckpt
+  # A split is read again when another checkpoint (of another config) was loaded than peeked.
+  if data is None or (not args.fasta and cfg.to_dict() != peeked.to_dict()):
     data = read_eval_data(args, cfg)
   names, seqs = data
   cropped = sum(len(s) > max_length for s in seqs)
