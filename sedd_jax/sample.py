@@ -21,8 +21,9 @@ Only the 20 standard amino acids are generated unless --allow-rare (adds X B U Z
 sampler zeroes the score of every other token (the rule of `tokenizers.residue_mask`; see
 sedd_jax.sampling.sampler), and conditioning that fixes another residue is refused. Same seed
 and batch size, same output. The flags are checked against the checkpoint's config before the
-model is loaded; `--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry the settings; `--report` also writes
-`<out>.report.json` and `<out>.report.png` (sampling.report) against the training data.
+model is loaded; `--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry
+the settings; `--report` also writes `<out>.report.json` and `<out>.report.png`
+(sampling.report) against the training data.
 
 Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): `--task` (default
 cfg.sampling.task) picks what is generated given the other track, clean:
