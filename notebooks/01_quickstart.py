@@ -124,8 +124,7 @@ train_store = store.open_store(pipeline.resolve_path(cfg.data.prepared), "train"
 num = 8 if FAST else 64
 rng = np.random.default_rng(0)
 lengths = np.minimum(rng.choice(train_store.lengths, num), L).astype(np.int32)
-allowed = np.zeros((graph.dim,), bool)
-allowed[tok.encode(tokenizers.STANDARD_RESIDUES)] = True
+allowed = tokenizers.residue_mask(graph.dim)  # the 20 standard amino acids
 
 tokens = sampler.sample_batched(jax.random.key(0), graph, noise, num, L, batch_size=num,
                                 steps=int(cfg.sampling.steps), model=model, lengths=lengths,

@@ -71,8 +71,7 @@ L = int(cfg.model.length)
 STEPS = int(cfg.sampling.steps)
 NUM = 4 if FAST else 8
 tok = tokenizers.ProteinTokenizer()
-allowed = np.zeros((graph.dim,), bool)
-allowed[tok.encode(tokenizers.STANDARD_RESIDUES)] = True
+allowed = tokenizers.residue_mask(graph.dim)  # the 20 standard amino acids
 print("model length", L, "| sampling steps", STEPS)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import sys
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "uniref50.py"
 DEFAULT_VARIANT = "small"
+HELP_FLAGS = frozenset({"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"})
 
 
 class ConvertError(ValueError):
@@ -50,17 +52,34 @@ def _import_torch():
   return torch
 
 
+def check_torch_file(path: pathlib.Path) -> None:
+  """ConvertError unless `path` is laid out as torch.save writes: a zip archive (the default
+  since torch 1.6) or a pickle stream of protocol 2 or above (starting with byte 0x80)."""
+  if not path.is_file():
+    raise ConvertError(f"input {path} does not exist")
+  if zipfile.is_zipfile(path):
+    return
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head.startswith(b"PK"):
+    raise ConvertError(f"input {path} is a truncated or corrupt zip archive (torch.save writes "
+                       "zip archives): copy the checkpoint again")
+  if not head.startswith(b"\x80"):
+    raise ConvertError(f"input {path} is not a PyTorch checkpoint: torch.save writes a zip "
+                       f"archive or a pickle stream, this file starts with {head!r}")
+
+
 def load_torch_file(path: str | pathlib.Path, allow_pickle: bool = False) -> Any:
   """torch.load on the CPU; weights_only unless `allow_pickle` (trusted files only)."""
   torch = _import_torch()
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConvertError(f"input {path} does not exist")
+  check_torch_file(path)
   try:
     return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
   except Exception as e:  # noqa: BLE001 -- torch raises several types for unreadable files
-    hint = "" if allow_pickle else (" (if the file is trusted and holds pickled objects, "
-                                    "retry with --allow_pickle)")
+    # Only a file that holds objects beyond tensors and containers loads with --allow_pickle.
+    hint = (" (if the file is trusted and holds pickled objects, retry with --allow_pickle)"
+            if not allow_pickle and "Weights only load failed" in str(e) else "")
     raise ConvertError(f"cannot read {path}: {type(e).__name__}: {e}{hint}") from e
 
 
@@ -218,7 +237,13 @@ def main(argv=None) -> None:
     config_lib.check_override_args(argv[1:])
   except (config_lib.ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  app.run(run, argv=argv)
+  try:
+    app.run(run, argv=argv)
+  except SystemExit as e:
+    # absl exits with 1 after printing the help it was asked for: that is no error.
+    if e.code == 1 and HELP_FLAGS & set(argv[1:]):
+      sys.exit(0)
+    raise
 
 
 if __name__ == "__main__":

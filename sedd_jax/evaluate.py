@@ -5,13 +5,15 @@ on held-out data, a split of the prepared store (`--split valid|test`, from cfg.
 or a FASTA file (`--fasta FILE`), with `--num-samples` Monte-Carlo draws of t per sequence
 (stratified by default; `--antithetic` or `--t-sampling iid|stratified|antithetic`). Sequences
 longer than the model's length are cropped to their first `cfg.model.length` residues (counted
-in the output). Prints nelbo/token, perplexity, its standard error and the unigram baseline
-(add-one-smoothed residue frequencies of the training split, or of `--baseline-fasta`), and
-writes them with the settings (and per-sequence values) to `--out`. Beside the negative ELBO:
-bits per residue (nats / ln 2) and, for the absorbing graph, the masked pseudo-perplexity that
-ESM-2 and other protein masked language models report (`--mask-frac` of the tokens masked,
-default 0.15, `--pppl-samples` mask draws per sequence, default 4; `--no-pseudo-perplexity`
-skips it; sedd_jax.sampling.likelihood.masked_nll).
+in the output). Prints nelbo/token, perplexity, its standard error, the share of non-standard
+residues (X B U Z O) among the evaluated tokens and the unigram baseline (add-one-smoothed
+frequencies of the 25 residue letters of the ESM-2 alphabet, the 20 standard amino acids and
+X B U Z O, in the training split or `--baseline-fasta`), and writes them with the settings (and
+per-sequence values) to `--out` (default `<run folder>/eval_<split or FASTA name>.json`). Beside
+the negative ELBO: bits per residue (nats / ln 2) and, for the absorbing graph, the masked
+pseudo-perplexity that ESM-2 and other protein masked language models report (`--mask-frac` of the
+tokens masked, default 0.15, `--pppl-samples` mask draws per sequence, default 4;
+`--no-pseudo-perplexity` skips it; sedd_jax.sampling.likelihood.masked_nll).
 
 Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): the score-entropy loss of every
 training mode (`sedd_jax.protein_ligand.modes.eval_loss_fn`, the per-sequence loss averaged over
@@ -34,7 +36,9 @@ from typing import Sequence
 import numpy as np
 
 from sedd_jax.sample import CliError, run_cli
+from sedd_jax.sample import is_protein_ligand
 from sedd_jax.sample import load_model
+from sedd_jax.sample import read_config
 from sedd_jax.sample import training_sequences
 
 logger = logging.getLogger("sedd_jax.evaluate")
@@ -61,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-sequences", type=int, default=None, help="evaluate the first N only")
   p.add_argument("--baseline-fasta", help="training FASTA for the unigram baseline")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", required=True, help="output JSON")
+  p.add_argument("--out", help="output JSON (default: eval_<split or FASTA name>.json in the "
+                 "run folder, the --workdir or the folder holding checkpoints/<step>)")
   p.add_argument("--mask-frac", type=float, default=0.15,
                  help="masked fraction for the pseudo-perplexity (default 0.15, as ESM-2)")
   p.add_argument("--pppl-samples", type=int, default=4,
@@ -71,26 +76,58 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def read_eval_data(args, cfg) -> tuple[list[str], list[np.ndarray]]:
-  """(names, id arrays) of the evaluation sequences."""
+def default_out(args) -> pathlib.Path:
+  """<run folder>/eval_<split or FASTA stem>[_<step>].json; the run folder of --checkpoint
+  DIR/checkpoints/<step> is DIR (the step is then part of the name)."""
+  what = args.split or pathlib.Path(args.fasta).name.split(".")[0]
+  if args.workdir:
+    return pathlib.Path(args.workdir) / f"eval_{what}.json"
+  ckpt = pathlib.Path(args.checkpoint)
+  run_dir = ckpt.parents[1] if ckpt.parent.name == "checkpoints" else ckpt.parent
+  return run_dir / f"eval_{what}_{ckpt.name}.json"
+
+
+def read_fasta_tokens(path: str, flag: str, limit: int | None = None
+                      ) -> tuple[list[str], list[np.ndarray]]:
+  """(names, ESM-2 id arrays) of the records of FASTA `path` (the first `limit`); CliError
+  naming `flag` and the file (and line) on bad input."""
   from sedd_jax.data import fasta as fasta_lib
-  from sedd_jax.data import pipeline
-  from sedd_jax.data import store as store_lib
   from sedd_jax.data import tokenizers
 
+  if not pathlib.Path(path).is_file():
+    raise CliError(f"{flag} {path} does not exist")
+  tok = tokenizers.ProteinTokenizer()
+  names, seqs = [], []
+  try:
+    for rec in fasta_lib.read_fasta(path, fasta_lib.Skips(hint="")):
+      names.append(rec.name)
+      seqs.append(tok.encode(rec.text, source=str(path), line=rec.line, name=rec.name))
+      if limit and len(seqs) >= limit:
+        break
+  except ValueError as e:
+    raise CliError(f"{flag}: {e}") from None
+  return names, seqs
+
+
+def residue_shares(seqs: list[np.ndarray]) -> dict:
+  """Share of the non-standard residues X B U Z O among the tokens of `seqs` (ESM-2 ids), with
+  the count of each."""
+  from sedd_jax.data import tokenizers
+
+  ids = np.concatenate(seqs) if seqs else np.zeros((0,), np.int32)
+  tok = tokenizers.ProteinTokenizer()
+  counts = {a: int(np.sum(ids == tok.encode(a)[0])) for a in tokenizers.RARE_RESIDUES}
+  return {"nonstandard_fraction": sum(counts.values()) / max(ids.size, 1),
+          "nonstandard_counts": counts}
+
+
+def read_eval_data(args, cfg) -> tuple[list[str], list[np.ndarray]]:
+  """(names, id arrays) of the evaluation sequences."""
+  from sedd_jax.data import pipeline
+  from sedd_jax.data import store as store_lib
+
   if args.fasta:
-    if not pathlib.Path(args.fasta).is_file():
-      raise CliError(f"--fasta {args.fasta} does not exist")
-    tok = tokenizers.ProteinTokenizer()
-    names, seqs = [], []
-    try:
-      for rec in fasta_lib.read_fasta(args.fasta):
-        names.append(rec.name)
-        seqs.append(tok.encode(rec.text, source=str(args.fasta), line=rec.line, name=rec.name))
-        if args.max_sequences and len(seqs) >= args.max_sequences:
-          break
-    except ValueError as e:
-      raise CliError(str(e)) from None
+    names, seqs = read_fasta_tokens(args.fasta, "--fasta", args.max_sequences)
   else:
     root = pipeline.resolve_path(cfg.data.prepared)
     try:
@@ -193,11 +230,27 @@ def run(args) -> int:
   if not 0.0 < args.mask_frac < 1.0 or args.pppl_samples < 1:
     raise CliError(f"--mask-frac must be in (0, 1) and --pppl-samples >= 1; got "
                    f"{args.mask_frac}, {args.pppl_samples}")
+  if args.max_sequences is not None and args.max_sequences < 1:
+    raise CliError(f"--max-sequences must be >= 1; got {args.max_sequences}")
+  out_path = pathlib.Path(args.out) if args.out else default_out(args)
+  # The data are read (and checked) before the model is built and loaded.
+  peeked = read_config(args)
+  if peeked is not None and is_protein_ligand(peeked):
+    check_protein_ligand_args(args)
+  data = None
+  if args.fasta or (peeked is not None and not is_protein_ligand(peeked)):
+    data = read_eval_data(args, peeked)
+  train = None
+  if args.baseline_fasta:
+    train = read_fasta_tokens(args.baseline_fasta, "--baseline-fasta")[1]
   model, cfg, graph, noise = load_model(args)
-  if cfg.get("task", "sedd") == "protein_ligand":
-    return run_protein_ligand(args, model, cfg)
+  if is_protein_ligand(cfg):
+    return run_protein_ligand(args, model, cfg, out_path)
   max_length = int(cfg.model.length)
-  names, seqs = read_eval_data(args, cfg)
+  # A split is read again when another checkpoint (of another config) was loaded than peeked.
+  if data is None or (not args.fasta and cfg.to_dict() != peeked.to_dict()):
+    data = read_eval_data(args, cfg)
+  names, seqs = data
   cropped = sum(len(s) > max_length for s in seqs)
   if cropped:
     logger.warning("%d of %d sequences are longer than the model's length %d and are cropped",
@@ -212,34 +265,30 @@ def run(args) -> int:
                              num_samples=args.pppl_samples, batch_size=args.batch_size,
                              seed=args.seed)
 
-  # Unigram baseline over the residues (ids 4..28) on the same (cropped) tokens.
-  train = None
-  if args.baseline_fasta:
-    from sedd_jax.data import fasta as fasta_lib
-    tok = tokenizers.ProteinTokenizer()
-    try:
-      train = [tok.encode(r.text) for r in fasta_lib.read_fasta(args.baseline_fasta)]
-    except (OSError, ValueError) as e:
-      raise CliError(f"--baseline-fasta: {e}") from None
-  else:
-    data = training_sequences(cfg)
-    train = data[0] if data is not None else None
+  # Unigram baseline over the 25 residue letters on the same (cropped) tokens.
+  if train is None:
+    found = training_sequences(cfg)
+    train = found[0] if found is not None else None
   eval_tokens = [s[:max_length] for s in seqs]
+  shares = residue_shares(eval_tokens)
   if train is None:
     logger.warning("no training data for the unigram baseline (give --baseline-fasta)")
     unigram = None
   else:
-    unigram = likelihood.unigram_baseline(train, eval_tokens, vocab=range(4, 29))
+    residue_ids = tokenizers.ProteinTokenizer().encode(tokenizers.RESIDUES)
+    unigram = likelihood.unigram_baseline(train, eval_tokens, vocab=residue_ids)
   out = {
       "source": args.workdir or args.checkpoint,
       "data": args.fasta or f"{cfg.data.prepared}:{args.split}",
       "num_samples": args.num_samples, "t_sampling": args.t_sampling, "t_min": args.t_min,
       "seed": args.seed, "cropped_sequences": int(cropped), "model_length": max_length,
-      **summary,
+      **summary, **shares,
       "unigram_nll_per_token": unigram,
       "unigram_perplexity": math.exp(unigram) if unigram is not None else None,
       "unigram_bits_per_residue": unigram / math.log(2) if unigram is not None else None,
       "pseudo_perplexity": pppl,
+      "unigram_alphabet": tokenizers.RESIDUES,
+      "unigram_fitted_on": args.baseline_fasta or f"{cfg.data.prepared}:train",
       "per_sequence": [
           {"name": n, "nelbo": float(v), "se": float(e), "tokens": int(t)}
           for n, v, e, t in zip(names,
@@ -247,15 +296,19 @@ def run(args) -> int:
                                 np.concatenate([r.se for r in results]),
                                 np.concatenate([r.tokens for r in results]))],
   }
-  out_path = pathlib.Path(args.out)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(_nan_to_none(out), indent=2, allow_nan=False))
+  rare = ", ".join(f"{a} {n}" for a, n in shares["nonstandard_counts"].items() if n)
   msg = (f"nelbo/token {summary['nelbo_per_token']:.4f} nats (SE {summary['se_per_token']:.4f}), "
          f"perplexity {summary['perplexity']:.3f} over {summary['num_tokens']} tokens of "
-         f"{summary['num_sequences']} sequences")
+         f"{summary['num_sequences']} sequences; non-standard residues "
+         f"{100 * shares['nonstandard_fraction']:.2f}% of the tokens" + (f" ({rare})" if rare
+                                                                         else ""))
   msg += f", {summary['bits_per_residue']:.4f} bits/residue"
   if unigram is not None:
-    msg += f"; unigram baseline {unigram:.4f} nats/token (perplexity {math.exp(unigram):.3f})"
+    msg += (f"; unigram baseline {unigram:.4f} nats/token (perplexity {math.exp(unigram):.3f}; "
+            f"add-one frequencies of the {len(tokenizers.RESIDUES)} residue letters "
+            f"{tokenizers.RESIDUES} in {out['unigram_fitted_on']})")
   if pppl is not None:
     msg += (f"; {pppl['mask_frac']:.0%}-masked pseudo-perplexity {pppl['pseudo_perplexity']:.3f}"
             f" ({pppl['masked_bits_per_residue']:.4f} bits/residue over "
@@ -265,7 +318,14 @@ def run(args) -> int:
   return 0
 
 
-def run_protein_ligand(args, model, cfg) -> int:
+def check_protein_ligand_args(args) -> None:
+  """CliError for the flags that do not apply to protein-ligand checkpoints."""
+  if args.fasta or args.baseline_fasta:
+    raise CliError("--fasta/--baseline-fasta do not apply to protein-ligand checkpoints; use "
+                   "--split valid|test")
+
+
+def run_protein_ligand(args, model, cfg, out_path: pathlib.Path) -> int:
   """Per-mode losses of a protein-ligand model on the pairs of --split (see the docstring)."""
   import jax
   import ml_collections
@@ -275,9 +335,7 @@ def run_protein_ligand(args, model, cfg) -> int:
   from sedd_jax.sample import _pad
   from sedd_jax.sample import reference_pairs
 
-  if args.fasta or args.baseline_fasta:
-    raise CliError("--fasta/--baseline-fasta do not apply to protein-ligand checkpoints; use "
-                   "--split valid|test")
+  check_protein_ligand_args(args)
   store, _ = reference_pairs(cfg, args.split)
   n = len(store) if not args.max_sequences else min(len(store), args.max_sequences)
   if n < 1:
@@ -333,7 +391,6 @@ def run_protein_ligand(args, model, cfg) -> int:
       "loss": means["loss"], **{f"loss/{m}": means[f"loss/{m}"] for m in modes.MODES},
       "losses": losses,
   }
-  out_path = pathlib.Path(args.out)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(_nan_to_none(result), indent=2, allow_nan=False))
   msg = "; ".join(f"{m} {losses[m]['loss']:.3f} ({losses[m]['loss_per_token']:.3f}/tok)"

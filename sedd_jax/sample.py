@@ -18,9 +18,12 @@ Conditioning (positions are 0-based, spans half-open):
                                      `spans=START:END[,START:END...]` to regenerate; --num each
 
 Only the 20 standard amino acids are generated unless --allow-rare (adds X B U Z O): the
-sampler zeroes the score of every other token (see sedd_jax.sampling.sampler). Same seed and
-batch size, same output. FASTA headers carry the settings; `--report` also writes
-`<out>.report.json` and `<out>.report.png` (sampling.report) against the training data.
+sampler zeroes the score of every other token (the rule of `tokenizers.residue_mask`; see
+sedd_jax.sampling.sampler), and conditioning that fixes another residue is refused. Same seed
+and batch size, same output. The flags are checked against the checkpoint's config before the
+model is loaded; `--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry
+the settings; `--report` also writes `<out>.report.json` and `<out>.report.png`
+(sampling.report) against the training data.
 
 Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): `--task` (default
 cfg.sampling.task) picks what is generated given the other track, clean:
@@ -53,6 +56,7 @@ logger = logging.getLogger("sedd_jax.sample")
 
 MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
 PL_TASKS = ("ligand_given_protein", "protein_given_ligand")
+QUIET_LOGGERS = ("absl", "jax")  # their INFO lines only with --verbose
 
 
 class CliError(ValueError):
@@ -85,18 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
                  "ReMDM cap for analytic, a remask-and-redraw move after each reveal for "
                  "first_hitting")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="random seed of the sampler and of drawn "
+                 "lengths / motif positions (default 0); the same seed and --batch-size give "
+                 "the same output")
   p.add_argument("--out", required=True, help="output FASTA")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--cached", action="store_true", help="reuse the model output while no token "
                  "changes (absorbing graph)")
-  p.add_argument("--prefix")
-  p.add_argument("--suffix")
-  p.add_argument("--motif", nargs="+", action="extend", default=[], metavar="SEQ@POS")
+  p.add_argument("--prefix", metavar="SEQ", help="fixed first residues of every sequence")
+  p.add_argument("--suffix", metavar="SEQ", help="fixed last residues of every sequence")
+  p.add_argument("--motif", nargs="+", action="extend", default=[], metavar="SEQ@POS",
+                 help="motif segments fixed inside the scaffold: SEQ@POS starts SEQ at the "
+                 "0-based position POS (MKV@0 = the first three residues); SEQ@? or SEQ alone "
+                 "draws the start uniformly among those overlapping nothing else fixed "
+                 "(seeded by --seed). Combinable with --prefix/--suffix")
   p.add_argument("--template", help="FASTA of templates")
   p.add_argument("--mask-char", default="_", help="template character to generate (default _)")
   p.add_argument("--infill", help="FASTA of sequences with spans=START:END,... in the header")
-  p.add_argument("--allow-rare", action="store_true", help="also generate X B U Z O")
+  p.add_argument("--allow-rare", action="store_true", help="also generate (and accept as fixed "
+                 "residues) X B U Z O")
   p.add_argument("--report", action="store_true", help="write <out>.report.json/.png")
   pl = p.add_argument_group("protein-ligand checkpoints")
   pl.add_argument("--task", choices=PL_TASKS, help="default cfg.sampling.task")
@@ -130,6 +141,19 @@ def load_model(args):
   if getattr(args, "config", None):
     check_same_shape(cfg, load_config(args.config), path, args.config)
   return model, cfg, graph, noise
+
+
+def read_config(args):
+  """The config of the checkpoint that `load_model` loads (the newest of --workdir), read
+  without building the model, so that the flags are checked before the slow load; None when it
+  cannot be read (`load_model` then says why)."""
+  from sedd_jax import config as config_lib
+  from sedd_jax.training import checkpoint as ckpt_lib
+  try:
+    step_dir = ckpt_lib.resolve_checkpoint_dirs(args.workdir or args.checkpoint)[0]
+    return config_lib.from_dict(ckpt_lib.read_items(step_dir, ("config",))["config"])
+  except Exception:  # noqa: BLE001 -- only a look ahead; load_model reports the real problem
+    return None
 
 
 def load_config(spec: str):
@@ -237,6 +261,7 @@ def make_plan(args, cfg, max_length: int) -> Plan:
             raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
           c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
           note = f"infill={name} spans={m.group(1)}"
+        check_fixed_residues(c, args.allow_rare, f"--{file_modes[0]} record {name!r}")
         conds += [c] * num
         notes += [note] * num
       return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
@@ -267,10 +292,13 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       parts = []
       if args.prefix:
         parts.append(cond.prefix(args.prefix, int(n), max_length))
+        check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
       if args.suffix:
         parts.append(cond.suffix(args.suffix, int(n), max_length))
+        check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
       if segments:
         parts.append(cond.motif(segments, int(n), rng, max_length))
+        check_fixed_residues(parts[-1], args.allow_rare, "--motif")
       conds.append(cond.combine(*parts) if parts else None)
     kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
                             ("motif", args.motif)) if v]
@@ -294,6 +322,46 @@ def check_sampler_flags(args, predictor: str, graph) -> None:
                    "graph")
 
 
+def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
+  """CliError if the condition `c` fixes residues that the sampler never generates (the rule of
+  `tokenizers.residue_mask`: X B U Z O only with --allow-rare)."""
+  from sedd_jax.data import tokenizers
+  tok = tokenizers.ProteinTokenizer()
+  bad = c.mask & ~tokenizers.residue_mask(tok.vocab_size, allow_rare)[c.tokens]
+  if bad.any():
+    letters = "".join(sorted(set(tok.decode(c.tokens[bad]))))
+    raise CliError(f"{what} fixes {', '.join(letters)} (0-based positions "
+                   f"{np.flatnonzero(bad)[:10].tolist()}): only the 20 standard amino acids are "
+                   "generated unless --allow-rare; add --allow-rare or replace them")
+
+
+def is_protein_ligand(cfg) -> bool:
+  return cfg.get("task", "sedd") == "protein_ligand"
+
+
+def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
+  """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
+  flags against the config (CliError on bad input)."""
+  from sedd_jax import diffusion
+
+  for flag in ("task", "proteins", "ligand_length"):
+    if getattr(args, flag) is not None:
+      raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
+  plan = make_plan(args, cfg, int(cfg.model.length))
+  steps = int(args.steps or cfg.sampling.steps)
+  if steps < 1:
+    raise CliError(f"--steps must be >= 1; got {steps}")
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  if not 0.0 < eps < 1.0:
+    raise CliError(f"--eps must lie in (0, 1); got {eps}")
+  graph = diffusion.get_graph(cfg.graph)
+  if args.cached and not graph.absorb:
+    raise CliError("--cached needs the absorbing graph")
+  check_sampler_flags(args, predictor, graph)
+  return plan, steps, predictor, eps
+
+
 def run(args) -> int:
   import jax
 
@@ -304,22 +372,22 @@ def run(args) -> int:
   t_start = time.perf_counter()
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  if args.steps is not None and args.steps < 1:
+    raise CliError(f"--steps must be >= 1; got {args.steps}")
+  # The flags are checked against the checkpoint's config before the model is built and loaded.
+  peeked = read_config(args)
+  checked = None
+  if peeked is not None and not is_protein_ligand(peeked):
+    checked = check_sedd_args(args, peeked)
+  elif peeked is not None:
+    check_protein_ligand_args(args, peeked)
   model, cfg, graph, noise = load_model(args)
-  if cfg.get("task", "sedd") == "protein_ligand":
+  if is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, t_start)
-  for flag in ("task", "proteins", "ligand_length"):
-    if getattr(args, flag) is not None:
-      raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
+  if checked is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
+    checked = check_sedd_args(args, cfg)
+  plan, steps, predictor, eps = checked
   max_length = int(cfg.model.length)
-  plan = make_plan(args, cfg, max_length)
-  steps = int(args.steps or cfg.sampling.steps)
-  if steps < 1:
-    raise CliError(f"--steps must be >= 1; got {steps}")
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  if args.cached and not graph.absorb:
-    raise CliError("--cached needs the absorbing graph")
-  check_sampler_flags(args, predictor, graph)
   run_len = int(plan.lengths.max())
   allowed = tokenizers.residue_mask(graph.dim, allow_rare=args.allow_rare)
   fixed_tokens = fixed_mask = None
@@ -388,14 +456,9 @@ def _pad(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
   return out, np.array([len(x) for x in seqs], np.int32)
 
 
-def run_protein_ligand(args, model, cfg, t_start: float) -> int:
-  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
-  import jax
-
-  from sedd_jax.data import fasta as fasta_lib
-  from sedd_jax.data import tokenizers
-  from sedd_jax.protein_ligand import modes
-
+def check_protein_ligand_args(args, cfg) -> str:
+  """The task to sample for a protein-ligand checkpoint of config `cfg`; CliError for flags that
+  do not apply or do not fit the config."""
   unused = [f for f in ("prefix", "suffix", "template", "infill", "lengths") if getattr(args, f)]
   unused += [f for f in ("motif", "cached", "report", "allow_rare") if getattr(args, f)]
   if unused:
@@ -406,6 +469,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
     raise CliError(f"--task {task!r}: choose one of {PL_TASKS}")
   if task == "protein_given_ligand" and args.proteins:
     raise CliError("--proteins gives proteins; protein_given_ligand takes ligands from --split")
+  if args.proteins and not pathlib.Path(args.proteins).is_file():
+    raise CliError(f"--proteins {args.proteins} does not exist")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
@@ -413,16 +478,27 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
                            ("--length", args.length, p_len)):
     if value is not None and not 1 <= value <= top:
       raise CliError(f"{flag} {value} must lie in [1, {top}]")
+  return task
+
+
+def run_protein_ligand(args, model, cfg, t_start: float) -> int:
+  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
+  import jax
+
+  from sedd_jax.data import fasta as fasta_lib
+  from sedd_jax.data import tokenizers
+  from sedd_jax.protein_ligand import modes
+
+  task = check_protein_ligand_args(args, cfg)
+  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   store, smiles_tok = reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
 
   if args.proteins:
-    if not pathlib.Path(args.proteins).is_file():
-      raise CliError(f"--proteins {args.proteins} does not exist")
     names, given = [], []
     try:
-      for rec in fasta_lib.read_fasta(args.proteins):
+      for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
         x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
         names += [rec.name] * (args.num or 1)
         given += [x[:p_len]] * (args.num or 1)
@@ -499,10 +575,18 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
 
 
 def run_cli(parser: argparse.ArgumentParser, run_fn, argv: Sequence[str] | None) -> int:
-  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2."""
+  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2.
+
+  At the default verbosity the INFO lines of the libraries (QUIET_LOGGERS: orbax logs through
+  absl) are hidden; `--verbose` shows them.
+  """
+  parser.add_argument("--verbose", action="store_true",
+                      help="also show the INFO lines of jax, orbax and absl")
   args = parser.parse_args(argv)
   if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
   try:
     return run_fn(args)
   except CliError as e:

@@ -1,5 +1,6 @@
 """python -m sedd_jax.convert on .pth files written with torch.save from a parity fixture."""
 
+import argparse
 import collections
 import os
 import pathlib
@@ -129,3 +130,35 @@ def test_missing_torch_is_explained(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(convert.ConvertError, match=r"sedd_jax\[torch\]"):
     convert.load_torch_file(tmp_path / "x.pth")
+
+
+def test_files_that_are_no_torch_checkpoint_are_named(tmp_path):
+  """A Python file, a FASTA file or a truncated checkpoint is reported as such, with or without
+  --allow_pickle; --allow_pickle is offered only for a checkpoint holding other objects."""
+  torch = pytest.importorskip("torch")
+  py = tmp_path / "train.py"
+  py.write_text("import torch\nprint('hi')\n")
+  fa = tmp_path / "seqs.fasta"
+  fa.write_text(">a\nMKV\n")
+  for path in (py, fa):
+    for allow in (False, True):
+      with pytest.raises(convert.ConvertError, match="is not a PyTorch checkpoint") as e:
+        convert.load_torch_file(path, allow_pickle=allow)
+      assert "--allow_pickle" not in str(e.value)
+  good = tmp_path / "good.pth"
+  torch.save({"model": {"w": torch.zeros(3)}, "extra": argparse.Namespace(a=1)}, good)
+  with pytest.raises(convert.ConvertError, match="retry with --allow_pickle"):
+    convert.load_torch_file(good)
+  assert convert.load_torch_file(good, allow_pickle=True)["extra"].a == 1
+  cut = tmp_path / "cut.pth"
+  cut.write_bytes(good.read_bytes()[:200])
+  with pytest.raises(convert.ConvertError, match="truncated or corrupt zip archive"):
+    convert.load_torch_file(cut)
+
+
+def test_help_exits_0():
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  res = subprocess.run([sys.executable, "-m", "sedd_jax.convert", "--help"], capture_output=True,
+                       text=True, env=env, timeout=120)
+  assert res.returncode == 0, res.stderr
+  assert "--input" in res.stdout and "PyTorch checkpoint" in res.stdout

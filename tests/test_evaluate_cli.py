@@ -4,12 +4,16 @@ trained tiny model whose ELBO beats the unigram baseline on held-out data."""
 import json
 import logging
 import math
+import pathlib
 
 import numpy as np
 import pytest
 
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax.data import pipeline
+from sedd_jax.data import store as store_lib
+from sedd_jax.data import tokenizers
+from sedd_jax.training import checkpoint as ckpt_lib
 
 from test_sample_cli import save_checkpoint  # noqa: E402  (tests/ is on sys.path)
 from test_sample_cli import tiny_config  # noqa: E402
@@ -18,15 +22,31 @@ from test_sample_cli import uniref50  # noqa: E402
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """A tiny model with zero output weights (as initialised): with scale_by_sigma its score is
+  uniform over the 32 non-mask tokens, so the expected negative ELBO per token is
+  log(32) (1 - e^-sigma(1)) in closed form."""
   tmp = tmp_path_factory.mktemp("evaluate_cli")
   cfg = tiny_config(tmp)
+  assert cfg.model.scale_by_sigma and cfg.graph.type == "absorb"
   pipeline.ensure_prepared(cfg)
-  return save_checkpoint(tmp / "run", cfg)
+  return save_checkpoint(tmp / "run", cfg, random_output=False)
+
+
+def unigram_nll(train, evaluated) -> float:
+  """Brute force: mean -log p over the evaluated tokens, p = add-one frequencies of the 25
+  residue ids 4..28 in `train`."""
+  counts = np.ones(25)
+  for s in train:
+    for t in np.asarray(s):
+      counts[t - 4] += 1
+  p = counts / counts.sum()
+  toks = np.concatenate([np.asarray(s) for s in evaluated])
+  return float(-np.mean(np.log(p[toks - 4])))
 
 
 def test_fasta_and_split(workdir, tmp_path, capsys):
   fa = tmp_path / "e.fasta"
-  fa.write_text(">a\nMKVLAAGGSTEEKK\n>b\nMKVLSTTTAAGW\n>c\n" + "A" * 60 + "\n")
+  fa.write_text(">a\nMKVLAAGGSTXEKK\n>b\nMKVLSTBTAAGW\n>c\n" + "A" * 60 + "\n")
   args = ["--workdir", str(workdir), "--fasta", str(fa), "--num-samples", "4",
           "--baseline-fasta", str(fa), "--batch-size", "2"]
   assert evaluate_cli.main(args + ["--out", str(tmp_path / "a.json")]) == 0
@@ -36,39 +56,77 @@ def test_fasta_and_split(workdir, tmp_path, capsys):
   assert a["nelbo_per_token"] == b["nelbo_per_token"]  # same seed, same estimate
   assert a["num_sequences"] == 3 and a["cropped_sequences"] == 1
   assert a["num_tokens"] == 14 + 12 + 48  # the long one cropped to the model length
-  if a["nelbo_per_token"] < 700:
-    assert a["perplexity"] == pytest.approx(math.exp(a["nelbo_per_token"]))
-  assert a["se_per_token"] > 0 and a["unigram_nll_per_token"] > 0
+  assert a["perplexity"] == pytest.approx(math.exp(a["nelbo_per_token"]))
+  assert a["se_per_token"] > 0
+  # Non-standard residues among the evaluated tokens: one X and one B of 74.
+  assert a["nonstandard_fraction"] == pytest.approx(2 / 74)
+  assert a["nonstandard_counts"] == {"X": 1, "B": 1, "U": 0, "Z": 0, "O": 0}
+  assert a["unigram_alphabet"] == "LAGVSERTIDPKQNFYMHWCXBUZO"
+  tok = tokenizers.ProteinTokenizer()
+  seqs = [tok.encode(x) for x in ("MKVLAAGGSTXEKK", "MKVLSTBTAAGW", "A" * 60)]
+  assert a["unigram_nll_per_token"] == pytest.approx(
+      unigram_nll(seqs, [seqs[0], seqs[1], seqs[2][:48]]))
   assert [s["name"] for s in a["per_sequence"]] == ["a", "b", "c"]
-  assert "nelbo/token" in capsys.readouterr().out
-  out = tmp_path / "s.json"
-  assert evaluate_cli.main(["--workdir", str(workdir), "--split", "test", "--num-samples", "4",
-                            "--antithetic", "--max-sequences", "4", "--out", str(out)]) == 0
-  s = json.loads(out.read_text())
+  out = capsys.readouterr().out
+  assert "non-standard residues 2.70% of the tokens (X 1, B 1)" in out
+  assert "add-one frequencies of the 25 residue letters LAGVSERTIDPKQNFYMHWCXBUZO in " in out
+
+  # A split, without --out: the JSON goes to the run folder.
+  assert evaluate_cli.main(["--workdir", str(workdir), "--split", "test", "--num-samples", "16",
+                            "--antithetic", "--max-sequences", "4"]) == 0
+  s = json.loads((workdir / "eval_test.json").read_text())
   assert s["t_sampling"] == "antithetic" and 0 < s["num_sequences"] <= 4
-  assert s["se_per_token"] is not None
-  assert s["unigram_nll_per_token"] is not None  # from the prepared training split
+  expected = math.log(32) * (1 - s["terminal_unmasked_prob"])
+  assert abs(s["nelbo_per_token"] - expected) < 4 * s["se_per_token"], s
+  assert 0 < s["se_per_token"] < 1
+  cfg = tiny_config(workdir.parent)
+  train = store_lib.Store(cfg.data.prepared, "train")
+  test = store_lib.Store(cfg.data.prepared, "test")
+  evaluated = [np.asarray(test[i])[:48] for i in range(s["num_sequences"])]  # cropped
+  assert s["unigram_nll_per_token"] == pytest.approx(
+      unigram_nll([train[i] for i in range(len(train))], evaluated))
+  assert s["unigram_fitted_on"] == f"{cfg.data.prepared}:train"
 
 
-def test_bad_input(workdir, tmp_path, caplog):
+def test_default_out_is_in_the_run_folder():
+  parse = evaluate_cli.build_parser().parse_args
+  assert evaluate_cli.default_out(parse(["--workdir", "runs/x", "--split", "valid"])) == (
+      pathlib.Path("runs/x/eval_valid.json"))
+  assert evaluate_cli.default_out(parse(["--checkpoint", "runs/x/checkpoints/600", "--fasta",
+                                         "d/pdb.faa.gz"])) == pathlib.Path(
+      "runs/x/eval_pdb_600.json")
+
+
+def test_bad_input(workdir, tmp_path, caplog, monkeypatch):
   fa = tmp_path / "bad.fasta"
   fa.write_text(">a\nMKV#LA\n")
+  good = tmp_path / "good.fasta"
+  good.write_text(">a\nMKVLA\n")
   cases = [
-      (["--fasta", str(fa)], "bad.fasta:2"),
+      (["--fasta", str(fa)], "--fasta: {fa}:2: invalid character '#' at column 4 in sequence 'a'"),
       (["--fasta", str(tmp_path / "none.fasta")], "does not exist"),
       (["--split", "valid", "--antithetic", "--num-samples", "3"], "even"),
+      (["--split", "valid", "--max-sequences", "0"], "--max-sequences must be >= 1"),
+      (["--fasta", str(good), "--baseline-fasta", str(fa)], "--baseline-fasta: {fa}:2"),
   ]
-  for extra, match in cases:
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-      assert evaluate_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "o.json")]
-                               + extra) == 2
-    assert match in caplog.text, (extra, caplog.text)
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the inputs were checked")
+
+  with monkeypatch.context() as m:
+    m.setattr(ckpt_lib, "load_for_inference", no_load)
+    for extra, match in cases:
+      caplog.clear()
+      with caplog.at_level(logging.ERROR):
+        assert evaluate_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "o.json")]
+                                 + extra) == 2
+      assert match.format(fa=fa) in caplog.text, (extra, caplog.text)
+      assert "on-error" not in caplog.text  # evaluate has no such option
   bad = save_checkpoint(tmp_path / "bad", tiny_config(tmp_path),
                         stored_cfg=tiny_config(tmp_path, hidden=64))
   caplog.clear()
   with caplog.at_level(logging.ERROR):
-    assert evaluate_cli.main(["--workdir", str(bad), "--split", "valid",
+    assert evaluate_cli.main(["--workdir", str(bad), "--fasta", str(good),
                               "--out", str(tmp_path / "o.json")]) == 2
   assert "another model shape" in caplog.text
 
@@ -102,3 +160,21 @@ def test_trained_tiny_model_beats_unigram(tmp_path):
   res = json.loads(out.read_text())
   logging.getLogger(__name__).info("trained tiny model: %s", res)
   assert res["nelbo_per_token"] + 4 * res["se_per_token"] < res["unigram_nll_per_token"], res
+
+
+def test_checkpoint_without_config_item(workdir, tmp_path):
+  """A checkpoint whose config is only in the run folder's config.json (the config is then not
+  read ahead of the load): the inputs are checked after the load instead."""
+  import shutil
+
+  from sedd_jax import config as config_lib
+
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  shutil.rmtree(run / "checkpoints" / "0" / "config")
+  (run / "config.json").write_text(config_lib.to_json(tiny_config(workdir.parent)))
+  fa = tmp_path / "e.fasta"
+  fa.write_text(">a\nMKVLAAGGST\n")
+  assert evaluate_cli.main(["--workdir", str(run), "--fasta", str(fa), "--num-samples", "2",
+                            "--baseline-fasta", str(fa)]) == 0
+  assert json.loads((run / "eval_e.json").read_text())["num_tokens"] == 10

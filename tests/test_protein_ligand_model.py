@@ -236,3 +236,26 @@ def test_ligand_vocab_resolved_from_prepared_data(tmp_path):
   assert model.ligand_dim == tok.vocab_size and model.protein_dim == 33
   _, lgraph = pl_model.get_graphs(cfg)
   assert lgraph.mask == tok.mask_id
+
+
+def _checkpoint_calls(model, *args) -> int:
+  """Number of rematerialised (jax.checkpoint) calls in the forward pass's jaxpr."""
+  graphdef, state = nnx.split(model)
+
+  def forward(state):
+    out_p, out_l = nnx.merge(graphdef, state)(*args)
+    return jnp.sum(out_p) + jnp.sum(out_l)
+
+  eqns = jax.make_jaxpr(forward)(state).jaxpr.eqns
+  return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in eqns)
+
+
+def test_remat_policy_is_honoured():
+  """remat=mlp recomputes the GELU of every self-attention block of both tracks (2 layers x 2
+  tracks), remat=block each layer (the gradients of DDiTBlock's remat are checked in
+  test_ddit)."""
+  cfg = tiny_cfg()
+  args = inputs()
+  for remat, calls in (("none", 0), ("mlp", 4), ("block", 2)):
+    cfg.model.remat = remat
+    assert _checkpoint_calls(make_model(cfg), *args) == calls, remat

@@ -133,3 +133,26 @@ def test_tandem_repeats_and_low_complexity_samples():
   assert stats["frac_low_complexity_seqs"] == pytest.approx(2 / 3)
   total = len(natural) + len(repeat) + 10
   assert stats["frac_residues_low_complexity"] == pytest.approx((lc.sum() + 10) / total)
+
+
+def test_length_panel_shows_samples_of_one_length():
+  """All samples of one length (the usual case): a marker at that length, visible next to the
+  data's histogram (fractions of sequences per shared bin); otherwise two histograms."""
+  from matplotlib.figure import Figure
+
+  data = ["A" * n for n in (50, 60, 60, 70, 80, 90, 100, 120)]
+  ax = Figure().subplots()
+  report.plot_lengths(ax, ["M" * 64] * 5, data, bins=7)
+  markers = [ln for ln in ax.lines if ln.get_label().startswith("samples")]
+  assert len(markers) == 1 and markers[0].get_xdata()[0] == 64
+  assert markers[0].get_label() == "samples: length 64 (5 of 5)"
+  lo, hi = ax.get_xlim()
+  assert lo <= 50 and 64 < hi and hi >= 120
+  heights = [p.get_height() for p in ax.patches]
+  assert len(heights) == 7 and sum(heights) == pytest.approx(1.0)
+  # Bins of width 10 from 50: 50-60 holds one, 60-70 two, then one each (last bin closed).
+  np.testing.assert_allclose(heights, np.array([1, 2, 1, 1, 1, 1, 1]) / 8)
+  assert ax.get_ylim()[1] < 2 * max(heights)  # the data's bars are not squashed
+  ax = Figure().subplots()
+  report.plot_lengths(ax, ["M" * n for n in (55, 65, 75, 85)], data, bins=7, max_marked=3)
+  assert not ax.lines and len(ax.patches) == 14

@@ -31,12 +31,14 @@ def tiny_config(tmp: pathlib.Path, hidden: int = 32):
   return cfg
 
 
-def save_checkpoint(path: pathlib.Path, cfg, stored_cfg=None, seed=0):
+def save_checkpoint(path: pathlib.Path, cfg, stored_cfg=None, seed=0, random_output=True):
+  """A checkpoint of a fresh model; its output weights are random unless `random_output` is
+  False (then zero, as initialised: a uniform prediction over the non-mask tokens)."""
   graph = diffusion.get_graph(cfg.graph)
   model = state_lib.build_model(cfg, graph, seed=seed)
-  # Random (non-zero) output weights, so that the samples depend on the seed and the weights.
-  model.output_layer.linear.kernel[...] = np.random.default_rng(seed).normal(
-      size=model.output_layer.linear.kernel.shape).astype(np.float32)
+  if random_output:  # so that the samples depend on the seed and the weights
+    model.output_layer.linear.kernel[...] = np.random.default_rng(seed).normal(
+        size=model.output_layer.linear.kernel.shape).astype(np.float32)
   _, params, _ = nnx.split(model, nnx.Param, ...)
   ckpt_lib.save_inference_checkpoint(path / "checkpoints" / "0", params, stored_cfg or cfg)
   return path
@@ -142,3 +144,79 @@ def test_bad_input_clear_errors(workdir, tmp_path, caplog):
   # --config naming another model shape than the checkpoint.
   _fails(base + ["--config", str(ROOT / "configs" / "uniref50.py:small")], caplog,
          "model.hidden_size: checkpoint 32, config 768")
+
+
+def test_flags_are_checked_before_the_model_is_loaded(workdir, tmp_path, caplog, monkeypatch):
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
+  base = ["--workdir", str(workdir), "--out", str(tmp_path / "x.fasta")]
+  _fails(base + ["--num", "0"], caplog, "--num must be >= 1")
+  _fails(base + ["--steps", "0"], caplog, "--steps must be >= 1")
+  _fails(base + ["--eps", "0"], caplog, "--eps must lie in (0, 1)")
+  _fails(base + ["--length", "49"], caplog, "over the model's maximum length 48")
+  _fails(base + ["--length", "10", "--prefix", "MK#"], caplog, "invalid character")
+  _fails(base + ["--lengths", str(tmp_path / "none.txt")], caplog, "no such file")
+  _fails(base + ["--task", "ligand_given_protein"], caplog, "protein-ligand checkpoints only")
+  _fails(base + ["--length", "10", "--motif", "XYZ@5"], caplog, "--motif fixes X, Z (0-based "
+         "positions [5, 7]): only the 20 standard amino acids are generated unless --allow-rare")
+
+
+def test_rare_fixed_residues_need_allow_rare(workdir, tmp_path, caplog):
+  """A fixed X/B/U/Z/O is refused without --allow-rare, whatever fixes it, and kept with it."""
+  base = ["--workdir", str(workdir), "--out", str(tmp_path / "r.fasta"), "--length", "12",
+          "--steps", "4", "--num", "2"]
+  _fails(base + ["--prefix", "MKB"], caplog, "--prefix fixes B (0-based positions [2])")
+  _fails(base + ["--suffix", "UGG"], caplog, "--suffix fixes U (0-based positions [9])")
+  tpl = tmp_path / "t.fasta"
+  tpl.write_text(">t1\nMA__G\n>t2\nO__\n")
+  _fails(base[:4] + ["--template", str(tpl)], caplog, "--template record 't2' fixes O")
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert sample_cli.main(base + ["--motif", "XYZ@5", "--allow-rare", "--verbose"]) == 0
+  for _, seq in read_fasta(tmp_path / "r.fasta"):
+    assert seq[5:8] == "XYZ" and set(seq[:5] + seq[8:]) <= STANDARD | set("XBUZO")
+  # --verbose shows the INFO lines of orbax (through absl); by default they are hidden.
+  assert any(r.name == "absl" and r.levelno == logging.INFO for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert sample_cli.main(base + ["--motif", "WYW@5"]) == 0
+  assert not [r for r in caplog.records if r.name in ("absl", "jax") or
+              r.name.startswith(("absl.", "jax."))]
+  assert any(r.name == "sedd_jax.sample" for r in caplog.records)
+
+
+def test_help_describes_the_conditioning_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    sample_cli.main(["--help"])
+  assert exit_info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for phrase in ("--prefix SEQ fixed first residues", "--suffix SEQ fixed last residues",
+                 "0-based position POS", "SEQ@? or SEQ alone draws the start",
+                 "--seed SEED random seed", "--verbose"):
+    assert phrase in text, phrase
+
+
+def test_protein_ligand_flags_are_checked_before_the_model_is_loaded(tmp_path, caplog,
+                                                                      monkeypatch):
+  from sedd_jax import config as config_lib
+  from sedd_jax.protein_ligand import model as pl_model
+
+  cfg = config_lib.load_config(str(ROOT / "configs/protein_ligand.py:tiny"), {
+      "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
+      "model.length": 64, "ligand.length": 48, "ligand.graph.tokens": 40})
+  model = pl_model.build_model(cfg, nnx.Rngs(0))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  ckpt_lib.save_inference_checkpoint(tmp_path / "pl" / "checkpoints" / "0", params, cfg)
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
+  base = ["--workdir", str(tmp_path / "pl"), "--out", str(tmp_path / "l.smi")]
+  _fails(base + ["--motif", "MKV@0"], caplog, "--motif does not apply to protein-ligand")
+  _fails(base + ["--ligand-length", "49"], caplog, "--ligand-length 49 must lie in [1, 48]")
+  _fails(base + ["--proteins", str(tmp_path / "none.fasta")], caplog, "does not exist")
+  _fails(base + ["--task", "protein_given_ligand", "--length", "65"], caplog,
+         "--length 65 must lie in [1, 64]")

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 ON_ERROR = ("raise", "skip")
+SKIP_HINT = " (use on_error=skip / --on-error skip to skip such records)"
 # Bytes a protein sequence line may hold: the 25 residue letters in either case and a stop '*'.
 PROTEIN_BYTES = bytes(tokenizers.RESIDUES + tokenizers.RESIDUES.lower() + "*", "ascii")
 
@@ -61,13 +62,17 @@ class Skips:
   Args:
     on_error: "raise" (the first bad record raises DataError) or "skip" (counted, logged).
     max_logged: how many skips are logged as warnings (all are counted).
+    hint: appended to the message of a raised DataError: how the caller's user can skip such
+      records (the default names the option of `data.prepare` and the data config; "" for
+      callers that offer no way to skip).
   """
 
-  def __init__(self, on_error: str = "raise", max_logged: int = 10):
+  def __init__(self, on_error: str = "raise", max_logged: int = 10, hint: str = SKIP_HINT):
     if on_error not in ON_ERROR:
       raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     self.on_error = on_error
     self.max_logged = max_logged
+    self.hint = hint
     self.counts: collections.Counter[str] = collections.Counter()
     self.examples: dict[str, str] = {}
 
@@ -75,8 +80,7 @@ class Skips:
              line: int | None = None) -> None:
     """Raises DataError(message) or counts a skip under `reason`."""
     if self.on_error == "raise":
-      raise DataError(message + " (use on_error=skip / --on-error skip to skip such records)",
-                      path, line)
+      raise DataError(message + self.hint, path, line)
     self.counts[reason] += 1
     self.examples.setdefault(reason, message)
     if sum(self.counts.values()) <= self.max_logged:

@@ -153,7 +153,7 @@ class ProteinLigandDDiT(nnx.Module):
 
     def blocks():
       return nnx.List([ddit.DDiTBlock(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
-                                      rngs) for _ in range(n_blocks)])
+                                      rngs, remat_mlp=remat == "mlp") for _ in range(n_blocks)])
 
     def crosses():
       return nnx.List([CrossAttention(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,

@@ -43,6 +43,7 @@ from flax import nnx
 from sedd_jax import diffusion
 from sedd_jax.data.tokenizers import SmilesTokenizer
 from sedd_jax.data.tokenizers import TokenizeError
+from sedd_jax.data.tokenizers import residue_mask
 from sedd_jax.protein_ligand.model import ProteinLigandDDiT
 from sedd_jax.protein_ligand.model import get_graphs
 from sedd_jax.sampling import sampler
@@ -57,8 +58,6 @@ ALL = "all"
 SAMPLING_TASKS = ("ligand_given_protein", "protein_given_ligand")
 BATCH_KEYS = ("tokens", "lengths", "ligand_tokens", "ligand_lengths")
 
-# ESM-2 ids that are not residues (<cls> <pad> <eos> <unk>, '.', '-', <null_1>): never sampled.
-PROTEIN_FORBIDDEN = (0, 1, 2, 3, 29, 30, 31)
 # SMILES specials <cls> <pad> <eos> <unk> (ids 0..3 of SmilesTokenizer): never sampled.
 LIGAND_FORBIDDEN = (0, 1, 2, 3)
 PAD_ID = 1  # <pad> in both tokenizers
@@ -284,9 +283,13 @@ def skip_unused_updates(inner: optax.GradientTransformation) -> optax.GradientTr
 # Conditional sampling.
 
 
-def _allowed(dim: int, forbidden: Sequence[int]) -> Array:
-  """(D,) bool: every token but `forbidden` (the mask column is kept by the sampler)."""
-  return jnp.ones((dim,), bool).at[jnp.asarray(forbidden, jnp.int32)].set(False)
+def _allowed(task: str, pgraph: diffusion.Graph, lgraph: diffusion.Graph) -> Array:
+  """(D,) bool of the sampled track: proteins the residues of `residue_mask` (the
+  rule of every protein sampler), ligands every token but the SMILES specials (the mask column
+  is kept by the sampler)."""
+  if task == "ligand_given_protein":
+    return jnp.ones((lgraph.dim,), bool).at[jnp.asarray(LIGAND_FORBIDDEN, jnp.int32)].set(False)
+  return jnp.asarray(residue_mask(pgraph.dim))
 
 
 @functools.partial(nnx.jit, static_argnames=("task", "target_length", "steps", "predictor",
@@ -296,10 +299,7 @@ def _sample_jit(model, key, given, given_lengths, target_lengths, *, task, targe
   """The conditional reverse process (`sedd_jax.sampling.sampler.sample`), model as input."""
   b = given.shape[0]
   zeros_b = jnp.zeros((b,), jnp.float32)
-  if task == "ligand_given_protein":
-    graph, forbidden = lgraph, LIGAND_FORBIDDEN
-  else:
-    graph, forbidden = pgraph, PROTEIN_FORBIDDEN
+  graph = lgraph if task == "ligand_given_protein" else pgraph
 
   def score_fn(x, sigma, lengths=None):
     """x (B, Lt), sigma (B,) -> exp(log score) (B, Lt, Dt) of the sampled track, given clean."""
@@ -312,7 +312,7 @@ def _sample_jit(model, key, given, given_lengths, target_lengths, *, task, targe
 
   return sampler.sample(key, score_fn, graph, noise, (b, target_length), steps=steps,
                         predictor=predictor, eps=eps, lengths=target_lengths,
-                        allowed=_allowed(graph.dim, forbidden), pad_id=PAD_ID)
+                        allowed=_allowed(task, pgraph, lgraph), pad_id=PAD_ID)
 
 
 def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,

@@ -45,10 +45,6 @@ import parasail
 
 logger = logging.getLogger(__name__)
 
-# The 25 residue letters of the ESM-2 alphabet, in its id order (4..28).
-RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
-
-
 def composition(seqs: Iterable[str], alphabet: str | None = None) -> dict[str, float]:
   """Residue frequencies pooled over `seqs` (sum to 1); letters of `alphabet` get 0 if unseen.
 
@@ -387,6 +383,32 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
   logger.info("wrote report %s", path)
 
 
+def plot_lengths(ax, samples: Sequence[str], data: Sequence[str], bins: int = 30,
+                 max_marked: int = 3) -> None:
+  """The length panel: the fraction of sequences per length bin, over bins shared by both sets.
+
+  Samples of at most `max_marked` distinct lengths (the usual case: one length for all) are
+  drawn as a vertical marker per length instead of a bar, which would be one bin wide next to
+  the data's histogram.
+  """
+  len_s = np.array([len(s) for s in samples])
+  len_d = np.array([len(s) for s in data])
+  edges = np.histogram_bin_edges(np.concatenate([len_s, len_d]).astype(np.float64), bins=bins)
+  if len_d.size:
+    ax.hist(len_d, bins=edges, weights=np.full(len_d.size, 1 / len_d.size), alpha=0.5,
+            label="data")
+  distinct, counts = np.unique(len_s, return_counts=True)
+  if 0 < distinct.size <= max_marked:
+    for n, c in zip(distinct, counts):
+      ax.axvline(n, color="C1", linewidth=2,
+                 label=f"samples: length {n} ({c} of {len_s.size})")
+  elif len_s.size:
+    ax.hist(len_s, bins=edges, weights=np.full(len_s.size, 1 / len_s.size), alpha=0.5,
+            label="samples")
+  ax.set_title("length (fraction of sequences per bin)")
+  ax.legend()
+
+
 def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
                 path: str | os.PathLike, window: int = 12) -> None:
   """Four panels to PNG: composition, length histograms, window entropy, nearest Jaccard."""
@@ -403,11 +425,7 @@ def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
   ax.set_xticks(xs, letters)
   ax.set_title(f"composition (KL {report['composition']['kl_samples_data_nats']:.4f} nats)")
   ax.legend()
-  ax = axes[0, 1]
-  ax.hist([len(s) for s in data], bins=30, alpha=0.5, density=True, label="data")
-  ax.hist([len(s) for s in samples], bins=30, alpha=0.5, density=True, label="samples")
-  ax.set_title("length")
-  ax.legend()
+  plot_lengths(axes[0, 1], samples, data)
   ax = axes[1, 0]
   ent_d = np.concatenate([window_entropies(s, window) for s in data] or [np.zeros(0)])
   ent_s = np.concatenate([window_entropies(s, window) for s in samples] or [np.zeros(0)])

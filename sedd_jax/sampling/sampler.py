@@ -17,8 +17,11 @@ Which tokens come out: the denoise step never emits the mask. A trained protein 
 sequences, and padding is excluded from the loss), but a random or poorly trained model may.
 `allowed` ((D,) bool) zeroes the score of every other non-mask token, which for the absorbing
 graph is the reverse process conditioned on never unmasking to them: then every generated
-token is in `allowed` (the CLI allows the 25 residue letters, ids 4..28). For the uniform graph
-`allowed` only removes jumps INTO disallowed tokens.
+token is in `allowed`. Which protein residues may be generated is one rule,
+`sedd_jax.data.tokenizers.residue_mask` (the 20 standard amino acids; X B U Z O too with
+`allow_rare`), used by the sampling CLI, the samples drawn during training and the
+protein-ligand sampler. For the uniform graph `allowed` only removes jumps INTO disallowed
+tokens.
 
 Cached variant (`cached=True`, absorbing graph only; as MDLM's cached sampler): if no token of
 the batch changed since the model was last called, the previous output is reused instead of
