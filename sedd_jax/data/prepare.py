@@ -216,17 +216,20 @@ def prepare(input_path: str | os.PathLike, output: str | os.PathLike, fmt: str =
 
   Args:
     input_path: FASTA (plain/gzip), CSV/TSV of pairs (plain/gzip) or a peers' layout directory.
-    output: the store directory. If it exists and `overwrite` is False, it is kept and its
-      manifest returned when it was prepared from the same source (sha256) with the same
-      settings; otherwise FileExistsError.
+    output: the store directory: absent, an empty folder or a store. If it is a store and
+      `overwrite` is False, it is kept and its manifest returned when it was prepared from the
+      same source (sha256) with the same settings; otherwise FileExistsError. Anything else (a
+      file, a folder of other files) is refused and left untouched (`check_output`).
     fmt: auto | fasta | csv | peers (auto: from the path, `fasta.detect_format`).
-    overwrite: replace an existing store (atomically, after the new one is complete).
+    overwrite: replace an existing store (atomically, after the new one is complete); never
+      anything that is not a store.
     log_every_s: seconds between progress lines.
     options: filters and split settings; keyword arguments override its fields.
 
   Raises:
     fasta.DataError: bad input (naming file and line), or no sequence kept.
-    FileExistsError: `output` exists (another source or settings) and not `overwrite`.
+    FileExistsError: `output` is a store (another source or settings) and not `overwrite`, or
+      `output` is neither a store nor an empty folder.
   """
   opts = dataclasses.replace(options or PrepareOptions(), **kwargs)
   opts.validate()
@@ -238,7 +241,8 @@ def prepare(input_path: str | os.PathLike, output: str | os.PathLike, fmt: str =
     fmt = fasta_lib.detect_format(src)
   if fmt not in ("fasta", "csv", "peers"):
     raise ValueError(f"format must be auto, fasta, csv or peers, got {fmt!r}")
-  if out.exists() and not overwrite:
+  check_output(out)
+  if _is_store(out) and not overwrite:
     existing = _up_to_date(out, src, fmt, opts)
     if existing is not None:
       log.info("store %s is up to date (same source sha256 and settings); nothing to do", out)
@@ -263,6 +267,30 @@ def prepare(input_path: str | os.PathLike, output: str | os.PathLike, fmt: str =
            "/".join(str(manifest["splits"][s]["sequences"]) for s in SPLITS),
            manifest["seconds"], manifest["filtered"], manifest["skipped"])
   return manifest
+
+
+def _is_store(out: pathlib.Path) -> bool:
+  """Whether the folder `out` is recognisably a store: its manifest.json, written by `prepare`."""
+  try:
+    with open(out / "manifest.json") as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    return False
+  return isinstance(manifest, dict) and {"format_version", "splits"} <= manifest.keys()
+
+
+def check_output(out: pathlib.Path) -> None:
+  """Raises FileExistsError unless `out` is absent, an empty folder or a store (`_is_store`):
+  `prepare` replaces only what it wrote itself."""
+  if not out.exists() and not out.is_symlink():
+    return
+  if not out.is_dir():
+    raise FileExistsError(f"output {out} is an existing file, not a folder: a store is a folder; "
+                          "choose another output path")
+  if any(out.iterdir()) and not _is_store(out):
+    raise FileExistsError(f"output {out} is a folder that is not a prepared store (it has no "
+                          "manifest.json written by sedd_jax.data.prepare); it is left untouched "
+                          "even with --overwrite: choose another output path")
 
 
 def _source_files(src: pathlib.Path, fmt: str) -> list[pathlib.Path]:
@@ -293,9 +321,9 @@ def _up_to_date(out: pathlib.Path, src: pathlib.Path, fmt: str,
 
 
 def _commit(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-  if not out.exists():
+  if not out.exists() or (out.is_dir() and not any(out.iterdir())):
     try:
-      os.rename(tmp, out)
+      os.rename(tmp, out)  # replaces an empty folder
       return
     except OSError:
       if not out.exists():
