@@ -236,6 +236,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   config_lib.validate(cfg, n_devices=len(devices))
   workdir = pathlib.Path(workdir).absolute()
   primary = jax.process_index() == 0
+  pipeline.ensure_prepared(cfg)  # bad data inputs fail before the workdir is written
   if primary:
     prepare_workdir(workdir, fresh)
   total = int(cfg.training.steps)
@@ -275,7 +276,6 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
 
   # Data.
   nproc, pidx = jax.process_count(), jax.process_index()
-  pipeline.ensure_prepared(cfg)
   train_it = pipeline.make_iterator(cfg, "train", cfg.training.batch_size // nproc, int(cfg.seed),
                                     shard_index=pidx, shard_count=nproc)
   if data_state is not None:

@@ -16,6 +16,7 @@ import pytest
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax import train as train_lib
+from sedd_jax.data.fasta import DataError
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import state as state_lib
@@ -105,6 +106,13 @@ def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
   assert len(old) == 1
   assert (old[0] / "checkpoints" / "2").is_dir() and (old[0] / "metrics.jsonl").is_file()
   assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [0]
+
+
+def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
+  cfg = micro_config(tmp_path / "nostore", **{"data.fasta": str(tmp_path / "nonexistent.fa")})
+  with pytest.raises(DataError, match="nonexistent.fa does not exist"):
+    train_lib.train(cfg, tmp_path / "run", compiler_options=FAST)
+  assert sorted(tmp_path.iterdir()) == []  # no workdir, no store
 
 
 def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):

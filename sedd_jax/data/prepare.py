@@ -311,13 +311,29 @@ def _up_to_date(out: pathlib.Path, src: pathlib.Path, fmt: str,
                  for n in ("tokens.npy", "offsets.npy", "manifest.json"))
   if not complete or manifest.get("filters") != dataclasses.asdict(opts):
     return None
-  files = manifest.get("source", {}).get("files", [])
-  want = [{"name": p.name, "bytes": p.stat().st_size} for p in _source_files(src, fmt)]
-  if [{"name": f.get("name"), "bytes": f.get("bytes")} for f in files] != want:
+  return manifest if source_difference(manifest, src, fmt) is None else None
+
+
+def source_difference(manifest: dict, src: pathlib.Path, fmt: str,
+                      trust_path: bool = False) -> str | None:
+  """How the source recorded in a store's `manifest` differs from `src` read as `fmt`; None when
+  it is the same: same format, file names and sizes, and same sha256 (with `trust_path`, the
+  same resolved path stands in for the hashes, so an unmoved large source is not re-read).
+  """
+  recorded = manifest.get("source", {})
+  if recorded.get("format") != fmt:
+    return f"format {recorded.get('format')!r} recorded, {fmt!r} now"
+  paths = _source_files(src, fmt)
+  files = recorded.get("files", [])
+  have = [(f.get("name"), f.get("bytes")) for f in files]
+  want = [(p.name, p.stat().st_size) for p in paths]
+  if have != want:
+    return f"files (name, bytes) {have} recorded, {want} now"
+  if trust_path and recorded.get("path") == str(src.resolve()):
     return None
-  if [f.get("sha256") for f in files] != [file_sha256(p) for p in _source_files(src, fmt)]:
-    return None
-  return manifest
+  if [f.get("sha256") for f in files] != [file_sha256(p) for p in paths]:
+    return "same names and sizes, other content (sha256)"
+  return None
 
 
 def _commit(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
