@@ -348,8 +348,18 @@ def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(dict(d)))
 
 
-def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
-  """Dotted keys whose values differ between two configs (added/removed keys included)."""
+class _Missing:
+  def __repr__(self) -> str:
+    return "<absent>"
+
+
+MISSING = _Missing()  # the value of a key that one of two compared configs lacks
+
+
+def diff_values(old: ml_collections.ConfigDict,
+                new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (old value, new value)} for the keys whose values differ between two configs;
+  a key present in only one of them has `MISSING` on the other side."""
 
   def flat(d, prefix=""):
     out = {}
@@ -362,5 +372,11 @@ def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list
     return out
 
   a, b = flat(old.to_dict()), flat(new.to_dict())
-  return sorted(k for k in set(a) | set(b) if a.get(k, object()) != b.get(k, object()))
+  return {k: (a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
+          if a.get(k, MISSING) != b.get(k, MISSING)}
+
+
+def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """Dotted keys whose values differ between two configs (added/removed keys included)."""
+  return list(diff_values(old, new))
 

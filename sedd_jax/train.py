@@ -251,8 +251,6 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
     ckpt.close()
     return Result(EXIT_OK, latest, "done")
   task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
-  if primary:
-    (workdir / "config.json").write_text(config_lib.to_json(cfg))
 
   # Model, optimizer, state.
   built = step_lib.setup(cfg, devices, task=task)
@@ -260,7 +258,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   mesh, n_params = built.mesh, built.n_params
 
   data_state = None
-  restored = ckpt.restore_latest(state, shardings)
+  restored = ckpt.restore_latest(state, shardings, cfg)  # a changed model shape stops here
   if restored is not None:
     state, data_state = restored.state, restored.data_state
     logger.info("resumed from %s (step %d)", restored.path, restored.step)
@@ -268,6 +266,8 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
       changed = config_lib.diff(restored.config, cfg)
       if changed:
         logger.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
+  if primary:
+    (workdir / "config.json").write_text(config_lib.to_json(cfg))
   step = int(jax.device_get(state.step))
   logger.info("task %s, model: %s parameters (%.1f M); %d devices (%s), mesh %s; fsdp %s; batch "
               "%d (accum %d); %d -> %d steps", task.name, f"{n_params:,}", n_params / 1e6,
@@ -591,7 +591,15 @@ def main(argv: Sequence[str]) -> int:
     sys.stderr.write(f"error: {e}\n")
     return EXIT_CONFIG
   workdir = _FLAGS["workdir"].value or os.path.join("runs", str(cfg.variant))
-  return train(cfg, workdir, fresh=_FLAGS["fresh"].value).code
+  from sedd_jax.data import fasta as fasta_lib  # noqa: PLC0415
+  from sedd_jax.data import store as store_lib  # noqa: PLC0415
+  from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
+
+  try:
+    return train(cfg, workdir, fresh=_FLAGS["fresh"].value).code
+  except (fasta_lib.DataError, store_lib.StoreError, ckpt_lib.CheckpointError) as e:
+    sys.stderr.write(f"error: {e}\n")  # bad data or checkpoints: one line, no traceback
+    return EXIT_CONFIG
 
 
 def run() -> None:
