@@ -229,6 +229,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   from sedd_jax.data import pipeline  # noqa: PLC0415
   from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
   from sedd_jax.training import metrics as metrics_lib  # noqa: PLC0415
+  from sedd_jax.training import state as state_lib  # noqa: PLC0415
   from sedd_jax.training import step as step_lib  # noqa: PLC0415
   from sedd_jax.training import task as task_lib  # noqa: PLC0415
 
@@ -251,6 +252,15 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
     ckpt.close()
     return Result(EXIT_OK, latest, "done")
   task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
+  if latest is not None:  # a changed model shape stops here, before the model is built
+    try:
+      ckpt.check_shapes(latest, state_lib.abstract_state(
+        cfg, task.build_model, task.wrap_optimizer(state_lib.make_optimizer(cfg))), cfg)
+    except ckpt_lib.UnreadableCheckpoint:
+      pass  # restore_latest reports it and falls back to an older checkpoint
+    except ckpt_lib.ShapeMismatch:
+      ckpt.close()
+      raise
 
   # Model, optimizer, state.
   built = step_lib.setup(cfg, devices, task=task)

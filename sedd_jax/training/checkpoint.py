@@ -248,38 +248,46 @@ class Checkpointer:
   def shape_changes(self, step: int, template: TrainState) -> list[str]:
     """The arrays whose saved shape (the checkpoint's metadata) differs from `template`'s, as
     'params blocks.0.attn_qkv.kernel: saved (32, 96), now (64, 192)'; [] when all match."""
-    meta = self._manager.item_metadata(step)
     changes = []
     for item, tree in (("params", _pure(template.params)), ("opt_state", template.opt_state)):
-      saved, now = _shapes(meta[item]), _shapes(tree)
+      meta = ocp.StandardCheckpointHandler().metadata(self.step_path(step) / item)
+      saved, now = _shapes(meta), _shapes(tree)
       changes += [f"{item} {k}: saved {saved.get(k, 'absent')}, now {now.get(k, 'absent')}"
                   for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
     return changes
 
-  def restore(self, step: int, template: TrainState, shardings: TrainState | None = None,
-              cfg: ml_collections.ConfigDict | None = None) -> Restored:
-    """Loads step `step` into the structure of `template` (placed with `shardings`).
+  def check_shapes(self, step: int, template: TrainState,
+                   cfg: ml_collections.ConfigDict | None = None) -> None:
+    """Raises ShapeMismatch when step `step`'s saved shapes differ from `template`'s (arrays or
+    ShapeDtypeStructs); the message names the config keys that differ between the checkpoint's
+    config and `cfg` (when given) and what to do. Reads metadata only.
 
     Raises:
-      UnreadableCheckpoint: a missing item folder or malformed metadata file (named).
-      ShapeMismatch: the saved shapes differ from `template`'s; the message names the config
-        keys that differ between the checkpoint's config and `cfg` (when given).
+      UnreadableCheckpoint: a missing item folder or malformed metadata file (`check_files`).
+      ShapeMismatch: see above.
     """
     step_dir = self.step_path(step)
     check_files(step_dir)
     changes = self.shape_changes(step, template)
-    if changes:
-      keys = ""
-      if cfg is not None:
-        differ = config_lib.diff_values(_read_config(step_dir), cfg)
-        keys = (" Config keys that differ from the checkpoint's: "
-                + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differ.items())
-                + ".")
-      raise ShapeMismatch(
-        f"checkpoint {step_dir} holds a model of another shape than this config builds "
-        f"({len(changes)} arrays differ, e.g. {changes[0]}).{keys} To resume this run, use the "
-        "checkpoint's values; to train this config, start over with --fresh (this run's files "
-        "move to <workdir>/old-<time>/) or use another --workdir.")
+    if not changes:
+      return
+    keys = ""
+    if cfg is not None:
+      differ = config_lib.diff_values(_read_config(step_dir), cfg)
+      keys = (" Config keys that differ from the checkpoint's: "
+              + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differ.items()) + ".")
+    raise ShapeMismatch(
+      f"checkpoint {step_dir} holds a model of another shape than this config builds "
+      f"({len(changes)} arrays differ, e.g. {changes[0]}).{keys} To resume this run, use the "
+      "checkpoint's values; to train this config, start over with --fresh (this run's files "
+      "move to <workdir>/old-<time>/) or use another --workdir.")
+
+  def restore(self, step: int, template: TrainState, shardings: TrainState | None = None,
+              cfg: ml_collections.ConfigDict | None = None) -> Restored:
+    """Loads step `step` into the structure of `template` (placed with `shardings`), after
+    `check_shapes(step, template, cfg)` (UnreadableCheckpoint, ShapeMismatch)."""
+    step_dir = self.step_path(step)
+    self.check_shapes(step, template, cfg)
     sh = shardings if shardings is not None else TrainState(*([None] * 7))
     params_t = _abstract(_pure(template.params),
                          None if sh.params is None else _pure(sh.params))

@@ -21,7 +21,7 @@ applied updates including the current one (the reference's ExponentialMovingAver
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -132,6 +132,18 @@ def init_state(cfg: ml_collections.ConfigDict, params: nnx.State,
     bad_steps=jnp.zeros((), jnp.int32),
     skipped=jnp.zeros((), jnp.int32),
   )
+
+
+def abstract_state(cfg: ml_collections.ConfigDict, build_model: Callable[[], nnx.Module],
+                   optimizer: optax.GradientTransformation) -> TrainState:
+  """The step-0 TrainState of `init_state(cfg, params of build_model(), optimizer)` as
+  jax.ShapeDtypeStruct leaves: its shapes, with nothing initialised or compiled."""
+
+  def build() -> TrainState:
+    _, params, _ = split_model(build_model())
+    return init_state(cfg, params, optimizer)
+
+  return jax.eval_shape(build)
 
 
 def param_count(params: Any) -> int:
