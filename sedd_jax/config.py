@@ -196,9 +196,11 @@ def override_keys_from_argv(argv: Sequence[str],
 
 
 def check_override_args(argv: Sequence[str], flag: str = "config") -> None:
-  """Raises ConfigError if a `--config.KEY` on the command line names no key of the config."""
+  """Loads the `--config=FILE[:VARIANT]` of a command line before absl does, so that its errors
+  are one line: FileNotFoundError for a missing file, the file's own error (its ValueError) for
+  an unknown variant, ConfigError for a `--config.KEY` that names no key of the config."""
   spec, keys = override_keys_from_argv(argv, flag)
-  if spec is None or not keys:
+  if spec is None:
     return
   path, variant = split_spec(spec)
   module = _load_module(path)

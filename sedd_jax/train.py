@@ -570,8 +570,12 @@ def define_flags() -> None:
     "(nothing is deleted).")
 
 
+HELP_FLAGS = ("-?", "-help", "--help", "--helpshort", "--helpfull")  # absl's
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with an unknown `--config.KEY` reported in one line naming the key."""
+  """absl flag parsing; a missing config file, an unknown variant or an unknown `--config.KEY`
+  is reported in one line, and a help flag exits 0 (absl's exits 1)."""
   try:
     config_lib.check_override_args(argv[1:])
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
@@ -580,8 +584,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    sys.stderr.write(f"error: {e}\n")
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    sys.stderr.write(f"error: {lines[-1] if lines else e}\n")  # not a config file's traceback
     sys.exit(EXIT_CONFIG)
+  except SystemExit as e:
+    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(EXIT_OK)
+    raise
 
 
 def main(argv: Sequence[str]) -> int:
