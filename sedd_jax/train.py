@@ -18,9 +18,13 @@ Workdir: `checkpoints/<step>/` (see `sedd_jax.training.checkpoint`), `metrics.js
 `config.json` (the config of the latest start), `samples/step_<n>.fasta` (protein-ligand:
 `samples/step_<n>.smi`, ligands for validation proteins, with their SMILES validity logged as a
 `sample` row), `loss_curve.png`, `wandb/`. Starting resumes from the newest loadable
-checkpoint; if it is already at `training.steps` the job says so and exits 0. `--fresh` starts
-from step 0 WITHOUT deleting anything: the workdir's current content is moved into
-`<workdir>/old-<YYYYmmdd-HHMMSS>/`.
+checkpoint; if it is already at `training.steps` the job says so and exits 0. A config that
+changes the model's shape stops before the model is built, naming the keys that differ from the
+checkpoint's. `--fresh` starts from step 0 WITHOUT deleting anything: the workdir's current
+content is moved into `<workdir>/old-<YYYYmmdd-HHMMSS>/`. Bad data inputs (`data.fasta` missing,
+a store of another source) stop the job before the workdir is written. Exit codes: 0 (finished,
+stopped by a signal, or --help), 2 (bad config, data or checkpoint: one error line), 3
+(non-finite steps).
 
 Stopping: SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop finishes the current step, writes a
 checkpoint and exits 0 (a second Ctrl-C aborts at once). `training.max_bad_steps` consecutive
