@@ -207,6 +207,7 @@ def test_protein_ligand_batches(tmp_path):
   out = tmp_path / "pl"
   prepare.prepare(PAIRS, out, max_length=5000, valid_fraction=0.1, test_fraction=0.1)
   cfg = _cfg(out, length=256)
+  cfg.data.fasta = str(PAIRS)  # the store's source
   it = pipeline.make_iterator(cfg, "train", 4, seed=0)
   b = next(it)
   assert b["tokens"].shape == (4, 256) and b["ligand_tokens"].shape == (4, 128)
