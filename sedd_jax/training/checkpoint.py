@@ -130,6 +130,15 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _shape_changes(step_dir: pathlib.Path, item: str, tree: Any) -> list[str]:
+  """'ITEM PATH: saved SHAPE, now SHAPE' for each array of `tree` whose shape differs from the
+  one saved in item `item` of `step_dir` (read from orbax's metadata, not the arrays)."""
+  saved = _shapes(ocp.StandardCheckpointHandler().metadata(step_dir / item))
+  now = _shapes(tree)
+  return [f"{item} {k}: saved {saved.get(k, 'absent')}, now {now.get(k, 'absent')}"
+          for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+
+
 def _abstract(tree: Any, shardings: Any | None = None) -> Any:
   """ShapeDtypeStructs (with shardings when given) for every array leaf of `tree`."""
   if shardings is None:
@@ -248,13 +257,9 @@ class Checkpointer:
   def shape_changes(self, step: int, template: TrainState) -> list[str]:
     """The arrays whose saved shape (the checkpoint's metadata) differs from `template`'s, as
     'params blocks.0.attn_qkv.kernel: saved (32, 96), now (64, 192)'; [] when all match."""
-    changes = []
-    for item, tree in (("params", _pure(template.params)), ("opt_state", template.opt_state)):
-      meta = ocp.StandardCheckpointHandler().metadata(self.step_path(step) / item)
-      saved, now = _shapes(meta), _shapes(tree)
-      changes += [f"{item} {k}: saved {saved.get(k, 'absent')}, now {now.get(k, 'absent')}"
-                  for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
-    return changes
+    return [c for item, tree in (("params", _pure(template.params)),
+                                 ("opt_state", template.opt_state))
+            for c in _shape_changes(self.step_path(step), item, tree)]
 
   def check_shapes(self, step: int, template: TrainState,
                    cfg: ml_collections.ConfigDict | None = None) -> None:
@@ -465,6 +470,11 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       _, params_t, _ = nnx.split(model, nnx.Param, ...)
       item = "ema" if use_ema and (step_dir / "ema").is_dir() else "params"
       check_files(step_dir, (item,))
+      changes = _shape_changes(step_dir, item, nnx.to_pure_dict(params_t))
+      if changes:
+        raise ShapeMismatch(f"checkpoint {step_dir}: its {item} weights are of another model "
+                            f"shape than its config builds ({len(changes)} arrays differ, e.g. "
+                            f"{changes[0]})")
       # Placed on this process's first device: the checkpoint may come from another topology
       # (e.g. trained on 8 devices, sampled on 1), which orbax's saved shardings would need.
       pure = nnx.to_pure_dict(params_t)
