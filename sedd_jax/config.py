@@ -196,9 +196,11 @@ def override_keys_from_argv(argv: Sequence[str],
 
 
 def check_override_args(argv: Sequence[str], flag: str = "config") -> None:
-  """Raises ConfigError if a `--config.KEY` on the command line names no key of the config."""
+  """Loads the `--config=FILE[:VARIANT]` of a command line before absl does, so that its errors
+  are one line: FileNotFoundError for a missing file, the file's own error (its ValueError) for
+  an unknown variant, ConfigError for a `--config.KEY` that names no key of the config."""
   spec, keys = override_keys_from_argv(argv, flag)
-  if spec is None or not keys:
+  if spec is None:
     return
   path, variant = split_spec(spec)
   module = _load_module(path)
@@ -348,8 +350,18 @@ def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(dict(d)))
 
 
-def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
-  """Dotted keys whose values differ between two configs (added/removed keys included)."""
+class _Missing:
+  def __repr__(self) -> str:
+    return "<absent>"
+
+
+MISSING = _Missing()  # the value of a key that one of two compared configs lacks
+
+
+def diff_values(old: ml_collections.ConfigDict,
+                new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (old value, new value)} for the keys whose values differ between two configs;
+  a key present in only one of them has `MISSING` on the other side."""
 
   def flat(d, prefix=""):
     out = {}
@@ -362,5 +374,11 @@ def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list
     return out
 
   a, b = flat(old.to_dict()), flat(new.to_dict())
-  return sorted(k for k in set(a) | set(b) if a.get(k, object()) != b.get(k, object()))
+  return {k: (a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
+          if a.get(k, MISSING) != b.get(k, MISSING)}
+
+
+def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """Dotted keys whose values differ between two configs (added/removed keys included)."""
+  return list(diff_values(old, new))
 

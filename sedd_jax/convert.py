@@ -235,7 +235,7 @@ def main(argv=None) -> None:
 
   try:
     config_lib.check_override_args(argv[1:])
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   try:
     app.run(run, argv=argv)

@@ -18,9 +18,13 @@ Workdir: `checkpoints/<step>/` (see `sedd_jax.training.checkpoint`), `metrics.js
 `config.json` (the config of the latest start), `samples/step_<n>.fasta` (protein-ligand:
 `samples/step_<n>.smi`, ligands for validation proteins, with their SMILES validity logged as a
 `sample` row), `loss_curve.png`, `wandb/`. Starting resumes from the newest loadable
-checkpoint; if it is already at `training.steps` the job says so and exits 0. `--fresh` starts
-from step 0 WITHOUT deleting anything: the workdir's current content is moved into
-`<workdir>/old-<YYYYmmdd-HHMMSS>/`.
+checkpoint; if it is already at `training.steps` the job says so and exits 0. A config that
+changes the model's shape stops before the model is built, naming the keys that differ from the
+checkpoint's. `--fresh` starts from step 0 WITHOUT deleting anything: the workdir's current
+content is moved into `<workdir>/old-<YYYYmmdd-HHMMSS>/`. Bad data inputs (`data.fasta` missing,
+a store of another source) stop the job before the workdir is written. Exit codes: 0 (finished,
+stopped by a signal, or --help), 2 (bad config, data or checkpoint: one error line), 3
+(non-finite steps).
 
 Stopping: SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop finishes the current step, writes a
 checkpoint and exits 0 (a second Ctrl-C aborts at once). `training.max_bad_steps` consecutive
@@ -33,7 +37,8 @@ Multi-process: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`,
 from the data (its iterator state is the same everywhere) and hands only its devices' rows to
 them (`step.put_batch`), so the losses, the checkpointed data state and resuming do not depend
 on the number of processes or devices (a run saved on 2 GPUs resumes on 1 and the reverse).
-Process 0 alone moves the workdir aside (`--fresh`, then a barrier), prepares the data store,
+Every process checks (and the first one to get there prepares) the data store before anything
+is written; process 0 alone moves the workdir aside (`--fresh`, then a barrier) and
 writes metrics, samples and `config.json`; every process writes its shards of each checkpoint
 (orbax). A signal to any process stops all of them after the same step: the flags are
 gathered from every process before each step (`StopFlag.agreed`).
@@ -248,6 +253,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   from sedd_jax.data import pipeline  # noqa: PLC0415
   from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
   from sedd_jax.training import metrics as metrics_lib  # noqa: PLC0415
+  from sedd_jax.training import state as state_lib  # noqa: PLC0415
   from sedd_jax.training import step as step_lib  # noqa: PLC0415
   from sedd_jax.training import task as task_lib  # noqa: PLC0415
 
@@ -255,9 +261,9 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   config_lib.validate(cfg, n_devices=len(devices))
   workdir = pathlib.Path(workdir).absolute()
   primary = jax.process_index() == 0
+  pipeline.ensure_prepared(cfg)  # bad data inputs fail before the workdir is written
   if primary:
     prepare_workdir(workdir, fresh)
-    pipeline.ensure_prepared(cfg)
   step_lib.barrier("sedd_jax.train: workdir and data ready")
   total = int(cfg.training.steps)
 
@@ -271,8 +277,15 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
     ckpt.close()
     return Result(EXIT_OK, latest, "done")
   task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
-  if primary:
-    (workdir / "config.json").write_text(config_lib.to_json(cfg))
+  if latest is not None:  # a changed model shape stops here, before the model is built
+    try:
+      ckpt.check_shapes(latest, state_lib.abstract_state(
+        cfg, task.build_model, task.wrap_optimizer(state_lib.make_optimizer(cfg))), cfg)
+    except ckpt_lib.UnreadableCheckpoint:
+      pass  # restore_latest reports it and falls back to an older checkpoint
+    except ckpt_lib.ShapeMismatch:
+      ckpt.close()
+      raise
 
   # Model, optimizer, state.
   built = step_lib.setup(cfg, devices, task=task)
@@ -280,7 +293,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   mesh, n_params = built.mesh, built.n_params
 
   data_state = None
-  restored = ckpt.restore_latest(state, shardings)
+  restored = ckpt.restore_latest(state, shardings, cfg)  # a changed model shape stops here
   if restored is not None:
     state, data_state = restored.state, restored.data_state
     logger.info("resumed from %s (step %d)", restored.path, restored.step)
@@ -288,6 +301,8 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
       changed = config_lib.diff(restored.config, cfg)
       if changed:
         logger.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
+  if primary:
+    (workdir / "config.json").write_text(config_lib.to_json(cfg))
   step = int(jax.device_get(state.step))
   logger.info("task %s, model: %s parameters (%.1f M); %d devices (%s), mesh %s; fsdp %s; batch "
               "%d (accum %d); %d -> %d steps", task.name, f"{n_params:,}", n_params / 1e6,
@@ -592,8 +607,12 @@ def define_flags() -> None:
     "(nothing is deleted).")
 
 
+HELP_FLAGS = ("-?", "-help", "--help", "--helpshort", "--helpfull")  # absl's
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with an unknown `--config.KEY` reported in one line naming the key."""
+  """absl flag parsing; a missing config file, an unknown variant or an unknown `--config.KEY`
+  is reported in one line, and a help flag exits 0 (absl's exits 1)."""
   try:
     config_lib.check_override_args(argv[1:])
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
@@ -602,8 +621,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    sys.stderr.write(f"error: {e}\n")
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    sys.stderr.write(f"error: {lines[-1] if lines else e}\n")  # not a config file's traceback
     sys.exit(EXIT_CONFIG)
+  except SystemExit as e:
+    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(EXIT_OK)
+    raise
 
 
 def main(argv: Sequence[str]) -> int:
@@ -623,7 +647,15 @@ def main(argv: Sequence[str]) -> int:
     sys.stderr.write(f"error: {e}\n")
     return EXIT_CONFIG
   workdir = _FLAGS["workdir"].value or os.path.join("runs", str(cfg.variant))
-  return train(cfg, workdir, fresh=_FLAGS["fresh"].value).code
+  from sedd_jax.data import fasta as fasta_lib  # noqa: PLC0415
+  from sedd_jax.data import store as store_lib  # noqa: PLC0415
+  from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
+
+  try:
+    return train(cfg, workdir, fresh=_FLAGS["fresh"].value).code
+  except (fasta_lib.DataError, store_lib.StoreError, ckpt_lib.CheckpointError) as e:
+    sys.stderr.write(f"error: {e}\n")  # bad data or checkpoints: one line, no traceback
+    return EXIT_CONFIG
 
 
 def run() -> None:

@@ -1,7 +1,9 @@
 """Checkpoints: round trip, retention with milestones, corrupt fallback, inference loading."""
 
+import errno
 import logging
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -134,17 +136,85 @@ def test_all_corrupt_raises_and_moves_nothing(tmp_path, setup):
   ck.close()
 
 
-def test_restore_into_other_structure_fails_loudly(tmp_path, setup):
+def test_changed_model_shape_names_the_keys_and_moves_nothing(tmp_path, setup, caplog):
+  """A config of another model shape: one error naming the arrays and the config keys that
+  differ, with what to do; no restore is attempted (no error logged) and nothing is moved."""
   cfg, state = setup
   ck = ckpt_lib.Checkpointer(tmp_path)
   ck.save(_at(state, 1), None, cfg)
   ck.wait()
   other = micro_config()
   other.model.hidden_size = 64
+  other.training.steps = 7
   graph = diffusion.get_graph(other.graph)
   _, p2, _ = state_lib.split_model(state_lib.build_model(other, graph))
-  with pytest.raises(ckpt_lib.CheckpointError, match="config changed"):
-    ck.restore_latest(state_lib.init_state(other, p2))
+  with caplog.at_level(logging.ERROR), pytest.raises(ckpt_lib.ShapeMismatch) as err:
+    ck.restore_latest(state_lib.init_state(other, p2), cfg=other)
+  msg = str(err.value)
+  # adaLN_modulation.bias has 6 * hidden_size entries.
+  assert "arrays differ, e.g. params blocks.0.adaLN_modulation.bias: saved (192,), now (384,))" in msg
+  assert ("differ from the checkpoint's: model.hidden_size (saved 32, now 64), "
+          "training.steps (saved 600, now 7).") in msg
+  assert "--fresh" in msg and "--workdir" in msg
+  assert caplog.records == []
+  assert ck.all_steps() == [1] and not (tmp_path / ckpt_lib.CORRUPT).exists()
+  ck.close()
+
+
+@pytest.mark.parametrize("error", [
+  OSError(errno.EIO, "Input/output error"),
+  MemoryError("out of memory"),
+  ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 bytes"),
+  RuntimeError("restore failed"),
+], ids=["eio", "memory", "resource_exhausted", "runtime"])
+def test_errors_other_than_unreadable_files_stop_and_move_nothing(tmp_path, setup, error):
+  """Only a checkpoint that is really unreadable falls back; a transient I/O error or an
+  out-of-memory while reading the newest one is raised, and no checkpoint is moved aside."""
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5)
+  for step in (1, 2):
+    ck.save(_at(state, step), None, cfg)
+  ck.wait()
+  real_restore = ck._manager.restore
+
+  def failing_restore(step, *args, **kwargs):
+    if step == 2:
+      try:
+        raise error
+      except Exception as e:  # as orbax wraps TensorStore's errors
+        raise Exception("Encountered error while reading array index") from e
+    return real_restore(step, *args, **kwargs)
+
+  ck._manager.restore = failing_restore
+  with pytest.raises(Exception, match="Encountered error") as err:
+    ck.restore_latest(state)
+  assert err.value.__cause__ is error
+  assert ck.all_steps() == [1, 2] and not (tmp_path / ckpt_lib.CORRUPT).exists()
+  ck.close()
+
+
+def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, setup, caplog):
+  """Truncated array data and malformed metadata: the log names the file and the problem, with
+  no TensorStore repr."""
+  cfg, state = setup
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5)
+  for step in (1, 2, 3):
+    ck.save(_at(state, step), None, cfg)
+  ck.wait()
+  for f in (tmp_path / "checkpoints" / "3" / "params" / "ocdbt.process_0" / "d").iterdir():
+    f.write_bytes(f.read_bytes()[:5])  # truncated
+  (tmp_path / "checkpoints" / "2" / "opt_state" / "_METADATA").write_text('{"tree_metadata": ')
+  with caplog.at_level(logging.ERROR):
+    r = ck.restore_latest(state)
+  assert r.step == 1
+  lines = [rec.getMessage() for rec in caplog.records if "cannot be read" in rec.getMessage()]
+  assert len(lines) == 2
+  assert re.search(r"step 3 .*OUT_OF_RANGE: Error reading \"blocks\.0\..*\" in OCDBT database at "
+                   rf"local file \"{tmp_path}/checkpoints/3/params/\": .*not valid", lines[0])
+  assert (f"step 2 ({tmp_path}/checkpoints/2) cannot be read: {tmp_path}/checkpoints/2/opt_state/"
+          "_METADATA is not valid JSON") in lines[1]
+  assert "TensorStore(" not in caplog.text and "bound method" not in caplog.text
+  assert sorted(p.name.split("-")[0] for p in (tmp_path / ckpt_lib.CORRUPT).iterdir()) == ["2", "3"]
   ck.close()
 
 
@@ -196,4 +266,4 @@ def test_load_for_inference_skips_corrupt(tmp_path, setup, caplog):
       f.write_bytes(b"junk")
   with caplog.at_level(logging.ERROR):
     ckpt_lib.load_for_inference(tmp_path)
-  assert str(tmp_path / "checkpoints" / "2") in caplog.text
+  assert f"{tmp_path}/checkpoints/2/ema/_METADATA is not valid JSON" in caplog.text

@@ -95,3 +95,22 @@ def test_cli_errors_name_the_key(tmp_path):
     assert f"config key '{key}'" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_config_file_errors_are_one_line_and_help_exits_0(tmp_path):
+  """A missing config file and an unknown variant: exit 2 with one line saying so (no
+  traceback, no workdir); --help prints the usage and exits 0."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "sedd_jax.train", *args], cwd=ROOT,
+                                     env=env, capture_output=True, text=True, timeout=120)
+  for spec, line in ((str(ROOT / "configs/nope.py"),
+                      f"error: config file '{ROOT / 'configs/nope.py'}' does not exist"),
+                     (f"{CONFIG}:huge", "error: unknown variant 'huge' of configs/uniref50.py; "
+                      "choose one of ('tiny', 'small', 'medium', 'protlig_stable')")):
+    p = run(f"--config={spec}", f"--workdir={tmp_path / 'run'}")
+    assert (p.returncode, p.stderr.splitlines()) == (2, [line]), p.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+  for flag in ("--help", "--helpfull"):
+    p = run(flag)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("Training CLI") and "--workdir" in p.stdout

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sedd_jax.data import pipeline, prepare, store, tokenizers
+from sedd_jax.data.fasta import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -110,12 +111,29 @@ def test_bucket_widths_and_lower_padding(root):
     i = bounds.index(w)
     assert i == 0 or b["lengths"].min() > bounds[i - 1]
   assert len(widths) > 1
-  full = pipeline.make_iterator(cfg, "train", 4, seed=0)
-  for _ in range(30):
-    next(full)
-  assert it.padding_fraction() < full.padding_fraction()
-  lengths = store.open_store(root, "train").lengths
-  assert abs(full.padding_fraction() - pipeline.padding_fraction(lengths, 512)) < 0.1
+
+def test_measured_padding_over_one_pass_matches_the_formula(root):
+  """One pass over the split: width L for every row gives exactly `padding_fraction(lengths, L)`;
+  buckets give what the emitted batches hold, at least the formula's (the leftovers at the end
+  of the pass are padded to their longest row's bucket) and less than width L."""
+  cfg = _cfg(root, length=512)
+  lengths = np.minimum(store.open_store(root, "train").lengths, 512)  # longer ones are cropped
+  assert lengths.min() < 64 < lengths.max() == 512  # several buckets and crops in use
+  full = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1)
+  rows = sum(b["tokens"].shape[0] for b in full)
+  assert rows == lengths.size
+  assert full.padding_fraction() == pytest.approx(1 - lengths.sum() / (512 * lengths.size),
+                                                  rel=1e-12)
+  assert full.padding_fraction() == pytest.approx(pipeline.padding_fraction(lengths, 512),
+                                                  rel=1e-12)
+  it = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1, pad_to="bucket")
+  batches = list(it)
+  real = sum(int(b["lengths"].sum()) for b in batches)
+  assert real == lengths.sum()
+  assert it.padding_fraction() == pytest.approx(1 - real / sum(b["tokens"].size for b in batches),
+                                                rel=1e-12)
+  assert (pipeline.padding_fraction(lengths, 512, pipeline.default_boundaries(512))
+          <= it.padding_fraction() < full.padding_fraction())
 
 
 def test_padding_fraction_formula():
@@ -154,6 +172,27 @@ def test_ensure_prepared_prepares_once(tmp_path):
   assert next(it)["tokens"].shape == (2, 64)
 
 
+def test_ensure_prepared_uses_only_a_store_of_data_fasta(root, tmp_path):
+  """A missing source is an error; a store prepared from another source is refused (never used
+  silently); a copy of the same source elsewhere is recognised by its sha256."""
+  cfg = _cfg(root)
+  cfg.data.fasta = str(tmp_path / "nonexistent.fa")
+  with pytest.raises(DataError, match=r"data.fasta = .*nonexistent.fa does not exist"):
+    pipeline.ensure_prepared(cfg)
+  records = FAA.read_text().split(">")[1:]
+  others = {"fewer.faa": "".join(">" + r for r in records[1:]),  # another size
+            "edited.faa": FAA.read_text().replace("M", "A", 1)}  # same size, other content
+  for name, text in others.items():
+    (tmp_path / name).write_text(text)
+    cfg.data.fasta = str(tmp_path / name)
+    with pytest.raises(store.StoreError, match=rf"prepared from {FAA}, not from data.fasta = "
+                       rf"{tmp_path / name}.*--input {tmp_path / name} --output {root} "):
+      pipeline.ensure_prepared(cfg)
+  (tmp_path / FAA.name).write_bytes(FAA.read_bytes())
+  cfg.data.fasta = str(tmp_path / FAA.name)
+  assert pipeline.ensure_prepared(cfg) == root
+
+
 def test_relative_paths_cwd_first_then_repo_root(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "x.faa").write_bytes(FAA.read_bytes())
@@ -168,6 +207,7 @@ def test_protein_ligand_batches(tmp_path):
   out = tmp_path / "pl"
   prepare.prepare(PAIRS, out, max_length=5000, valid_fraction=0.1, test_fraction=0.1)
   cfg = _cfg(out, length=256)
+  cfg.data.fasta = str(PAIRS)  # the store's source
   it = pipeline.make_iterator(cfg, "train", 4, seed=0)
   b = next(it)
   assert b["tokens"].shape == (4, 256) and b["ligand_tokens"].shape == (4, 128)

@@ -168,6 +168,30 @@ def test_existing_store_kept_on_failure_and_overwrite(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta", "in.fasta", "out"]
 
 
+def test_overwrite_never_touches_what_is_not_a_store(tmp_path):
+  """--overwrite replaces a store only: a folder of the user's files or a plain file given as
+  the output is refused with an error saying what it is, and left as it was."""
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep me")
+  for overwrite in (False, True):
+    with pytest.raises(FileExistsError, match="mine is a folder that is not a prepared store"):
+      prepare.prepare(FAA, mine, overwrite=overwrite)
+  assert prepare.main(["--input", str(FAA), "--output", str(mine), "--overwrite"]) == 1
+  assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+  assert (mine / "notes.txt").read_text() == "keep me"
+  plain = tmp_path / "plain.txt"
+  plain.write_text("a file")
+  for overwrite in (False, True):
+    with pytest.raises(FileExistsError, match="plain.txt is an existing file, not a folder"):
+      prepare.prepare(FAA, plain, overwrite=overwrite)
+  assert plain.read_text() == "a file"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "plain.txt"]  # no leftovers
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert prepare.prepare(FAA, empty)["kept"] > 0 and store.is_prepared(empty)
+
+
 def test_fixture_with_stop_codons(tmp_path):
   m = prepare.prepare(FAA, tmp_path / "out")
   assert m["records_read"] == 200 and m["skipped"] == {}

@@ -16,9 +16,21 @@ def _cfg(**over):
 
 
 def test_schedule_warmup_then_constant():
+  """The reference's lr * min(k / warmup, 1) for update k = n + 1 = 1, 2, ...: the first update
+  uses lr / warmup, update `warmup` (n = warmup - 1) the full lr."""
   sched = state_lib.make_schedule(_cfg(**{"optim.lr": 1e-3, "optim.warmup": 10}))
-  np.testing.assert_allclose([float(sched(n)) for n in (0, 5, 10, 11, 1000)],
-                             [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose([float(sched(n)) for n in (0, 4, 8, 9, 10, 11, 1000)],
+                             [1e-4, 5e-4, 9e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  one = state_lib.make_schedule(_cfg(**{"optim.lr": 1e-3, "optim.warmup": 1}))
+  assert float(one(0)) == pytest.approx(1e-3)
+
+
+def test_first_update_uses_lr_over_warmup():
+  """Through the optimizer: Adam's first step is lr_0 * sign(g) with lr_0 = lr / warmup."""
+  opt = state_lib.make_optimizer(_cfg(**{"optim.lr": 0.1, "optim.warmup": 4, "optim.clip": 0.0}))
+  params = {"w": jnp.zeros(2)}
+  up, _ = opt.update({"w": jnp.array([3.0, -0.5])}, opt.init(params), params)
+  np.testing.assert_allclose(up["w"], [-0.025, 0.025], rtol=1e-5)
 
 
 def test_schedule_cosine_decays_to_zero():
@@ -45,15 +57,27 @@ def test_ema_decay_formula():
 
 
 def test_optimizer_clips_then_adamw():
-  cfg = _cfg(**{"optim.lr": 0.1, "optim.warmup": 0, "optim.clip": 1.0})
-  opt = state_lib.make_optimizer(cfg)
-  params = {"w": jnp.zeros(4)}
-  s = opt.init(params)
-  up, _ = opt.update({"w": jnp.array([100.0, 0.0, 0.0, 0.0])}, s, params)
-  # Adam's first step is lr * sign(g) (the clip does not change the sign).
-  np.testing.assert_allclose(up["w"], [-0.1, 0, 0, 0], atol=1e-6)
-  clipped, _ = state_lib.make_optimizer(cfg).update({"w": jnp.full(4, 10.0)}, s, params)
-  assert np.all(np.isfinite(clipped["w"]))
+  """Clipping by the global norm before AdamW. Adam's first step is lr * g / (|g| + eps) per
+  coordinate, so clipping shows only where it lifts a small coordinate to the size of eps: with
+  g = (1e3, 3e-6), |g| = 1e3, clip 1 scales g to (1, 3e-9); eps = 1e-8 then gives the second
+  coordinate lr * 3e-9 / (3e-9 + 1e-8) = 0.23 lr instead of lr * 3e-6 / (3e-6 + 1e-8) = 0.997 lr."""
+  g = {"w": jnp.array([1e3, 3e-6])}
+  params = {"w": jnp.zeros(2)}
+  over = {"optim.lr": 0.1, "optim.warmup": 0, "optim.eps": 1e-8, "optim.weight_decay": 0.0}
+
+  def first_update(clip):
+    opt = state_lib.make_optimizer(_cfg(**over, **{"optim.clip": clip}))
+    return np.asarray(opt.update(g, opt.init(params), params)[0]["w"], np.float64)
+
+  def adam_first_step(grad):
+    return -0.1 * grad / (np.abs(grad) + 1e-8)
+
+  clipped = np.array([1.0, 3e-9])  # g * 1 / |g|
+  np.testing.assert_allclose(first_update(1.0), adam_first_step(clipped), rtol=1e-4)
+  np.testing.assert_allclose(first_update(0.0), adam_first_step(np.array([1e3, 3e-6])), rtol=1e-4)
+  assert first_update(1.0)[1] == pytest.approx(-0.1 * 3 / 13, rel=1e-4)
+  # A norm below the threshold is left alone.
+  np.testing.assert_allclose(first_update(2e3), first_update(0.0), rtol=1e-6)
 
 
 def test_init_state_from_model():

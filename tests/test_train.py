@@ -16,6 +16,7 @@ import pytest
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax import train as train_lib
+from sedd_jax.data.fasta import DataError
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import state as state_lib
@@ -105,6 +106,42 @@ def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
   assert len(old) == 1
   assert (old[0] / "checkpoints" / "2").is_dir() and (old[0] / "metrics.jsonl").is_file()
   assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [0]
+
+
+def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
+  cfg = micro_config(tmp_path / "nostore", **{"data.fasta": str(tmp_path / "nonexistent.fa")})
+  with pytest.raises(DataError, match="nonexistent.fa does not exist"):
+    train_lib.train(cfg, tmp_path / "run", compiler_options=FAST)
+  assert sorted(tmp_path.iterdir()) == []  # no workdir, no store
+
+
+def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
+  """The CLI on a workdir whose checkpoint has another model shape: exit 2 with one error line
+  naming the config key and what to do; the checkpoint and config.json stay as they were."""
+  cfg = micro_config(store)
+  graph = diffusion.get_graph(cfg.graph)
+  _, params, _ = state_lib.split_model(state_lib.build_model(cfg, graph))
+  ck = ckpt_lib.Checkpointer(tmp_path / "run")
+  ck.save(state_lib.init_state(cfg, params).replace(step=jnp.int32(2)), None, cfg)
+  ck.close()
+  (tmp_path / "run" / "config.json").write_text("{}")
+  args = [sys.executable, "-m", "sedd_jax.train", f"--config={ROOT / 'configs/uniref50.py'}:tiny",
+          f"--workdir={tmp_path / 'run'}"]
+  over = dict(MICRO, **{"data.fasta": str(FASTA), "data.prepared": str(store),
+                        "model.hidden_size": 64})
+  args += [f"--config.{k}={v}" for k, v in over.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert p.returncode == train_lib.EXIT_CONFIG, p.stderr[-3000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert "e.g. params blocks.0.adaLN_modulation.bias: saved (192,), now (384,)" in errors[0]
+  assert "model.hidden_size (saved 32, now 64)" in errors[0]
+  assert "--fresh" in errors[0] and "--workdir" in errors[0]
+  assert len(p.stderr.splitlines()) < 15, p.stderr
+  assert ckpt_lib.Checkpointer(tmp_path / "run").all_steps() == [2]
+  assert (tmp_path / "run" / "config.json").read_text() == "{}"
+  assert not (tmp_path / "run" / ckpt_lib.CORRUPT).exists()
 
 
 def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):

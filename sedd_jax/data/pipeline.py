@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedd_jax.data import fasta as fasta_lib
 from sedd_jax.data import prepare as prepare_lib
 from sedd_jax.data import store as store_lib
 from sedd_jax.data import tokenizers
@@ -64,19 +65,32 @@ def _cfg_get(section: Any, key: str, default: Any) -> Any:
 
 
 def ensure_prepared(cfg: Any) -> pathlib.Path:
-  """Prepares `cfg.data.fasta` into `cfg.data.prepared` unless a complete store is there.
+  """Prepares `cfg.data.fasta` into `cfg.data.prepared` unless a complete store of it is there.
 
   Uses cfg.data.{min_length, max_length, min_standard_fraction, valid_fraction, test_fraction}
   and, when present, cfg.data.{format, on_error, max_ligand_length, protein_column,
-  smiles_column}. An existing store whose filters differ from the config is kept, with a warning
-  (delete it or run the prepare CLI with --overwrite to rebuild). Safe against several processes
-  preparing at once (each writes a temporary directory; the first rename wins).
+  smiles_column}. The source must exist, and an existing store must have been prepared from it
+  (the manifest's recorded files: `prepare.source_difference`, hashing only a moved source);
+  a store of another source is refused, never silently used. An existing store whose filters
+  differ from the config is kept, with a warning (delete it or run the prepare CLI with
+  --overwrite to rebuild). Safe against several processes preparing at once (each writes a
+  temporary directory; the first rename wins).
 
   Returns:
     The resolved store directory.
+
+  Raises:
+    fasta.DataError: `cfg.data.fasta` does not exist (or is bad input).
+    store.StoreError: the store at `cfg.data.prepared` was prepared from another source.
   """
   d = cfg.data
   out = prepare_lib.resolve_path(d.prepared)
+  src = prepare_lib.resolve_path(d.fasta)
+  if not src.exists():
+    raise fasta_lib.DataError(f"data.fasta = {src} does not exist (the source of the store "
+                              f"data.prepared = {out})", src)
+  fmt = str(_cfg_get(d, "format", "auto"))
+  fmt = fasta_lib.detect_format(src) if fmt == "auto" else fmt
   opts = prepare_lib.PrepareOptions(
       min_length=int(d.min_length), max_length=int(d.max_length),
       min_standard_fraction=float(d.min_standard_fraction),
@@ -87,6 +101,13 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
       smiles_column=_cfg_get(d, "smiles_column", None))
   if store_lib.is_prepared(out):
     manifest = store_lib.Store(out, "train").manifest
+    other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
+    if other is not None:
+      raise store_lib.StoreError(
+          f"store data.prepared = {out} was prepared from {manifest.get('source', {}).get('path')}"
+          f", not from data.fasta = {src} ({other}); it is not used. Point data.prepared to a new "
+          f"folder (prepared on first use), or rebuild this one: python -m sedd_jax.data.prepare "
+          f"--input {src} --output {out} --overwrite")
     wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
     have = manifest.get("filters", {})
     diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
@@ -94,10 +115,9 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
       log.warning("store %s was prepared with other settings (store, config): %s; using it "
                   "as is (rebuild with python -m sedd_jax.data.prepare --overwrite)", out, diff)
     return out
-  src = prepare_lib.resolve_path(d.fasta)
   log.info("preparing %s into %s (first use)", src, out)
   try:
-    prepare_lib.prepare(src, out, fmt=str(_cfg_get(d, "format", "auto")), options=opts)
+    prepare_lib.prepare(src, out, fmt=fmt, options=opts)
   except FileExistsError:
     if not store_lib.is_prepared(out):
       raise

@@ -216,17 +216,20 @@ def prepare(input_path: str | os.PathLike, output: str | os.PathLike, fmt: str =
 
   Args:
     input_path: FASTA (plain/gzip), CSV/TSV of pairs (plain/gzip) or a peers' layout directory.
-    output: the store directory. If it exists and `overwrite` is False, it is kept and its
-      manifest returned when it was prepared from the same source (sha256) with the same
-      settings; otherwise FileExistsError.
+    output: the store directory: absent, an empty folder or a store. If it is a store and
+      `overwrite` is False, it is kept and its manifest returned when it was prepared from the
+      same source (sha256) with the same settings; otherwise FileExistsError. Anything else (a
+      file, a folder of other files) is refused and left untouched (`check_output`).
     fmt: auto | fasta | csv | peers (auto: from the path, `fasta.detect_format`).
-    overwrite: replace an existing store (atomically, after the new one is complete).
+    overwrite: replace an existing store (atomically, after the new one is complete); never
+      anything that is not a store.
     log_every_s: seconds between progress lines.
     options: filters and split settings; keyword arguments override its fields.
 
   Raises:
     fasta.DataError: bad input (naming file and line), or no sequence kept.
-    FileExistsError: `output` exists (another source or settings) and not `overwrite`.
+    FileExistsError: `output` is a store (another source or settings) and not `overwrite`, or
+      `output` is neither a store nor an empty folder.
   """
   opts = dataclasses.replace(options or PrepareOptions(), **kwargs)
   opts.validate()
@@ -238,7 +241,8 @@ def prepare(input_path: str | os.PathLike, output: str | os.PathLike, fmt: str =
     fmt = fasta_lib.detect_format(src)
   if fmt not in ("fasta", "csv", "peers"):
     raise ValueError(f"format must be auto, fasta, csv or peers, got {fmt!r}")
-  if out.exists() and not overwrite:
+  check_output(out)
+  if _is_store(out) and not overwrite:
     existing = _up_to_date(out, src, fmt, opts)
     if existing is not None:
       log.info("store %s is up to date (same source sha256 and settings); nothing to do", out)
@@ -265,6 +269,30 @@ def prepare(input_path: str | os.PathLike, output: str | os.PathLike, fmt: str =
   return manifest
 
 
+def _is_store(out: pathlib.Path) -> bool:
+  """Whether the folder `out` is recognisably a store: its manifest.json, written by `prepare`."""
+  try:
+    with open(out / "manifest.json") as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    return False
+  return isinstance(manifest, dict) and {"format_version", "splits"} <= manifest.keys()
+
+
+def check_output(out: pathlib.Path) -> None:
+  """Raises FileExistsError unless `out` is absent, an empty folder or a store (`_is_store`):
+  `prepare` replaces only what it wrote itself."""
+  if not out.exists() and not out.is_symlink():
+    return
+  if not out.is_dir():
+    raise FileExistsError(f"output {out} is an existing file, not a folder: a store is a folder; "
+                          "choose another output path")
+  if any(out.iterdir()) and not _is_store(out):
+    raise FileExistsError(f"output {out} is a folder that is not a prepared store (it has no "
+                          "manifest.json written by sedd_jax.data.prepare); it is left untouched "
+                          "even with --overwrite: choose another output path")
+
+
 def _source_files(src: pathlib.Path, fmt: str) -> list[pathlib.Path]:
   if fmt == "peers":
     return [fasta_lib.peers_layout(src)[0], src / "splits.json"]
@@ -283,19 +311,35 @@ def _up_to_date(out: pathlib.Path, src: pathlib.Path, fmt: str,
                  for n in ("tokens.npy", "offsets.npy", "manifest.json"))
   if not complete or manifest.get("filters") != dataclasses.asdict(opts):
     return None
-  files = manifest.get("source", {}).get("files", [])
-  want = [{"name": p.name, "bytes": p.stat().st_size} for p in _source_files(src, fmt)]
-  if [{"name": f.get("name"), "bytes": f.get("bytes")} for f in files] != want:
+  return manifest if source_difference(manifest, src, fmt) is None else None
+
+
+def source_difference(manifest: dict, src: pathlib.Path, fmt: str,
+                      trust_path: bool = False) -> str | None:
+  """How the source recorded in a store's `manifest` differs from `src` read as `fmt`; None when
+  it is the same: same format, file names and sizes, and same sha256 (with `trust_path`, the
+  same resolved path stands in for the hashes, so an unmoved large source is not re-read).
+  """
+  recorded = manifest.get("source", {})
+  if recorded.get("format") != fmt:
+    return f"format {recorded.get('format')!r} recorded, {fmt!r} now"
+  paths = _source_files(src, fmt)
+  files = recorded.get("files", [])
+  have = [(f.get("name"), f.get("bytes")) for f in files]
+  want = [(p.name, p.stat().st_size) for p in paths]
+  if have != want:
+    return f"files (name, bytes) {have} recorded, {want} now"
+  if trust_path and recorded.get("path") == str(src.resolve()):
     return None
-  if [f.get("sha256") for f in files] != [file_sha256(p) for p in _source_files(src, fmt)]:
-    return None
-  return manifest
+  if [f.get("sha256") for f in files] != [file_sha256(p) for p in paths]:
+    return "same names and sizes, other content (sha256)"
+  return None
 
 
 def _commit(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-  if not out.exists():
+  if not out.exists() or (out.is_dir() and not any(out.iterdir())):
     try:
-      os.rename(tmp, out)
+      os.rename(tmp, out)  # replaces an empty folder
       return
     except OSError:
       if not out.exists():

@@ -23,10 +23,14 @@ Retention: the newest `cfg.training.keep` checkpoints, plus every step that is a
 `cfg.training.milestone_every` (milestones, kept forever; 0 = none). Saving is asynchronous;
 `wait()` blocks until everything is on disk.
 
-Resume: `restore_latest` tries the newest step first; a checkpoint that fails to load is
-reported (step and path) and moved aside to `<workdir>/checkpoints_corrupt/<step>-<time>/` (never
-deleted) once an older one has loaded. If no checkpoint loads, it raises (usually a config that
-no longer matches the checkpoints) and moves nothing.
+Resume: `restore_latest` tries the newest step first. It first compares the shapes saved in
+the checkpoint's metadata with the state the config builds: a difference (a changed model shape)
+raises `ShapeMismatch` naming the arrays and the config keys that differ from the checkpoint's,
+and nothing is read or moved. A checkpoint that is really unreadable (a missing item or file, a
+truncated file, malformed metadata: `unreadable_reason`) is reported (the file and the problem)
+and moved aside to `<workdir>/checkpoints_corrupt/<step>-<time>/` (never deleted) once an older
+one has loaded. Any other error (an I/O error, out of memory) stops the restore with that error
+and moves nothing; so does a run in which no checkpoint loads.
 """
 
 from __future__ import annotations
@@ -60,6 +64,80 @@ CORRUPT = "checkpoints_corrupt"
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint (message names the paths and the errors)."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint with a missing, truncated or malformed file; the message names the file."""
+
+
+class ShapeMismatch(CheckpointError):
+  """A checkpoint of another model shape than the config builds; names the keys that differ."""
+
+
+ITEMS = ("params", "ema", "opt_state", "train", "data", "config")
+# orbax's JSON files of a step folder and of each item (array_metadatas/* are JSON as well).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+# TensorStore status codes of a missing, truncated or undecodable file. Other codes
+# (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, ...) are not the checkpoint's fault.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+
+
+def unreadable_reason(error: BaseException) -> str | None:
+  """One line naming the file and the problem when `error` (or an error it chains from) says a
+  checkpoint's files are missing, truncated or malformed; None for any other error (an I/O
+  error, out of memory, a bug), which must not be mistaken for a corrupt checkpoint."""
+  seen = set()
+  e = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, UnreadableCheckpoint):
+      return str(e)
+    if isinstance(e, FileNotFoundError):
+      return f"{e.filename}: missing" if e.filename else str(e)
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError)):
+      return f"malformed file ({type(e).__name__}: {e})"
+    if isinstance(e, ValueError) and str(e).split(":", 1)[0] in _DAMAGE_CODES:
+      return str(e).split(" [tensorstore_spec=", 1)[0]  # the error, without TensorStore's spec
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def check_files(step_dir: pathlib.Path, items: tuple[str, ...] = ITEMS) -> None:
+  """Raises UnreadableCheckpoint naming the first missing item folder or malformed JSON file of
+  the checkpoint `step_dir` (orbax's metadata; array data is checked when read)."""
+  for item in items:
+    if not (step_dir / item).is_dir():
+      raise UnreadableCheckpoint(f"{step_dir / item} is missing")
+  files = [step_dir / _JSON_FILES[0]]
+  for item in items:
+    files += [step_dir / item / n for n in _JSON_FILES[1:]]
+    files += sorted((step_dir / item / "array_metadatas").glob("*"))
+  for f in files:
+    if not f.is_file():
+      continue
+    try:
+      json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise UnreadableCheckpoint(f"{f} is not valid JSON (truncated or overwritten?): {e}") from None
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{dotted path: shape} of the leaves of `tree` (arrays, or orbax's array metadata)."""
+
+  def name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+  return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape_changes(step_dir: pathlib.Path, item: str, tree: Any) -> list[str]:
+  """'ITEM PATH: saved SHAPE, now SHAPE' for each array of `tree` whose shape differs from the
+  one saved in item `item` of `step_dir` (read from orbax's metadata, not the arrays)."""
+  saved = _shapes(ocp.StandardCheckpointHandler().metadata(step_dir / item))
+  now = _shapes(tree)
+  return [f"{item} {k}: saved {saved.get(k, 'absent')}, now {now.get(k, 'absent')}"
+          for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
 
 
 def _abstract(tree: Any, shardings: Any | None = None) -> Any:
@@ -177,9 +255,45 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
-  def restore(self, step: int, template: TrainState, shardings: TrainState | None = None
-              ) -> Restored:
-    """Loads step `step` into the structure of `template` (placed with `shardings`)."""
+  def shape_changes(self, step: int, template: TrainState) -> list[str]:
+    """The arrays whose saved shape (the checkpoint's metadata) differs from `template`'s, as
+    'params blocks.0.attn_qkv.kernel: saved (32, 96), now (64, 192)'; [] when all match."""
+    return [c for item, tree in (("params", _pure(template.params)),
+                                 ("opt_state", template.opt_state))
+            for c in _shape_changes(self.step_path(step), item, tree)]
+
+  def check_shapes(self, step: int, template: TrainState,
+                   cfg: ml_collections.ConfigDict | None = None) -> None:
+    """Raises ShapeMismatch when step `step`'s saved shapes differ from `template`'s (arrays or
+    ShapeDtypeStructs); the message names the config keys that differ between the checkpoint's
+    config and `cfg` (when given) and what to do. Reads metadata only.
+
+    Raises:
+      UnreadableCheckpoint: a missing item folder or malformed metadata file (`check_files`).
+      ShapeMismatch: see above.
+    """
+    step_dir = self.step_path(step)
+    check_files(step_dir)
+    changes = self.shape_changes(step, template)
+    if not changes:
+      return
+    keys = ""
+    if cfg is not None:
+      differ = config_lib.diff_values(_read_config(step_dir), cfg)
+      keys = (" Config keys that differ from the checkpoint's: "
+              + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differ.items()) + ".")
+    raise ShapeMismatch(
+      f"checkpoint {step_dir} holds a model of another shape than this config builds "
+      f"({len(changes)} arrays differ, e.g. {changes[0]}).{keys} To resume this run, use the "
+      "checkpoint's values; to train this config, start over with --fresh (this run's files "
+      "move to <workdir>/old-<time>/) or use another --workdir.")
+
+  def restore(self, step: int, template: TrainState, shardings: TrainState | None = None,
+              cfg: ml_collections.ConfigDict | None = None) -> Restored:
+    """Loads step `step` into the structure of `template` (placed with `shardings`), after
+    `check_shapes(step, template, cfg)` (UnreadableCheckpoint, ShapeMismatch)."""
+    step_dir = self.step_path(step)
+    self.check_shapes(step, template, cfg)
     sh = shardings if shardings is not None else TrainState(*([None] * 7))
     params_t = _abstract(_pure(template.params),
                          None if sh.params is None else _pure(sh.params))
@@ -195,8 +309,8 @@ class Checkpointer:
     ))
     meta = r.train
     if meta.get("format") != FORMAT or meta.get("step") != step:
-      raise CheckpointError(f"{self.step_path(step)}: train item {meta!r} does not match step "
-                            f"{step} / format {FORMAT}")
+      raise UnreadableCheckpoint(f"{step_dir / 'train'}: {meta!r} does not match step {step} / "
+                                 f"format {FORMAT}")
 
     def scalar(v, s):
       a = jnp.asarray(v, jnp.int32)
@@ -217,30 +331,34 @@ class Checkpointer:
     return Restored(state=state, data_state=decode_data_state(r.data), step=step, config=cfg,
                     path=self.step_path(step))
 
-  def restore_latest(self, template: TrainState, shardings: TrainState | None = None
-                     ) -> Restored | None:
-    """The newest checkpoint that loads; None if there is none. Bad ones are reported and,
-    once an older one has loaded, moved aside to `<workdir>/checkpoints_corrupt/`."""
+  def restore_latest(self, template: TrainState, shardings: TrainState | None = None,
+                     cfg: ml_collections.ConfigDict | None = None) -> Restored | None:
+    """The newest checkpoint that loads; None if there is none. Unreadable ones are reported
+    and, once an older one has loaded, moved aside to `<workdir>/checkpoints_corrupt/`; any other
+    error (ShapeMismatch, I/O, memory) is raised at once and nothing is moved. `cfg`, the
+    config of this start, lets ShapeMismatch name the keys that differ."""
     steps = self.all_steps()
     if not steps:
       return None
     failed: list[tuple[int, str]] = []
     for step in reversed(steps):
       try:
-        restored = self.restore(step, template, shardings)
-      except Exception as e:  # noqa: BLE001 -- any failure to read means "unusable"
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        logger.error("checkpoint at step %d (%s) cannot be loaded: %s; trying the previous one",
-                     step, self.step_path(step), msg)
-        failed.append((step, msg))
+        restored = self.restore(step, template, shardings, cfg)
+      except Exception as e:
+        reason = unreadable_reason(e)
+        if reason is None:
+          raise
+        logger.error("checkpoint at step %d (%s) cannot be read: %s; trying the previous one",
+                     step, self.step_path(step), reason)
+        failed.append((step, reason))
         continue
       if failed:
         self._move_aside([s for s, _ in failed])
       return restored
     details = "; ".join(f"step {s} ({self.step_path(s)}): {m}" for s, m in failed)
-    raise CheckpointError(f"no checkpoint in {self.directory} could be loaded ({details}). If the "
-                          "config changed since they were written, restore it, or start over with "
-                          "--fresh.")
+    raise CheckpointError(f"no checkpoint in {self.directory} could be read ({details}); nothing "
+                          "was moved. Start over with --fresh (the files move to "
+                          "<workdir>/old-<time>/) or use another --workdir.")
 
   def _move_aside(self, steps: list[int]) -> None:
     if jax.process_index() == 0:
@@ -345,7 +463,8 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
     when `use_ema` is False or the checkpoint has no EMA), its ConfigDict, and the diffusion
     graph (`cfg.graph`: the protein track's; the ligand graph is
     `sedd_jax.protein_ligand.get_graphs(cfg)[1]`) and noise schedule built from the config. The
-    newest checkpoint that loads is used; a corrupt one is reported and skipped.
+    newest checkpoint that loads is used; an unreadable one (`unreadable_reason`) is reported and
+    skipped; any other error is raised.
   """
   from sedd_jax import diffusion
   from sedd_jax.training.task import get_task
@@ -359,6 +478,12 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       model = get_task(cfg).build_model()
       _, params_t, _ = nnx.split(model, nnx.Param, ...)
       item = "ema" if use_ema and (step_dir / "ema").is_dir() else "params"
+      check_files(step_dir, (item,))
+      changes = _shape_changes(step_dir, item, nnx.to_pure_dict(params_t))
+      if changes:
+        raise ShapeMismatch(f"checkpoint {step_dir}: its {item} weights are of another model "
+                            f"shape than its config builds ({len(changes)} arrays differ, e.g. "
+                            f"{changes[0]})")
       # Placed on this process's first device: the checkpoint may come from another topology
       # (e.g. trained on 8 devices, sampled on 1), which orbax's saved shardings would need.
       pure = nnx.to_pure_dict(params_t)
@@ -370,8 +495,10 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       model.eval()
       logger.info("loaded %s weights from %s", item, step_dir)
       return model, cfg, graph, noise
-    except Exception as e:  # noqa: BLE001
-      logger.error("checkpoint %s cannot be loaded: %s: %s; trying the previous one", step_dir,
-                   type(e).__name__, e)
-      errors.append(f"{step_dir}: {type(e).__name__}: {e}")
+    except Exception as e:
+      reason = unreadable_reason(e)
+      if reason is None:
+        raise
+      logger.error("checkpoint %s cannot be read: %s; trying the previous one", step_dir, reason)
+      errors.append(f"{step_dir}: {reason}")
   raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))

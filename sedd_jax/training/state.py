@@ -9,9 +9,9 @@ step from `fold_in(state.rng, step)`.
 
 Optimizer (the reference recipe): `clip_by_global_norm(cfg.optim.clip)` (skipped when clip is 0)
 then AdamW(lr schedule, b1, b2, eps, weight_decay) on every parameter. The learning rate rises
-linearly from 0 over `optim.warmup` steps (as the reference: lr * min(n / warmup, 1), so the very
-first update has lr 0 when warmup > 0), then stays constant or follows a cosine decay to 0 at
-`training.steps`.
+linearly over the first `optim.warmup` updates as the reference's, which counts updates from 1:
+update k = 1, 2, ... uses lr * min(k / warmup, 1), so the first update uses lr / warmup and update
+`warmup` the full lr. It then stays constant or follows a cosine decay to 0 at `training.steps`.
 
 EMA of the parameters with effective decay `min(decay, (1 + n) / (10 + n))`, n counting the
 applied updates including the current one (the reference's ExponentialMovingAverage). Skipped
@@ -21,7 +21,7 @@ applied updates including the current one (the reference's ExponentialMovingAver
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -65,7 +65,9 @@ class ModelDefs:
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-  """lr(n) for update count n: linear warmup from 0, then constant or cosine decay to 0."""
+  """lr(n) for the optimizer's update count n = 0, 1, ... (updates applied before this one):
+  lr * min((n + 1) / warmup, 1) during warmup (the reference's lr * min(k / warmup, 1) for update
+  k = n + 1), then constant or a cosine decay from lr at n = warmup to 0 at `training.steps`."""
   lr = float(cfg.optim.lr)
   warmup = int(cfg.optim.warmup)
   total = int(cfg.training.steps)
@@ -75,7 +77,9 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     after = optax.constant_schedule(lr)
   if warmup <= 0:
     return after
-  warm = optax.linear_schedule(0.0, lr, transition_steps=warmup)
+  def warm(n):
+    return lr * jnp.minimum((n + 1.0) / warmup, 1.0)
+
   return optax.join_schedules([warm, after], boundaries=[warmup])
 
 
@@ -132,6 +136,18 @@ def init_state(cfg: ml_collections.ConfigDict, params: nnx.State,
     bad_steps=jnp.zeros((), jnp.int32),
     skipped=jnp.zeros((), jnp.int32),
   )
+
+
+def abstract_state(cfg: ml_collections.ConfigDict, build_model: Callable[[], nnx.Module],
+                   optimizer: optax.GradientTransformation) -> TrainState:
+  """The step-0 TrainState of `init_state(cfg, params of build_model(), optimizer)` as
+  jax.ShapeDtypeStruct leaves: its shapes, with nothing initialised or compiled."""
+
+  def build() -> TrainState:
+    _, params, _ = split_model(build_model())
+    return init_state(cfg, params, optimizer)
+
+  return jax.eval_shape(build)
 
 
 def param_count(params: Any) -> int:
