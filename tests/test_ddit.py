@@ -120,6 +120,8 @@ def test_shapes_are_checked():
     (dict(attention="flash"), "model.attention"),
     (dict(dtype="float64"), "model.dtype"),
     (dict(remat="all"), "model.remat"),
+    (dict(dropout_rng="philox"), "model.dropout_rng"),
+    (dict(residual_dtype="float16"), "model.residual_dtype"),
     (dict(hidden_size=15), "n_heads"),
 ])
 def test_bad_config_is_named(kw, match):
@@ -198,3 +200,67 @@ def test_remat_policies_give_the_same_gradients():
     for a, b in zip(results["none"], results[remat]):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
   assert all(np.all(np.isfinite(g)) for g in results["none"])
+
+
+def test_scanned_blocks_equal_the_loop_in_train_mode():
+  """scan_blocks=True and False (with remat=block): the same log scores and gradients, dropout
+  masks included."""
+  idx = jax.random.randint(jax.random.key(5), (2, 8), 0, 9)
+  sigma = jnp.array([0.3, 1.7])
+  lengths = jnp.array([8, 6], jnp.int32)
+
+  @nnx.jit
+  def out_and_grads(model):
+    def loss(m):
+      out = m(idx, sigma, lengths)
+      return jnp.sum(jnp.tanh(out)), out
+    return nnx.grad(loss, has_aux=True)(model)
+
+  results = []
+  for scan in (False, True):
+    model = randomize(DDiT(model_cfg(scan_blocks=scan, remat="block", dropout=0.3), 9,
+                           True, nnx.Rngs(params=0, dropout=1)))
+    grads, out = out_and_grads(model)
+    results.append((out, jax.tree.leaves(nnx.state(grads, nnx.Param))))
+  (out_loop, g_loop), (out_scan, g_scan) = results
+  np.testing.assert_allclose(out_scan, out_loop, atol=1e-5, rtol=1e-5)
+  assert len(g_loop) == len(g_scan)
+  for a, b in zip(g_loop, g_scan):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ddit_lib.DROPOUT_RNGS)
+def test_dropout_bits_keep_the_right_fraction_independently(impl):
+  """Keep fraction within 5 binomial sigmas of 1 - rate; masks of two keys and of neighbouring
+  elements agree as often as independent draws do; kept values are scaled by 1 / (1 - rate)."""
+  rate, shape = 0.3, (8, 64, 96)
+  n = math.prod(shape)
+  x = jnp.ones(shape, jnp.float32)
+  a = np.asarray(ddit_lib.dropout(x, rate, jax.random.key(0), impl))
+  b = np.asarray(ddit_lib.dropout(x, rate, jax.random.key(1), impl))
+  np.testing.assert_array_equal(a, ddit_lib.dropout(x, rate, jax.random.key(0), impl))
+  assert set(np.unique(a)) <= {0.0, np.float32(1 / 0.7)}
+  sigma = math.sqrt(rate * (1 - rate) / n)
+  keep_a, keep_b = a > 0, b > 0
+  assert abs(keep_a.mean() - 0.7) < 5 * sigma
+  agree = 0.7**2 + 0.3**2  # P(two independent masks agree)
+  assert abs((keep_a == keep_b).mean() - agree) < 5 * math.sqrt(agree * (1 - agree) / n)
+  for axis in range(3):  # neighbours along every axis
+    same = (np.diff(keep_a.astype(np.int8), axis=axis) == 0).mean()
+    assert abs(same - agree) < 5 * math.sqrt(agree * (1 - agree) / n) * 2, (axis, same)
+
+
+def test_bfloat16_residual_stream_is_close_to_float32():
+  f32 = randomize(DDiT(model_cfg(), 9, True, nnx.Rngs(0)), scale=0.1)
+  bf16 = DDiT(model_cfg(residual_dtype="bfloat16"), 9, True, nnx.Rngs(0))
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  f32.eval(), bf16.eval()
+  idx = jax.random.randint(jax.random.key(6), (2, 12), 0, 9)
+  sigma = jnp.array([0.2, 2.5])
+  x = jax.ShapeDtypeStruct((2, 12, 16), jnp.bfloat16)
+  block = jax.eval_shape(lambda x: bf16.blocks[0](x, *ddit_lib.rotary_cos_sin(12, 8),
+                                                  jnp.ones((2, 8))), x)
+  assert block.dtype == jnp.bfloat16
+  a, b = apply(f32, idx, sigma), apply(bf16, idx, sigma)
+  assert b.dtype == jnp.float32 and not np.array_equal(a, b)
+  assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
