@@ -122,6 +122,7 @@ def test_shapes_are_checked():
     (dict(remat="all"), "model.remat"),
     (dict(dropout_rng="philox"), "model.dropout_rng"),
     (dict(residual_dtype="float16"), "model.residual_dtype"),
+    (dict(matmul="int8"), "model.matmul"),
     (dict(hidden_size=15), "n_heads"),
 ])
 def test_bad_config_is_named(kw, match):
@@ -264,3 +265,34 @@ def test_bfloat16_residual_stream_is_close_to_float32():
   a, b = apply(f32, idx, sigma), apply(bf16, idx, sigma)
   assert b.dtype == jnp.float32 and not np.array_equal(a, b)
   assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_fp8_matmul_and_its_gradients_are_close_to_exact():
+  """e4m3 operands (3 mantissa bits) and e5m2 output gradients (2 bits) with per-tensor scales:
+  relative errors of a few percent, and really quantized (not exact)."""
+  kx, kw, kr = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, (64, 48), jnp.float32) * 3.0
+  w = jax.random.normal(kw, (48, 40), jnp.float32) * 0.05
+  r = jax.random.normal(kr, (64, 40), jnp.float32)
+  y = ddit_lib.fp8_matmul(x, w)
+  assert y.shape == (64, 40) and y.dtype == jnp.float32
+  assert 1e-4 < _rel(y, x @ w) < 0.05
+  dx, dw = jax.grad(lambda x, w: jnp.sum(ddit_lib.fp8_matmul(x, w) * r), argnums=(0, 1))(x, w)
+  assert 1e-4 < _rel(dx, r @ w.T) < 0.1 and 1e-4 < _rel(dw, x.T @ r) < 0.1
+  np.testing.assert_array_equal(ddit_lib.fp8_matmul(jnp.zeros_like(x), w), 0.0)
+  y3 = ddit_lib.fp8_dot_general(x.reshape(4, 16, 48), w, (((2,), (0,)), ((), ())))
+  np.testing.assert_array_equal(y3.reshape(64, 40), y)
+  with pytest.raises(ValueError, match="fp8_dot_general handles"):
+    ddit_lib.fp8_dot_general(x, w.T, (((1,), (1,)), ((), ())))
+
+
+def test_fp8_falls_back_without_fp8_gpus(caplog):
+  assert not ddit_lib.fp8_available()  # the CPU
+  with caplog.at_level("WARNING"):
+    model = DDiT(model_cfg(matmul="fp8"), 9, True, nnx.Rngs(0))
+  assert "no FP8 matmuls" in caplog.text
+  assert model.blocks[0].mlp_in.dot_general is jax.lax.dot_general

@@ -41,12 +41,15 @@ DEFAULTS = {
     "scan_blocks": True,
     "dropout_rng": "threefry",
     "residual_dtype": "float32",
+    "matmul": "default",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
 # How DDiT dropout masks get their random bits (see `dropout_bits`).
-DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg", "hash")
+DROPOUT_RNGS = ("threefry", "rbg", "hash")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
+# The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8_matmul`) on FP8 GPUs.
+MATMULS = ("default", "fp8")
 FREQ_DIM = 256  # sinusoidal sigma embedding size
 MLP_RATIO = 4
 LN_EPS = 1e-5
@@ -125,8 +128,9 @@ def _hash32(x: jax.Array) -> jax.Array:
 def dropout_bits(key: jax.Array, shape: tuple[int, ...], impl: str) -> jax.Array:
   """Random uint32 bits of `shape` from a (threefry) `key`, by `impl` (one of DROPOUT_RNGS).
 
-  threefry: `jax.random.bits` of the key itself. rbg / unsafe_rbg: the key's data reused as the
-  seed of XLA's RngBitGenerator (one kernel writing the bits). hash: counter-based, two rounds
+  threefry: `jax.random.bits` of the key itself. rbg: the key's data reused as the seed of
+  XLA's RngBitGenerator (one kernel writing the bits; the key is not split or folded as an rbg
+  key, so `unsafe_rbg` would draw the same bits). hash: counter-based, two rounds
   of `_hash32` over the element's flat index mixed with the key's two words; pure elementwise
   integer arithmetic that XLA fuses into the consumer (no bits in device memory). Fine for
   dropout masks, not a cryptographic generator.
@@ -135,7 +139,7 @@ def dropout_bits(key: jax.Array, shape: tuple[int, ...], impl: str) -> jax.Array
     return jax.random.bits(key, shape, jnp.uint32)
   data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   data = data.reshape(-1)[:2].astype(jnp.uint32)
-  if impl in ("rbg", "unsafe_rbg"):
+  if impl == "rbg":
     seed = jnp.concatenate([data, data ^ jnp.uint32(0x5BD1E995)])
     return jax.random.bits(jax.random.wrap_key_data(seed, impl=impl), shape, jnp.uint32)
   if impl != "hash":
@@ -168,15 +172,18 @@ def _torch_linear_init(in_features: int):
   return init
 
 
-def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False) -> nnx.Linear:
+def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
+            dot_general=jax.lax.dot_general) -> nnx.Linear:
   """nnx.Linear with float32 params computing in `dtype`; torch's init, or zeros.
 
   float32 layers use Precision.HIGHEST, so that float32 is not silently TF32 on GPUs.
+  `dot_general`: e.g. `fp8_dot_general`.
   """
   init = nnx.initializers.zeros_init() if zero else _torch_linear_init(n_in)
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
   return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                    precision=precision, kernel_init=init, bias_init=init, rngs=rngs)
+                    precision=precision, kernel_init=init, bias_init=init, rngs=rngs,
+                    dot_general=dot_general)
 
 
 class TimestepEmbedder(nnx.Module):
@@ -206,19 +213,20 @@ class DDiTBlock(nnx.Module):
 
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
                attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False,
-               dropout_rng: str | None = None):
+               dropout_rng: str | None = None, fp8: bool = False):
     self.n_heads = n_heads
     self.attention = attention
     self.chunk = chunk
+    dot = fp8_dot_general if fp8 else jax.lax.dot_general
     self.norm1 = LayerNorm(dim)
-    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype)
-    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype)
+    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
     drop_rngs = rngs if dropout_rng is None else None
     self.dropout_rng = dropout_rng
     self.dropout1 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.norm2 = LayerNorm(dim)
-    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype)
-    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype)
+    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
+    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
     self.dropout2 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.adaLN_modulation = _linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
     self._activation_out = _gelu_out
@@ -282,7 +290,9 @@ class DDiT(nnx.Module):
       `lax.scan` over their parameters stacked inside the trace (one block compiled instead of
       n_blocks; the parameters keep their per-block layout `blocks.<n>.*`). dropout_rng: how
       dropout bits are drawn (`dropout_bits`). residual_dtype: the dtype of the residual stream
-      between blocks (LayerNorms and residual adds still compute in float32).
+      between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
+      runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
+      falls back to `dtype` (with a warning) elsewhere.
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
@@ -300,6 +310,7 @@ class DDiT(nnx.Module):
     remat = str(_cfg(cfg_model, "remat"))
     dropout_rng = str(_cfg(cfg_model, "dropout_rng"))
     residual = str(_cfg(cfg_model, "residual_dtype"))
+    matmul = str(_cfg(cfg_model, "matmul"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
@@ -315,6 +326,12 @@ class DDiT(nnx.Module):
       raise ValueError(f"model.dropout_rng {dropout_rng!r}: choose one of {DROPOUT_RNGS}")
     if residual not in RESIDUAL_DTYPES:
       raise ValueError(f"model.residual_dtype {residual!r}: choose one of {RESIDUAL_DTYPES}")
+    if matmul not in MATMULS:
+      raise ValueError(f"model.matmul {matmul!r}: choose one of {MATMULS}")
+    fp8 = matmul == "fp8" and fp8_available()
+    if matmul == "fp8" and not fp8:
+      log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,
+                  dtype_name)
     if chunk < 0:
       raise ValueError(f"model.attention_chunk {chunk} must be >= 0 (0 = chosen from length)")
     if not 0.0 <= dropout < 1.0:
@@ -343,7 +360,7 @@ class DDiT(nnx.Module):
     self.sigma_map = TimestepEmbedder(cond_dim, rngs)
     self.blocks = nnx.List([
         DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
-                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng)
+                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8)
         for _ in range(n_blocks)])
     self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs)
 
@@ -411,3 +428,65 @@ class DDiT(nnx.Module):
     if self.remat in policy:
       body = jax.checkpoint(body, policy=policy[self.remat])
     return jax.lax.scan(body, x, (stacked, keys))[0]
+
+
+def fp8_available() -> bool:
+  """Whether the default backend's devices have FP8 tensor cores (CUDA compute capability
+  >= 8.9: Ada, Hopper and newer)."""
+  dev = jax.devices()[0]
+  try:
+    return dev.platform == "gpu" and float(dev.compute_capability) >= 8.9
+  except (AttributeError, TypeError, ValueError):
+    return False
+
+
+def _quantize(x: jax.Array, f8) -> tuple[jax.Array, jax.Array]:
+  """x -> (x / s as `f8`, s): per-tensor current scaling, s = amax|x| / max(f8) (1 for x = 0)."""
+  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  s = jnp.where(amax > 0, amax / jnp.float32(jnp.finfo(f8).max), jnp.float32(1))
+  return (x.astype(jnp.float32) / s).astype(f8), s
+
+
+def _scaled_dot(a_q, a_s, b_q, b_s, dims, dtype):
+  """dot_general of the dequantized operands `convert(q) * s`: the form XLA's GEMM rewriter
+  turns into one FP8 cuBLASLt matmul with the scales as its alpha on FP8 GPUs."""
+  a = a_q.astype(dtype) * a_s.astype(dtype)
+  b = b_q.astype(dtype) * b_s.astype(dtype)
+  return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x (M, K) @ w (K, N) -> (M, N) in x's dtype, operands in float8_e4m3fn with per-tensor
+  scales; the backward pass quantizes the output gradient to float8_e5m2 (its range), and saves
+  the FP8 operands (not x, w) for it."""
+  return _fp8_fwd(x, w)[0]
+
+
+def _fp8_fwd(x, w):
+  xq, xs = _quantize(x, jnp.float8_e4m3fn)
+  wq, ws = _quantize(w, jnp.float8_e4m3fn)
+  dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # the cotangents' dtypes
+  return _scaled_dot(xq, xs, wq, ws, ((1,), (0,)), x.dtype), (xq, xs, wq, ws, dtypes)
+
+
+def _fp8_bwd(res, g):
+  xq, xs, wq, ws, (x_like, w_like) = res
+  gq, gs = _quantize(g, jnp.float8_e5m2)
+  dx = _scaled_dot(gq, gs, wq, ws, ((1,), (1,)), g.dtype)  # (M, N) . (K, N) -> (M, K)
+  dw = _scaled_dot(xq, xs, gq, gs, ((0,), (0,)), g.dtype)  # (M, K) . (M, N) -> (K, N)
+  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    out_sharding=None):
+  """`lax.dot_general` replacement for nnx.Linear: lhs (..., K) . rhs (K, N) by `fp8_matmul`."""
+  del precision, preferred_element_type, out_sharding  # FP8 sets its own
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+    raise ValueError(f"fp8_dot_general handles x (..., K) . w (K, N) only; got "
+                     f"{lhs.shape} . {rhs.shape} with {dimension_numbers}")
+  y = fp8_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+  return y.reshape(*lhs.shape[:-1], rhs.shape[1])
