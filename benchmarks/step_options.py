@@ -4,11 +4,11 @@ SEDD-small (configs/uniref50.py:small), dropout 0.1, EMA, AdamW, clip, bf16 comp
 tokens at full length, as benchmarks/train_step.py. Each variant is '+'-joined option tokens
 (`TOKENS`): `loop` = today's Python loop over the blocks (model.scan_blocks=False), `scan` =
 the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
-model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp.
+model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp;
+`nounroll` = XLA's GPU while-loop unrolling off (`COMPILER_TOKENS`).
 
 For every case and variant: compile time of the step (trace + lower, and in all with XLA's
-compilation; nothing cached),
-XLA's memory estimate of the compiled step (arguments + temporaries + outputs - aliased), the
+compilation; nothing cached), XLA's memory estimate of the compiled step (arguments + temporaries + outputs - aliased), the
 device's peak memory so far (monotone within the process: the largest variant's), and the
 median over `--repeats` of `--steps` steps -> tokens/s. One JSON line per measurement (prefix
 `JSON `), a table last.
@@ -47,19 +47,28 @@ TOKENS = {
   "fp8": {"matmul": "fp8"},
   "remat_mlp": {"remat": "mlp"},
 }
-GPU_VARIANTS = ("loop", "scan", "scan+rbg", "scan+hash", "scan+bf16res", "scan+fp8",
-                "scan+hash+bf16res", "scan+hash+bf16res+fp8")
+# Tokens that set XLA options of the compiled step instead of model keys.
+COMPILER_TOKENS = {
+  # does XLA's GPU while-loop unroller undo the scan's compile-time gain?
+  "nounroll": {"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_NO_UNROLL"},
+}
+GPU_VARIANTS = ("loop", "scan", "scan+nounroll", "scan+rbg", "scan+hash", "scan+bf16res",
+                "scan+fp8", "scan+hash+bf16res", "scan+hash+bf16res+fp8")
 
 
-def model_overrides(variant: str) -> dict:
-  """'scan+hash' -> {'scan_blocks': True, 'dropout_rng': 'hash'}; unknown tokens fail."""
-  out = {}
+def parse_variant(variant: str) -> tuple[dict, dict]:
+  """'scan+hash' -> ({'scan_blocks': True, 'dropout_rng': 'hash'}, {}): (model keys, XLA
+  options); unknown tokens fail."""
+  model, compiler = {}, {}
   for token in variant.split("+"):
-    if token not in TOKENS:
+    if token in TOKENS:
+      model.update(TOKENS[token])
+    elif token in COMPILER_TOKENS:
+      compiler.update(COMPILER_TOKENS[token])
+    else:
       raise ValueError(f"variant {variant!r}: unknown option {token!r}; choose from "
-                       f"{tuple(TOKENS)}")
-    out.update(TOKENS[token])
-  return out
+                       f"{tuple(TOKENS) + tuple(COMPILER_TOKENS)}")
+  return model, compiler
 
 
 def memory_estimate_gib(compiled) -> float:
@@ -76,9 +85,9 @@ def memory_estimate_gib(compiled) -> float:
 def run(config: str, length: int, batch: int, variant: str, attention: str, dropout: float,
         steps: int, repeats: int) -> dict:
   """Compiles and times one variant; returns its JSON row."""
+  model, compiler = parse_variant(variant)
   cfg = uniref50.get_config(config)
-  cfg.model.update(length=length, attention=attention, dropout=dropout, dtype="bfloat16",
-                   **model_overrides(variant))
+  cfg.model.update(length=length, attention=attention, dropout=dropout, dtype="bfloat16", **model)
   cfg.training.batch_size = batch
   s = step_lib.setup(cfg, fsdp=False)
   state = s.state
@@ -86,7 +95,7 @@ def run(config: str, length: int, batch: int, variant: str, attention: str, drop
   data = s.put_batch({"tokens": rng.integers(4, 29, (batch, length), dtype=np.int32),
                       "lengths": np.full((batch,), length, np.int32)})
   t0 = time.perf_counter()
-  lowered = s.train_step().lower(state, s.rest, data)
+  lowered = s.train_step(compiler or None).lower(state, s.rest, data)
   lower_s = time.perf_counter() - t0
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
@@ -124,13 +133,13 @@ def main(argv=None) -> None:
   p.add_argument("--configs", default="small", help="comma-separated variants of uniref50.py")
   p.add_argument("--attention", default="cudnn")
   p.add_argument("--dropout", type=float, default=0.1)
-  p.add_argument("--steps", type=int, default=6, help="steps per repeat; 0 = compile only")
+  p.add_argument("--steps", type=int, default=5, help="steps per repeat; 0 = compile only")
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   variants = args.variants.split(",")
   for v in variants:
-    model_overrides(v)  # fail before compiling anything
+    parse_variant(v)  # fail before compiling anything
   rows = []
   for config in args.configs.split(","):
     for case in args.case or ["1024x64", "512x128"]:

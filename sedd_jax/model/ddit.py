@@ -38,7 +38,7 @@ DEFAULTS = {
     "attention_chunk": 0,
     "dtype": "bfloat16",
     "remat": "none",
-    "scan_blocks": True,
+    "scan_blocks": False,
     "dropout_rng": "threefry",
     "residual_dtype": "float32",
     "matmul": "default",
