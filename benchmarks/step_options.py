@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, "configs")
+import train_step  # noqa: E402  (benchmarks/train_step.py, beside this script)
 import uniref50  # noqa: E402
 
 from sedd_jax.training import step as step_lib  # noqa: E402
@@ -102,23 +103,15 @@ def run(config: str, length: int, batch: int, variant: str, attention: str, drop
   row = {"bench": "step_options", "device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "date": time.strftime("%Y-%m-%d"), "config": config, "L": length, "B": batch,
          "variant": variant, "attention": attention, "dropout": dropout,
-         "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2), "mem_estimate_gib": round(memory_estimate_gib(compiled), 2)}
+         "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
+         "mem_estimate_gib": round(memory_estimate_gib(compiled), 2)}
   if steps > 0:
-    for _ in range(2):  # warm-up
-      state, metrics = compiled(state, s.rest, data)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = compiled(state, s.rest, data)
-      jax.block_until_ready(metrics)
-      times.append((time.perf_counter() - t0) / steps)
+    state, metrics, times = train_step.time_steps(compiled, state, (s.rest, data), steps, repeats,
+                                                  warmup=2)
     step_s = statistics.median(times)
-    stats = jax.devices()[0].memory_stats() or {}
     row.update(step_ms=round(step_s * 1e3, 2), tokens_per_s=round(batch * length / step_s),
                spread_pct=round(100 * (max(times) - min(times)) / step_s, 1),
-               peak_gib_so_far=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+               peak_gib_so_far=round(train_step.peak_gib(), 2),
                loss=float(metrics["loss"]))
   del state, compiled, data, s
   gc.collect()

@@ -181,22 +181,24 @@ def test_bfloat16_compute_is_close_to_float32():
   assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
 
 
+@nnx.jit
+def grads_and_out(model, idx, sigma, lengths):
+  """(d/dparams sum(tanh(log score)), log score)."""
+  def loss(m):
+    out = m(idx, sigma, lengths)
+    return jnp.sum(jnp.tanh(out)), out
+  return nnx.grad(loss, has_aux=True)(model)
+
+
 def test_remat_policies_give_the_same_gradients():
   idx = jax.random.randint(jax.random.key(4), (2, 8), 0, 9)
   sigma = jnp.array([0.4, 1.1])
   lengths = jnp.array([8, 5], jnp.int32)
-
-  @nnx.jit
-  def grads(model):
-    def loss(m):
-      return jnp.sum(jnp.tanh(m(idx, sigma, lengths)))
-    return nnx.grad(loss)(model)
-
   results = {}
   for remat in ddit_lib.REMAT_POLICIES:
     model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1), 9, True, nnx.Rngs(0)))
     model.eval()
-    results[remat] = jax.tree.leaves(grads(model))
+    results[remat] = jax.tree.leaves(grads_and_out(model, idx, sigma, lengths)[0])
   for remat in ("mlp", "block", "block_save_dots"):
     for a, b in zip(results["none"], results[remat]):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
@@ -209,21 +211,16 @@ def test_scanned_blocks_equal_the_loop_in_train_mode():
   idx = jax.random.randint(jax.random.key(5), (2, 8), 0, 9)
   sigma = jnp.array([0.3, 1.7])
   lengths = jnp.array([8, 6], jnp.int32)
-
-  @nnx.jit
-  def out_and_grads(model):
-    def loss(m):
-      out = m(idx, sigma, lengths)
-      return jnp.sum(jnp.tanh(out)), out
-    return nnx.grad(loss, has_aux=True)(model)
-
   results = []
   for scan in (False, True):
     model = randomize(DDiT(model_cfg(scan_blocks=scan, remat="block", dropout=0.3), 9,
                            True, nnx.Rngs(params=0, dropout=1)))
-    grads, out = out_and_grads(model)
-    results.append((out, jax.tree.leaves(nnx.state(grads, nnx.Param))))
+    grads, out = grads_and_out(model, idx, sigma, lengths)
+    results.append((out, nnx.state(grads, nnx.Param)))
   (out_loop, g_loop), (out_scan, g_scan) = results
+  # the same parameter tree (per-block names) either way: checkpoints and torch import agree
+  assert jax.tree.structure(g_loop) == jax.tree.structure(g_scan)
+  g_loop, g_scan = jax.tree.leaves(g_loop), jax.tree.leaves(g_scan)
   np.testing.assert_allclose(out_scan, out_loop, atol=1e-5, rtol=1e-5)
   assert len(g_loop) == len(g_scan)
   for a, b in zip(g_loop, g_scan):
