@@ -405,7 +405,8 @@ class DDiT(nnx.Module):
 
     `args` are broadcast to every block (the same values for each; per-call inputs such as
     lengths go here). With `scan_blocks`, one `lax.scan` over the blocks' states stacked along
-    a new leading axis; otherwise a Python loop. `remat` block policies wrap one block either
+    a new leading axis (the Linear weights already cast to `dtype`: half the copy in bf16, the
+    same numbers); otherwise a Python loop. `remat` block policies wrap one block either
     way.
     """
     policy = {"block": None, "block_save_dots": jax.checkpoint_policies.checkpoint_dots}
@@ -419,7 +420,13 @@ class DDiT(nnx.Module):
       return x
 
     graphdef, _ = nnx.split(self.blocks[0])
-    stacked = jax.tree.map(lambda *v: jnp.stack(v), *(nnx.split(b)[1] for b in self.blocks))
+
+    def stack(path, *v):  # Linear weights in the compute dtype, as each Linear casts them anyway
+      names = {getattr(k, "key", None) for k in path}
+      cast = self.dtype if names & {"kernel", "bias"} else v[0].dtype
+      return jnp.stack([a.astype(cast) for a in v])
+
+    stacked = jax.tree_util.tree_map_with_path(stack, *(nnx.split(b)[1] for b in self.blocks))
 
     def body(x, xs):
       state, key = xs
@@ -441,9 +448,11 @@ def fp8_available() -> bool:
 
 
 def _quantize(x: jax.Array, f8) -> tuple[jax.Array, jax.Array]:
-  """x -> (x / s as `f8`, s): per-tensor current scaling, s = amax|x| / max(f8) (1 for x = 0)."""
+  """x -> (x / s as `f8`, s): per-tensor current scaling, s = the power of two at or above
+  amax|x| / max(f8) (1 for x = 0); a power of two, so that dequantizing in bf16 is exact."""
   amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-  s = jnp.where(amax > 0, amax / jnp.float32(jnp.finfo(f8).max), jnp.float32(1))
+  ratio = amax / jnp.float32(jnp.finfo(f8).max)
+  s = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(ratio))), jnp.float32(1))
   return (x.astype(jnp.float32) / s).astype(f8), s
 
 
