@@ -195,8 +195,9 @@ def test_remat_policies_give_the_same_gradients():
   sigma = jnp.array([0.4, 1.1])
   lengths = jnp.array([8, 5], jnp.int32)
   results = {}
-  for remat in ddit_lib.REMAT_POLICIES:
-    model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1), 9, True, nnx.Rngs(0)))
+  for remat in ddit_lib.REMAT_POLICIES:  # the policies inside the scan, against the plain loop
+    model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1, scan_blocks=remat != "none"), 9,
+                           True, nnx.Rngs(0)))
     model.eval()
     results[remat] = jax.tree.leaves(grads_and_out(model, idx, sigma, lengths)[0])
   for remat in ("mlp", "block", "block_save_dots"):
