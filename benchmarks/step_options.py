@@ -8,9 +8,9 @@ model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.rem
 `nounroll` = XLA's GPU while-loop unrolling off (`COMPILER_TOKENS`).
 
 For every case and variant: compile time of the step (trace + lower, and in all with XLA's
-compilation; nothing cached), XLA's memory estimate of the compiled step (arguments + temporaries + outputs - aliased), the
-device's peak memory so far (monotone within the process: the largest variant's), and the
-median over `--repeats` of `--steps` steps -> tokens/s. One JSON line per measurement (prefix
+compilation; nothing cached), XLA's memory estimate of the compiled step (arguments +
+temporaries + outputs - aliased), the device's peak memory so far (monotone within the
+process: the largest variant's), and the median over `--repeats` of `--steps` steps -> tokens/s. One JSON line per measurement (prefix
 `JSON `), a table last.
 
   python benchmarks/step_options.py                      # GPU defaults: both cases, all variants

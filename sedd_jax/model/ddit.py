@@ -6,8 +6,10 @@ final LayerNorm + modulate + Linear -> (B, L, D) log score; absorbing graphs wit
 `scale_by_sigma` subtract log(expm1(sigma)) + log(D - 1); the entry at the input token is 0.
 
 Precision: parameters are float32. Matmuls of the blocks (qkv, attention, out proj, MLP, adaLN)
-run in `cfg.dtype` (bfloat16 or float32); the residual stream, LayerNorms, rotary, the sigma map,
-the output layer (logits) and the sigma scaling are float32, so the output is float32.
+run in `cfg.dtype` (bfloat16 or float32), or FP8 with `cfg.matmul=fp8` on FP8 GPUs; the residual
+stream (stored in `cfg.residual_dtype`, float32 by default, added in float32), LayerNorms, rotary,
+the sigma map, the output layer (logits) and the sigma scaling are float32, so the output is
+float32.
 float32 matmuls use Precision.HIGHEST (no TF32 on GPUs).
 
 State names mirror the PyTorch state_dict (see `torch_import`): `vocab_embed.embedding`,
