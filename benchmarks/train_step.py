@@ -41,6 +41,24 @@ def peak_gib() -> float:
   return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
+def time_steps(step, state, args: tuple, steps: int, repeats: int, warmup: int = 3):
+  """`state, metrics = step(state, *args)` warmed up, then `repeats` timed runs of `steps` steps.
+
+  Returns (state, last metrics, seconds per step of each repeat).
+  """
+  for _ in range(warmup):
+    state, metrics = step(state, *args)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, *args)
+    jax.block_until_ready(metrics)
+    times.append((time.perf_counter() - t0) / steps)
+  return state, metrics, times
+
+
 def run_case(length: int, batch: int, attention: str, dropout: float, remat: str, dtype: str,
              steps: int, repeats: int, variant: str) -> dict:
   cfg = uniref50.get_config(variant)
@@ -58,16 +76,7 @@ def run_case(length: int, batch: int, attention: str, dropout: float, remat: str
   state, metrics = train_step(state, s.rest, data)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
-  for _ in range(3):
-    state, metrics = train_step(state, s.rest, data)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = train_step(state, s.rest, data)
-    jax.block_until_ready(metrics)
-    times.append((time.perf_counter() - t0) / steps)
+  state, metrics, times = time_steps(train_step, state, (s.rest, data), steps, repeats)
   step_s = statistics.median(times)
   tok_s = batch * length / step_s
   fpt = step_lib.flops_per_token(cfg, n_params, s.task.graph.dim)

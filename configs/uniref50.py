@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_chunk = 0  # key/value chunk of `chunked`; 0 = chosen from the length
   c.model.dtype = "bfloat16"  # compute dtype: bfloat16 | float32 (parameters stay float32)
   c.model.remat = "none"  # none | mlp (recompute GELU) | block | block_save_dots
+  c.model.scan_blocks = True  # blocks as one lax.scan: compiles one block, not n_blocks
+  c.model.dropout_rng = "threefry"  # threefry | rbg | hash: dropout bits (BENCHMARKS.md)
+  c.model.residual_dtype = "float32"  # float32 | bfloat16: the residual stream between blocks
+  c.model.matmul = "default"  # default (in model.dtype) | fp8 (FP8 GPUs; else the default)
 
   c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/uniprot_mmseqs2_example.fasta.gz"  # source, prepared on first use
@@ -109,7 +113,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.variant = variant
   if variant == "tiny":
     c.model.update(hidden_size=64, n_heads=4, n_blocks=2, cond_dim=32, dropout=0.0, length=128,
-                   dtype="float32")
+                   dtype="float32", scan_blocks=False)  # 2 blocks: a scan compiles slower
     c.training.update(batch_size=32, steps=600, log_every=25, eval_every=100, eval_batches=4,
                       sample_every=300, ckpt_every=200, milestone_every=0)
     c.optim.update(lr=2e-3, warmup=50)

@@ -35,6 +35,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.attention": ("auto", "xla", "cudnn", "chunked"),
   "model.dtype": ("bfloat16", "float32"),
   "model.remat": ("none", "mlp", "block", "block_save_dots"),
+  "model.dropout_rng": ("threefry", "rbg", "hash"),
+  "model.residual_dtype": ("float32", "bfloat16"),
+  "model.matmul": ("default", "fp8"),
   "optim.schedule": ("constant", "cosine"),
   "sampling.predictor": ("analytic", "euler"),
   "wandb.mode": ("offline", "online", "disabled"),
@@ -264,6 +267,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _positive_int(cfg, "model.attention_chunk", allow_zero=True)
   _number(cfg, "model.dropout", 0.0, 1.0, hi_open=True)
   _need(isinstance(cfg.model.scale_by_sigma, bool), "model.scale_by_sigma", "must be a bool")
+  _need(isinstance(cfg.model.scan_blocks, bool), "model.scan_blocks", "must be a bool")
   _need(not (cfg.model.scale_by_sigma and cfg.graph.type == "uniform"), "model.scale_by_sigma",
         "must be false with graph.type='uniform' (the reference scales absorbing scores only)")
 

@@ -341,6 +341,7 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
   prefetch = Prefetcher(train_it, built.put_batch, task.count_tokens)
   meter = metrics_lib.Throughput(step)
   pending: list[dict] = []
+  late = None  # the previous step's metrics
   last_saved = ckpt.latest_step()
   data_after = data_state
   reason = "finished"
@@ -401,7 +402,13 @@ def train(cfg, workdir: str | os.PathLike, fresh: bool = False, stop_after: int 
         logger.info("first step done in %.1f s (compilation included)",
                     time.perf_counter() - t_start)
         meter.reset(step)
-      bad = int(jax.device_get(m["bad_steps"]))
+      # No per-step device-to-host stall: the previous step's bad_steps is read once this step
+      # is queued; during a bad streak (or with max_bad_steps 1) this step's is read at once, so
+      # the non-finite stop lands on the exact step.
+      bad = int(jax.device_get(late["bad_steps"])) if late is not None else 0
+      if bad or cfg.training.max_bad_steps <= 1:
+        bad = int(jax.device_get(m["bad_steps"]))
+      late = m
       if step % cfg.training.log_every == 0 or step == total or bad:
         flush_train_row()
       if bad >= cfg.training.max_bad_steps:

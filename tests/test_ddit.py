@@ -120,6 +120,9 @@ def test_shapes_are_checked():
     (dict(attention="flash"), "model.attention"),
     (dict(dtype="float64"), "model.dtype"),
     (dict(remat="all"), "model.remat"),
+    (dict(dropout_rng="philox"), "model.dropout_rng"),
+    (dict(residual_dtype="float16"), "model.residual_dtype"),
+    (dict(matmul="int8"), "model.matmul"),
     (dict(hidden_size=15), "n_heads"),
 ])
 def test_bad_config_is_named(kw, match):
@@ -178,23 +181,130 @@ def test_bfloat16_compute_is_close_to_float32():
   assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
 
 
+@nnx.jit
+def grads_and_out(model, idx, sigma, lengths):
+  """(d/dparams sum(tanh(log score)), log score)."""
+  def loss(m):
+    out = m(idx, sigma, lengths)
+    return jnp.sum(jnp.tanh(out)), out
+  return nnx.grad(loss, has_aux=True)(model)
+
+
 def test_remat_policies_give_the_same_gradients():
   idx = jax.random.randint(jax.random.key(4), (2, 8), 0, 9)
   sigma = jnp.array([0.4, 1.1])
   lengths = jnp.array([8, 5], jnp.int32)
-
-  @nnx.jit
-  def grads(model):
-    def loss(m):
-      return jnp.sum(jnp.tanh(m(idx, sigma, lengths)))
-    return nnx.grad(loss)(model)
-
   results = {}
-  for remat in ddit_lib.REMAT_POLICIES:
-    model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1), 9, True, nnx.Rngs(0)))
+  for remat in ddit_lib.REMAT_POLICIES:  # the policies inside the scan, against the plain loop
+    model = randomize(DDiT(model_cfg(remat=remat, n_blocks=1, scan_blocks=remat != "none"), 9,
+                           True, nnx.Rngs(0)))
     model.eval()
-    results[remat] = jax.tree.leaves(grads(model))
+    results[remat] = jax.tree.leaves(grads_and_out(model, idx, sigma, lengths)[0])
   for remat in ("mlp", "block", "block_save_dots"):
     for a, b in zip(results["none"], results[remat]):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
   assert all(np.all(np.isfinite(g)) for g in results["none"])
+
+
+def test_scanned_blocks_equal_the_loop_in_train_mode():
+  """scan_blocks=True and False (with remat=block): the same log scores and gradients, dropout
+  masks included."""
+  idx = jax.random.randint(jax.random.key(5), (2, 8), 0, 9)
+  sigma = jnp.array([0.3, 1.7])
+  lengths = jnp.array([8, 6], jnp.int32)
+  results = []
+  for scan in (False, True):
+    model = randomize(DDiT(model_cfg(scan_blocks=scan, remat="block", dropout=0.3), 9,
+                           True, nnx.Rngs(params=0, dropout=1)))
+    grads, out = grads_and_out(model, idx, sigma, lengths)
+    results.append((out, nnx.state(grads, nnx.Param)))
+  (out_loop, g_loop), (out_scan, g_scan) = results
+  # the same parameter tree (per-block names) either way: checkpoints and torch import agree
+  assert jax.tree.structure(g_loop) == jax.tree.structure(g_scan)
+  g_loop, g_scan = jax.tree.leaves(g_loop), jax.tree.leaves(g_scan)
+  np.testing.assert_allclose(out_scan, out_loop, atol=1e-5, rtol=1e-5)
+  assert len(g_loop) == len(g_scan)
+  for a, b in zip(g_loop, g_scan):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ddit_lib.DROPOUT_RNGS)
+def test_dropout_bits_keep_the_right_fraction_independently(impl):
+  """Keep fraction within 5 binomial sigmas of 1 - rate; masks of two keys and of neighbouring
+  elements agree as often as independent draws do; kept values are scaled by 1 / (1 - rate)."""
+  rate, shape = 0.3, (8, 64, 96)
+  n = math.prod(shape)
+  x = jnp.ones(shape, jnp.float32)
+  a = np.asarray(ddit_lib.dropout(x, rate, jax.random.key(0), impl))
+  b = np.asarray(ddit_lib.dropout(x, rate, jax.random.key(1), impl))
+  np.testing.assert_array_equal(a, ddit_lib.dropout(x, rate, jax.random.key(0), impl))
+  assert set(np.unique(a)) <= {0.0, np.float32(1 / 0.7)}
+  sigma = math.sqrt(rate * (1 - rate) / n)
+  keep_a, keep_b = a > 0, b > 0
+  assert abs(keep_a.mean() - 0.7) < 5 * sigma
+  agree = 0.7**2 + 0.3**2  # P(two independent masks agree)
+  assert abs((keep_a == keep_b).mean() - agree) < 5 * math.sqrt(agree * (1 - agree) / n)
+  for axis in range(3):  # neighbours along every axis
+    same = (np.diff(keep_a.astype(np.int8), axis=axis) == 0).mean()
+    assert abs(same - agree) < 5 * math.sqrt(agree * (1 - agree) / n) * 2, (axis, same)
+
+
+def test_bfloat16_residual_stream_is_close_to_float32():
+  f32 = randomize(DDiT(model_cfg(), 9, True, nnx.Rngs(0)), scale=0.1)
+  bf16 = DDiT(model_cfg(residual_dtype="bfloat16"), 9, True, nnx.Rngs(0))
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  f32.eval(), bf16.eval()
+  idx = jax.random.randint(jax.random.key(6), (2, 12), 0, 9)
+  sigma = jnp.array([0.2, 2.5])
+  x = jax.ShapeDtypeStruct((2, 12, 16), jnp.bfloat16)
+  block = jax.eval_shape(lambda x: bf16.blocks[0](x, *ddit_lib.rotary_cos_sin(12, 8),
+                                                  jnp.ones((2, 8))), x)
+  assert block.dtype == jnp.bfloat16
+  a, b = apply(f32, idx, sigma), apply(bf16, idx, sigma)
+  assert b.dtype == jnp.float32 and not np.array_equal(a, b)
+  assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_fp8_matmul_and_its_gradients_are_close_to_exact():
+  """e4m3 operands (3 mantissa bits) and e5m2 output gradients (2 bits) with per-tensor scales:
+  relative errors of a few percent, and really quantized (not exact)."""
+  kx, kw, kr = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, (64, 48), jnp.float32) * 3.0
+  w = jax.random.normal(kw, (48, 40), jnp.float32) * 0.05
+  r = jax.random.normal(kr, (64, 40), jnp.float32)
+  y = ddit_lib.fp8_matmul(x, w)
+  assert y.shape == (64, 40) and y.dtype == jnp.float32
+  assert 1e-4 < _rel(y, x @ w) < 0.05
+  dx, dw = jax.grad(lambda x, w: jnp.sum(ddit_lib.fp8_matmul(x, w) * r), argnums=(0, 1))(x, w)
+  assert 1e-4 < _rel(dx, r @ w.T) < 0.1 and 1e-4 < _rel(dw, x.T @ r) < 0.1
+  np.testing.assert_array_equal(ddit_lib.fp8_matmul(jnp.zeros_like(x), w), 0.0)
+  y3 = ddit_lib.fp8_dot_general(x.reshape(4, 16, 48), w, (((2,), (0,)), ((), ())))
+  np.testing.assert_array_equal(y3.reshape(64, 40), y)
+  with pytest.raises(ValueError, match="fp8_dot_general handles"):
+    ddit_lib.fp8_dot_general(x, w.T, (((1,), (1,)), ((), ())))
+
+
+def test_fp8_falls_back_without_fp8_gpus(caplog):
+  assert not ddit_lib.fp8_available()  # the CPU
+  with caplog.at_level("WARNING"):
+    model = DDiT(model_cfg(matmul="fp8"), 9, True, nnx.Rngs(0))
+  assert "no FP8 matmuls" in caplog.text
+  assert model.blocks[0].mlp_in.dot_general is jax.lax.dot_general
+
+
+def test_scanned_blocks_equal_the_loop_in_bfloat16():
+  """The scan stacks the Linear weights already cast to bf16: the same numbers as the loop's
+  casts inside each Linear."""
+  idx = jax.random.randint(jax.random.key(8), (2, 8), 0, 9)
+  sigma = jnp.array([0.6, 2.2])
+  outs = []
+  for scan in (False, True):
+    model = randomize(DDiT(model_cfg(scan_blocks=scan, dtype="bfloat16"), 9, True, nnx.Rngs(0)),
+                      scale=0.1)
+    model.eval()
+    outs.append(apply(model, idx, sigma))
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)

@@ -169,6 +169,34 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
   assert rows[-1]["skipped"] == 3
 
 
+def test_loop_reads_no_metric_of_the_step_just_queued(tmp_path, store, monkeypatch):
+  """Between log rows the loop reads a step's `bad_steps` only after the next step is queued."""
+  events = []
+  cached = train_lib._cached
+
+  def recording(kind, *args):
+    fn = cached(kind, *args)
+    if kind != "train":
+      return fn
+
+    def step(*a):
+      state, m = fn(*a)
+      events.append(("queued", id(m["bad_steps"])))
+      return state, m
+    return step
+
+  device_get = jax.device_get
+  monkeypatch.setattr(train_lib, "_cached", recording)
+  monkeypatch.setattr(jax, "device_get", lambda x: events.append(("read", id(x))) or device_get(x))
+  cfg = micro_config(store, **{"training.steps": 5, "training.log_every": 100})
+  assert train_lib.train(cfg, tmp_path, compiler_options=FAST).step == 5
+  queued = [i for kind, i in events if kind == "queued"]
+  assert len(queued) == 5
+  for n, i in enumerate(queued[:-1]):
+    first_read = events.index(("read", i))
+    assert first_read > events.index(("queued", queued[n + 1])), f"step {n + 1} read at once"
+
+
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path, store):
   """The CLI in a subprocess: SIGTERM after the first logged step -> checkpoint, exit 0."""
   args = [sys.executable, "-m", "sedd_jax.train", f"--config={ROOT / 'configs/uniref50.py'}:tiny",

@@ -6,8 +6,10 @@ final LayerNorm + modulate + Linear -> (B, L, D) log score; absorbing graphs wit
 `scale_by_sigma` subtract log(expm1(sigma)) + log(D - 1); the entry at the input token is 0.
 
 Precision: parameters are float32. Matmuls of the blocks (qkv, attention, out proj, MLP, adaLN)
-run in `cfg.dtype` (bfloat16 or float32); the residual stream, LayerNorms, rotary, the sigma map,
-the output layer (logits) and the sigma scaling are float32, so the output is float32.
+run in `cfg.dtype` (bfloat16 or float32), or FP8 with `cfg.matmul=fp8` on FP8 GPUs; the residual
+stream (stored in `cfg.residual_dtype`, float32 by default, added in float32), LayerNorms, rotary,
+the sigma map, the output layer (logits) and the sigma scaling are float32, so the output is
+float32.
 float32 matmuls use Precision.HIGHEST (no TF32 on GPUs).
 
 State names mirror the PyTorch state_dict (see `torch_import`): `vocab_embed.embedding`,
@@ -38,9 +40,18 @@ DEFAULTS = {
     "attention_chunk": 0,
     "dtype": "bfloat16",
     "remat": "none",
+    "scan_blocks": False,
+    "dropout_rng": "threefry",
+    "residual_dtype": "float32",
+    "matmul": "default",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
+# How DDiT dropout masks get their random bits (see `dropout_bits`).
+DROPOUT_RNGS = ("threefry", "rbg", "hash")
+RESIDUAL_DTYPES = ("float32", "bfloat16")
+# The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8_matmul`) on FP8 GPUs.
+MATMULS = ("default", "fp8")
 FREQ_DIM = 256  # sinusoidal sigma embedding size
 MLP_RATIO = 4
 LN_EPS = 1e-5
@@ -107,6 +118,53 @@ class LayerNorm(nnx.Module):
     return xc * jax.lax.rsqrt(var + LN_EPS) * self.scale[...]
 
 
+def _hash32(x: jax.Array) -> jax.Array:
+  """Chris Wellons' `lowbias32` integer hash, uint32 -> uint32, elementwise."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout_bits(key: jax.Array, shape: tuple[int, ...], impl: str) -> jax.Array:
+  """Random uint32 bits of `shape` from a (threefry) `key`, by `impl` (one of DROPOUT_RNGS).
+
+  threefry: `jax.random.bits` of the key itself. rbg: the key's data reused as the seed of
+  XLA's RngBitGenerator (one kernel writing the bits; the key is not split or folded as an rbg
+  key, so `unsafe_rbg` would draw the same bits). hash: counter-based, two rounds
+  of `_hash32` over the element's flat index mixed with the key's two words; pure elementwise
+  integer arithmetic that XLA fuses into the consumer (no bits in device memory). Fine for
+  dropout masks, not a cryptographic generator.
+  """
+  if impl == "threefry":
+    return jax.random.bits(key, shape, jnp.uint32)
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  data = data.reshape(-1)[:2].astype(jnp.uint32)
+  if impl == "rbg":
+    seed = jnp.concatenate([data, data ^ jnp.uint32(0x5BD1E995)])
+    return jax.random.bits(jax.random.wrap_key_data(seed, impl=impl), shape, jnp.uint32)
+  if impl != "hash":
+    raise ValueError(f"dropout rng {impl!r}: choose one of {DROPOUT_RNGS}")
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis in range(len(shape)):
+    index = index * jnp.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return _hash32(_hash32(index * jnp.uint32(0x9E3779B9) + data[0]) ^ data[1])
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array, impl: str = "threefry") -> jax.Array:
+  """Inverted dropout: x (any shape) kept with probability 1 - rate and scaled by 1/(1 - rate).
+
+  An element is kept when its `dropout_bits` are below round((1 - rate) * 2^32).
+  """
+  if rate <= 0.0:
+    return x
+  keep = 1.0 - rate
+  threshold = jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
+  mask = dropout_bits(key, x.shape, impl) < threshold
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
 def _torch_linear_init(in_features: int):
   """U(-1/sqrt(in), 1/sqrt(in)), torch.nn.Linear's default for weight and bias."""
   bound = 1.0 / math.sqrt(in_features)
@@ -116,15 +174,18 @@ def _torch_linear_init(in_features: int):
   return init
 
 
-def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False) -> nnx.Linear:
+def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
+            dot_general=jax.lax.dot_general) -> nnx.Linear:
   """nnx.Linear with float32 params computing in `dtype`; torch's init, or zeros.
 
   float32 layers use Precision.HIGHEST, so that float32 is not silently TF32 on GPUs.
+  `dot_general`: e.g. `fp8_dot_general`.
   """
   init = nnx.initializers.zeros_init() if zero else _torch_linear_init(n_in)
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
   return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                    precision=precision, kernel_init=init, bias_init=init, rngs=rngs)
+                    precision=precision, kernel_init=init, bias_init=init, rngs=rngs,
+                    dot_general=dot_general)
 
 
 class TimestepEmbedder(nnx.Module):
@@ -144,28 +205,46 @@ def _gelu_out(linear: nnx.Linear, h: jax.Array) -> jax.Array:
 
 
 class DDiTBlock(nnx.Module):
-  """adaLN-Zero transformer block: x (B, L, H) float32 -> (B, L, H) float32."""
+  """adaLN-Zero transformer block: x (B, L, H) -> (B, L, H) in x's dtype (the residual stream).
+
+  Dropout: with `dropout_rng` None each dropout draws from its own stream forked from `rngs`;
+  otherwise the block holds no random state and the caller passes one key per call
+  (`dropout_key`), from which both dropout sites draw their bits by `dropout_bits(dropout_rng)`
+  (what DDiT does, so that its blocks can run as one `lax.scan`).
+  """
 
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
-               attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False):
+               attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False,
+               dropout_rng: str | None = None, fp8: bool = False):
     self.n_heads = n_heads
     self.attention = attention
     self.chunk = chunk
+    dot = fp8_dot_general if fp8 else jax.lax.dot_general
     self.norm1 = LayerNorm(dim)
-    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype)
-    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype)
-    self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
+    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
+    drop_rngs = rngs if dropout_rng is None else None
+    self.dropout_rng = dropout_rng
+    self.dropout1 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.norm2 = LayerNorm(dim)
-    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype)
-    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype)
-    self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
+    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
+    self.dropout2 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.adaLN_modulation = _linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
     self._activation_out = _gelu_out
     if remat_mlp:  # keep only the pre-activation (B, L, 4H); recompute GELU in the backward
       self._activation_out = nnx.remat(_gelu_out)
 
-  def __call__(self, x, cos, sin, c, lengths=None):
-    """x (B, L, H) f32, cos/sin (L, Dh) f32, c (B, C) f32, lengths (B,) | None -> (B, L, H)."""
+  def _drop(self, layer: nnx.Dropout, x: jax.Array, key, site: int) -> jax.Array:
+    if key is None:
+      return layer(x)
+    if layer.deterministic or layer.rate == 0.0:
+      return x
+    return dropout(x, layer.rate, jax.random.fold_in(key, site), self.dropout_rng)
+
+  def __call__(self, x, cos, sin, c, lengths=None, dropout_key=None):
+    """x (B, L, H) f32 or bf16, cos/sin (L, Dh) f32, c (B, C) f32, lengths (B,) | None,
+    dropout_key: a key | None (see the class docstring) -> (B, L, H) in x's dtype."""
     b, l, dim = x.shape
     mods = self.adaLN_modulation(c)[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
@@ -178,11 +257,16 @@ class DDiTBlock(nnx.Module):
     o = attention_lib.dot_product_attention(q, k, v, lengths, backend=self.attention,
                                             chunk=self.chunk)
     o = self.attn_out(o.reshape(b, l, dim))
-    x = x + gate_msa.astype(jnp.float32) * self.dropout1(o).astype(jnp.float32)
+    x = _residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0))
 
     h = self.mlp_in(modulate(self.norm2(x), shift_mlp, scale_mlp))
     h = self._activation_out(self.mlp_out, h)
-    return x + gate_mlp.astype(jnp.float32) * self.dropout2(h).astype(jnp.float32)
+    return _residual_add(x, gate_mlp, self._drop(self.dropout2, h, dropout_key, 1))
+
+
+def _residual_add(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
+  """x + gate * y computed in float32, stored in x's dtype (the residual stream's)."""
+  return (x.astype(jnp.float32) + gate.astype(jnp.float32) * y.astype(jnp.float32)).astype(x.dtype)
 
 
 class DDiTFinalLayer(nnx.Module):
@@ -203,8 +287,14 @@ class DDiT(nnx.Module):
 
   Args:
     cfg_model: the `model` sub-config (hidden_size, n_heads, n_blocks, cond_dim, dropout,
-      scale_by_sigma, length, attention, attention_chunk, dtype, remat); missing optional keys
-      take `DEFAULTS`.
+      scale_by_sigma, length, attention, attention_chunk, dtype, remat, scan_blocks, dropout_rng,
+      residual_dtype); missing optional keys take `DEFAULTS`. scan_blocks: run the blocks as one
+      `lax.scan` over their parameters stacked inside the trace (one block compiled instead of
+      n_blocks; the parameters keep their per-block layout `blocks.<n>.*`). dropout_rng: how
+      dropout bits are drawn (`dropout_bits`). residual_dtype: the dtype of the residual stream
+      between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
+      runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
+      falls back to `dtype` (with a warning) elsewhere.
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
@@ -220,6 +310,9 @@ class DDiT(nnx.Module):
     attention = str(_cfg(cfg_model, "attention"))
     chunk = int(_cfg(cfg_model, "attention_chunk"))
     remat = str(_cfg(cfg_model, "remat"))
+    dropout_rng = str(_cfg(cfg_model, "dropout_rng"))
+    residual = str(_cfg(cfg_model, "residual_dtype"))
+    matmul = str(_cfg(cfg_model, "matmul"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
@@ -231,6 +324,16 @@ class DDiT(nnx.Module):
       raise ValueError(f"model.attention {attention!r}: choose one of {attention_lib.BACKENDS}")
     if remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat {remat!r}: choose one of {REMAT_POLICIES}")
+    if dropout_rng not in DROPOUT_RNGS:
+      raise ValueError(f"model.dropout_rng {dropout_rng!r}: choose one of {DROPOUT_RNGS}")
+    if residual not in RESIDUAL_DTYPES:
+      raise ValueError(f"model.residual_dtype {residual!r}: choose one of {RESIDUAL_DTYPES}")
+    if matmul not in MATMULS:
+      raise ValueError(f"model.matmul {matmul!r}: choose one of {MATMULS}")
+    fp8 = matmul == "fp8" and fp8_available()
+    if matmul == "fp8" and not fp8:
+      log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,
+                  dtype_name)
     if chunk < 0:
       raise ValueError(f"model.attention_chunk {chunk} must be >= 0 (0 = chosen from length)")
     if not 0.0 <= dropout < 1.0:
@@ -247,7 +350,11 @@ class DDiT(nnx.Module):
     self.absorb = bool(absorb)
     self.dtype = DTYPES[dtype_name]
     self.remat = remat
-
+    self.scan_blocks = bool(_cfg(cfg_model, "scan_blocks"))
+    self.residual_dtype = DTYPES[residual]
+    self.deterministic = False  # set by model.eval() / model.train(), as nnx.Dropout's
+    # One dropout stream for all blocks: a key per forward pass, split into one key per block.
+    self.dropout_stream = rngs["dropout"].fork() if dropout > 0 else None
     bound = 1.0 / math.sqrt(hidden)  # torch kaiming_uniform(a=sqrt(5)) on (D, H)
     self.vocab_embed = nnx.Embed(
         vocab_size, hidden, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
@@ -255,7 +362,7 @@ class DDiT(nnx.Module):
     self.sigma_map = TimestepEmbedder(cond_dim, rngs)
     self.blocks = nnx.List([
         DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
-                  remat_mlp=remat == "mlp")
+                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8)
         for _ in range(n_blocks)])
     self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs)
 
@@ -280,19 +387,13 @@ class DDiT(nnx.Module):
     indices = indices.astype(jnp.int32)
     sigma = sigma.astype(jnp.float32)
 
-    x = self.vocab_embed(indices)  # (B, L, H) f32
+    x = self.vocab_embed(indices).astype(self.residual_dtype)  # (B, L, H)
     c = jax.nn.silu(self.sigma_map(sigma))  # (B, C) f32
     cos, sin = rotary_cos_sin(l, self.hidden_size // self.n_heads)
-
-    def run_block(block, x, cos, sin, c, lengths):
-      return block(x, cos, sin, c, lengths)
-
-    if self.remat == "block":
-      run_block = nnx.remat(run_block)
-    elif self.remat == "block_save_dots":
-      run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.checkpoint_dots)
-    for block in self.blocks:
-      x = run_block(block, x, cos, sin, c, lengths)
+    keys = None
+    if self.dropout_stream is not None and not self.deterministic:
+      keys = jax.random.split(self.dropout_stream(), len(self.blocks))
+    x = self._run_blocks(x, (cos, sin, c, lengths), keys)
 
     x = self.output_layer(x, c)  # (B, L, D) f32
     if self.scale_by_sigma:
@@ -300,3 +401,103 @@ class DDiT(nnx.Module):
       x = x - jnp.log(esigm1)[:, None, None] - math.log(x.shape[-1] - 1)
     at_input = jnp.arange(x.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
     return jnp.where(at_input, jnp.zeros((), x.dtype), x)
+
+  def _run_blocks(self, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
+    """x (B, L, H) through every block: `block(x, *args, dropout_key=keys[n])`.
+
+    `args` are broadcast to every block (the same values for each; per-call inputs such as
+    lengths go here). With `scan_blocks`, one `lax.scan` over the blocks' states stacked along
+    a new leading axis (the Linear weights already cast to `dtype`: half the copy in bf16, the
+    same numbers); otherwise a Python loop. `remat` block policies wrap one block either
+    way.
+    """
+    policy = {"block": None, "block_save_dots": jax.checkpoint_policies.checkpoint_dots}
+    if not self.scan_blocks:
+      def run(block, x, key):
+        return block(x, *args, dropout_key=key)
+      if self.remat in policy:
+        run = nnx.remat(run, policy=policy[self.remat])
+      for n, block in enumerate(self.blocks):
+        x = run(block, x, None if keys is None else keys[n])
+      return x
+
+    graphdef, _ = nnx.split(self.blocks[0])
+
+    def stack(path, *v):  # Linear weights in the compute dtype, as each Linear casts them anyway
+      names = {getattr(k, "key", None) for k in path}
+      cast = self.dtype if names & {"kernel", "bias"} else v[0].dtype
+      return jnp.stack([a.astype(cast) for a in v])
+
+    stacked = jax.tree_util.tree_map_with_path(stack, *(nnx.split(b)[1] for b in self.blocks))
+
+    def body(x, xs):
+      state, key = xs
+      return nnx.merge(graphdef, state)(x, *args, dropout_key=key), None
+
+    if self.remat in policy:
+      body = jax.checkpoint(body, policy=policy[self.remat])
+    return jax.lax.scan(body, x, (stacked, keys))[0]
+
+
+def fp8_available() -> bool:
+  """Whether the default backend's devices have FP8 tensor cores (CUDA compute capability
+  >= 8.9: Ada, Hopper and newer)."""
+  dev = jax.devices()[0]
+  try:
+    return dev.platform == "gpu" and float(dev.compute_capability) >= 8.9
+  except (AttributeError, TypeError, ValueError):
+    return False
+
+
+def _quantize(x: jax.Array, f8) -> tuple[jax.Array, jax.Array]:
+  """x -> (x / s as `f8`, s): per-tensor current scaling, s = the power of two at or above
+  amax|x| / max(f8) (1 for x = 0); a power of two, so that dequantizing in bf16 is exact."""
+  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  ratio = amax / jnp.float32(jnp.finfo(f8).max)
+  s = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(ratio))), jnp.float32(1))
+  return (x.astype(jnp.float32) / s).astype(f8), s
+
+
+def _scaled_dot(a_q, a_s, b_q, b_s, dims, dtype):
+  """dot_general of the dequantized operands `convert(q) * s`: the form XLA's GEMM rewriter
+  turns into one FP8 cuBLASLt matmul with the scales as its alpha on FP8 GPUs."""
+  a = a_q.astype(dtype) * a_s.astype(dtype)
+  b = b_q.astype(dtype) * b_s.astype(dtype)
+  return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x (M, K) @ w (K, N) -> (M, N) in x's dtype, operands in float8_e4m3fn with per-tensor
+  scales; the backward pass quantizes the output gradient to float8_e5m2 (its range), and saves
+  the FP8 operands (not x, w) for it."""
+  return _fp8_fwd(x, w)[0]
+
+
+def _fp8_fwd(x, w):
+  xq, xs = _quantize(x, jnp.float8_e4m3fn)
+  wq, ws = _quantize(w, jnp.float8_e4m3fn)
+  dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # the cotangents' dtypes
+  return _scaled_dot(xq, xs, wq, ws, ((1,), (0,)), x.dtype), (xq, xs, wq, ws, dtypes)
+
+
+def _fp8_bwd(res, g):
+  xq, xs, wq, ws, (x_like, w_like) = res
+  gq, gs = _quantize(g, jnp.float8_e5m2)
+  dx = _scaled_dot(gq, gs, wq, ws, ((1,), (1,)), g.dtype)  # (M, N) . (K, N) -> (M, K)
+  dw = _scaled_dot(xq, xs, gq, gs, ((0,), (0,)), g.dtype)  # (M, K) . (M, N) -> (K, N)
+  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    out_sharding=None):
+  """`lax.dot_general` replacement for nnx.Linear: lhs (..., K) . rhs (K, N) by `fp8_matmul`."""
+  del precision, preferred_element_type, out_sharding  # FP8 sets its own
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+    raise ValueError(f"fp8_dot_general handles x (..., K) . w (K, N) only; got "
+                     f"{lhs.shape} . {rhs.shape} with {dimension_numbers}")
+  y = fp8_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+  return y.reshape(*lhs.shape[:-1], rhs.shape[1])
