@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pad_to = "full"
 
   c.training.update(steps=200_000, eval_every=2000, ckpt_every=2000, milestone_every=50_000)
-  # What `sample` generates for this task: ligand_given_protein | protein_given_ligand.
+  # What `sample` generates for this task: ligand_given_protein | protein_given_ligand | joint.
   c.sampling.task = "ligand_given_protein"
   return c
 

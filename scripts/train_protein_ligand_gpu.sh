@@ -5,7 +5,7 @@
 # sampling run: RDKit validity, exact matches with the pair's reference ligand, and how many
 # valid ligands are copies of training ligands.
 #
-#   bash scripts/train_protein_ligand_gpu.sh [RUN_DIR]     (from anywhere; default runs/pl_small_gpu)
+#   bash scripts/train_protein_ligand_gpu.sh [RUN_DIR]   (default runs/pl_small_gpu)
 #
 # Environment: TRAIN_SECONDS (default 420: the trainer gets SIGTERM then, finishes its step and
 # writes a checkpoint), NUM (samples per run, default 64), RDKIT_WHEEL (a wheel file to install
@@ -25,7 +25,8 @@ if ! python -c "import rdkit" 2>/dev/null; then
   if [ -n "${RDKIT_WHEEL:-}" ]; then
     pip install -q --no-deps "$RDKIT_WHEEL"
   else
-    pip install -q 'rdkit>=2023.9' || { echo "rdkit is missing (pip install -e '.[chem]', or set RDKIT_WHEEL)" >&2; exit 1; }
+    pip install -q 'rdkit>=2023.9' || {
+      echo "rdkit is missing (pip install -e '.[chem]', or set RDKIT_WHEEL)" >&2; exit 1; }
   fi
 fi
 

@@ -1,4 +1,5 @@
-"""Training modes, losses, conditional sampling and SMILES validity for the protein-ligand model.
+"""Training modes, losses, conditional sampling (with classifier-free guidance) and SMILES
+validity for the protein-ligand model.
 
 Modes (`cfg.mode`):
 
@@ -292,13 +293,16 @@ def allowed_tokens(dim: int, forbidden: Sequence[int]) -> Array:
 def guided_log_score(log_cond: Array, log_uncond: Array, guidance: Array | float) -> Array:
   """Classifier-free guidance on log scores: log s_W = W log s_cond + (1 - W) log s_uncond.
 
-  Applied to the model's LOG scores (before the exponentiation of the sampling score), position
-  by position, over every column. Columns where both inputs are 0 stay 0: the zero the model
-  writes at the input token (the absorbing graph's mask column at a masked position) keeps.
-  For the true scores of an absorbing graph at a masked position, s(j) = p(j | .) /
-  expm1(sigma), so the guided reverse process unmasks to j with probability proportional to
-  p(j | context)^W p(j)^(1 - W): W = 1 is the conditional model, W = 0 the unconditional one,
-  W > 1 sharpens towards tokens that the context makes likelier than they are on their own.
+  Where: inside the conditional sampler's score function, on the two model outputs (LOG
+  scores), before `exp` and before the sampler zeroes the disallowed tokens; position by
+  position, over every column. Columns where both inputs are 0 stay 0: the zero the model
+  writes at the input token (the mask column at a masked position) keeps. As rates are scores
+  times the forward rate, this is guidance of the reverse rates, R_W = R_cond^W R_uncond^(1-W)
+  (Nisonoff et al. 2024), not renormalised. For the true scores of an absorbing graph at a
+  masked position, s(j) = p(j | rest) / expm1(sigma), so a position unmasks to j with
+  probability proportional to p(j | context)^W p(j)^(1 - W) (its unmasking rate scales with
+  the sum of those terms): W = 1 is the conditional model, W = 0 the unconditional one, W > 1
+  sharpens towards the tokens that the context makes likelier than they are on their own.
 
   Args:
     log_cond: (B, L, D) log score given the context.
@@ -316,10 +320,10 @@ def guided_log_score(log_cond: Array, log_uncond: Array, guidance: Array | float
 
 
 def context_drop(cfg, task: str) -> float:
-  """Probability that a training step of `task`'s sampled track drops the context: the share of
-  the track's `*_only` mode among the steps that train that track's head without its
-  partner's noise, i.e. w_only / (w_only + w_given) of `cfg.mode_weights` for mode `all`
-  (uniform weights: 0.5), 0 for a fixed conditional mode, 1 for a fixed `*_only` mode.
+  """Probability that the context is dropped when `task`'s sampled track is trained alone or
+  given its clean partner: w_only / (w_only + w_given) of `cfg.mode_weights` for mode `all`
+  (the track's `*_only` mode and `task`; uniform weights: 0.5), 0 for the fixed mode `task`,
+  1 for the fixed `*_only` mode, NaN when neither is trained.
 
   Classifier-free guidance needs both scores trained: 0 < context_drop < 1.
   """
