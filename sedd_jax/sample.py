@@ -380,8 +380,6 @@ def _pad(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
 
 def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   """Samples one track of a protein-ligand model given the other (see the module docstring)."""
-  import jax
-
   from sedd_jax.data import fasta as fasta_lib
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import modes
@@ -413,8 +411,11 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   store, smiles_tok = reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
+  steps = int(args.steps or cfg.sampling.steps)
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   if task == "joint":
-    return run_joint(args, model, cfg, store, smiles_tok, rng, t_start)
+    return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
 
   if args.proteins:
     if not pathlib.Path(args.proteins).is_file():
@@ -447,9 +448,6 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
       given, refs = ligs, [smiles_tok.decode(x) for x in ligs]
       targets = np.array([args.length or len(x) for x in prots], np.int32)
   given_tokens, given_lengths = _pad(given, p_len if task == "ligand_given_protein" else l_len)
-  steps = int(args.steps or cfg.sampling.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   n = len(given)
   bs = min(args.batch_size, n)
   guidance = 1.0 if args.guidance is None else args.guidance
@@ -460,27 +458,17 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   logger.info("%s: %d samples, %s, %d steps, eps %g, batch %d, seed %d, guidance %g (context "
               "dropped in training with probability %.2f; proteins cropped to the model length "
               "%d)", task, n, predictor, steps, eps, bs, args.seed, guidance, drop, p_len)
-  chunks = []
-  for b in range(0, n, bs):
-    idx = np.resize(np.arange(b, min(b + bs, n)), bs)  # one compiled shape; extras dropped
-    try:
-      out = modes.sample_conditional(
-          jax.random.fold_in(jax.random.key(args.seed), b // bs), model, cfg, task,
-          given_tokens[idx], given_lengths[idx], targets[idx], steps=steps, predictor=predictor,
-          eps=eps, guidance=guidance)
-    except ValueError as e:
-      raise CliError(str(e)) from None
-    chunks.append(np.asarray(jax.device_get(out))[:min(bs, n - b)])
-    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
-                time.perf_counter() - t_start)
-  tokens = np.concatenate(chunks)
+  try:
+    (tokens,) = run_batches(n, bs, args.seed, t_start, lambda key, idx: (
+        modes.sample_conditional(key, model, cfg, task, given_tokens[idx], given_lengths[idx],
+                                 targets[idx], steps=steps, predictor=predictor, eps=eps,
+                                 guidance=guidance),))
+  except ValueError as e:
+    raise CliError(str(e)) from None
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  src = args.workdir or args.checkpoint
-  settings = {"task": task, "steps": steps, "predictor": predictor, "eps": eps,
-              "seed": args.seed, "batch_size": bs, "guidance": guidance,
-              "weights": "params" if args.use_params else "ema", "checkpoint": str(src),
-              "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
+  settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),
+              "guidance": guidance, "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
   if task == "ligand_given_protein":
     smiles = [smiles_tok.decode(tokens[i, :targets[i]]) for i in range(n)]
     out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
@@ -494,6 +482,29 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
                 + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
     logger.info("wrote %d proteins to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
   return 0
+
+
+def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.ndarray, ...]:
+  """Calls `draw(key, idx)` (-> tuple of (bs, ...) arrays) on chunks of `bs` of the n samples,
+  chunk c with key fold_in(key(seed), c); the last chunk is filled up by repetition (one
+  compiled shape) and trimmed. Returns the outputs concatenated, (n, ...) numpy arrays."""
+  import jax
+
+  chunks = []
+  for b in range(0, n, bs):
+    idx = np.resize(np.arange(b, min(b + bs, n)), bs)
+    outs = draw(jax.random.fold_in(jax.random.key(seed), b // bs), idx)
+    chunks.append([np.asarray(jax.device_get(o))[:min(bs, n - b)] for o in outs])
+    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
+                time.perf_counter() - t_start)
+  return tuple(np.concatenate(parts) for parts in zip(*chunks))
+
+
+def run_settings(args, steps: int, predictor: str, eps: float, bs: int) -> dict:
+  """The settings every protein-ligand output records (FASTA headers, validity report)."""
+  return {"steps": steps, "predictor": predictor, "eps": eps, "seed": args.seed,
+          "batch_size": bs, "weights": "params" if args.use_params else "ema",
+          "checkpoint": str(args.workdir or args.checkpoint)}
 
 
 def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengths: list[int],
@@ -517,10 +528,10 @@ def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengt
   return report
 
 
-def run_joint(args, model, cfg, store, smiles_tok, rng, t_start: float) -> int:
-  """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring)."""
-  import jax
-
+def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str, float],
+              t_start: float) -> int:
+  """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring);
+  `reverse` = (steps, predictor, eps)."""
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import joint
 
@@ -539,31 +550,17 @@ def run_joint(args, model, cfg, store, smiles_tok, rng, t_start: float) -> int:
       np.asarray(store.track(track).lengths)[pairs], top).astype(np.int32)
                   for fixed, track, top in ((args.length, "protein", p_len),
                                             (args.ligand_length, "ligand", l_len)))
-  steps = int(args.steps or cfg.sampling.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  steps, predictor, eps = reverse
   bs = min(args.batch_size, n)
   logger.info("joint: %d pairs, %s, %d steps, eps %g, batch %d, seed %d", n, predictor, steps,
               eps, bs, args.seed)
-  prots, ligs = [], []
-  for b in range(0, n, bs):
-    idx = np.resize(np.arange(b, min(b + bs, n)), bs)  # one compiled shape; extras dropped
-    p, lig = joint.sample_joint(jax.random.fold_in(jax.random.key(args.seed), b // bs), model,
-                                cfg, plens[idx], llens[idx], steps=steps, predictor=predictor,
-                                eps=eps)
-    prots.append(np.asarray(jax.device_get(p))[:min(bs, n - b)])
-    ligs.append(np.asarray(jax.device_get(lig))[:min(bs, n - b)])
-    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
-                time.perf_counter() - t_start)
-  prots, ligs = np.concatenate(prots), np.concatenate(ligs)
+  prots, ligs = run_batches(n, bs, args.seed, t_start, lambda key, idx: joint.sample_joint(
+      key, model, cfg, plens[idx], llens[idx], steps=steps, predictor=predictor, eps=eps))
   ptok = tokenizers.ProteinTokenizer()
   seqs = [ptok.decode(prots[i, :plens[i]]) for i in range(n)]
   smiles = [smiles_tok.decode(ligs[i, :llens[i]]) for i in range(n)]
   names = [f"sample_{i}" for i in range(n)]
-  settings = {"task": "joint", "steps": steps, "predictor": predictor, "eps": eps,
-              "seed": args.seed, "batch_size": bs,
-              "weights": "params" if args.use_params else "ema",
-              "checkpoint": str(args.workdir or args.checkpoint),
+  settings = {"task": "joint", **run_settings(args, steps, predictor, eps, bs),
               "lengths_from": f"{cfg.data.prepared}:{args.split}"}
   out.parent.mkdir(parents=True, exist_ok=True)
   report = write_validity(out, smiles, names, [int(t) for t in llens], settings, args.checker,
