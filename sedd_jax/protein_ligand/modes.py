@@ -302,7 +302,9 @@ def guided_log_score(log_cond: Array, log_uncond: Array, guidance: Array | float
   masked position, s(j) = p(j | rest) / expm1(sigma), so a position unmasks to j with
   probability proportional to p(j | context)^W p(j)^(1 - W) (its unmasking rate scales with
   the sum of those terms): W = 1 is the conditional model, W = 0 the unconditional one, W > 1
-  sharpens towards the tokens that the context makes likelier than they are on their own.
+  sharpens towards the tokens that the context makes likelier than they are on their own (and,
+  as any such guidance, lifts a token that both scores find unlikely if the unconditional one
+  finds it even less likely: p_c^W / p_u^(W - 1)).
 
   Args:
     log_cond: (B, L, D) log score given the context.
