@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "protein_ligand"  # the trainer dispatches on this key (uniref50.py has none)
   c.variant = "small"
   # Training mode: one of MODES. `all` draws one of the five others per step from the step key
-  # (probabilities `mode_weights`, in the order of MODES[:5]; () = uniform).
+  # (probabilities `mode_weights`, in the order of MODES[:5]; () = uniform). They also set the
+  # context drop of classifier-free guidance (`sample --guidance W`): the *_only mode of a track
+  # is its conditional mode with the context dropped, with probability w_only / (w_only +
+  # w_given) (uniform: 0.5; `sedd_jax.protein_ligand.modes.context_drop`).
   c.mode = "all"
   c.mode_weights = ()
 
@@ -73,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pad_to = "full"
 
   c.training.update(steps=200_000, eval_every=2000, ckpt_every=2000, milestone_every=50_000)
-  # What `sample` generates for this task: ligand_given_protein | protein_given_ligand.
+  # What `sample` generates for this task: ligand_given_protein | protein_given_ligand | joint.
   c.sampling.task = "ligand_given_protein"
   return c
 

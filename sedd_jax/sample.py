@@ -36,6 +36,15 @@ cfg.sampling.task) picks what is generated given the other track, clean:
   protein_given_ligand   ligands of the first --num pairs of --split; protein lengths = the
                          reference proteins' (cropped to the model length) or `--length N`.
                          Writes FASTA.
+  joint                  --num (default 8) protein-ligand pairs from noise, both tracks denoised
+                         together (sedd_jax.protein_ligand.joint); lengths drawn as pairs from
+                         --split (or --length / --ligand-length). Writes FASTA to --out (the
+                         ligand in each header), `SMILES<TAB>sample_i` to `<out stem>.smi` and
+                         `<out stem>.validity.json`.
+`--guidance W` (conditional tasks): classifier-free guidance, log s = W log s(target | given) +
+(1 - W) log s(target alone) (sedd_jax.protein_ligand.modes.guided_log_score); W = 1 (default)
+is plain conditional sampling. `--checker` picks the SMILES checker of the validity report
+(default auto: RDKit if installed, else grammar; the report names the one used).
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ import numpy as np
 logger = logging.getLogger("sedd_jax.sample")
 
 MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
-PL_TASKS = ("ligand_given_protein", "protein_given_ligand")
+PL_TASKS = ("ligand_given_protein", "protein_given_ligand", "joint")
 QUIET_LOGGERS = ("absl", "jax")  # their INFO lines only with --verbose
 
 
@@ -115,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--split", choices=("train", "valid", "test"), default="test",
                   help="reference pairs (default test)")
   pl.add_argument("--ligand-length", type=int, help="ligand length in SMILES tokens")
+  pl.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight "
+                  "of the conditional tasks (default 1: none)")
+  pl.add_argument("--checker", choices=("auto", "rdkit", "grammar"), help="SMILES validity "
+                  "checker (default auto: RDKit if installed, else grammar)")
   return p
 
 
@@ -344,7 +357,7 @@ def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   flags against the config (CliError on bad input)."""
   from sedd_jax import diffusion
 
-  for flag in ("task", "proteins", "ligand_length"):
+  for flag in ("task", "proteins", "ligand_length", "guidance", "checker"):
     if getattr(args, flag) is not None:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
@@ -467,10 +480,15 @@ def check_protein_ligand_args(args, cfg) -> str:
   task = args.task or str(cfg.sampling.task)
   if task not in PL_TASKS:
     raise CliError(f"--task {task!r}: choose one of {PL_TASKS}")
-  if task == "protein_given_ligand" and args.proteins:
-    raise CliError("--proteins gives proteins; protein_given_ligand takes ligands from --split")
+  if task != "ligand_given_protein" and args.proteins:
+    raise CliError(f"--proteins gives proteins; {task} does not take them")
   if args.proteins and not pathlib.Path(args.proteins).is_file():
     raise CliError(f"--proteins {args.proteins} does not exist")
+  if task == "joint" and args.guidance is not None:
+    raise CliError("--guidance applies to the conditional tasks, not joint")
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  if predictor == "first_hitting" or args.remask or args.draw != "unbiased":
+    raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
@@ -478,13 +496,17 @@ def check_protein_ligand_args(args, cfg) -> str:
                            ("--length", args.length, p_len)):
     if value is not None and not 1 <= value <= top:
       raise CliError(f"{flag} {value} must lie in [1, {top}]")
+  if args.checker == "rdkit":
+    from sedd_jax.protein_ligand import modes
+    try:
+      modes.validity_checker("rdkit")
+    except ImportError:
+      raise CliError("--checker rdkit: rdkit is not installed (pip install -e '.[chem]')") from None
   return task
 
 
 def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   """Samples one track of a protein-ligand model given the other (see the module docstring)."""
-  import jax
-
   from sedd_jax.data import fasta as fasta_lib
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import modes
@@ -494,6 +516,11 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   store, smiles_tok = reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
+  steps = int(args.steps or cfg.sampling.steps)
+  predictor = args.predictor or str(cfg.sampling.predictor)
+  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  if task == "joint":
+    return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
 
   if args.proteins:
     names, given = [], []
@@ -524,46 +551,32 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
       given, refs = ligs, [smiles_tok.decode(x) for x in ligs]
       targets = np.array([args.length or len(x) for x in prots], np.int32)
   given_tokens, given_lengths = _pad(given, p_len if task == "ligand_given_protein" else l_len)
-  steps = int(args.steps or cfg.sampling.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  if predictor == "first_hitting" or args.remask or args.draw != "unbiased":
-    raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   n = len(given)
   bs = min(args.batch_size, n)
-  logger.info("%s: %d samples, %s, %d steps, eps %g, batch %d, seed %d (proteins cropped to the "
-              "model length %d)", task, n, predictor, steps, eps, bs, args.seed, p_len)
-  chunks = []
-  for b in range(0, n, bs):
-    idx = np.resize(np.arange(b, min(b + bs, n)), bs)  # one compiled shape; extras dropped
-    out = modes.sample_conditional(
-        jax.random.fold_in(jax.random.key(args.seed), b // bs), model, cfg, task,
-        given_tokens[idx], given_lengths[idx], targets[idx], steps=steps, predictor=predictor,
-        eps=eps)
-    chunks.append(np.asarray(jax.device_get(out))[:min(bs, n - b)])
-    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
-                time.perf_counter() - t_start)
-  tokens = np.concatenate(chunks)
+  guidance = 1.0 if args.guidance is None else args.guidance
+  try:
+    drop = modes.context_drop(cfg, task)
+  except ValueError as e:
+    raise CliError(str(e)) from None
+  logger.info("%s: %d samples, %s, %d steps, eps %g, batch %d, seed %d, guidance %g (context "
+              "dropped in training with probability %.2f; proteins cropped to the model length "
+              "%d)", task, n, predictor, steps, eps, bs, args.seed, guidance, drop, p_len)
+  try:
+    (tokens,) = run_batches(n, bs, args.seed, t_start, lambda key, idx: (
+        modes.sample_conditional(key, model, cfg, task, given_tokens[idx], given_lengths[idx],
+                                 targets[idx], steps=steps, predictor=predictor, eps=eps,
+                                 guidance=guidance),))
+  except ValueError as e:
+    raise CliError(str(e)) from None
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  src = args.workdir or args.checkpoint
-  settings = {"task": task, "steps": steps, "predictor": predictor, "eps": eps,
-              "seed": args.seed, "batch_size": bs,
-              "weights": "params" if args.use_params else "ema", "checkpoint": str(src),
-              "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
+  settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),
+              "guidance": guidance, "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
   if task == "ligand_given_protein":
     smiles = [smiles_tok.decode(tokens[i, :targets[i]]) for i in range(n)]
-    checker, is_valid = modes.validity_checker()
-    valid = [bool(is_valid(x)) for x in smiles]
     out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
-    report = {**settings, "checker": checker, "num": n, "num_valid": sum(valid),
-              "validity": sum(valid) / n,
-              "samples": [{"name": nm, "smiles": x, "valid": v, "length": int(t), "reference": r}
-                          for nm, x, v, t, r in zip(names, smiles, valid, targets, refs)]}
-    json_path = out.with_suffix(".validity.json")
-    json_path.write_text(json.dumps(report, indent=2))
-    logger.info("wrote %d SMILES to %s; valid %d/%d = %.3f (%s) -> %s (%.1f s in all)", n, out,
-                sum(valid), n, sum(valid) / n, checker, json_path, time.perf_counter() - t_start)
+    write_validity(out, smiles, names, [int(t) for t in targets], settings, args.checker,
+                   t_start, references=refs)
   else:
     with open(out, "w") as f:
       for i in range(n):
@@ -571,6 +584,96 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
         f.write(f">sample_{i} ligand={refs[i]} ref={names[i]} length={len(seq)} "
                 + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
     logger.info("wrote %d proteins to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
+  return 0
+
+
+def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.ndarray, ...]:
+  """Calls `draw(key, idx)` (-> tuple of (bs, ...) arrays) on chunks of `bs` of the n samples,
+  chunk c with key fold_in(key(seed), c); the last chunk is filled up by repetition (one
+  compiled shape) and trimmed. Returns the outputs concatenated, (n, ...) numpy arrays."""
+  import jax
+
+  chunks = []
+  for b in range(0, n, bs):
+    idx = np.resize(np.arange(b, min(b + bs, n)), bs)
+    outs = draw(jax.random.fold_in(jax.random.key(seed), b // bs), idx)
+    chunks.append([np.asarray(jax.device_get(o))[:min(bs, n - b)] for o in outs])
+    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
+                time.perf_counter() - t_start)
+  return tuple(np.concatenate(parts) for parts in zip(*chunks))
+
+
+def run_settings(args, steps: int, predictor: str, eps: float, bs: int) -> dict:
+  """The settings every protein-ligand output records (FASTA headers, validity report)."""
+  return {"steps": steps, "predictor": predictor, "eps": eps, "seed": args.seed,
+          "batch_size": bs, "weights": "params" if args.use_params else "ema",
+          "checkpoint": str(args.workdir or args.checkpoint)}
+
+
+def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengths: list[int],
+                   settings: dict, checker: str | None, t_start: float,
+                   references: list[str] | None = None) -> dict:
+  """Writes `<out stem>.validity.json`: the settings, `modes.validity_report` of `smiles` (with
+  the checker used) and one entry per sample; returns the report."""
+  from sedd_jax.protein_ligand import modes
+
+  report = modes.validity_report(smiles, checker or "auto")
+  valid = report.pop("valid")
+  report = {**settings, **report, "samples": [
+      {"name": nm, "smiles": x, "valid": v, "length": t}
+      | ({"reference": references[i]} if references else {})
+      for i, (nm, x, v, t) in enumerate(zip(names, smiles, valid, lengths))]}
+  json_path = out.with_suffix(".validity.json")
+  json_path.write_text(json.dumps(report, indent=2))
+  logger.info("%d SMILES valid %d/%d = %.3f (checker: %s) -> %s (%.1f s in all)", len(smiles),
+              report["num_valid"], report["num"], report["validity"], report["checker"],
+              json_path, time.perf_counter() - t_start)
+  return report
+
+
+def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str, float],
+              t_start: float) -> int:
+  """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring);
+  `reverse` = (steps, predictor, eps)."""
+  from sedd_jax.data import tokenizers
+  from sedd_jax.protein_ligand import joint
+
+  out = pathlib.Path(args.out)
+  smi_path = out.with_suffix(".smi")
+  if smi_path == out:
+    raise CliError(f"--out {out}: joint writes FASTA there and the SMILES to <stem>.smi; give "
+                   "another suffix (e.g. .fasta)")
+  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
+  n = 8 if args.num is None else args.num
+  if n < 1 or len(store) < 1:
+    raise CliError(f"--num must be >= 1 and --split {args.split} non-empty; got {n}, "
+                   f"{len(store)} pairs")
+  pairs = rng.choice(len(store), n)  # each sample takes both lengths of one reference pair
+  plens, llens = (np.full((n,), fixed, np.int32) if fixed else np.minimum(
+      np.asarray(store.track(track).lengths)[pairs], top).astype(np.int32)
+                  for fixed, track, top in ((args.length, "protein", p_len),
+                                            (args.ligand_length, "ligand", l_len)))
+  steps, predictor, eps = reverse
+  bs = min(args.batch_size, n)
+  logger.info("joint: %d pairs, %s, %d steps, eps %g, batch %d, seed %d", n, predictor, steps,
+              eps, bs, args.seed)
+  prots, ligs = run_batches(n, bs, args.seed, t_start, lambda key, idx: joint.sample_joint(
+      key, model, cfg, plens[idx], llens[idx], steps=steps, predictor=predictor, eps=eps))
+  ptok = tokenizers.ProteinTokenizer()
+  seqs = [ptok.decode(prots[i, :plens[i]]) for i in range(n)]
+  smiles = [smiles_tok.decode(ligs[i, :llens[i]]) for i in range(n)]
+  names = [f"sample_{i}" for i in range(n)]
+  settings = {"task": "joint", **run_settings(args, steps, predictor, eps, bs),
+              "lengths_from": f"{cfg.data.prepared}:{args.split}"}
+  out.parent.mkdir(parents=True, exist_ok=True)
+  report = write_validity(out, smiles, names, [int(t) for t in llens], settings, args.checker,
+                          t_start)
+  with open(out, "w") as f:
+    for name, seq, smi, ok in zip(names, seqs, smiles, report["samples"]):
+      f.write(f">{name} ligand={smi} ligand_valid={int(ok['valid'])} length={len(seq)} "
+              + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
+  smi_path.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
+  logger.info("wrote %d pairs: proteins to %s, ligands to %s", n, out, smi_path)
   return 0
 
 

@@ -547,7 +547,6 @@ def _ligand_sample_writer(built, options, writer, workdir, primary):
   """Protein-ligand: ligands given the first `num_samples` validation proteins (target lengths
   = their reference ligands') -> step_<n>.smi (`SMILES<TAB>name`), SMILES validity logged as a
   `sample` row (`smiles_validity`, checked by RDKit if installed, else by grammar)."""
-  import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 

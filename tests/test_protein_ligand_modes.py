@@ -376,18 +376,3 @@ def test_grammar_checker_accepts_the_bundled_ligands():
   assert len(smiles) == 5000
   assert modes.smiles_validity(smiles, checker="grammar") == 1.0
 
-
-def test_validity_checker_choice():
-  name, _ = modes.validity_checker("auto")
-  try:
-    import rdkit  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    has_rdkit = True
-  except ImportError:
-    has_rdkit = False
-  assert name == ("rdkit" if has_rdkit else "grammar")
-  if has_rdkit:
-    assert modes.smiles_validity(VALID) == 1.0
-    assert modes.smiles_validity(["C(C", "c1cccc", "CC)"]) == 0.0
-  else:
-    with pytest.raises(ImportError):
-      modes.validity_checker("rdkit")

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -43,7 +44,7 @@ def test_unknown_task_is_a_config_error():
     config_lib.load_config(str(ROOT / "configs/protein_ligand.py:tiny"), {"mode": "jiont"})
 
 
-def test_train_resume_sample_evaluate(tmp_path):
+def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   store = tmp_path / "store"
   cfg = micro_config(store)
   assert cfg.ligand.graph.tokens == 0  # resolved from the prepared data by the task
@@ -94,6 +95,31 @@ def test_train_resume_sample_evaluate(tmp_path):
   valid = [bool(is_valid(s["smiles"])) for s in report["samples"]]
   assert [s["valid"] for s in report["samples"]] == valid
   assert report["num_valid"] == sum(valid) and report["validity"] == pytest.approx(sum(valid) / 3)
+
+  # Joint pairs from noise, without RDKit: FASTA + SMILES, the report names the grammar check.
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "rdkit", None)  # `import rdkit` fails
+    pairs = tmp_path / "pairs.fasta"
+    assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--num", "3",
+                            "--steps", "4", "--task", "joint", "--ligand-length", "5"]) == 0
+  records = pairs.read_text().split(">")[1:]
+  smi = pairs.with_suffix(".smi").read_text().splitlines()
+  report = json.loads(pairs.with_suffix(".validity.json").read_text())
+  assert len(records) == 3 and report["task"] == "joint" and report["checker"] == "grammar"
+  for i, (rec, line, sample) in enumerate(zip(records, smi, report["samples"])):
+    head, seq = rec.strip().split("\n")
+    smiles = line.split("\t")[0]
+    assert head.startswith(f"sample_{i} ligand={smiles} ") and line.endswith(f"\tsample_{i}")
+    assert sample["smiles"] == smiles and sample["valid"] == modes.grammar_valid_smiles(smiles)
+    assert 1 <= len(seq) <= 64 and set(seq) <= set("ACDEFGHIKLMNPQRSTVWYXBUZO")  # ids 4..28
+  # Guidance (the config trains both scores: mode `all`); joint takes none.
+  guided = tmp_path / "guided.smi"
+  assert sample_cli.main(["--workdir", str(work), "--out", str(guided), "--num", "2",
+                          "--steps", "4", "--guidance", "2.5"]) == 0
+  report = json.loads(guided.with_suffix(".validity.json").read_text())
+  assert report["guidance"] == 2.5 and report["num"] == 2
+  assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--task", "joint",
+                          "--guidance", "2"]) == 2
 
   ev = tmp_path / "eval.json"
   assert evaluate_cli.main(["--workdir", str(work), "--split", "test", "--out", str(ev),

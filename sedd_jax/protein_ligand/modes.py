@@ -1,4 +1,5 @@
-"""Training modes, losses, conditional sampling and SMILES validity for the protein-ligand model.
+"""Training modes, losses, conditional sampling (with classifier-free guidance) and SMILES
+validity for the protein-ligand model.
 
 Modes (`cfg.mode`):
 
@@ -283,31 +284,114 @@ def skip_unused_updates(inner: optax.GradientTransformation) -> optax.GradientTr
 # Conditional sampling.
 
 
+def allowed_tokens(dim: int, forbidden: Sequence[int]) -> Array:
+  """(D,) bool: every token but `forbidden` (the mask column is kept by the sampler)."""
+  return jnp.ones((dim,), bool).at[jnp.asarray(forbidden, jnp.int32)].set(False)
+
+
 def _allowed(task: str, pgraph: diffusion.Graph, lgraph: diffusion.Graph) -> Array:
   """(D,) bool of the sampled track: proteins the residues of `residue_mask` (the
   rule of every protein sampler), ligands every token but the SMILES specials (the mask column
   is kept by the sampler)."""
   if task == "ligand_given_protein":
-    return jnp.ones((lgraph.dim,), bool).at[jnp.asarray(LIGAND_FORBIDDEN, jnp.int32)].set(False)
+    return allowed_tokens(lgraph.dim, LIGAND_FORBIDDEN)
   return jnp.asarray(residue_mask(pgraph.dim))
 
 
+def guided_log_score(log_cond: Array, log_uncond: Array, guidance: Array | float) -> Array:
+  """Classifier-free guidance on log scores: log s_W = W log s_cond + (1 - W) log s_uncond.
+
+  Where: inside the conditional sampler's score function, on the two model outputs (LOG
+  scores), before `exp` and before the sampler zeroes the disallowed tokens; position by
+  position, over every column. Columns where both inputs are 0 stay 0: the zero the model
+  writes at the input token (the mask column at a masked position) keeps. As rates are scores
+  times the forward rate, this is guidance of the reverse rates, R_W = R_cond^W R_uncond^(1-W)
+  (Nisonoff et al. 2024), not renormalised. For the true scores of an absorbing graph at a
+  masked position, s(j) = p(j | rest) / expm1(sigma), so a position unmasks to j with
+  probability proportional to p(j | context)^W p(j)^(1 - W) (its unmasking rate scales with
+  the sum of those terms): W = 1 is the conditional model, W = 0 the unconditional one, W > 1
+  sharpens towards the tokens that the context makes likelier than they are on their own (and,
+  as any such guidance, lifts a token that both scores find unlikely if the unconditional one
+  finds it even less likely: p_c^W / p_u^(W - 1)).
+
+  Args:
+    log_cond: (B, L, D) log score given the context.
+    log_uncond: (B, L, D) log score without it (the `*_only` mode of the same track).
+    guidance: W, a scalar (may be traced).
+
+  Returns:
+    (B, L, D) float32 guided log score (`log_cond` itself, bit for bit, at W = 1).
+  """
+  if jnp.shape(log_cond) != jnp.shape(log_uncond):
+    raise ValueError(f"conditional and unconditional log scores differ in shape: "
+                     f"{jnp.shape(log_cond)} vs {jnp.shape(log_uncond)}")
+  w = jnp.asarray(guidance, jnp.float32)
+  return w * log_cond.astype(jnp.float32) + (1.0 - w) * log_uncond.astype(jnp.float32)
+
+
+def context_drop(cfg, task: str) -> float:
+  """Probability that the context is dropped when `task`'s sampled track is trained alone or
+  given its clean partner: w_only / (w_only + w_given) of `cfg.mode_weights` for mode `all`
+  (the track's `*_only` mode and `task`; uniform weights: 0.5), 0 for the fixed mode `task`,
+  1 for the fixed `*_only` mode, NaN when neither is trained.
+
+  Classifier-free guidance needs both scores trained: 0 < context_drop < 1.
+  """
+  if task not in SAMPLING_TASKS:
+    raise ValueError(f"task = {task!r}; choose one of {SAMPLING_TASKS}")
+  only = "ligand_only" if task == "ligand_given_protein" else "protein_only"
+  mode = check_mode(cfg)
+  if mode != ALL:
+    return 1.0 if mode == only else 0.0 if mode == task else float("nan")
+  weights = tuple(cfg.get("mode_weights", ()) or ()) or (1.0,) * len(MODES)
+  w_only, w_given = weights[MODES.index(only)], weights[MODES.index(task)]
+  return float(w_only / (w_only + w_given)) if w_only + w_given > 0 else float("nan")
+
+
+def _check_guidance(cfg, task: str, guidance: float) -> float:
+  """W as a float; a ValueError naming cfg.mode/cfg.mode_weights when W != 1 needs a score
+  that the config never trained."""
+  guidance = float(guidance)
+  if not np.isfinite(guidance):
+    raise ValueError(f"guidance = {guidance} must be a finite number")
+  if guidance != 1.0:
+    drop = context_drop(cfg, task)
+    if not 0.0 < drop < 1.0:
+      raise ValueError(
+          f"guidance {guidance:g} mixes the {task} score with the unconditional one, but "
+          f"cfg.mode = {cfg.mode!r} (mode_weights = {tuple(cfg.get('mode_weights', ()) or ())}) "
+          f"does not train both (context drop probability {drop}); train with mode 'all' and "
+          f"positive weights for {task} and its *_only mode")
+  return guidance
+
+
 @functools.partial(nnx.jit, static_argnames=("task", "target_length", "steps", "predictor",
-                                             "eps", "pgraph", "lgraph", "noise"))
-def _sample_jit(model, key, given, given_lengths, target_lengths, *, task, target_length, steps,
-                predictor, eps, pgraph, lgraph, noise):
-  """The conditional reverse process (`sedd_jax.sampling.sampler.sample`), model as input."""
+                                             "eps", "pgraph", "lgraph", "noise", "guided"))
+def _sample_jit(model, key, given, given_lengths, target_lengths, guidance, *, task,
+                target_length, steps, predictor, eps, pgraph, lgraph, noise, guided):
+  """The conditional reverse process (`sedd_jax.sampling.sampler.sample`), model as input;
+  with `guided`, the score is `guided_log_score` of the conditional and the unconditional
+  (the sampled track alone, `tracks=`) log scores with weight `guidance` (traced)."""
   b = given.shape[0]
   zeros_b = jnp.zeros((b,), jnp.float32)
-  graph = lgraph if task == "ligand_given_protein" else pgraph
+  if task == "ligand_given_protein":
+    graph, track = lgraph, "ligand"
+  else:
+    graph, track = pgraph, "protein"
 
   def score_fn(x, sigma, lengths=None):
     """x (B, Lt), sigma (B,) -> exp(log score) (B, Lt, Dt) of the sampled track, given clean."""
     del lengths  # target_lengths, closed over
     if task == "ligand_given_protein":
       _, out = model(given, x, zeros_b, sigma, given_lengths, target_lengths, heads=("ligand",))
+      if guided:
+        _, alone = model(None, x, None, sigma, None, target_lengths, tracks=track)
     else:
       out, _ = model(x, given, sigma, zeros_b, target_lengths, given_lengths, heads=("protein",))
+      if guided:
+        alone, _ = model(x, None, sigma, None, target_lengths, None, tracks=track)
+    if guided:
+      out = guided_log_score(out, alone, guidance)
     return jnp.exp(out.astype(jnp.float32))
 
   return sampler.sample(key, score_fn, graph, noise, (b, target_length), steps=steps,
@@ -318,9 +402,16 @@ def _sample_jit(model, key, given, given_lengths, target_lengths, *, task, targe
 def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
                        given_tokens: Array, given_lengths: Array, target_lengths: Array, *,
                        target_length: int | None = None, steps: int | None = None,
-                       predictor: str | None = None, eps: float | None = None) -> Array:
+                       predictor: str | None = None, eps: float | None = None,
+                       guidance: float = 1.0) -> Array:
   """Samples one track given the other (clean, sigma 0) with `sedd_jax.sampling.sampler.sample`
   (the predictors of `sedd_jax.diffusion` in one `lax.fori_loop`, final denoise step).
+
+  With `guidance` W != 1, classifier-free guidance: every step mixes the conditional log score
+  with the unconditional one (the track alone, as its `*_only` mode trains it) by
+  `guided_log_score`, before exponentiation; two model calls per step. W = 1 (the default) is
+  the plain conditional sampler: one call per step, the same draws for the same key. W != 1
+  needs a config that trained both scores (`context_drop` strictly between 0 and 1).
 
   Args:
     key: PRNG key.
@@ -332,6 +423,7 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
     target_lengths: (B,) int number of tokens to generate per example (>= 1).
     target_length: padded length of the output (default: cfg.ligand.length or cfg.model.length,
       at least max(target_lengths)).
+    guidance: W of `guided_log_score` (1 = no guidance).
 
   Returns:
     (B, target_length) int32 tokens of the sampled track: never the mask nor a special/gap id,
@@ -355,12 +447,13 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
     raise ValueError(f"predictor {predictor!r}; choose one of {tuple(diffusion.PREDICTORS)}")
   if int(jnp.max(target_lengths)) > target_length or int(jnp.min(target_lengths)) < 1:
     raise ValueError(f"target_lengths must lie in [1, target_length = {target_length}]")
+  guidance = _check_guidance(cfg, task, guidance)
   model.eval()
-  return _sample_jit(model, key, given_tokens, given_lengths, target_lengths, task=task,
-                     target_length=int(target_length), steps=int(steps or cfg.sampling.steps),
-                     predictor=predictor,
+  return _sample_jit(model, key, given_tokens, given_lengths, target_lengths,
+                     jnp.float32(guidance), task=task, target_length=int(target_length),
+                     steps=int(steps or cfg.sampling.steps), predictor=predictor,
                      eps=float(eps if eps is not None else cfg.sampling.eps), pgraph=pgraph,
-                     lgraph=lgraph, noise=noise)
+                     lgraph=lgraph, noise=noise, guided=guidance != 1.0)
 
 
 def sample_ligand_given_protein(key: Array, model: ProteinLigandDDiT, cfg, protein_tokens: Array,
@@ -474,17 +567,26 @@ def validity_checker(checker: str = "auto") -> tuple[str, Callable[[str], bool]]
     if fn is not None:
       return "rdkit", fn
     if checker == "rdkit":
-      raise ImportError("rdkit is not installed (pip install rdkit)")
+      raise ImportError("rdkit is not installed (pip install rdkit, or the chem extra: "
+                        "pip install -e '.[chem]')")
   return "grammar", grammar_valid_smiles
+
+
+def validity_report(smiles_list: Sequence[str], checker: str = "auto") -> dict[str, Any]:
+  """The validity of `smiles_list` as a JSON-able dict: `checker` (which one was used: `rdkit`
+  or `grammar`, see `validity_checker`), `num`, `num_valid`, `validity` (fraction; 0.0 for no
+  strings) and `valid` (one bool per string)."""
+  name, fn = validity_checker(checker)
+  valid = [bool(fn(s)) for s in smiles_list]
+  n = len(valid)
+  return {"checker": name, "num": n, "num_valid": sum(valid),
+          "validity": sum(valid) / n if n else 0.0, "valid": valid}
 
 
 def smiles_validity(smiles_list: Sequence[str], checker: str = "auto") -> float:
   """Fraction of valid SMILES in `smiles_list` (0.0 for an empty list): parsed by RDKit when it
   is installed (`checker="auto"`), else by `grammar_valid_smiles`."""
-  name, fn = validity_checker(checker)
-  n = len(smiles_list)
-  if n == 0:
-    return 0.0
-  valid = sum(bool(fn(s)) for s in smiles_list)
-  logger.debug("SMILES validity (%s): %d / %d", name, valid, n)
-  return valid / n
+  report = validity_report(smiles_list, checker)
+  logger.debug("SMILES validity (%s): %d / %d", report["checker"], report["num_valid"],
+               report["num"])
+  return report["validity"]
