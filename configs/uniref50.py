@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.valid_fraction = 0.02
   c.data.test_fraction = 0.02
   c.data.bucket_boundaries = ()  # () = chosen from the model length
+  c.data.pad_to = "full"  # full (width L) | bucket (width = bucket) | pack (sequences share rows)
+  c.data.pack_bins = 1024  # pad_to=pack: rows packed at a time (more = less padding)
   c.data.num_workers = 0
 
   c.training = ml_collections.ConfigDict()

@@ -362,7 +362,7 @@ def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: 
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   pad_to = pad_to or str(_cfg_get(cfg.data, "pad_to", "full"))
   if pad_to not in PAD_TO:
-    raise ValueError(f"pad_to must be one of {PAD_TO}, got {pad_to!r}")
+    raise ValueError(f"data.pad_to must be one of {PAD_TO}, got {pad_to!r}")
   length = int(cfg.model.length)
   if store is None:
     store = store_lib.Store(ensure_prepared(cfg), split)

@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sedd_jax import diffusion
+from sedd_jax.model import attention as attention_lib
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
 from sedd_jax.training.state import ModelDefs
@@ -151,18 +152,21 @@ def draw_noise(key: Array, batch: int, step: Array, curriculum: diffusion.Curric
 
 
 def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Array, t: Array,
-                    row_keys: Array, corrupt_scale: Array, loss_scale: Array) -> Array:
+                    row_keys: Array, corrupt_scale: Array, loss_scale: Array,
+                    segment_ids: Array | None = None, positions: Array | None = None) -> Array:
   """Score-entropy loss per sequence.
 
   Args:
     model: a DDiT (already in train or eval mode).
     graph, noise: the diffusion graph and noise schedule.
     tokens: (B, L) int32 clean tokens; lengths: (B,) int32 real lengths (padding after).
-    t: (B,) float32 times; row_keys: (B, 2) uint32 corruption keys, one per sequence.
+    t: (B,) float32 times; row_keys: (B, 2) uint32 corruption keys, one per row.
     corrupt_scale, loss_scale: () float32 curriculum factors on sigma.
+    segment_ids, positions: (B, L) int32 of packed rows (data.pad_to="pack"), or None.
 
   Returns:
-    (B,) float32: sum over positions < length of dsigma * score entropy.
+    (B,) float32: sum over positions < length of dsigma * score entropy; packed rows:
+    (B, MAX_SEGMENTS) float32, one sum per sequence of the row (0 for absent sequences).
   """
   tokens = tokens.astype(jnp.int32)
   lengths = lengths.astype(jnp.int32)
@@ -172,10 +176,19 @@ def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Arr
 
   x = jax.vmap(one)(row_keys, tokens, t)
   sigma = noise.total_noise(t) * loss_scale
-  log_score = model(x, sigma, lengths)
+  packing = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
+  log_score = model(x, sigma, lengths, **packing)
   weight = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  return diffusion.score_entropy_loss(graph, noise, log_score.astype(jnp.float32), x, tokens, t,
-                                      weight, sigma_scale=loss_scale)
+  return diffusion.score_entropy_loss(
+      graph, noise, log_score.astype(jnp.float32), x, tokens, t, weight, sigma_scale=loss_scale,
+      segment_ids=segment_ids, num_segments=attention_lib.MAX_SEGMENTS)
+
+
+def _sequence_stats(per_seq: Array, segment_ids: Array | None) -> tuple[Array, Array]:
+  """(sum of the per-sequence losses, number of sequences) of `sequence_losses`' output."""
+  if segment_ids is None:
+    return per_seq.sum(), jnp.float32(per_seq.shape[0])
+  return per_seq.sum(), jnp.max(segment_ids, axis=1).astype(jnp.float32).sum()
 
 
 def _micro_batches(x: Array, accum: int) -> Array:
@@ -200,7 +213,8 @@ class SeddTask(task_lib.Task):
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "SeddTask":
-    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise))
+    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise),
+               batch_keys=BATCH_KEYS + task_lib.packing_keys(cfg))
 
   def build_model(self, seed: int | None = None) -> nnx.Module:
     return state_lib.build_model(self.cfg, self.graph, seed)
@@ -209,16 +223,18 @@ class SeddTask(task_lib.Task):
     curriculum = diffusion.get_curriculum(self.cfg.curriculum)
     t, row_keys, k_drop, cs, ls = draw_noise(key, batch["tokens"].shape[0], step, curriculum,
                                              float(self.cfg.training.time_eps))
-    rows = {"tokens": batch["tokens"], "lengths": batch["lengths"], "t": t,
-            "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
+    rows = {**batch, "t": t, "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
     return task_lib.Draw(rows=rows, shared=(cs, ls), loss_key=None, dropout_key=k_drop)
 
   def loss(self, model, rows, shared, key, step):
     del key, step  # all randomness is per row (rows["t"], rows["row_keys"])
     cs, ls = shared
+    seg = rows.get("segment_ids")
     per_seq = sequence_losses(model, self.graph, self.noise, rows["tokens"], rows["lengths"],
-                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls)
-    return per_seq.mean(), {"loss_sum": per_seq.sum()}
+                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls,
+                              seg, rows.get("positions"))
+    total, n = _sequence_stats(per_seq, seg)
+    return total / jnp.maximum(n, 1.0), {"loss_sum": total}
 
   def eval_loss(self, model, batch, key):
     tokens, lengths = batch["tokens"], batch["lengths"]
@@ -226,9 +242,11 @@ class SeddTask(task_lib.Task):
     plain = diffusion.Curriculum(kind="none")
     t, row_keys, _, cs, ls = draw_noise(key, b, jnp.zeros((), jnp.int32), plain,
                                         float(self.cfg.training.time_eps))
-    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls)
-    return {"loss": per_seq.sum(), "n_seqs": jnp.float32(b),
-            "n_tokens": lengths.astype(jnp.float32).sum()}
+    seg = batch.get("segment_ids")
+    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls,
+                              seg, batch.get("positions"))
+    total, n = _sequence_stats(per_seq, seg)
+    return {"loss": total, "n_seqs": n, "n_tokens": lengths.astype(jnp.float32).sum()}
 
 
 def _task(cfg, graph, noise, task: task_lib.Task | None) -> task_lib.Task:
