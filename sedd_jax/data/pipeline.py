@@ -351,6 +351,38 @@ def _packed_dataset(examples: _Examples, batch_size: int, bins: int, drop_remain
   return ds.batch(batch_size, drop_remainder=drop_remainder).map(_pack_rows)
 
 
+def pack_sequences(seqs: Sequence[np.ndarray], width: int,
+                   bins: int = DEFAULT_PACK_BINS) -> dict[str, np.ndarray]:
+  """Packs a finite list of sequences (each at most `width` long) into rows, as pad_to="pack".
+
+  Returns:
+    {"tokens", "segment_ids", "positions": (R, width) int32, "lengths": (R,) int32,
+     "index": (R, MAX_SEGMENTS) int64: the position in `seqs` of segment s of row r in column
+     s - 1, -1 where the row holds fewer sequences}; every sequence is in exactly one row.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+
+  items = []
+  for i, x in enumerate(seqs):
+    x = np.asarray(x, np.int32)
+    if x.ndim != 1 or not 0 < x.size <= width:
+      raise ValueError(f"sequence {i} has shape {x.shape}; need 1 to {width} tokens")
+    items.append({"tokens": x, "index": i})
+  ds = grain.MapDataset.source(items).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  ds = grain.experimental.BestFitPackIterDataset(
+      ds, length_struct={"tokens": width}, num_packing_bins=bins, shuffle_bins=False,
+      padding_struct={"tokens": tokenizers.PAD_ID}, meta_features=("index",),
+      max_sequences_per_bin=MAX_SEGMENTS)
+  rows = list(ds)
+  out = _pack_rows({k: np.stack([r[k] for r in rows])
+                    for k in ("tokens", "tokens_segment_ids", "tokens_positions")})
+  out["index"] = np.full((len(rows), MAX_SEGMENTS), -1, np.int64)
+  for r, row in enumerate(rows):
+    out["index"][r, :len(row["index"])] = row["index"]
+  return out
+
+
 def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: int = 0,
                  shard_count: int = 1, *, num_epochs: int | None = None,
                  shuffle: bool | None = None, pad_to: str | None = None,
