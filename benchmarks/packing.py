@@ -9,7 +9,7 @@ One JSON line per measurement (prefix `JSON `), each with `part`:
   row: `lengths` only (today's unpacked rows), `packed` (cuDNN's ragged layout, segment offsets)
   and `mask` (block-diagonal mask = a (B, 1, L, L) bias). `attention.CUDNN_SEGMENT_LAYOUT`
   should name the faster of the two.
-* `step`: the isolated train step of configs/uniref50.py:small on random tokens: today's
+* `step`: the isolated train step of configs/uniref50.py:small (`--variant`) on random tokens: today's
   unpacked inputs against packed inputs (segment ids, positions) with each cuDNN layout.
 * `noise_cost`: what one t per SEQUENCE would add to the step: per-token adaLN (the modulation
   Linear C -> 6H of every block and C -> 2H of the output layer on (B, L, C) instead of (B, C)),
@@ -114,12 +114,13 @@ def part_step(args) -> None:
   from sedd_jax.model import attention
   from sedd_jax.training import step as step_lib
 
-  b, l = 64, 1024
+  base = uniref50.get_config(args.variant)
+  b, l = base.training.batch_size, base.model.length
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, 29, (b, l), dtype=np.int32)
   seg, pos = _segments(b, l, 4)
   for name, layout in (("unpacked", None), ("packed", "packed"), ("mask", "mask")):
-    cfg = uniref50.get_config("small")
+    cfg = uniref50.get_config(args.variant)
     if layout is not None:
       cfg.data.pad_to = "pack"
       attention.CUDNN_SEGMENT_LAYOUT = layout
@@ -160,18 +161,19 @@ def part_noise_cost(args) -> None:
   import uniref50
 
   cfg = uniref50.get_config("small").model
-  b, l, c, hid, n = 64, 1024, cfg.cond_dim, cfg.hidden_size, cfg.n_blocks
-  ks = jax.random.split(jax.random.key(0), 3)
+  b, l, c, hid, n = args.noise_batch, 1024, cfg.cond_dim, cfg.hidden_size, cfg.n_blocks
+  ks = jax.random.split(jax.random.key(0), 4)
   w_blocks = jax.random.normal(ks[0], (n, c, 6 * hid), jnp.float32) * 0.02
   w_out = jax.random.normal(ks[1], (c, 2 * hid), jnp.float32) * 0.02
+  r = jax.random.normal(ks[3], (6 * hid,), jnp.float32)  # stands in for the block's use
   for name, shape in (("row", (b, c)), ("sequence", (b, l, c))):
     cond = jax.random.normal(ks[2], shape, jnp.float32)
 
     def loss(w_blocks, w_out, cond):
       mods = [jnp.einsum("...c,ch->...h", cond.astype(jnp.bfloat16),
                          w.astype(jnp.bfloat16)) for w in w_blocks]
-      out = jnp.einsum("...c,ch->...h", cond, w_out)
-      return sum(jnp.sum(jnp.tanh(m.astype(jnp.float32))) for m in mods) + jnp.sum(out)
+      out = jnp.einsum("...c,ch->...h", cond, w_out, precision="highest")
+      return sum(jnp.sum(m.astype(jnp.float32) * r) for m in mods) + jnp.sum(out)
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     ms = _time(fn, w_blocks, w_out, cond, iters=args.iters)
@@ -184,7 +186,7 @@ def part_noise_cost(args) -> None:
 def part_loop(args) -> None:
   for pad_to in ("full", "bucket", "pack"):
     with tempfile.TemporaryDirectory() as work:
-      cmd = [sys.executable, "-m", "sedd_jax.train", "--config=configs/uniref50.py:small",
+      cmd = [sys.executable, "-m", "sedd_jax.train", f"--config=configs/uniref50.py:{args.variant}",
              f"--workdir={work}", f"--config.data.pad_to={pad_to}",
              f"--config.training.steps={args.loop_steps}", "--config.training.log_every=10",
              "--config.training.eval_every=0", "--config.training.sample_every=0",
@@ -253,7 +255,9 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--variant", default="small", help="configs/uniref50.py variant (step, loop)")
   p.add_argument("--loop-steps", type=int, default=80)
+  p.add_argument("--noise-batch", type=int, default=64, help="B of the noise_cost part")
   p.add_argument("--variance-trials", type=int, default=4000)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")

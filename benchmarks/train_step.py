@@ -46,6 +46,7 @@ def run_case(length: int, batch: int, attention: str, dropout: float, remat: str
   cfg = uniref50.get_config(variant)
   cfg.model.update(length=length, attention=attention, dropout=dropout, remat=remat, dtype=dtype)
   cfg.training.batch_size = batch
+  cfg.data.pad_to = "full"  # random tokens, one sequence per row
   s = step_lib.setup(cfg, fsdp=False)
   state, n_params = s.state, s.n_params
   train_step = s.train_step()

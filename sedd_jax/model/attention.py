@@ -48,7 +48,7 @@ DEFAULT_CHUNK = 512  # target key/value chunk when `chunk` is 0
 _MASK_VALUE = -1e30  # finite, so fully-masked rows give no NaN (and no inf - inf)
 MAX_SEGMENTS = 16  # sequences per packed row on the cuDNN packed layout (the pipeline's cap)
 CUDNN_SEGMENT_LAYOUTS = ("packed", "mask")
-CUDNN_SEGMENT_LAYOUT = "packed"
+CUDNN_SEGMENT_LAYOUT = "mask"  # the public API; "packed" if benchmarks/packing.py finds it faster
 _warned: set[str] = set()
 
 
