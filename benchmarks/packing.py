@@ -121,8 +121,8 @@ def part_step(args) -> None:
   seg, pos = _segments(b, l, 4)
   for name, layout in (("unpacked", None), ("packed", "packed"), ("mask", "mask")):
     cfg = uniref50.get_config(args.variant)
+    cfg.data.pad_to = "full" if layout is None else "pack"
     if layout is not None:
-      cfg.data.pad_to = "pack"
       attention.CUDNN_SEGMENT_LAYOUT = layout
     s = step_lib.setup(cfg)
     step = s.train_step()
