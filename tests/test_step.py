@@ -223,8 +223,8 @@ def test_packed_loss_equals_unpacked_loss():
   want = losses(model, alone["x"], alone["x0"], jnp.array(lens), jnp.full((3,), t))
   assert got.shape == (1, 16) and np.all(np.asarray(got[0, 3:]) == 0)
   np.testing.assert_allclose(got[0, :3], want, rtol=1e-5, atol=1e-5)
-  total, n = step_lib._sequence_stats(got, jnp.asarray(packed["segment_ids"]))
-  np.testing.assert_allclose(total / n, np.mean(want), rtol=1e-5)
+  n = step_lib.sequence_count(packed["x0"], jnp.asarray(packed["segment_ids"]))
+  np.testing.assert_allclose(got.sum() / n, np.mean(want), rtol=1e-5)
   # the task's validation sums count sequences, not rows
   batch = {"tokens": packed["x0"], "lengths": np.array([sum(lens)], np.int32),
            "segment_ids": packed["segment_ids"], "positions": packed["positions"]}
@@ -232,3 +232,40 @@ def test_packed_loss_equals_unpacked_loss():
   assert float(sums["n_seqs"]) == 3 and float(sums["n_tokens"]) == sum(lens)
   assert np.isfinite(float(sums["loss"]))
   assert task_lib.packing_keys(cfg) == task_lib.PACK_KEYS
+
+
+def packed_host_batch(seed=0):
+  """B rows of width L: even rows one sequence, odd rows three (unequal micro-batches)."""
+  rng = np.random.default_rng(seed)
+  b = host_batch(seed)
+  seg = np.zeros((B, L), np.int32)
+  pos = np.zeros((B, L), np.int32)
+  for i in range(B):
+    cuts = [0, L - 2] if i % 2 == 0 else [0, 7, 15, L - 3]
+    for s, (a, e) in enumerate(zip(cuts[:-1], cuts[1:]), 1):
+      seg[i, a:e], pos[i, a:e] = s, np.arange(e - a)
+  tokens = np.where(seg > 0, rng.integers(4, 24, size=(B, L)), 1).astype(np.int32)
+  return {**b, "tokens": tokens, "lengths": (seg > 0).sum(1).astype(np.int32),
+          "segment_ids": seg, "positions": pos}
+
+
+def test_packed_loss_is_the_mean_over_all_sequences_for_any_accum():
+  cfgs = {a: micro_config(**{"data.pad_to": "pack", "training.accum": a}) for a in (1, 2)}
+  graph, noise = diffusion.get_graph(cfgs[1].graph), diffusion.get_noise(cfgs[1].noise)
+  defs, params, rest = state_lib.split_model(state_lib.build_model(cfgs[1], graph))
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  batch = packed_host_batch()
+  out = {}
+  for a, cfg in cfgs.items():
+    task = step_lib.SeddTask.from_config(cfg)
+    fn = step_lib.make_grad_fn(cfg, graph, noise, defs, mesh, task=task)
+    data = {k: jnp.asarray(v) for k, v in batch.items() if k in task.batch_keys}
+    out[a] = jax.jit(fn, compiler_options=FAST)(params, rest, data, jnp.int32(3),
+                                                jax.random.key_data(jax.random.key(0)))
+  (l1, s1, g1), (l2, s2, g2) = out[1], out[2]
+  n = 4 * 1 + 4 * 3  # sequences in the batch
+  np.testing.assert_allclose(l1, s1 / n, rtol=1e-5)
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)
+  np.testing.assert_allclose(s2, s1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -28,7 +28,9 @@ their step randomness in `task.draw` the same way; micro-batch a's loss key is
 `fold_in(draw.loss_key, a)`.
 
 Loss normalisation: as the reference, a per-sequence SUM over real positions, then the MEAN over
-sequences (not divided by the number of tokens). `loss_per_token` (sum / real tokens) is reported
+sequences (not divided by the number of tokens). Packed rows (data.pad_to="pack", batches with
+segment_ids/positions; docs/packing.md): one t and corruption key per ROW, a sum per sequence
+of the row, and the mean over all sequences of the global batch, whatever `accum`. `loss_per_token` (sum / real tokens) is reported
 as a metric too.
 
 Non-finite loss or gradient norm: params, optimizer state and EMA stay as they were; `step`
@@ -184,11 +186,11 @@ def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Arr
       segment_ids=segment_ids, num_segments=attention_lib.MAX_SEGMENTS)
 
 
-def _sequence_stats(per_seq: Array, segment_ids: Array | None) -> tuple[Array, Array]:
-  """(sum of the per-sequence losses, number of sequences) of `sequence_losses`' output."""
+def sequence_count(tokens: Array, segment_ids: Array | None) -> Array:
+  """() float32 number of sequences of a batch: its rows, or the segments of packed rows."""
   if segment_ids is None:
-    return per_seq.sum(), jnp.float32(per_seq.shape[0])
-  return per_seq.sum(), jnp.max(segment_ids, axis=1).astype(jnp.float32).sum()
+    return jnp.float32(tokens.shape[0])
+  return jnp.max(segment_ids, axis=1).astype(jnp.float32).sum()
 
 
 def _micro_batches(x: Array, accum: int) -> Array:
@@ -203,9 +205,11 @@ def _micro_batches(x: Array, accum: int) -> Array:
 class SeddTask(task_lib.Task):
   """Protein-only SEDD (configs/uniref50.py): a DDiT and `sequence_losses`.
 
-  `draw`: t (B,) and one corruption key per sequence of the global batch (`draw_noise`), and
-  the curriculum factors as `shared`; `loss`: mean / sum over the micro-batch of
-  `sequence_losses`; `eval_loss`: the same without curriculum, t from the given key.
+  `draw`: t (B,) and one corruption key per row of the global batch (`draw_noise`), and
+  as `shared` the curriculum factors and the global batch's sequence count / accum; `loss`:
+  sum over the micro-batch of `sequence_losses` divided by that count (so the mean over the
+  micro-batches is the mean over ALL sequences, also when packed rows hold different numbers
+  of sequences) / the sum; `eval_loss`: the same without curriculum, t from the given key.
   """
 
   graph: Any = None
@@ -224,17 +228,18 @@ class SeddTask(task_lib.Task):
     t, row_keys, k_drop, cs, ls = draw_noise(key, batch["tokens"].shape[0], step, curriculum,
                                              float(self.cfg.training.time_eps))
     rows = {**batch, "t": t, "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
-    return task_lib.Draw(rows=rows, shared=(cs, ls), loss_key=None, dropout_key=k_drop)
+    share = sequence_count(batch["tokens"], batch.get("segment_ids")) / int(
+        self.cfg.training.accum)
+    return task_lib.Draw(rows=rows, shared=(cs, ls, share), loss_key=None, dropout_key=k_drop)
 
   def loss(self, model, rows, shared, key, step):
     del key, step  # all randomness is per row (rows["t"], rows["row_keys"])
-    cs, ls = shared
-    seg = rows.get("segment_ids")
+    cs, ls, share = shared
     per_seq = sequence_losses(model, self.graph, self.noise, rows["tokens"], rows["lengths"],
                               rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls,
-                              seg, rows.get("positions"))
-    total, n = _sequence_stats(per_seq, seg)
-    return total / jnp.maximum(n, 1.0), {"loss_sum": total}
+                              rows.get("segment_ids"), rows.get("positions"))
+    total = per_seq.sum()
+    return total / jnp.maximum(share, 1e-6), {"loss_sum": total}
 
   def eval_loss(self, model, batch, key):
     tokens, lengths = batch["tokens"], batch["lengths"]
@@ -245,8 +250,8 @@ class SeddTask(task_lib.Task):
     seg = batch.get("segment_ids")
     per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls,
                               seg, batch.get("positions"))
-    total, n = _sequence_stats(per_seq, seg)
-    return {"loss": total, "n_seqs": n, "n_tokens": lengths.astype(jnp.float32).sum()}
+    return {"loss": per_seq.sum(), "n_seqs": sequence_count(tokens, seg),
+            "n_tokens": lengths.astype(jnp.float32).sum()}
 
 
 def _task(cfg, graph, noise, task: task_lib.Task | None) -> task_lib.Task:
