@@ -9,8 +9,9 @@ One JSON line per measurement (prefix `JSON `), each with `part`:
   row: `lengths` only (today's unpacked rows), `packed` (cuDNN's ragged layout, segment offsets)
   and `mask` (block-diagonal mask = a (B, 1, L, L) bias). `attention.CUDNN_SEGMENT_LAYOUT`
   should name the faster of the two.
-* `step`: the isolated train step of configs/uniref50.py:small (`--variant`) on random tokens: today's
-  unpacked inputs against packed inputs (segment ids, positions) with each cuDNN layout.
+* `step`: the isolated train step of configs/uniref50.py:small (`--variant`) on random
+  tokens: today's unpacked inputs against packed inputs (segment ids, positions) with each
+  cuDNN layout.
 * `noise_cost`: what one t per SEQUENCE would add to the step: per-token adaLN (the modulation
   Linear C -> 6H of every block and C -> 2H of the output layer on (B, L, C) instead of (B, C)),
   fwd+bwd ms and the bytes of its (B, L, 6H) outputs kept for the backward pass.

@@ -8,9 +8,10 @@ longer than the model's length are cropped to their first `cfg.model.length` res
 in the output). Sequences are packed several to a row (`--pad-to pack`, the default; the
 sequences of a row share each draw of t, see `sedd_jax.sampling.likelihood.nelbo`), so that a
 FASTA of short peptides is not mostly padding; `--pad-to full` gives each sequence its own row
-(`--batch-size` rows per compiled call either way). Prints nelbo/token, perplexity, its standard error and the unigram baseline
-(add-one-smoothed residue frequencies of the training split, or of `--baseline-fasta`), and
-writes them with the settings (and per-sequence values) to `--out`.
+(`--batch-size` rows per compiled call either way). Prints nelbo/token, perplexity, its
+standard error and the unigram baseline (add-one-smoothed residue frequencies of the training
+split, or of `--baseline-fasta`), and writes them with the settings (and per-sequence values)
+to `--out`.
 
 Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): the score-entropy loss of every
 training mode (`sedd_jax.protein_ligand.modes.eval_loss_fn`, the per-sequence loss averaged over

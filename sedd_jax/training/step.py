@@ -30,8 +30,8 @@ their step randomness in `task.draw` the same way; micro-batch a's loss key is
 Loss normalisation: as the reference, a per-sequence SUM over real positions, then the MEAN over
 sequences (not divided by the number of tokens). Packed rows (data.pad_to="pack", batches with
 segment_ids/positions; docs/packing.md): one t and corruption key per ROW, a sum per sequence
-of the row, and the mean over all sequences of the global batch, whatever `accum`. `loss_per_token` (sum / real tokens) is reported
-as a metric too.
+of the row, and the mean over all sequences of the global batch, whatever `accum`.
+`loss_per_token` (sum / real tokens) is reported as a metric too.
 
 Non-finite loss or gradient norm: params, optimizer state and EMA stay as they were; `step`
 advances (the batch is consumed), `bad_steps` (consecutive) and `skipped` (total) count it.
