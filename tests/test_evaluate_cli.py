@@ -102,3 +102,21 @@ def test_trained_tiny_model_beats_unigram(tmp_path):
   res = json.loads(out.read_text())
   logging.getLogger(__name__).info("trained tiny model: %s", res)
   assert res["nelbo_per_token"] + 4 * res["se_per_token"] < res["unigram_nll_per_token"], res
+
+
+def test_short_peptides_are_packed():
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(4, 29, n).astype(np.int32) for n in rng.integers(8, 40, 50)]
+  rows = evaluate_cli.rows_of(seqs, 128, pack=True)
+  full = evaluate_cli.rows_of(seqs, 128, pack=False)
+  idx = rows["index"][rows["index"] >= 0]
+  assert sorted(idx.tolist()) == list(range(50))  # every sequence once
+  for r, row in enumerate(rows["index"]):
+    for s, i in enumerate(row[row >= 0], 1):
+      np.testing.assert_array_equal(rows["tokens"][r][rows["segment_ids"][r] == s], seqs[i])
+
+  def padding(b):
+    return 1 - b["lengths"].sum() / b["tokens"].size
+
+  assert padding(rows) < 0.1 < 0.3 < padding(full)
+  assert len(rows["tokens"]) < len(seqs) // 5
