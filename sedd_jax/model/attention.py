@@ -242,7 +242,8 @@ def segment_offsets(segment_ids: jax.Array, max_segments: int = MAX_SEGMENTS):
 
   Args:
     segment_ids: (B, L) int, 0 = padding.
-    max_segments: M, the most segments a row may hold (more raise no error: they are dropped).
+    max_segments: M, the most segments a row may hold; segments beyond M are not described
+      (their queries get zeros from `_cudnn_packed`), so rows must respect it (the pipeline does).
 
   Returns:
     (seqlens (B, M) int32, offsets (B, M + 1) int32): segment s's length and start (s = 1..M in
