@@ -253,6 +253,10 @@ def part_variance(args) -> None:
 
 
 def main(argv=None) -> None:
+  # One persistent compilation cache for this process and the loop's trainers: the loop's
+  # full / pack steps then reuse the `step` part's compilations.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                        os.path.join(tempfile.gettempdir(), "sedd_jax_packing_cache"))
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
   p.add_argument("--iters", type=int, default=20)

@@ -264,11 +264,15 @@ def _cudnn_packed(q, k, v, segment_ids, scale):
   from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
 
   lens, offsets = segment_offsets(segment_ids)
+  real = (segment_ids != 0)[:, :, None, None]
+  # cuDNN reads and writes only the segments: `where` gives positions outside them (padding)
+  # exact zero gradients whatever the kernel leaves there.
+  q, k, v = (jnp.where(real, a, jnp.zeros((), a.dtype)) for a in (q, k, v))
   out = fa.dot_product_attention(q, k, v, q_seqlen=lens, kv_seqlen=lens, q_offsets=offsets,
                                  kv_offsets=offsets, scale=scale,
                                  mask_type=fa.MaskType.PADDING, qkv_layout="BTNH")
   # Padding queries (segment 0) belong to no segment: cuDNN leaves them undefined.
-  return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+  return jnp.where(real, out, jnp.zeros((), out.dtype))
 
 
 def chunked_attention(q, k, v, lengths=None, segment_ids=None, *, chunk: int = 0):
