@@ -74,6 +74,7 @@ def main(argv=None) -> None:
   cfg.model.update(length=length, attention=args.attention, dropout=args.dropout,
                    remat=args.remat)
   cfg.training.batch_size = batch
+  cfg.data.pad_to = "full"  # random tokens, one sequence per row
   s = step_lib.setup(cfg, fsdp=False)
   state, rest = s.state, s.rest
   train_step = s.train_step()

@@ -91,6 +91,7 @@ def run(config: str, length: int, batch: int, variant: str, attention: str, drop
   cfg = uniref50.get_config(config)
   cfg.model.update(length=length, attention=attention, dropout=dropout, dtype="bfloat16", **model)
   cfg.training.batch_size = batch
+  cfg.data.pad_to = "full"  # random tokens, one sequence per row
   s = step_lib.setup(cfg, fsdp=False)
   state = s.state
   rng = np.random.default_rng(0)

@@ -23,7 +23,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, "configs")
@@ -64,6 +63,7 @@ def run_case(length: int, batch: int, attention: str, dropout: float, remat: str
   cfg = uniref50.get_config(variant)
   cfg.model.update(length=length, attention=attention, dropout=dropout, remat=remat, dtype=dtype)
   cfg.training.batch_size = batch
+  cfg.data.pad_to = "full"  # random tokens, one sequence per row
   s = step_lib.setup(cfg, fsdp=False)
   state, n_params = s.state, s.n_params
   train_step = s.train_step()

@@ -5,7 +5,11 @@ on held-out data, a split of the prepared store (`--split valid|test`, from cfg.
 or a FASTA file (`--fasta FILE`), with `--num-samples` Monte-Carlo draws of t per sequence
 (stratified by default; `--antithetic` or `--t-sampling iid|stratified|antithetic`). Sequences
 longer than the model's length are cropped to their first `cfg.model.length` residues (counted
-in the output). Prints nelbo/token, perplexity, its standard error, the share of non-standard
+in the output). Sequences are packed several to a row (`--pad-to pack`, the default; the
+sequences of a row share each draw of t, see `sedd_jax.sampling.likelihood.nelbo`), so that a
+FASTA of short peptides is not mostly padding; `--pad-to full` gives each sequence its own row
+(`--batch-size` rows per compiled call either way). Prints nelbo/token, perplexity, its
+standard error, the share of non-standard
 residues (X B U Z O) among the evaluated tokens and the unigram baseline (add-one-smoothed
 frequencies of the 25 residue letters of the ESM-2 alphabet, the 20 standard amino acids and
 X B U Z O, in the training split or `--baseline-fasta`), and writes them with the settings (and
@@ -61,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                  default="stratified")
   p.add_argument("--antithetic", action="store_true", help="= --t-sampling antithetic")
   p.add_argument("--t-min", type=float, default=0.0, help="lower end of the t integral")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=int, default=16, help="rows per compiled call")
+  p.add_argument("--pad-to", choices=("pack", "full"), default="pack",
+                 help="pack several sequences per row (default) or one per row")
   p.add_argument("--max-sequences", type=int, default=None, help="evaluate the first N only")
   p.add_argument("--baseline-fasta", help="training FASTA for the unigram baseline")
   p.add_argument("--seed", type=int, default=0)
@@ -142,43 +148,69 @@ def read_eval_data(args, cfg) -> tuple[list[str], list[np.ndarray]]:
   return names, seqs
 
 
+def rows_of(seqs: list[np.ndarray], max_length: int, pack: bool) -> dict[str, np.ndarray]:
+  """The evaluation rows of `seqs` (each at most max_length long): one sequence per row of the
+  longest sequence's width, or packed (`pipeline.pack_sequences`) into rows as wide as the
+  longest sequence or MAX_SEGMENTS mean-length sequences (a multiple of 8, at most max_length).
+  Returns tokens/lengths (+ segment_ids/positions when packed) and index (R, S): the sequence
+  of each row (and segment), -1 for none."""
+  from sedd_jax.data import pipeline
+
+  longest = max(len(s) for s in seqs)
+  if not pack:
+    x0 = np.ones((len(seqs), longest), np.int32)  # <pad> = 1 after each sequence
+    for i, s in enumerate(seqs):
+      x0[i, :len(s)] = s
+    return {"tokens": x0, "lengths": np.array([len(s) for s in seqs], np.int32),
+            "index": np.arange(len(seqs))[:, None]}
+  mean = sum(len(s) for s in seqs) / len(seqs)
+  width = min(max_length, max(longest, -(-math.ceil(pipeline.MAX_SEGMENTS * mean) // 8) * 8))
+  return pipeline.pack_sequences(seqs, width)
+
+
 def evaluate_model(model, graph, noise, seqs: list[np.ndarray], max_length: int, *,
-                   num_samples: int, t_sampling: str, t_min: float, batch_size: int, seed: int):
-  """NelboResults for `seqs` (cropped to max_length), in batches of one compiled shape."""
+                   num_samples: int, t_sampling: str, t_min: float, batch_size: int, seed: int,
+                   pack: bool = True):
+  """NelboResults of `seqs` (cropped to max_length), in their order, computed in batches of
+  `batch_size` rows of one compiled shape (packed rows with `pack`, see `rows_of`)."""
   import jax
   from flax import nnx
 
   from sedd_jax.sampling import likelihood
 
   seqs = [s[:max_length] for s in seqs]
-  run_len = max(len(s) for s in seqs)
+  rows = rows_of(seqs, max_length, pack)
+  index = rows.pop("index")
   model.eval()
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def run(state, key, x0, lengths):
+  def run(state, key, x0, lengths, packing):
     fn = likelihood.model_log_score_fn(nnx.merge(graphdef, state))
     return likelihood.nelbo(key, fn, graph, noise, x0, lengths=lengths, num_samples=num_samples,
-                            t_sampling=t_sampling, t_min=t_min)
+                            t_sampling=t_sampling, t_min=t_min, **packing)
 
-  results = []
+  n_rows = len(index)
+  logger.info("%d sequences in %d rows of width %d (padding %.1f%%)", len(seqs), n_rows,
+              rows["tokens"].shape[1], 100 * (1 - rows["lengths"].sum() / rows["tokens"].size))
+  out = {k: np.zeros(len(seqs)) for k in ("nelbo", "se", "prior", "tokens")}
   t0 = time.perf_counter()
-  n_batches = math.ceil(len(seqs) / batch_size)
+  n_batches = math.ceil(n_rows / batch_size)
   for b in range(n_batches):
-    chunk = seqs[b * batch_size:(b + 1) * batch_size]
-    real = len(chunk)
-    chunk = chunk + [chunk[0]] * (batch_size - real)  # one shape; fillers are dropped below
-    x0 = np.ones((batch_size, run_len), np.int32)  # <pad> = 1 after each sequence
-    lengths = np.array([len(s) for s in chunk], np.int32)
-    for i, s in enumerate(chunk):
-      x0[i, :len(s)] = s
-    r = jax.device_get(run(state, jax.random.fold_in(jax.random.key(seed), b), x0, lengths))
-    results.append(likelihood.NelboResult(*(np.asarray(a)[:real] for a in (
-        r.nelbo, r.se, r.prior, r.tokens))))
-    done = min(len(seqs), (b + 1) * batch_size)
+    take = np.resize(np.arange(b * batch_size, min(n_rows, (b + 1) * batch_size)), batch_size)
+    batch = {k: v[take] for k, v in rows.items()}  # one shape; repeated rows are dropped below
+    packing = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+    r = jax.device_get(run(state, jax.random.fold_in(jax.random.key(seed), b), batch["tokens"],
+                           batch["lengths"], packing))
+    real = min(n_rows, (b + 1) * batch_size) - b * batch_size
+    idx = index[take[:real]]
+    for k in out:
+      vals = np.asarray(getattr(r, k)).reshape(batch_size, -1)[:real]
+      out[k][idx[idx >= 0]] = vals[:, :idx.shape[1]][idx >= 0]
+    done = int((index[:b * batch_size + real] >= 0).sum())
     logger.info("batch %d/%d: %d sequences evaluated (%.1f seq/s)", b + 1, n_batches, done,
                 done / max(time.perf_counter() - t0, 1e-9))
-  return results
+  return [likelihood.NelboResult(**out)]
 
 
 def pseudo_perplexity(model, graph, seqs: list[np.ndarray], max_length: int, *,
@@ -257,7 +289,8 @@ def run(args) -> int:
                    cropped, len(seqs), max_length)
   results = evaluate_model(model, graph, noise, seqs, max_length, num_samples=args.num_samples,
                            t_sampling=args.t_sampling, t_min=args.t_min,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed,
+                           pack=args.pad_to == "pack")
   summary = likelihood.summarize(results, noise)
   pppl = None
   if graph.absorb and not args.no_pseudo_perplexity:
@@ -282,6 +315,7 @@ def run(args) -> int:
       "data": args.fasta or f"{cfg.data.prepared}:{args.split}",
       "num_samples": args.num_samples, "t_sampling": args.t_sampling, "t_min": args.t_min,
       "seed": args.seed, "cropped_sequences": int(cropped), "model_length": max_length,
+      "pad_to": args.pad_to,
       **summary, **shares,
       "unigram_nll_per_token": unigram,
       "unigram_perplexity": math.exp(unigram) if unigram is not None else None,

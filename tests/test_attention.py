@@ -149,3 +149,57 @@ def test_compiled_memory_linear_for_chunked_quadratic_for_xla():
   assert chunked_ratio < 12, f"chunked grows x{chunked_ratio:.1f} from 1k to 8k (linear = 8)"
   assert xla_ratio > 40, f"xla grows x{xla_ratio:.1f} from 1k to 8k (quadratic = 64)"
   assert mem["chunked", 8192] * 10 < mem["xla", 8192]
+
+
+def _packed_row(lens, width):
+  """(1, width) segment ids of sequences of lengths `lens` placed one after another."""
+  seg = np.zeros((1, width), np.int32)
+  start = 0
+  for s, n in enumerate(lens, 1):
+    seg[0, start:start + n] = s
+    start += n
+  return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("backend", ["xla", "chunked", "cudnn"])  # cudnn falls back on CPU
+def test_segments_isolate_sequences_forward_and_grad(backend):
+  lens, width = (7, 12, 3), 26  # 4 padding positions at the end
+  seg = _packed_row(lens, width)
+  q, k, v = _qkv(1, width, 2, 8, seed=3)
+  w = jax.random.normal(jax.random.key(9), q.shape) * (seg != 0)[..., None, None]
+
+  def f(q, k, v):
+    o = attention.dot_product_attention(q, k, v, jnp.array([sum(lens)]), segment_ids=seg,
+                                        backend=backend, chunk=5)
+    return jnp.sum(o * w), o
+
+  (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  start = 0
+  for n in lens:
+    sl = slice(start, start + n)
+
+    def alone(q, k, v, sl=sl):
+      o = attention.xla_attention(q[:, sl], k[:, sl], v[:, sl])
+      return jnp.sum(o * w[:, sl]), o
+
+    (_, want), gw = jax.value_and_grad(alone, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(out[:, sl], want, atol=1e-5, rtol=0)
+    for name, a, b in zip("qkv", grads, gw):
+      np.testing.assert_allclose(a[:, sl], b[:, sl], atol=1e-5, rtol=0, err_msg=f"d{name}")
+    start += n
+  np.testing.assert_array_equal(out[:, sum(lens):], 0.0)  # padding queries: no keys
+  for g in grads[1:]:  # padding keys get no gradient
+    np.testing.assert_array_equal(g[:, sum(lens):], 0.0)
+
+
+def test_segment_offsets_describe_contiguous_segments():
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  lens, offsets = attention.segment_offsets(seg, max_segments=4)
+  np.testing.assert_array_equal(lens, [[2, 3, 1, -1], [8, -1, -1, -1]])
+  np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1]])
+
+
+def test_segment_ids_shape_is_checked():
+  q, k, v = _qkv(2, 8, 2, 4)
+  with pytest.raises(ValueError, match=r"segment_ids must be \(B, L\)"):
+    attention.dot_product_attention(q, k, v, segment_ids=jnp.ones((2, 7), jnp.int32))

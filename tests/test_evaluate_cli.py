@@ -178,3 +178,21 @@ def test_checkpoint_without_config_item(workdir, tmp_path):
   assert evaluate_cli.main(["--workdir", str(run), "--fasta", str(fa), "--num-samples", "2",
                             "--baseline-fasta", str(fa)]) == 0
   assert json.loads((run / "eval_e.json").read_text())["num_tokens"] == 10
+
+
+def test_short_peptides_are_packed():
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(4, 29, n).astype(np.int32) for n in rng.integers(8, 40, 50)]
+  rows = evaluate_cli.rows_of(seqs, 128, pack=True)
+  full = evaluate_cli.rows_of(seqs, 128, pack=False)
+  idx = rows["index"][rows["index"] >= 0]
+  assert sorted(idx.tolist()) == list(range(50))  # every sequence once
+  for r, row in enumerate(rows["index"]):
+    for s, i in enumerate(row[row >= 0], 1):
+      np.testing.assert_array_equal(rows["tokens"][r][rows["segment_ids"][r] == s], seqs[i])
+
+  def padding(b):
+    return 1 - b["lengths"].sum() / b["tokens"].size
+
+  assert padding(rows) < 0.1 < 0.3 < padding(full)
+  assert len(rows["tokens"]) < len(seqs) // 5

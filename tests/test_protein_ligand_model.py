@@ -259,3 +259,25 @@ def test_remat_policy_is_honoured():
   for remat, calls in (("none", 0), ("mlp", 4), ("block", 2)):
     cfg.model.remat = remat
     assert _checkpoint_calls(make_model(cfg), *args) == calls, remat
+
+
+def test_protein_track_alone_packs_like_the_ddit():
+  model = make_model()
+  model.eval()
+  rng = np.random.default_rng(3)
+  seqs = [rng.integers(4, 29, n).astype(np.int32) for n in (5, 8)]
+  tok = np.ones((1, LP), np.int32)
+  seg = np.zeros((1, LP), np.int32)
+  pos = np.zeros((1, LP), np.int32)
+  tok[0, :5], tok[0, 5:13] = seqs
+  seg[0, :5], seg[0, 5:13] = 1, 2
+  pos[0, :5], pos[0, 5:13] = np.arange(5), np.arange(8)
+  sigma = jnp.array([0.9])
+  run = nnx.jit(lambda m, x, s, n, g, p: m(x, None, s, None, n, tracks="protein",
+                                           protein_segment_ids=g, protein_positions=p)[0])
+  packed = run(model, tok, sigma, jnp.array([13]), seg, pos)
+  for start, x in ((0, seqs[0]), (5, seqs[1])):
+    alone = model(x[None], None, sigma, None, tracks="protein")[0]
+    np.testing.assert_allclose(packed[0, start:start + len(x)], alone[0], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="tracks='protein'"):
+    model(tok, jnp.ones((1, LL), jnp.int32), sigma, sigma, protein_segment_ids=seg)

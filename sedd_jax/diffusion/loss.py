@@ -6,6 +6,11 @@ A training step is (see `sedd_jax.diffusion.curriculum` for the curriculum varia
   x = perturb(key_x, graph, noise, x0, t)            # (B, L)
   log_score = model(x, noise.total_noise(t))         # (B, L, D)
   loss = score_entropy_loss(graph, noise, log_score, x, x0, t, weight).mean()
+
+Packed rows (several sequences per row, `segment_ids` (B, L), 0 = padding): one t per ROW (the
+sequences of a row share t and so sigma(t); docs/packing.md says why), and
+`score_entropy_loss(..., segment_ids=)` returns the per-SEQUENCE sums (B, S); the training loss
+is their mean over the sequences, as for unpacked batches.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ def _check_t(t: Array, x0: Array) -> Array:
   return t
 
 
+def segment_sum(values: Array, segment_ids: Array, num_segments: int) -> Array:
+  """Sums of `values` (B, L) over the positions of each segment: (B, num_segments), column s - 1
+  for segment s = 1..num_segments (segment 0, padding, is dropped; absent segments give 0)."""
+  seg = jnp.arange(1, num_segments + 1, dtype=jnp.int32)
+  member = jnp.asarray(segment_ids)[..., None] == seg  # (B, L, S)
+  return jnp.einsum("bl,bls->bs", values, member.astype(values.dtype),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def perturb(key: Array, graph: Graph, noise: Noise, x0: Array, t: Array,
             sigma_scale: Array | float | None = None) -> Array:
   """Corrupts clean tokens: x ~ exp(sigma(t) Q)[:, x0], per position.
@@ -65,7 +79,8 @@ def perturb(key: Array, graph: Graph, noise: Noise, x0: Array, t: Array,
 
 def score_entropy_loss(graph: Graph, noise: Noise, log_score: Array, x: Array, x0: Array,
                        t: Array, weight: Array | None = None,
-                       sigma_scale: Array | float | None = None) -> Array:
+                       sigma_scale: Array | float | None = None,
+                       segment_ids: Array | None = None, num_segments: int = 0) -> Array:
   """Per-sequence loss: sum over positions of dsigma(t) * score_entropy(log_score, sigma(t), x, x0).
 
   Args:
@@ -80,9 +95,12 @@ def score_entropy_loss(graph: Graph, noise: Noise, log_score: Array, x: Array, x
     sigma_scale: optional scalar or (B,) factor c: the loss is then that of the scaled schedule
       c * sigma(t), i.e. sigma -> c sigma and dsigma -> c dsigma (consistent `sigma_scale`
       curriculum; leave None to score against the unscaled schedule, as the fork did).
+    segment_ids: optional (B, L) int of packed rows (0 = padding, 1..S the sequences).
+    num_segments: S, the most sequences a row holds (with `segment_ids`).
 
   Returns:
-    (B,) float32 loss per sequence (take the mean over the batch for the training loss).
+    (B,) float32 loss per sequence (take the mean over the batch for the training loss); with
+    `segment_ids`, (B, S) float32 loss per sequence of each row (0 for absent sequences).
   """
   t = _check_t(t, x0)
   sigma, dsigma = noise(t)
@@ -96,4 +114,11 @@ def score_entropy_loss(graph: Graph, noise: Noise, log_score: Array, x: Array, x
     check_broadcasts_to("weight", weight, x.shape)
     # where, not a bare product, so that a non-finite value on a padded position counts 0.
     per_pos = jnp.where(weight != 0, per_pos * weight, 0.0)
+  if segment_ids is not None:
+    if jnp.shape(segment_ids) != x.shape:
+      raise ValueError(f"segment_ids {jnp.shape(segment_ids)} must have the tokens' shape "
+                       f"{x.shape}")
+    if num_segments < 1:
+      raise ValueError(f"num_segments must be >= 1 with segment_ids; got {num_segments}")
+    return segment_sum(per_pos, segment_ids, num_segments)
   return per_pos.sum(axis=-1)

@@ -81,27 +81,46 @@ def timestep_embedding(sigma: jax.Array, dim: int = FREQ_DIM, max_period: float 
   return emb
 
 
-def rotary_cos_sin(length: int, head_dim: int, base: float = ROTARY_BASE):
-  """cos, sin tables (length, head_dim) float32 of rotate-half rotary embeddings."""
+def rotary_cos_sin(length: int, head_dim: int, base: float = ROTARY_BASE,
+                   positions: jax.Array | None = None):
+  """cos, sin tables float32 of rotate-half rotary embeddings: (length, head_dim) at positions
+  0..length-1, or (B, L, head_dim) at `positions` (B, L) (packed rows: each residue's index
+  within its own sequence)."""
   inv_freq = 1.0 / jnp.power(jnp.float32(base),
                              jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  t = jnp.arange(length, dtype=jnp.float32)
-  freqs = t[:, None] * inv_freq[None, :]
+  t = jnp.arange(length, dtype=jnp.float32) if positions is None else positions.astype(
+      jnp.float32)
+  freqs = t[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x (B, L, H, Dh) rotated by cos/sin (L, Dh), in float32; returns x's dtype."""
+  """x (B, L, H, Dh) rotated by cos/sin (L, Dh) or (B, L, Dh), in float32; returns x's dtype."""
   xf = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  return (xf * cos[None, :, None, :] + rot * sin[None, :, None, :]).astype(x.dtype)
+  cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads (and batch)
+  return (xf * cos + rot * sin).astype(x.dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """x (B, L, H) * (1 + scale) + shift, with shift/scale (B, 1, H)."""
   return x * (1 + scale) + shift
+
+
+def check_packing(batch: int, length: int, segment_ids, positions):
+  """Validates packed-row inputs of a (B, L) token array; returns them int32 (or None)."""
+  out = []
+  for name, a in (("segment_ids", segment_ids), ("positions", positions)):
+    if a is not None:
+      a = jnp.asarray(a)
+      if a.shape != (batch, length) or not jnp.issubdtype(a.dtype, jnp.integer):
+        raise ValueError(f"{name} must be (B, L) = ({batch}, {length}) integer; got shape "
+                         f"{a.shape} dtype {a.dtype}")
+      a = a.astype(jnp.int32)
+    out.append(a)
+  return tuple(out)
 
 
 class LayerNorm(nnx.Module):
@@ -242,9 +261,10 @@ class DDiTBlock(nnx.Module):
       return x
     return dropout(x, layer.rate, jax.random.fold_in(key, site), self.dropout_rng)
 
-  def __call__(self, x, cos, sin, c, lengths=None, dropout_key=None):
-    """x (B, L, H) f32 or bf16, cos/sin (L, Dh) f32, c (B, C) f32, lengths (B,) | None,
-    dropout_key: a key | None (see the class docstring) -> (B, L, H) in x's dtype."""
+  def __call__(self, x, cos, sin, c, lengths=None, segment_ids=None, dropout_key=None):
+    """x (B, L, H) f32 or bf16, cos/sin (L, Dh) | (B, L, Dh) f32, c (B, C) f32, lengths (B,) |
+    None, segment_ids (B, L) | None (packed rows), dropout_key: a key | None (see the class
+    docstring) -> (B, L, H) in x's dtype."""
     b, l, dim = x.shape
     mods = self.adaLN_modulation(c)[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
@@ -254,8 +274,8 @@ class DDiTBlock(nnx.Module):
     q = apply_rotary(qkv[:, :, 0], cos, sin)
     k = apply_rotary(qkv[:, :, 1], cos, sin)
     v = qkv[:, :, 2]
-    o = attention_lib.dot_product_attention(q, k, v, lengths, backend=self.attention,
-                                            chunk=self.chunk)
+    o = attention_lib.dot_product_attention(q, k, v, lengths, segment_ids=segment_ids,
+                                            backend=self.attention, chunk=self.chunk)
     o = self.attn_out(o.reshape(b, l, dim))
     x = _residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0))
 
@@ -366,9 +386,15 @@ class DDiT(nnx.Module):
         for _ in range(n_blocks)])
     self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs)
 
-  def __call__(self, indices: jax.Array, sigma: jax.Array,
-               lengths: jax.Array | None = None) -> jax.Array:
-    """indices (B, L) int, sigma (B,) float, lengths (B,) int | None -> (B, L, D) float32."""
+  def __call__(self, indices: jax.Array, sigma: jax.Array, lengths: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """indices (B, L) int, sigma (B,) float, lengths (B,) int | None -> (B, L, D) float32.
+
+    Packed rows: segment_ids (B, L) int (0 = padding, 1..S the sequences of a row; attention
+    stays within a sequence) and positions (B, L) int (each residue's index within its
+    sequence; the rotary angles); None = one sequence per row at positions 0..L-1.
+    """
     indices = jnp.asarray(indices)
     sigma = jnp.asarray(sigma)
     if indices.ndim != 2 or not jnp.issubdtype(indices.dtype, jnp.integer):
@@ -384,16 +410,17 @@ class DDiT(nnx.Module):
         raise ValueError(f"lengths must be (B,) = ({b},) integer for indices {indices.shape}; "
                          f"got shape {lengths.shape} dtype {lengths.dtype}")
       lengths = lengths.astype(jnp.int32)
+    segment_ids, positions = check_packing(b, l, segment_ids, positions)
     indices = indices.astype(jnp.int32)
     sigma = sigma.astype(jnp.float32)
 
     x = self.vocab_embed(indices).astype(self.residual_dtype)  # (B, L, H)
     c = jax.nn.silu(self.sigma_map(sigma))  # (B, C) f32
-    cos, sin = rotary_cos_sin(l, self.hidden_size // self.n_heads)
+    cos, sin = rotary_cos_sin(l, self.hidden_size // self.n_heads, positions=positions)
     keys = None
     if self.dropout_stream is not None and not self.deterministic:
       keys = jax.random.split(self.dropout_stream(), len(self.blocks))
-    x = self._run_blocks(x, (cos, sin, c, lengths), keys)
+    x = self._run_blocks(x, (cos, sin, c, lengths, segment_ids), keys)
 
     x = self.output_layer(x, c)  # (B, L, D) f32
     if self.scale_by_sigma:

@@ -200,7 +200,8 @@ class ProteinLigandDDiT(nnx.Module):
   def __call__(self, protein: Array | None, ligand: Array | None, sigma_protein: Array | None,
                sigma_ligand: Array | None, protein_lengths: Array | None = None,
                ligand_lengths: Array | None = None, *, tracks: str = "both",
-               heads: Sequence[str] | None = None) -> tuple[Array | None, Array | None]:
+               heads: Sequence[str] | None = None, protein_segment_ids: Array | None = None,
+               protein_positions: Array | None = None) -> tuple[Array | None, Array | None]:
     """Log scores of both tracks.
 
     Args:
@@ -213,6 +214,8 @@ class ProteinLigandDDiT(nnx.Module):
       tracks: "both" (with cross-attention), "protein" or "ligand" (that track alone).
       heads: output layers to evaluate, a subset of ("protein", "ligand"); default: the tracks
         that run. A track whose head is not evaluated returns None.
+      protein_segment_ids, protein_positions: (B, Lp) int packed protein rows, as the DDiT's
+        `segment_ids` / `positions` (only with tracks="protein": a ligand belongs to one protein).
 
     Returns:
       (protein log score (B, Lp, D_p) f32 | None, ligand log score (B, Ll, D_l) f32 | None).
@@ -227,12 +230,17 @@ class ProteinLigandDDiT(nnx.Module):
       if h not in ("protein", "ligand") or (h == "protein" and not run_p) or (
           h == "ligand" and not run_l):
         raise ValueError(f"head {h!r} is not among the tracks run ({tracks!r})")
+    if (protein_segment_ids is not None or protein_positions is not None) and tracks != "protein":
+      raise ValueError(f"packed protein rows need tracks='protein' (got {tracks!r})")
     if run_p:
       protein, sigma_protein, protein_lengths = self._check(
           "protein", protein, sigma_protein, protein_lengths)
+      protein_segment_ids, protein_positions = ddit.check_packing(
+          *protein.shape, protein_segment_ids, protein_positions)
       x_p = self.protein_embed(protein)  # (B, Lp, H)
       c_p = jax.nn.silu(self.sigma_map(sigma_protein))  # (B, C)
-      rot_p = ddit.rotary_cos_sin(protein.shape[1], self.hidden_size // self.n_heads)
+      rot_p = ddit.rotary_cos_sin(protein.shape[1], self.hidden_size // self.n_heads,
+                                  positions=protein_positions)
     if run_l:
       ligand, sigma_ligand, ligand_lengths = self._check(
           "ligand", ligand, sigma_ligand, ligand_lengths)
@@ -246,7 +254,7 @@ class ProteinLigandDDiT(nnx.Module):
     def layer(pblock, lblock, pcross, lcross, x_p, x_l):
       """One layer: self blocks of the tracks that run, then cross-attention both ways."""
       if run_p:
-        x_p = pblock(x_p, *rot_p, c_p, protein_lengths)
+        x_p = pblock(x_p, *rot_p, c_p, protein_lengths, protein_segment_ids)
       if run_l:
         x_l = lblock(x_l, *rot_l, c_l, ligand_lengths)
       if cross:

@@ -60,6 +60,7 @@ import numpy as np
 from sedd_jax.diffusion import loss as _loss
 from sedd_jax.diffusion.graph import Graph
 from sedd_jax.diffusion.noise import Noise
+from sedd_jax.model.attention import MAX_SEGMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def prior_term(graph: Graph, noise: Noise, x0: Array, weight: Array) -> Array:
 
 def nelbo(key: Array, log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: Array, *,
           lengths: Array | None = None, num_samples: int = 16, t_sampling: str = "stratified",
-          t_min: float = 0.0) -> NelboResult:
+          t_min: float = 0.0, segment_ids: Array | None = None,
+          positions: Array | None = None) -> NelboResult:
   """Monte-Carlo negative ELBO per sequence (jit-able with the callables/ints static).
 
   Args:
@@ -153,9 +155,13 @@ def nelbo(key: Array, log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: 
     num_samples: draws of t per sequence K.
     t_sampling: "iid" | "stratified" | "antithetic".
     t_min: lower end of the integral (0 = the full bound).
+    segment_ids, positions: (B, L) int of packed rows (`sedd_jax.data.pipeline.pack_sequences`):
+      the row's sequences share each draw of t (each still an unbiased draw for its sequence;
+      their errors are correlated within a row) and `log_score_fn` gets them as keywords.
 
   Returns:
-    NelboResult with (B,) arrays.
+    NelboResult with (B,) arrays; with `segment_ids`, (B, MAX_SEGMENTS) arrays, one column per
+    sequence of the row (tokens 0 where a row holds fewer sequences).
   """
   x0 = jnp.asarray(x0, jnp.int32)
   if x0.ndim != 2:
@@ -175,23 +181,29 @@ def nelbo(key: Array, log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: 
     k, t = args
     x = _loss.perturb(jax.random.fold_in(key_x, k), graph, noise, x0, t)
     sigma = noise.total_noise(t)
-    if lengths is None:
-      log_score = log_score_fn(x, sigma)
-    else:
-      log_score = log_score_fn(x, sigma, lengths=lengths)
+    kw = {} if lengths is None else {"lengths": lengths}
+    if segment_ids is not None:
+      kw.update(segment_ids=segment_ids, positions=positions)
+    log_score = log_score_fn(x, sigma, **kw)
     return _loss.score_entropy_loss(graph, noise, log_score.astype(jnp.float32), x, x0, t,
-                                    weight=weight)
+                                    weight=weight, segment_ids=segment_ids,
+                                    num_segments=MAX_SEGMENTS)
 
-  vals = jax.lax.map(draw, (jnp.arange(num_samples), ts)) * (1.0 - t_min)  # (K, B)
+  vals = jax.lax.map(draw, (jnp.arange(num_samples), ts)) * (1.0 - t_min)  # (K, B[, S])
   if t_sampling == "antithetic":
-    groups = vals.reshape(num_samples // 2, 2, batch).mean(axis=1)
+    groups = vals.reshape((num_samples // 2, 2) + vals.shape[1:]).mean(axis=1)
   else:
     groups = vals
   n = groups.shape[0]
-  se = jnp.std(groups, axis=0, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.full((batch,), jnp.nan)
+  se = (jnp.std(groups, axis=0, ddof=1) / jnp.sqrt(n) if n > 1
+        else jnp.full(vals.shape[1:], jnp.nan))
   prior = prior_term(graph, noise, x0, weight)
-  return NelboResult(nelbo=vals.mean(axis=0) + prior, se=se, prior=prior,
-                     tokens=weight.sum(axis=-1))
+  tokens = weight.sum(axis=-1)
+  if segment_ids is not None:  # per sequence: prior and tokens are per-token sums
+    per_token_prior = prior / jnp.maximum(tokens, 1.0)
+    tokens = _loss.segment_sum(weight, segment_ids, MAX_SEGMENTS)
+    prior = per_token_prior[:, None] * tokens
+  return NelboResult(nelbo=vals.mean(axis=0) + prior, se=se, prior=prior, tokens=tokens)
 
 
 def masked_nll(key: Array, log_score_fn: LogScoreFn, graph: Graph, x0: Array, *,
@@ -253,12 +265,14 @@ def pseudo_perplexity_summary(nll: np.ndarray, count: np.ndarray, mask_frac: flo
 
 
 def model_log_score_fn(model, lengths: Array | None = None) -> LogScoreFn:
-  """Wraps a DDiT as a log-score function in eval mode: (x, sigma, lengths=None) -> (B, L, D)."""
+  """Wraps a DDiT as a log-score function in eval mode: (x, sigma, lengths=None,
+  **packing) -> (B, L, D); packing = segment_ids=, positions= of packed rows."""
   model.eval()
   default = lengths
 
-  def fn(x, sigma, lengths=None):
-    return model(x, sigma, default if lengths is None else lengths).astype(jnp.float32)
+  def fn(x, sigma, lengths=None, **packing):
+    return model(x, sigma, default if lengths is None else lengths, **packing).astype(
+        jnp.float32)
 
   return fn
 

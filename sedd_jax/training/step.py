@@ -32,8 +32,10 @@ their step randomness in `task.draw` the same way; micro-batch a's loss key is
 `fold_in(draw.loss_key, a)`.
 
 Loss normalisation: as the reference, a per-sequence SUM over real positions, then the MEAN over
-sequences (not divided by the number of tokens). `loss_per_token` (sum / real tokens) is reported
-as a metric too.
+sequences (not divided by the number of tokens). Packed rows (data.pad_to="pack", batches with
+segment_ids/positions; docs/packing.md): one t and corruption key per ROW, a sum per sequence
+of the row, and the mean over all sequences of the global batch, whatever `accum`.
+`loss_per_token` (sum / real tokens) is reported as a metric too.
 
 Non-finite loss or gradient norm: params, optimizer state and EMA stay as they were; `step`
 advances (the batch is consumed), `bad_steps` (consecutive) and `skipped` (total) count it.
@@ -55,6 +57,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sedd_jax import diffusion
+from sedd_jax.model import attention as attention_lib
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
 from sedd_jax.training.state import ModelDefs
@@ -187,18 +190,21 @@ def draw_noise(key: Array, batch: int, step: Array, curriculum: diffusion.Curric
 
 
 def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Array, t: Array,
-                    row_keys: Array, corrupt_scale: Array, loss_scale: Array) -> Array:
+                    row_keys: Array, corrupt_scale: Array, loss_scale: Array,
+                    segment_ids: Array | None = None, positions: Array | None = None) -> Array:
   """Score-entropy loss per sequence.
 
   Args:
     model: a DDiT (already in train or eval mode).
     graph, noise: the diffusion graph and noise schedule.
     tokens: (B, L) int32 clean tokens; lengths: (B,) int32 real lengths (padding after).
-    t: (B,) float32 times; row_keys: (B, 2) uint32 corruption keys, one per sequence.
+    t: (B,) float32 times; row_keys: (B, 2) uint32 corruption keys, one per row.
     corrupt_scale, loss_scale: () float32 curriculum factors on sigma.
+    segment_ids, positions: (B, L) int32 of packed rows (data.pad_to="pack"), or None.
 
   Returns:
-    (B,) float32: sum over positions < length of dsigma * score entropy.
+    (B,) float32: sum over positions < length of dsigma * score entropy; packed rows:
+    (B, MAX_SEGMENTS) float32, one sum per sequence of the row (0 for absent sequences).
   """
   tokens = tokens.astype(jnp.int32)
   lengths = lengths.astype(jnp.int32)
@@ -208,10 +214,19 @@ def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Arr
 
   x = jax.vmap(one)(row_keys, tokens, t)
   sigma = noise.total_noise(t) * loss_scale
-  log_score = model(x, sigma, lengths)
+  packing = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
+  log_score = model(x, sigma, lengths, **packing)
   weight = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  return diffusion.score_entropy_loss(graph, noise, log_score.astype(jnp.float32), x, tokens, t,
-                                      weight, sigma_scale=loss_scale)
+  return diffusion.score_entropy_loss(
+      graph, noise, log_score.astype(jnp.float32), x, tokens, t, weight, sigma_scale=loss_scale,
+      segment_ids=segment_ids, num_segments=attention_lib.MAX_SEGMENTS)
+
+
+def sequence_count(tokens: Array, segment_ids: Array | None) -> Array:
+  """() float32 number of sequences of a batch: its rows, or the segments of packed rows."""
+  if segment_ids is None:
+    return jnp.float32(tokens.shape[0])
+  return jnp.max(segment_ids, axis=1).astype(jnp.float32).sum()
 
 
 def _micro_batches(x: Array, accum: int) -> Array:
@@ -226,9 +241,11 @@ def _micro_batches(x: Array, accum: int) -> Array:
 class SeddTask(task_lib.Task):
   """Protein-only SEDD (configs/uniref50.py): a DDiT and `sequence_losses`.
 
-  `draw`: t (B,) and one corruption key per sequence of the global batch (`draw_noise`), and
-  the curriculum factors as `shared`; `loss`: mean / sum over the micro-batch of
-  `sequence_losses`; `eval_loss`: the same without curriculum, t from the given key.
+  `draw`: t (B,) and one corruption key per row of the global batch (`draw_noise`), and
+  as `shared` the curriculum factors and the global batch's sequence count / accum; `loss`:
+  sum over the micro-batch of `sequence_losses` divided by that count (so the mean over the
+  micro-batches is the mean over ALL sequences, also when packed rows hold different numbers
+  of sequences) / the sum; `eval_loss`: the same without curriculum, t from the given key.
   """
 
   graph: Any = None
@@ -236,7 +253,8 @@ class SeddTask(task_lib.Task):
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "SeddTask":
-    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise))
+    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise),
+               batch_keys=BATCH_KEYS + task_lib.packing_keys(cfg))
 
   def build_model(self, seed: int | None = None) -> nnx.Module:
     return state_lib.build_model(self.cfg, self.graph, seed)
@@ -245,16 +263,19 @@ class SeddTask(task_lib.Task):
     curriculum = diffusion.get_curriculum(self.cfg.curriculum)
     t, row_keys, k_drop, cs, ls = draw_noise(key, batch["tokens"].shape[0], step, curriculum,
                                              float(self.cfg.training.time_eps))
-    rows = {"tokens": batch["tokens"], "lengths": batch["lengths"], "t": t,
-            "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
-    return task_lib.Draw(rows=rows, shared=(cs, ls), loss_key=None, dropout_key=k_drop)
+    rows = {**batch, "t": t, "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
+    share = sequence_count(batch["tokens"], batch.get("segment_ids")) / int(
+        self.cfg.training.accum)
+    return task_lib.Draw(rows=rows, shared=(cs, ls, share), loss_key=None, dropout_key=k_drop)
 
   def loss(self, model, rows, shared, key, step):
     del key, step  # all randomness is per row (rows["t"], rows["row_keys"])
-    cs, ls = shared
+    cs, ls, share = shared
     per_seq = sequence_losses(model, self.graph, self.noise, rows["tokens"], rows["lengths"],
-                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls)
-    return per_seq.mean(), {"loss_sum": per_seq.sum()}
+                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls,
+                              rows.get("segment_ids"), rows.get("positions"))
+    total = per_seq.sum()
+    return total / jnp.maximum(share, 1e-6), {"loss_sum": total}
 
   def eval_loss(self, model, batch, key):
     tokens, lengths = batch["tokens"], batch["lengths"]
@@ -262,8 +283,10 @@ class SeddTask(task_lib.Task):
     plain = diffusion.Curriculum(kind="none")
     t, row_keys, _, cs, ls = draw_noise(key, b, jnp.zeros((), jnp.int32), plain,
                                         float(self.cfg.training.time_eps))
-    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls)
-    return {"loss": per_seq.sum(), "n_seqs": jnp.float32(b),
+    seg = batch.get("segment_ids")
+    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls,
+                              seg, batch.get("positions"))
+    return {"loss": per_seq.sum(), "n_seqs": sequence_count(tokens, seg),
             "n_tokens": lengths.astype(jnp.float32).sum()}
 
 

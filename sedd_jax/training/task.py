@@ -116,6 +116,15 @@ class Task:
     return padded, real
 
 
+PACK_KEYS = ("segment_ids", "positions")  # = sedd_jax.data.pipeline.PACK_KEYS
+
+
+def packing_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The batch arrays packed rows add (`PACK_KEYS`) when cfg.data.pad_to == "pack", else ()."""
+  data = cfg.get("data")
+  return PACK_KEYS if data is not None and data.get("pad_to", "full") == "pack" else ()
+
+
 def task_name(cfg: ml_collections.ConfigDict) -> str:
   """`cfg.task` (default "sedd"); ValueError naming the known tasks otherwise."""
   name = cfg.get("task", "sedd")
