@@ -185,7 +185,7 @@ def part_noise_cost(args) -> None:
 
 
 def part_loop(args) -> None:
-  for pad_to in ("full", "bucket", "pack"):
+  for pad_to in args.loop_pad_to.split(","):
     with tempfile.TemporaryDirectory() as work:
       cmd = [sys.executable, "-m", "sedd_jax.train", f"--config=configs/uniref50.py:{args.variant}",
              f"--workdir={work}", f"--config.data.pad_to={pad_to}",
@@ -262,6 +262,7 @@ def main(argv=None) -> None:
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--variant", default="small", help="configs/uniref50.py variant (step, loop)")
   p.add_argument("--loop-steps", type=int, default=80)
+  p.add_argument("--loop-pad-to", default="full,bucket,pack", help="data.pad_to values of the loop part")
   p.add_argument("--noise-batch", type=int, default=64, help="B of the noise_cost part")
   p.add_argument("--variance-trials", type=int, default=4000)
   args = p.parse_args(argv)
