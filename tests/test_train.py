@@ -21,7 +21,7 @@ from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import run as run_lib
 from sedd_jax.training import state as state_lib
-from sedd_jax.training import step as step_lib
+from sedd_jax.training import sedd_task as sedd_task_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASTA = ROOT / "tests" / "data" / "pyhmmer_938293_first200.faa"
@@ -152,7 +152,7 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
     return jnp.full((tokens.shape[0],), jnp.nan) + 0.0 * model(
       tokens, jnp.ones((tokens.shape[0],)), None).sum()
 
-  monkeypatch.setattr(step_lib, "sequence_losses", nan_losses)
+  monkeypatch.setattr(sedd_task_lib, "sequence_losses", nan_losses)
   cfg = micro_config(store, **{"training.steps": 20, "training.max_bad_steps": 3})
   with caplog.at_level("ERROR"):
     r = train_lib.train(cfg, tmp_path, compiler_options=FAST, cache=run_lib.CompileCache())

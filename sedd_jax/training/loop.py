@@ -176,9 +176,9 @@ def close(run: Run) -> None:
   if not run.primary:
     return
   try:
+    title = f"variant {run.cfg.variant}, workdir {run.workdir.name}"
     png = metrics_lib.plot_loss_curve(run.workdir / metrics_lib.METRICS_FILE,
-                                      run.workdir / metrics_lib.LOSS_CURVE_FILE,
-                                      title=f"variant {run.cfg.variant}, workdir {run.workdir.name}")
+                                      run.workdir / metrics_lib.LOSS_CURVE_FILE, title=title)
     if png:
       logger.info("loss curve: %s", png)
   except Exception as e:  # noqa: BLE001 -- a plot must not hide the real outcome

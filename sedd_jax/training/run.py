@@ -22,7 +22,6 @@ from sedd_jax.data import pipeline
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import runtime
-from sedd_jax.training import samples as samples_lib
 from sedd_jax.training import step as step_lib
 from sedd_jax.training import task as task_lib
 
@@ -159,8 +158,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, primary: bo
   writer = metrics_lib.MetricsWriter(workdir, cfg, primary=primary)
   write_samples = None
   if cfg.training.sample_every > 0 and cfg.training.num_samples > 0:
-    write_samples = samples_lib.SAMPLE_WRITERS[task.name](built, opts, cache, writer, workdir,
-                                                          primary)
+    write_samples = task.sample_hook(built, opts, cache, writer, workdir, primary)
   stop = runtime.StopFlag()
   stop.install()
   return Run(cfg=cfg, workdir=workdir, primary=primary, built=built, ckpt=ckpt, state=state,

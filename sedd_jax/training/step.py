@@ -1,9 +1,10 @@
 """The jit-compiled train and eval steps, device mesh and shardings, for any task.
 
-The loss comes from a task object (`sedd_jax.training.task`): `SeddTask` (defined here, beside
-its math) for protein-only SEDD, `sedd_jax.protein_ligand.task.ProteinLigandTask` for the
-dual-track model. `setup(cfg, devices)` builds what a training job (or a benchmark) needs:
-task, model split, optimizer, mesh, sharded initial state.
+The loss comes from a task object (the `Task` protocol of `sedd_jax.training.task`):
+`sedd_jax.training.sedd_task.SeddTask` for protein-only SEDD,
+`sedd_jax.protein_ligand.task.ProteinLigandTask` for the dual-track model. `setup(cfg,
+devices)` builds what a training job (or a benchmark) needs: task, model split, optimizer,
+mesh, sharded initial state.
 
 Devices: one 1-D mesh `('data',)` over all devices (`jax.make_mesh`); batches are sharded over
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
@@ -56,8 +57,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sedd_jax import diffusion
-from sedd_jax.model import attention as attention_lib
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
 from sedd_jax.training.state import ModelDefs
@@ -68,7 +67,6 @@ from sedd_jax.training.state import make_schedule
 
 Array = jax.Array
 AXIS = "data"
-BATCH_KEYS = ("tokens", "lengths")  # the SEDD task's; a task's own are `task.batch_keys`
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,12 +156,12 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
-              keys: Sequence[str] = BATCH_KEYS) -> dict[str, Array]:
-  """The global batch `batch[k]` (B, ...) for k in `keys` (default the SEDD task's; pass
-  `task.batch_keys`), the same on every process -> arrays sharded over 'data' on their first
-  axis; each device receives only its rows (works with any number of processes)."""
+              keys: Sequence[str] | None = None) -> dict[str, Array]:
+  """The global batch `batch[k]` (B, ...) for k in `keys` (default all of `batch`'s; the
+  training job passes `task.batch_keys`), the same on every process -> arrays sharded over
+  'data' on their first axis; each device receives only its rows (any number of processes)."""
   out = {}
-  for k in keys:
+  for k in batch if keys is None else keys:
     host = np.asarray(batch[k])
     if host.shape[0] % sharding.mesh.shape[AXIS]:
       raise ValueError(f"batch[{k!r}] has {host.shape[0]} rows, not a multiple of the "
@@ -172,127 +170,12 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
   return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss.
-
-
-def draw_noise(key: Array, batch: int, step: Array, curriculum: diffusion.Curriculum,
-               time_eps: float) -> tuple[Array, Array, Array, Array, Array]:
-  """Per-sequence randomness of a step for the whole global batch.
-
-  Returns (t (B,), row_keys (B, 2) uint32, dropout key, corruption scale (), loss scale ()).
-  """
-  k_t, k_x, k_drop = jax.random.split(key, 3)
-  t = curriculum.sample_time(k_t, batch, step, eps=time_eps)
-  row_keys = jax.random.split(k_x, batch)
-  corrupt_scale, loss_scale = curriculum.sigma_scales(step)
-  return t, row_keys, k_drop, corrupt_scale, loss_scale
-
-
-def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Array, t: Array,
-                    row_keys: Array, corrupt_scale: Array, loss_scale: Array,
-                    segment_ids: Array | None = None, positions: Array | None = None) -> Array:
-  """Score-entropy loss per sequence.
-
-  Args:
-    model: a DDiT (already in train or eval mode).
-    graph, noise: the diffusion graph and noise schedule.
-    tokens: (B, L) int32 clean tokens; lengths: (B,) int32 real lengths (padding after).
-    t: (B,) float32 times; row_keys: (B, 2) uint32 corruption keys, one per row.
-    corrupt_scale, loss_scale: () float32 curriculum factors on sigma.
-    segment_ids, positions: (B, L) int32 of packed rows (data.pad_to="pack"), or None.
-
-  Returns:
-    (B,) float32: sum over positions < length of dsigma * score entropy; packed rows:
-    (B, MAX_SEGMENTS) float32, one sum per sequence of the row (0 for absent sequences).
-  """
-  tokens = tokens.astype(jnp.int32)
-  lengths = lengths.astype(jnp.int32)
-
-  def one(k, x0, ti):
-    return diffusion.perturb(k, graph, noise, x0[None], ti[None], sigma_scale=corrupt_scale)[0]
-
-  x = jax.vmap(one)(row_keys, tokens, t)
-  sigma = noise.total_noise(t) * loss_scale
-  packing = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
-  log_score = model(x, sigma, lengths, **packing)
-  weight = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  return diffusion.score_entropy_loss(
-      graph, noise, log_score.astype(jnp.float32), x, tokens, t, weight, sigma_scale=loss_scale,
-      segment_ids=segment_ids, num_segments=attention_lib.MAX_SEGMENTS)
-
-
-def sequence_count(tokens: Array, segment_ids: Array | None) -> Array:
-  """() float32 number of sequences of a batch: its rows, or the segments of packed rows."""
-  if segment_ids is None:
-    return jnp.float32(tokens.shape[0])
-  return jnp.max(segment_ids, axis=1).astype(jnp.float32).sum()
-
-
 def _micro_batches(x: Array, accum: int) -> Array:
   """(B, ...) -> (accum, B / accum, ...): micro-batch a holds rows j * accum + a."""
   b = x.shape[0]
   y = x.reshape((b // accum, accum) + x.shape[1:])
   y = jnp.swapaxes(y, 0, 1)
   return y
-
-
-@dataclasses.dataclass(frozen=True)
-class SeddTask(task_lib.Task):
-  """Protein-only SEDD (configs/uniref50.py): a DDiT and `sequence_losses`.
-
-  `draw`: t (B,) and one corruption key per row of the global batch (`draw_noise`), and
-  as `shared` the curriculum factors and the global batch's sequence count / accum; `loss`:
-  sum over the micro-batch of `sequence_losses` divided by that count (so the mean over the
-  micro-batches is the mean over ALL sequences, also when packed rows hold different numbers
-  of sequences) / the sum; `eval_loss`: the same without curriculum, t from the given key.
-  """
-
-  graph: Any = None
-  noise: Any = None
-
-  @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> "SeddTask":
-    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise),
-               batch_keys=BATCH_KEYS + task_lib.packing_keys(cfg))
-
-  def build_model(self, seed: int | None = None) -> nnx.Module:
-    return state_lib.build_model(self.cfg, self.graph, seed)
-
-  def draw(self, key: Array, batch: dict[str, Array], step: Array) -> task_lib.Draw:
-    curriculum = diffusion.get_curriculum(self.cfg.curriculum)
-    t, row_keys, k_drop, cs, ls = draw_noise(key, batch["tokens"].shape[0], step, curriculum,
-                                             float(self.cfg.training.time_eps))
-    rows = {**batch, "t": t, "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
-    share = sequence_count(batch["tokens"], batch.get("segment_ids")) / int(
-        self.cfg.training.accum)
-    return task_lib.Draw(rows=rows, shared=(cs, ls, share), loss_key=None, dropout_key=k_drop)
-
-  def loss(self, model, rows, shared, key, step):
-    del key, step  # all randomness is per row (rows["t"], rows["row_keys"])
-    cs, ls, share = shared
-    per_seq = sequence_losses(model, self.graph, self.noise, rows["tokens"], rows["lengths"],
-                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls,
-                              rows.get("segment_ids"), rows.get("positions"))
-    total = per_seq.sum()
-    return total / jnp.maximum(share, 1e-6), {"loss_sum": total}
-
-  def eval_loss(self, model, batch, key):
-    tokens, lengths = batch["tokens"], batch["lengths"]
-    b = tokens.shape[0]
-    plain = diffusion.Curriculum(kind="none")
-    t, row_keys, _, cs, ls = draw_noise(key, b, jnp.zeros((), jnp.int32), plain,
-                                        float(self.cfg.training.time_eps))
-    seg = batch.get("segment_ids")
-    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls,
-                              seg, batch.get("positions"))
-    return {"loss": per_seq.sum(), "n_seqs": sequence_count(tokens, seg),
-            "n_tokens": lengths.astype(jnp.float32).sum()}
-
-
-def _task(cfg, graph, noise, task: task_lib.Task | None) -> task_lib.Task:
-  """`task`, or the SEDD task of (cfg, graph, noise) when None."""
-  return task if task is not None else SeddTask(cfg, graph=graph, noise=noise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,16 +247,15 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
   return loss_and_grads
 
 
-def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
-                 mesh: jax.sharding.Mesh, task: task_lib.Task | None = None) -> Callable:
+def make_grad_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
+                 mesh: jax.sharding.Mesh) -> Callable:
   """The pure `loss_and_grads(params, rest, batch, step, rng) -> (loss, loss_sum, grads)`.
 
   loss: () mean over the global batch of the per-sequence loss; loss_sum: () its sum; grads: the
   gradient of `loss` (shaped like params), accumulated over `cfg.training.accum` micro-batches.
   `step` () int32 and `rng` (2,) uint32 pick the randomness (see the module docstring).
-  `task` defaults to the SEDD task of (cfg, graph, noise).
   """
-  fn = _loss_and_grads_fn(cfg, _task(cfg, graph, noise, task), defs, mesh)
+  fn = _loss_and_grads_fn(cfg, task, defs, mesh)
 
   def loss_and_grads(params, rest, batch, step, rng):
     loss, aux, grads = fn(params, rest, batch, step, rng)
@@ -382,21 +264,18 @@ def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
   return loss_and_grads
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
+def make_train_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
                     optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     state_sharding: TrainState, rest: Any,
-                    compiler_options: dict | None = None,
-                    task: task_lib.Task | None = None) -> Callable:
+                    compiler_options: dict | None = None) -> Callable:
   """Builds the jitted `train_step(state, rest, batch) -> (state, metrics)`.
 
   `state` is donated. `batch` is {k: (B, ...)} for k in `task.batch_keys` (SEDD: 'tokens'
   (B, L) int32, 'lengths' (B,) int32) sharded over 'data' (B = cfg.training.batch_size).
   metrics: scalars loss, loss_per_token, grad_norm, lr, finite (bool), bad_steps, skipped,
   tokens (real tokens in the batch), and the task's extra metrics. `compiler_options` go to XLA
-  (tests pass {"xla_backend_optimization_level": 0} to compile faster on the CPU). `task`
-  defaults to the SEDD task of (cfg, graph, noise).
+  (tests pass {"xla_backend_optimization_level": 0} to compile faster on the CPU).
   """
-  task = _task(cfg, graph, noise, task)
   decay = float(cfg.training.ema)
   schedule = make_schedule(cfg)
   loss_and_grads = _loss_and_grads_fn(cfg, task, defs, mesh)
@@ -449,17 +328,15 @@ def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDef
   )
 
 
-def make_eval_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
+def make_eval_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
                    mesh: jax.sharding.Mesh, params_sharding: Any, rest: Any,
-                   compiler_options: dict | None = None,
-                   task: task_lib.Task | None = None) -> Callable:
+                   compiler_options: dict | None = None) -> Callable:
   """Builds the jitted `eval_step(params, rest, batch, key) -> sums` (`task.eval_loss`).
 
   sums: {"loss": () sum over the batch's sequences, ..., "n_seqs": (), "n_tokens": ()}. Dropout
   off, no curriculum: t ~ U[time_eps, 1) from `key`, so with a fixed key per batch the
   validation loss is comparable across steps. Use it with the EMA parameters.
   """
-  task = _task(cfg, graph, noise, task)
 
   def eval_fn(params, rest, batch, key):
     return task.eval_loss(nnx.merge(defs.eval, params, rest), batch, key)
@@ -500,14 +377,13 @@ class Setup:
 
   def train_step(self, compiler_options: dict | None = None) -> Callable:
     """`make_train_step` for this set-up."""
-    return make_train_step(self.cfg, None, None, self.defs, self.optimizer, self.mesh,
-                           self.shardings, self.rest, compiler_options=compiler_options,
-                           task=self.task)
+    return make_train_step(self.cfg, self.task, self.defs, self.optimizer, self.mesh,
+                           self.shardings, self.rest, compiler_options=compiler_options)
 
   def eval_step(self, compiler_options: dict | None = None) -> Callable:
     """`make_eval_step` for this set-up (EMA parameters' shardings)."""
-    return make_eval_step(self.cfg, None, None, self.defs, self.mesh, self.shardings.ema,
-                          self.rest, compiler_options=compiler_options, task=self.task)
+    return make_eval_step(self.cfg, self.task, self.defs, self.mesh, self.shardings.ema,
+                          self.rest, compiler_options=compiler_options)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
     """The global host batch (the same on every process) -> the task's batch arrays sharded
