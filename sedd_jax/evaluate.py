@@ -39,11 +39,10 @@ from typing import Sequence
 
 import numpy as np
 
-from sedd_jax.sample import CliError, run_cli
-from sedd_jax.sample import is_protein_ligand
-from sedd_jax.sample import load_model
-from sedd_jax.sample import read_config
-from sedd_jax.sample import training_sequences
+from sedd_jax import inference
+from sedd_jax.cli import CliError
+from sedd_jax.cli import run_cli
+from sedd_jax.data import reference
 
 logger = logging.getLogger("sedd_jax.evaluate")
 
@@ -220,11 +219,10 @@ def pseudo_perplexity(model, graph, seqs: list[np.ndarray], max_length: int, *,
   import jax
   from flax import nnx
 
-  from sedd_jax.sample import _pad
   from sedd_jax.sampling import likelihood
 
-  tokens, lengths = _pad([s[:max_length] for s in seqs], max(min(len(s), max_length)
-                                                              for s in seqs))
+  width = max(min(len(s), max_length) for s in seqs)
+  tokens, lengths = reference.pad_tokens([s[:max_length] for s in seqs], width)
   model.eval()
   graphdef, state = nnx.split(model)
 
@@ -266,17 +264,18 @@ def run(args) -> int:
     raise CliError(f"--max-sequences must be >= 1; got {args.max_sequences}")
   out_path = pathlib.Path(args.out) if args.out else default_out(args)
   # The data are read (and checked) before the model is built and loaded.
-  peeked = read_config(args)
-  if peeked is not None and is_protein_ligand(peeked):
+  peeked = inference.read_config(args.workdir or args.checkpoint)
+  if peeked is not None and inference.is_protein_ligand(peeked):
     check_protein_ligand_args(args)
   data = None
-  if args.fasta or (peeked is not None and not is_protein_ligand(peeked)):
+  if args.fasta or (peeked is not None and not inference.is_protein_ligand(peeked)):
     data = read_eval_data(args, peeked)
   train = None
   if args.baseline_fasta:
     train = read_fasta_tokens(args.baseline_fasta, "--baseline-fasta")[1]
-  model, cfg, graph, noise = load_model(args)
-  if is_protein_ligand(cfg):
+  model, cfg, graph, noise = inference.load_model(
+      args.workdir or args.checkpoint, not args.use_params, args.config)
+  if inference.is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, out_path)
   max_length = int(cfg.model.length)
   # A split is read again when another checkpoint (of another config) was loaded than peeked.
@@ -300,7 +299,7 @@ def run(args) -> int:
 
   # Unigram baseline over the 25 residue letters on the same (cropped) tokens.
   if train is None:
-    found = training_sequences(cfg)
+    found = reference.training_sequences(cfg)
     train = found[0] if found is not None else None
   eval_tokens = [s[:max_length] for s in seqs]
   shares = residue_shares(eval_tokens)
@@ -366,17 +365,17 @@ def run_protein_ligand(args, model, cfg, out_path: pathlib.Path) -> int:
   from flax import nnx
 
   from sedd_jax.protein_ligand import modes
-  from sedd_jax.sample import _pad
-  from sedd_jax.sample import reference_pairs
 
   check_protein_ligand_args(args)
-  store, _ = reference_pairs(cfg, args.split)
+  store, _ = reference.reference_pairs(cfg, args.split)
   n = len(store) if not args.max_sequences else min(len(store), args.max_sequences)
   if n < 1:
     raise CliError(f"--split {args.split} has no pairs")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
-  prot, plen = _pad([np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)], p_len)
-  lig, llen = _pad([np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)], l_len)
+  prot, plen = reference.pad_tokens(
+      [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)], p_len)
+  lig, llen = reference.pad_tokens(
+      [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)], l_len)
   every = ml_collections.ConfigDict(cfg.to_dict())
   every.mode = modes.ALL  # evaluate every mode, whatever the checkpoint was trained on
   model.eval()

@@ -61,15 +61,14 @@ from typing import Sequence
 
 import numpy as np
 
+from sedd_jax import inference
+from sedd_jax.cli import CliError
+from sedd_jax.cli import run_cli
+from sedd_jax.data import reference
+
 logger = logging.getLogger("sedd_jax.sample")
 
-MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
 PL_TASKS = ("ligand_given_protein", "protein_given_ligand", "joint")
-QUIET_LOGGERS = ("absl", "jax")  # their INFO lines only with --verbose
-
-
-class CliError(ValueError):
-  """A bad command line or input file (reported as one line, exit code 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,68 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def load_model(args):
-  """(model, cfg, graph, noise) from --workdir/--checkpoint, checked against --config."""
-  from sedd_jax.training import checkpoint as ckpt_lib
-
-  path = args.workdir or args.checkpoint
-  if not pathlib.Path(path).exists():
-    raise CliError(f"{path} does not exist")
-  try:
-    loaded = ckpt_lib.load_for_inference(path, use_ema=not args.use_params)
-  except FileNotFoundError as e:
-    raise CliError(str(e)) from None
-  except ckpt_lib.CheckpointError as e:
-    raise CliError(f"cannot load a model from {path}: the checkpoint's weights do not fit the "
-                   f"model its config describes (another model shape?): {e}") from None
-  model, cfg = loaded[0], loaded[1]
-  if len(loaded) >= 4:
-    graph, noise = loaded[2], loaded[3]
-  else:
-    from sedd_jax import diffusion
-    graph, noise = diffusion.get_graph(cfg.graph), diffusion.get_noise(cfg.noise)
-  if getattr(args, "config", None):
-    check_same_shape(cfg, load_config(args.config), path, args.config)
-  return model, cfg, graph, noise
-
-
-def read_config(args):
-  """The config of the checkpoint that `load_model` loads (the newest of --workdir), read
-  without building the model, so that the flags are checked before the slow load; None when it
-  cannot be read (`load_model` then says why)."""
-  from sedd_jax import config as config_lib
-  from sedd_jax.training import checkpoint as ckpt_lib
-  try:
-    step_dir = ckpt_lib.resolve_checkpoint_dirs(args.workdir or args.checkpoint)[0]
-    return config_lib.from_dict(ckpt_lib.read_items(step_dir, ("config",))["config"])
-  except Exception:  # noqa: BLE001 -- only a look ahead; load_model reports the real problem
-    return None
-
-
-def load_config(spec: str):
-  from sedd_jax import config as config_lib
-  try:
-    return config_lib.load_config(spec)
-  except (OSError, ValueError) as e:
-    raise CliError(f"--config {spec}: {e}") from None
-
-
-def check_same_shape(ckpt_cfg, want_cfg, path, spec) -> None:
-  """CliError naming every model-shape key where the checkpoint's config and `want_cfg` differ."""
-  diffs = []
-  for key in MODEL_SHAPE_KEYS + ("length",):
-    a, b = ckpt_cfg.model.get(key), want_cfg.model.get(key)
-    if a != b:
-      diffs.append(f"model.{key}: checkpoint {a}, config {b}")
-  for key in ("type", "tokens"):
-    a, b = ckpt_cfg.graph.get(key), want_cfg.graph.get(key)
-    if a != b:
-      diffs.append(f"graph.{key}: checkpoint {a}, config {b}")
-  if diffs:
-    raise CliError(f"the checkpoint {path} is of another model shape than --config {spec}: "
-                   + "; ".join(diffs))
-
-
 def read_fasta_records(path: str) -> list[tuple[str, str, str]]:
   """(name, description, sequence text) of every record; templates keep any character."""
   p = pathlib.Path(path)
@@ -218,24 +155,6 @@ def read_fasta_records(path: str) -> list[tuple[str, str, str]]:
   if not records:
     raise CliError(f"{path}: no FASTA records")
   return records
-
-
-def training_sequences(cfg, limit: int | None = None, seed: int = 0):
-  """The training split of cfg.data.prepared as (list of id arrays, lengths), or None."""
-  from sedd_jax.data import pipeline
-  from sedd_jax.data import store as store_lib
-  try:
-    root = pipeline.resolve_path(cfg.data.prepared)
-    if not store_lib.is_prepared(root):
-      return None
-    st = store_lib.Store(root, "train")
-  except (OSError, ValueError) as e:
-    logger.warning("training data unavailable (%s)", e)
-    return None
-  idx = np.arange(len(st))
-  if limit is not None and len(st) > limit:
-    idx = np.sort(np.random.default_rng(seed).choice(len(st), limit, replace=False))
-  return [np.asarray(st[int(i)]) for i in idx], np.asarray(st.lengths)
 
 
 @dataclasses.dataclass
@@ -280,7 +199,7 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
 
     if args.lengths == "from-data":
-      data = training_sequences(cfg)
+      data = reference.training_sequences(cfg)
       if data is None:
         raise CliError("--lengths from-data: no prepared training data at "
                        f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
@@ -348,10 +267,6 @@ def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
                    "generated unless --allow-rare; add --allow-rare or replace them")
 
 
-def is_protein_ligand(cfg) -> bool:
-  return cfg.get("task", "sedd") == "protein_ligand"
-
-
 def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
   flags against the config (CliError on bad input)."""
@@ -388,14 +303,15 @@ def run(args) -> int:
   if args.steps is not None and args.steps < 1:
     raise CliError(f"--steps must be >= 1; got {args.steps}")
   # The flags are checked against the checkpoint's config before the model is built and loaded.
-  peeked = read_config(args)
+  peeked = inference.read_config(args.workdir or args.checkpoint)
   checked = None
-  if peeked is not None and not is_protein_ligand(peeked):
+  if peeked is not None and not inference.is_protein_ligand(peeked):
     checked = check_sedd_args(args, peeked)
   elif peeked is not None:
     check_protein_ligand_args(args, peeked)
-  model, cfg, graph, noise = load_model(args)
-  if is_protein_ligand(cfg):
+  model, cfg, graph, noise = inference.load_model(
+      args.workdir or args.checkpoint, not args.use_params, args.config)
+  if inference.is_protein_ligand(cfg):
     return run_protein_ligand(args, model, cfg, t_start)
   if checked is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
     checked = check_sedd_args(args, cfg)
@@ -432,7 +348,7 @@ def run(args) -> int:
   logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, dt)
   if args.report:
     from sedd_jax.sampling import report
-    data = training_sequences(cfg, limit=5000, seed=args.seed)
+    data = reference.training_sequences(cfg, limit=5000, seed=args.seed)
     if data is None:
       logger.warning("--report: no prepared training data at %s; comparing with nothing",
                      cfg.data.prepared)
@@ -446,27 +362,6 @@ def run(args) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Protein-ligand checkpoints.
-
-
-def reference_pairs(cfg, split: str):
-  """(store of `split` of cfg.data.prepared, its SmilesTokenizer); CliError if unavailable."""
-  from sedd_jax.data import pipeline
-  from sedd_jax.data import store as store_lib
-  root = pipeline.resolve_path(cfg.data.prepared)
-  try:
-    st = store_lib.Store(root, split)
-    return st, st.smiles_tokenizer()
-  except (OSError, ValueError, KeyError) as e:
-    raise CliError(f"no prepared protein-ligand pairs at {root} ({e}); run python -m "
-                   "sedd_jax.data.prepare on the pairs CSV of the config") from None
-
-
-def _pad(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Sequences -> ((N, width) int32 padded with <pad> = 1, (N,) int32 lengths)."""
-  out = np.ones((len(seqs), width), np.int32)
-  for i, x in enumerate(seqs):
-    out[i, :len(x)] = x
-  return out, np.array([len(x) for x in seqs], np.int32)
 
 
 def check_protein_ligand_args(args, cfg) -> str:
@@ -513,7 +408,7 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
 
   task = check_protein_ligand_args(args, cfg)
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
-  store, smiles_tok = reference_pairs(cfg, args.split)
+  store, smiles_tok = reference.reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
   steps = int(args.steps or cfg.sampling.steps)
@@ -550,7 +445,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
     else:
       given, refs = ligs, [smiles_tok.decode(x) for x in ligs]
       targets = np.array([args.length or len(x) for x in prots], np.int32)
-  given_tokens, given_lengths = _pad(given, p_len if task == "ligand_given_protein" else l_len)
+  given_tokens, given_lengths = reference.pad_tokens(
+      given, p_len if task == "ligand_given_protein" else l_len)
   n = len(given)
   bs = min(args.batch_size, n)
   guidance = 1.0 if args.guidance is None else args.guidance
@@ -675,26 +571,6 @@ def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str,
   smi_path.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
   logger.info("wrote %d pairs: proteins to %s, ligands to %s", n, out, smi_path)
   return 0
-
-
-def run_cli(parser: argparse.ArgumentParser, run_fn, argv: Sequence[str] | None) -> int:
-  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2.
-
-  At the default verbosity the INFO lines of the libraries (QUIET_LOGGERS: orbax logs through
-  absl) are hidden; `--verbose` shows them.
-  """
-  parser.add_argument("--verbose", action="store_true",
-                      help="also show the INFO lines of jax, orbax and absl")
-  args = parser.parse_args(argv)
-  if not logging.getLogger().handlers:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  for name in QUIET_LOGGERS:
-    logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
-  try:
-    return run_fn(args)
-  except CliError as e:
-    logger.error("error: %s", e)
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
