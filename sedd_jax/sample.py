@@ -130,33 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def read_fasta_records(path: str) -> list[tuple[str, str, str]]:
-  """(name, description, sequence text) of every record; templates keep any character."""
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise CliError(f"{path} does not exist")
-  records, name, desc, chunks = [], None, "", []
-  for line in p.read_text().splitlines():
-    line = line.strip()
-    if not line:
-      continue
-    if line.startswith(">"):
-      if name is not None:
-        records.append((name, desc, "".join(chunks)))
-      head = line[1:].strip()
-      name, _, desc = head.partition(" ")
-      chunks = []
-    else:
-      if name is None:
-        raise CliError(f"{path}: not FASTA (sequence before the first '>')")
-      chunks.append(line)
-  if name is not None:
-    records.append((name, desc, "".join(chunks)))
-  if not records:
-    raise CliError(f"{path}: no FASTA records")
-  return records
-
-
 @dataclasses.dataclass
 class Plan:
   """What to sample: per sequence a length, a condition (or None), and a header note."""
@@ -168,6 +141,7 @@ class Plan:
 
 def make_plan(args, cfg, max_length: int) -> Plan:
   """Builds lengths and conditions from the flags (CliError on bad input)."""
+  from sedd_jax.data import fasta as fasta_lib
   from sedd_jax.sampling import conditioning as cond
 
   rng = np.random.default_rng(args.seed)
@@ -183,12 +157,16 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       if args.length or args.lengths:
         raise CliError(f"--{file_modes[0]} sets the lengths; drop --length/--lengths")
       conds, notes = [], []
-      for name, desc, text in read_fasta_records(getattr(args, file_modes[0])):
+      path = getattr(args, file_modes[0])
+      if not pathlib.Path(path).is_file():
+        raise CliError(f"{path} does not exist")
+      for rec in fasta_lib.read_fasta(path, alphabet=None):  # templates keep any character
+        name, text = rec.name, rec.text
         if args.template:
           c = cond.template(text, args.mask_char, max_length)
           note = f"template={name}"
         else:
-          m = re.search(r"spans=(\S+)", desc)
+          m = re.search(r"spans=(\S+)", rec.description)
           if not m:
             raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
           c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
