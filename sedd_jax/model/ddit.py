@@ -58,7 +58,7 @@ LN_EPS = 1e-5
 ROTARY_BASE = 10_000
 
 
-def _cfg(cfg: Any, key: str):
+def cfg_value(cfg: Any, key: str):
   """cfg[key] for a ConfigDict / dict / attribute object; DEFAULTS for optional keys."""
   if isinstance(cfg, dict) or hasattr(cfg, "keys"):
     if key in cfg:
@@ -193,7 +193,7 @@ def _torch_linear_init(in_features: int):
   return init
 
 
-def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
+def linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
             dot_general=jax.lax.dot_general) -> nnx.Linear:
   """nnx.Linear with float32 params computing in `dtype`; torch's init, or zeros.
 
@@ -207,20 +207,31 @@ def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
                     dot_general=dot_general)
 
 
+def score_head(out: jax.Array, sigma: jax.Array, indices: jax.Array,
+               scale_by_sigma: bool) -> jax.Array:
+  """The log-score from the output layer's `out` (B, L, D) f32: with `scale_by_sigma` (absorbing
+  graphs) minus log(expm1(sigma)) (B,) + log(D - 1); the entry at the input token (B, L) is 0."""
+  if scale_by_sigma:
+    esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
+    out = out - jnp.log(esigm1)[:, None, None] - math.log(out.shape[-1] - 1)
+  at_input = jnp.arange(out.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
+  return jnp.where(at_input, jnp.zeros((), out.dtype), out)
+
+
 class TimestepEmbedder(nnx.Module):
   """sigma (B,) -> sinusoid (B, 256) -> Linear -> SiLU -> Linear -> (B, C), float32."""
 
   def __init__(self, cond_dim: int, rngs: nnx.Rngs):
-    self.mlp_in = _linear(rngs, FREQ_DIM, cond_dim)
-    self.mlp_out = _linear(rngs, cond_dim, cond_dim)
+    self.mlp_in = linear(rngs, FREQ_DIM, cond_dim)
+    self.mlp_out = linear(rngs, cond_dim, cond_dim)
 
   def __call__(self, sigma: jax.Array) -> jax.Array:
     return self.mlp_out(jax.nn.silu(self.mlp_in(timestep_embedding(sigma))))
 
 
-def _gelu_out(linear: nnx.Linear, h: jax.Array) -> jax.Array:
-  """linear(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
-  return linear(jax.nn.gelu(h, approximate=True))
+def _gelu_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
+  """layer(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
+  return layer(jax.nn.gelu(h, approximate=True))
 
 
 class DDiTBlock(nnx.Module):
@@ -240,16 +251,16 @@ class DDiTBlock(nnx.Module):
     self.chunk = chunk
     dot = fp8_dot_general if fp8 else jax.lax.dot_general
     self.norm1 = LayerNorm(dim)
-    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
-    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_qkv = linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_out = linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
     drop_rngs = rngs if dropout_rng is None else None
     self.dropout_rng = dropout_rng
     self.dropout1 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.norm2 = LayerNorm(dim)
-    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
-    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
+    self.mlp_in = linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
+    self.mlp_out = linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
     self.dropout2 = nnx.Dropout(dropout, rngs=drop_rngs)
-    self.adaLN_modulation = _linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
+    self.adaLN_modulation = linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
     self._activation_out = _gelu_out
     if remat_mlp:  # keep only the pre-activation (B, L, 4H); recompute GELU in the backward
       self._activation_out = nnx.remat(_gelu_out)
@@ -294,8 +305,8 @@ class DDiTFinalLayer(nnx.Module):
 
   def __init__(self, dim: int, out_dim: int, cond_dim: int, rngs: nnx.Rngs):
     self.norm_final = LayerNorm(dim)
-    self.linear = _linear(rngs, dim, out_dim, zero=True)
-    self.adaLN_modulation = _linear(rngs, cond_dim, 2 * dim, zero=True)
+    self.linear = linear(rngs, dim, out_dim, zero=True)
+    self.adaLN_modulation = linear(rngs, cond_dim, 2 * dim, zero=True)
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
@@ -321,18 +332,18 @@ class DDiT(nnx.Module):
   """
 
   def __init__(self, cfg_model, vocab_size: int, absorb: bool, rngs: nnx.Rngs):
-    hidden = int(_cfg(cfg_model, "hidden_size"))
-    n_heads = int(_cfg(cfg_model, "n_heads"))
-    n_blocks = int(_cfg(cfg_model, "n_blocks"))
-    cond_dim = int(_cfg(cfg_model, "cond_dim"))
-    dropout = float(_cfg(cfg_model, "dropout"))
-    dtype_name = str(_cfg(cfg_model, "dtype"))
-    attention = str(_cfg(cfg_model, "attention"))
-    chunk = int(_cfg(cfg_model, "attention_chunk"))
-    remat = str(_cfg(cfg_model, "remat"))
-    dropout_rng = str(_cfg(cfg_model, "dropout_rng"))
-    residual = str(_cfg(cfg_model, "residual_dtype"))
-    matmul = str(_cfg(cfg_model, "matmul"))
+    hidden = int(cfg_value(cfg_model, "hidden_size"))
+    n_heads = int(cfg_value(cfg_model, "n_heads"))
+    n_blocks = int(cfg_value(cfg_model, "n_blocks"))
+    cond_dim = int(cfg_value(cfg_model, "cond_dim"))
+    dropout = float(cfg_value(cfg_model, "dropout"))
+    dtype_name = str(cfg_value(cfg_model, "dtype"))
+    attention = str(cfg_value(cfg_model, "attention"))
+    chunk = int(cfg_value(cfg_model, "attention_chunk"))
+    remat = str(cfg_value(cfg_model, "remat"))
+    dropout_rng = str(cfg_value(cfg_model, "dropout_rng"))
+    residual = str(cfg_value(cfg_model, "residual_dtype"))
+    matmul = str(cfg_value(cfg_model, "matmul"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
@@ -360,7 +371,7 @@ class DDiT(nnx.Module):
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
     if vocab_size < 2:
       raise ValueError(f"vocab_size {vocab_size} must be >= 2")
-    self.scale_by_sigma = bool(_cfg(cfg_model, "scale_by_sigma"))
+    self.scale_by_sigma = bool(cfg_value(cfg_model, "scale_by_sigma"))
     if self.scale_by_sigma and not absorb:
       raise ValueError("model.scale_by_sigma=True needs the absorbing graph (as in the reference);"
                        " set model.scale_by_sigma=False for graph.type='uniform'")
@@ -370,7 +381,7 @@ class DDiT(nnx.Module):
     self.absorb = bool(absorb)
     self.dtype = DTYPES[dtype_name]
     self.remat = remat
-    self.scan_blocks = bool(_cfg(cfg_model, "scan_blocks"))
+    self.scan_blocks = bool(cfg_value(cfg_model, "scan_blocks"))
     self.residual_dtype = DTYPES[residual]
     self.deterministic = False  # set by model.eval() / model.train(), as nnx.Dropout's
     # One dropout stream for all blocks: a key per forward pass, split into one key per block.
@@ -422,12 +433,7 @@ class DDiT(nnx.Module):
       keys = jax.random.split(self.dropout_stream(), len(self.blocks))
     x = self._run_blocks(x, (cos, sin, c, lengths, segment_ids), keys)
 
-    x = self.output_layer(x, c)  # (B, L, D) f32
-    if self.scale_by_sigma:
-      esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
-      x = x - jnp.log(esigm1)[:, None, None] - math.log(x.shape[-1] - 1)
-    at_input = jnp.arange(x.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
-    return jnp.where(at_input, jnp.zeros((), x.dtype), x)
+    return score_head(self.output_layer(x, c), sigma, indices, self.scale_by_sigma)
 
   def _run_blocks(self, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
     """x (B, L, H) through every block: `block(x, *args, dropout_key=keys[n])`.
