@@ -271,7 +271,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _number(cfg, "data.min_standard_fraction", 0.0, 1.0)
   _number(cfg, "data.valid_fraction", 0.0, 1.0, hi_open=True)
   _number(cfg, "data.test_fraction", 0.0, 1.0, hi_open=True)
-  _positive_int(cfg, "data.num_workers", allow_zero=True)
 
   batch = _positive_int(cfg, "training.batch_size")
   accum = _positive_int(cfg, "training.accum")
