@@ -332,18 +332,13 @@ class DDiT(nnx.Module):
   """
 
   def __init__(self, cfg_model, vocab_size: int, absorb: bool, rngs: nnx.Rngs):
-    hidden = int(cfg_value(cfg_model, "hidden_size"))
-    n_heads = int(cfg_value(cfg_model, "n_heads"))
-    n_blocks = int(cfg_value(cfg_model, "n_blocks"))
-    cond_dim = int(cfg_value(cfg_model, "cond_dim"))
-    dropout = float(cfg_value(cfg_model, "dropout"))
-    dtype_name = str(cfg_value(cfg_model, "dtype"))
-    attention = str(cfg_value(cfg_model, "attention"))
-    chunk = int(cfg_value(cfg_model, "attention_chunk"))
-    remat = str(cfg_value(cfg_model, "remat"))
-    dropout_rng = str(cfg_value(cfg_model, "dropout_rng"))
-    residual = str(cfg_value(cfg_model, "residual_dtype"))
-    matmul = str(cfg_value(cfg_model, "matmul"))
+    get = lambda key: cfg_value(cfg_model, key)  # noqa: E731
+    hidden, n_heads, n_blocks, cond_dim, chunk = (
+        int(get(k)) for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "attention_chunk"))
+    dropout = float(get("dropout"))
+    dtype_name, attention, remat, dropout_rng, residual, matmul = (
+        str(get(k)) for k in ("dtype", "attention", "remat", "dropout_rng", "residual_dtype",
+                              "matmul"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
@@ -371,7 +366,7 @@ class DDiT(nnx.Module):
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
     if vocab_size < 2:
       raise ValueError(f"vocab_size {vocab_size} must be >= 2")
-    self.scale_by_sigma = bool(cfg_value(cfg_model, "scale_by_sigma"))
+    self.scale_by_sigma = bool(get("scale_by_sigma"))
     if self.scale_by_sigma and not absorb:
       raise ValueError("model.scale_by_sigma=True needs the absorbing graph (as in the reference);"
                        " set model.scale_by_sigma=False for graph.type='uniform'")
@@ -381,7 +376,7 @@ class DDiT(nnx.Module):
     self.absorb = bool(absorb)
     self.dtype = DTYPES[dtype_name]
     self.remat = remat
-    self.scan_blocks = bool(cfg_value(cfg_model, "scan_blocks"))
+    self.scan_blocks = bool(get("scan_blocks"))
     self.residual_dtype = DTYPES[residual]
     self.deterministic = False  # set by model.eval() / model.train(), as nnx.Dropout's
     # One dropout stream for all blocks: a key per forward pass, split into one key per block.
