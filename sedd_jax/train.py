@@ -34,12 +34,12 @@ The library form is `sedd_jax.training.loop.train` (re-exported here as `train`)
 `training/run.py`, periodic actions in `training/hooks.py`, signals, workdir and prefetching in
 `training/runtime.py`.
 
-Devices: all devices of all processes form one data-parallel mesh (`sedd_jax.training.step`).
+Devices: all devices of all processes form one data-parallel mesh (`sedd_jax.training.sharding`).
 Multi-process: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`,
 `JAX_PROCESS_ID`), or under SLURM with more than one task (`SLURM_NTASKS` > 1),
 `jax.distributed.initialize()` is called first. Every process then draws the same global batches
 from the data (its iterator state is the same everywhere) and hands only its devices' rows to
-them (`step.put_batch`), so the losses, the checkpointed data state and resuming do not depend
+them (`sharding.put_batch`), so the losses, the checkpointed data state and resuming do not depend
 on the number of processes or devices (a run saved on 2 GPUs resumes on 1 and the reverse).
 Every process checks (and the first one to get there prepares) the data store before anything
 is written; process 0 alone moves the workdir aside (`--fresh`, then a barrier) and

@@ -11,6 +11,7 @@ from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
+from sedd_jax.training import sharding as sharding_lib
 from sedd_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ class Setup:
     self._grads = {}
 
   def mesh(self, n):
-    return step_lib.make_mesh(jax.devices()[:n])
+    return sharding_lib.make_mesh(jax.devices()[:n])
 
   def grads(self, n, accum=1, fsdp=False, batch=None):
     key = (n, accum, fsdp)
@@ -61,29 +62,29 @@ class Setup:
       mesh = self.mesh(n)
       task = sedd_task_lib.SeddTask(cfg, graph=self.graph, noise=self.noise)
       fn = step_lib.make_grad_fn(cfg, task, self.defs, mesh)
-      psh = step_lib.param_shardings(mesh, self.params, fsdp)
-      bsh = step_lib.batch_sharding(mesh)
+      psh = sharding_lib.param_shardings(mesh, self.params, fsdp)
+      bsh = sharding_lib.batch_sharding(mesh)
       self._grads[key] = (jax.jit(fn, in_shardings=(
-        psh, step_lib.replicated(mesh, self.rest), {k: bsh for k in task.batch_keys}, None,
+        psh, sharding_lib.replicated(mesh, self.rest), {k: bsh for k in task.batch_keys}, None,
         None), compiler_options=FAST), bsh)
     jf, bsh = self._grads[key]
-    b = step_lib.put_batch(batch or host_batch(), bsh)
+    b = sharding_lib.put_batch(batch or host_batch(), bsh)
     return jax.device_get(jf(self.params, self.rest, b, jnp.int32(3), self.state0.rng))
 
   def train_step(self, n, fsdp=False):
     key = (n, fsdp)
     if key not in self._steps:
       mesh = self.mesh(n)
-      sh = step_lib.state_shardings(mesh, self.state0, fsdp)
+      sh = sharding_lib.state_shardings(mesh, self.state0, fsdp)
       fn = step_lib.make_train_step(self.cfg, self.task, self.defs, self.opt, mesh, sh, self.rest,
                                     compiler_options=FAST)
-      self._steps[key] = (fn, sh, step_lib.batch_sharding(mesh))
+      self._steps[key] = (fn, sh, sharding_lib.batch_sharding(mesh))
     return self._steps[key]
 
   def run(self, n, state, batch, fsdp=False):
     fn, sh, bsh = self.train_step(n, fsdp)
     state = jax.device_put(jax.tree.map(jnp.array, state), sh)
-    return fn(state, self.rest, step_lib.put_batch(batch, bsh))
+    return fn(state, self.rest, sharding_lib.put_batch(batch, bsh))
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,11 @@ def _close(a, b, rtol=2e-5, atol=1e-6):
 
 
 def test_fsdp_spec():
-  assert step_lib.fsdp_spec((64, 24), 8) == jax.sharding.PartitionSpec("data", None)
-  assert step_lib.fsdp_spec((24, 64), 8) == jax.sharding.PartitionSpec(None, "data")
-  assert step_lib.fsdp_spec((3, 5), 8) == jax.sharding.PartitionSpec()
-  assert step_lib.fsdp_spec((), 8) == jax.sharding.PartitionSpec()
-  assert step_lib.fsdp_spec((64,), 1) == jax.sharding.PartitionSpec()
+  assert sharding_lib.fsdp_spec((64, 24), 8) == jax.sharding.PartitionSpec("data", None)
+  assert sharding_lib.fsdp_spec((24, 64), 8) == jax.sharding.PartitionSpec(None, "data")
+  assert sharding_lib.fsdp_spec((3, 5), 8) == jax.sharding.PartitionSpec()
+  assert sharding_lib.fsdp_spec((), 8) == jax.sharding.PartitionSpec()
+  assert sharding_lib.fsdp_spec((64,), 1) == jax.sharding.PartitionSpec()
 
 
 def test_8_devices_equal_1_device(setup):
@@ -256,7 +257,7 @@ def test_packed_loss_is_the_mean_over_all_sequences_for_any_accum():
   cfgs = {a: micro_config(**{"data.pad_to": "pack", "training.accum": a}) for a in (1, 2)}
   graph = diffusion.get_graph(cfgs[1].graph)
   defs, params, rest = state_lib.split_model(state_lib.build_model(cfgs[1], graph))
-  mesh = step_lib.make_mesh(jax.devices()[:1])
+  mesh = sharding_lib.make_mesh(jax.devices()[:1])
   batch = packed_host_batch()
   out = {}
   for a, cfg in cfgs.items():

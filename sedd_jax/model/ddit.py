@@ -124,7 +124,11 @@ def check_packing(batch: int, length: int, segment_ids, positions):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32."""
+  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32.
+
+  Not nnx.LayerNorm(use_bias=False, epsilon=1e-5): that one multiplies rsqrt(var + eps) by the
+  scale before the centred input, which differs in the last bit from the reference's order.
+  """
 
   def __init__(self, dim: int):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))

@@ -28,8 +28,8 @@ from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import hooks
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import runtime
+from sedd_jax.training import sharding
 from sedd_jax.training import state as state_lib
-from sedd_jax.training import step as step_lib
 from sedd_jax.training import task as task_lib
 from sedd_jax.training.run import COMPILE_CACHE
 from sedd_jax.training.run import CompileCache
@@ -93,7 +93,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
   pipeline.ensure_prepared(cfg)  # bad data inputs fail before the workdir is written
   if primary:
     runtime.prepare_workdir(workdir, fresh)
-  step_lib.barrier("sedd_jax.train: workdir and data ready")
+  sharding.barrier("sedd_jax.train: workdir and data ready")
   total = int(cfg.training.steps)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.training.keep,
                                milestone_every=cfg.training.milestone_every)

@@ -1,4 +1,4 @@
-"""The jit-compiled train and eval steps, device mesh and shardings, for any task.
+"""The jit-compiled train and eval steps and the job's set-up, for any task.
 
 The loss comes from a task object (the `Task` protocol of `sedd_jax.training.task`):
 `sedd_jax.training.sedd_task.SeddTask` for protein-only SEDD,
@@ -6,7 +6,8 @@ The loss comes from a task object (the `Task` protocol of `sedd_jax.training.tas
 devices)` builds what a training job (or a benchmark) needs: task, model split, optimizer,
 mesh, sharded initial state.
 
-Devices: one 1-D mesh `('data',)` over all devices (`jax.make_mesh`); batches are sharded over
+Devices (mesh, shardings and placement in `sedd_jax.training.sharding`): one 1-D mesh
+`('data',)` over all devices (`jax.make_mesh`); batches are sharded over
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
 `cfg.training.fsdp` sharded fsdp-style (each array's largest axis divisible by the device count
 is split over `data`; arrays with none stay replicated). XLA inserts the collectives; no pmap.
@@ -53,10 +54,10 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sedd_jax.training import sharding
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
 from sedd_jax.training.state import ModelDefs
@@ -66,108 +67,6 @@ from sedd_jax.training.state import ema_update
 from sedd_jax.training.state import make_schedule
 
 Array = jax.Array
-AXIS = "data"
-
-
-# ----------------------------------------------------------------------------------------------
-# Mesh and shardings.
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh ('data',) over `devices` (default: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
-  """PartitionSpec splitting the largest axis divisible by n over 'data' (P() if none)."""
-  if n <= 1 or not shape:
-    return P()
-  best = None
-  for axis, size in enumerate(shape):
-    if size % n == 0 and size >= n and (best is None or size > shape[best]):
-      best = axis
-  if best is None:
-    return P()
-  spec = [None] * len(shape)
-  spec[best] = AXIS
-  return P(*spec)
-
-
-def param_shardings(mesh: jax.sharding.Mesh, tree: Any, fsdp: bool) -> Any:
-  """NamedShardings for a parameter-shaped tree: replicated, or `fsdp_spec` per array."""
-  n = mesh.shape[AXIS]
-
-  def one(x):
-    shape = tuple(getattr(x, "shape", ()))
-    return NamedSharding(mesh, fsdp_spec(shape, n) if fsdp else P())
-
-  return jax.tree.map(one, tree)
-
-
-def state_shardings(mesh: jax.sharding.Mesh, state: TrainState, fsdp: bool) -> TrainState:
-  """Shardings for a TrainState (or its abstract `jax.eval_shape` twin)."""
-  rep = NamedSharding(mesh, P())
-  return TrainState(
-    step=rep,
-    params=param_shardings(mesh, state.params, fsdp),
-    opt_state=param_shardings(mesh, state.opt_state, fsdp),
-    ema=param_shardings(mesh, state.ema, fsdp),
-    rng=rep,
-    bad_steps=rep,
-    skipped=rep,
-  )
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Sharding of a batch array: first axis over 'data'."""
-  return NamedSharding(mesh, P(AXIS))
-
-
-def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-  """Replicated shardings for every leaf of `tree`."""
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches `barrier(name)` (returns at once with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def put_global(tree: Any, shardings: Any) -> Any:
-  """Places `tree`, whose value is the same on every process, with `shardings` (a matching tree).
-
-  Fully addressable shardings (one process) use `jax.device_put`; a mesh spanning several
-  processes gets global arrays whose local shards are sliced from this process's copy
-  (`jax.make_array_from_callback`; PRNG key arrays via their key data).
-  """
-
-  def one(x, s):
-    if s.is_fully_addressable:
-      return jax.device_put(x, s)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
-
-  return jax.tree.map(one, tree, shardings)
-
-
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
-              keys: Sequence[str] | None = None) -> dict[str, Array]:
-  """The global batch `batch[k]` (B, ...) for k in `keys` (default all of `batch`'s; the
-  training job passes `task.batch_keys`), the same on every process -> arrays sharded over
-  'data' on their first axis; each device receives only its rows (any number of processes)."""
-  out = {}
-  for k in batch if keys is None else keys:
-    host = np.asarray(batch[k])
-    if host.shape[0] % sharding.mesh.shape[AXIS]:
-      raise ValueError(f"batch[{k!r}] has {host.shape[0]} rows, not a multiple of the "
-                       f"{sharding.mesh.shape[AXIS]} devices of the mesh")
-    out[k] = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
-  return out
 
 
 def _micro_batches(x: Array, accum: int) -> Array:
@@ -226,7 +125,7 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
       return loss, aux, grads
     mbs = {k: _micro_batches(a, accum) for k, a in draw.rows.items()}
     mbs = {k: jax.lax.with_sharding_constraint(
-      a, NamedSharding(mesh, P(*((None, AXIS) + (None,) * (a.ndim - 2))))) for k, a in mbs.items()}
+      a, NamedSharding(mesh, P(*((None, sharding.AXIS) + (None,) * (a.ndim - 2))))) for k, a in mbs.items()}
     aux_shape = jax.eval_shape(  # the aux pytree (eval mode: no dropout state to advance)
       lambda: task.loss(nnx.merge(defs.eval, params, rest), jax.tree.map(lambda x: x[0], mbs),
                         draw.shared, micro_key(draw.loss_key, 0), step)[1])
@@ -318,10 +217,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: M
     return new_state, metrics
 
   rep = NamedSharding(mesh, P())
-  bs = batch_sharding(mesh)
+  bs = sharding.batch_sharding(mesh)
   return jax.jit(
     step_fn,
-    in_shardings=(state_sharding, replicated(mesh, rest), {k: bs for k in task.batch_keys}),
+    in_shardings=(state_sharding, sharding.replicated(mesh, rest), {k: bs for k in task.batch_keys}),
     out_shardings=(state_sharding, rep),
     donate_argnums=(0,),
     compiler_options=compiler_options,
@@ -342,8 +241,8 @@ def make_eval_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: Mo
     return task.eval_loss(nnx.merge(defs.eval, params, rest), batch, key)
 
   rep = NamedSharding(mesh, P())
-  bs = batch_sharding(mesh)
-  return jax.jit(eval_fn, in_shardings=(params_sharding, replicated(mesh, rest),
+  bs = sharding.batch_sharding(mesh)
+  return jax.jit(eval_fn, in_shardings=(params_sharding, sharding.replicated(mesh, rest),
                                         {k: bs for k in task.batch_keys}, rep),
                  out_shardings=rep, compiler_options=compiler_options)
 
@@ -388,7 +287,7 @@ class Setup:
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
     """The global host batch (the same on every process) -> the task's batch arrays sharded
     over 'data'."""
-    return put_batch(batch, batch_sharding(self.mesh), self.task.batch_keys)
+    return sharding.put_batch(batch, sharding.batch_sharding(self.mesh), self.task.batch_keys)
 
 
 def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
@@ -401,12 +300,12 @@ def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
   defs, params, rest = state_lib.split_model(task.build_model())
   n_params = state_lib.param_count(params)
   optimizer = task.wrap_optimizer(state_lib.make_optimizer(cfg))
-  mesh = make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   state = state_lib.init_state(cfg, params, optimizer)
   fsdp = bool(cfg.training.fsdp if fsdp is None else fsdp)
-  shardings = state_shardings(mesh, state, fsdp)
-  state = put_global(state, shardings)
-  rest = put_global(rest, replicated(mesh, rest))
+  shardings = sharding.state_shardings(mesh, state, fsdp)
+  state = sharding.put_global(state, shardings)
+  rest = sharding.put_global(rest, sharding.replicated(mesh, rest))
   return Setup(cfg=cfg, task=task, defs=defs, rest=rest, n_params=n_params, optimizer=optimizer,
                mesh=mesh, state=state, shardings=shardings)
 
