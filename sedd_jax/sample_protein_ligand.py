@@ -53,9 +53,9 @@ def check_protein_ligand_args(args, cfg) -> str:
     if value is not None and not 1 <= value <= top:
       raise CliError(f"{flag} {value} must lie in [1, {top}]")
   if args.checker == "rdkit":
-    from sedd_jax.protein_ligand import modes
+    from sedd_jax.protein_ligand import smiles as smiles_lib
     try:
-      modes.validity_checker("rdkit")
+      smiles_lib.validity_checker("rdkit")
     except ImportError:
       raise CliError("--checker rdkit: rdkit is not installed (pip install -e '.[chem]')") from None
   return task
@@ -170,11 +170,11 @@ def run_settings(args, steps: int, predictor: str, eps: float, bs: int) -> dict:
 def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengths: list[int],
                    settings: dict, checker: str | None, t_start: float,
                    references: list[str] | None = None) -> dict:
-  """Writes `<out stem>.validity.json`: the settings, `modes.validity_report` of `smiles` (with
+  """Writes `<out stem>.validity.json`: the settings, `smiles.validity_report` of `smiles` (with
   the checker used) and one entry per sample; returns the report."""
-  from sedd_jax.protein_ligand import modes
+  from sedd_jax.protein_ligand import smiles as smiles_lib
 
-  report = modes.validity_report(smiles, checker or "auto")
+  report = smiles_lib.validity_report(smiles, checker or "auto")
   valid = report.pop("valid")
   report = {**settings, **report, "samples": [
       {"name": nm, "smiles": x, "valid": v, "length": t}

@@ -70,7 +70,8 @@ EXIT_CONFIG = 2
 # The library lives in `sedd_jax.training` (loop, run, hooks, runtime); these names are re-exported
 # from there on first use, so that `--help` and config errors do not wait for jax to import.
 _LIBRARY = {"train": "loop", "Result": "loop", "EXIT_NONFINITE": "loop",
-            "maybe_initialize_distributed": "runtime", "prepare_workdir": "runtime", "StopFlag": "runtime", "Prefetcher": "runtime"}
+            "maybe_initialize_distributed": "runtime", "prepare_workdir": "runtime",
+            "StopFlag": "runtime", "Prefetcher": "runtime"}
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ from sedd_jax import evaluate as evaluate_cli
 from sedd_jax import sample as sample_cli
 from sedd_jax import train as train_lib
 from sedd_jax.protein_ligand import modes
+from sedd_jax.protein_ligand import smiles as smiles_lib
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import task as task_lib
@@ -74,7 +75,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   smi = (work / "samples" / "step_4.smi").read_text().splitlines()
   assert len(smi) == 2 and all("\tvalid_protein_" in line for line in smi)
   # The logged validity is the share of the written SMILES that the checker accepts.
-  _, is_valid = modes.validity_checker()
+  _, is_valid = smiles_lib.validity_checker()
   assert sample_rows[0]["smiles_validity"] == pytest.approx(
       np.mean([bool(is_valid(line.split("\t")[0])) for line in smi]))
 
@@ -90,7 +91,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert [line.split("\t")[1] for line in lines] == ["test_0", "test_1", "test_2"]
   report = json.loads(out.with_suffix(".validity.json").read_text())
   assert report["task"] == "ligand_given_protein" and report["num"] == 3
-  assert report["checker"] == modes.validity_checker()[0]
+  assert report["checker"] == smiles_lib.validity_checker()[0]
   assert [s["smiles"] for s in report["samples"]] == [line.split("\t")[0] for line in lines]
   valid = [bool(is_valid(s["smiles"])) for s in report["samples"]]
   assert [s["valid"] for s in report["samples"]] == valid
@@ -110,7 +111,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
     head, seq = rec.strip().split("\n")
     smiles = line.split("\t")[0]
     assert head.startswith(f"sample_{i} ligand={smiles} ") and line.endswith(f"\tsample_{i}")
-    assert sample["smiles"] == smiles and sample["valid"] == modes.grammar_valid_smiles(smiles)
+    assert sample["smiles"] == smiles and sample["valid"] == smiles_lib.grammar_valid_smiles(smiles)
     assert 1 <= len(seq) <= 64 and set(seq) <= set("ACDEFGHIKLMNPQRSTVWYXBUZO")  # ids 4..28
   # Guidance (the config trains both scores: mode `all`); joint takes none.
   guided = tmp_path / "guided.smi"

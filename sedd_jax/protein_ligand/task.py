@@ -35,6 +35,7 @@ from sedd_jax.data import pipeline
 from sedd_jax.data import store as store_lib
 from sedd_jax.protein_ligand import model as model_lib
 from sedd_jax.protein_ligand import modes
+from sedd_jax.protein_ligand import smiles as smiles_lib
 from sedd_jax.training import runtime
 from sedd_jax.training import task as task_lib
 
@@ -90,7 +91,7 @@ class ProteinLigandTask(task_lib.Task):
     cfg, n = self.cfg, int(self.cfg.training.num_samples)
     store = store_lib.Store(pipeline.resolve_path(cfg.data.prepared), "train")
     smiles_tok = store.smiles_tokenizer()
-    checker, is_valid = modes.validity_checker()
+    checker, is_valid = smiles_lib.validity_checker()
 
     def write(state, batches, key, step):
       if not batches:

@@ -125,7 +125,8 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
       return loss, aux, grads
     mbs = {k: _micro_batches(a, accum) for k, a in draw.rows.items()}
     mbs = {k: jax.lax.with_sharding_constraint(
-      a, NamedSharding(mesh, P(*((None, sharding.AXIS) + (None,) * (a.ndim - 2))))) for k, a in mbs.items()}
+      a, NamedSharding(mesh, P(*((None, sharding.AXIS) + (None,) * (a.ndim - 2)))))
+           for k, a in mbs.items()}
     aux_shape = jax.eval_shape(  # the aux pytree (eval mode: no dropout state to advance)
       lambda: task.loss(nnx.merge(defs.eval, params, rest), jax.tree.map(lambda x: x[0], mbs),
                         draw.shared, micro_key(draw.loss_key, 0), step)[1])
@@ -220,7 +221,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: M
   bs = sharding.batch_sharding(mesh)
   return jax.jit(
     step_fn,
-    in_shardings=(state_sharding, sharding.replicated(mesh, rest), {k: bs for k in task.batch_keys}),
+    in_shardings=(state_sharding, sharding.replicated(mesh, rest),
+                  {k: bs for k in task.batch_keys}),
     out_shardings=(state_sharding, rep),
     donate_argnums=(0,),
     compiler_options=compiler_options,
