@@ -3,12 +3,14 @@
 - `CliError`: a bad command line or input file, reported as one line with exit code 2.
 - `run_cli(parser, run_fn, argv)`: parses, sets up logging (`--verbose`), runs, maps errors.
 - `load_config(spec)`: a `--config FILE.py[:VARIANT]` flag's config (CliError if unreadable).
+- `json_safe(obj)`: NaN / inf -> None in a JSON-able dict or list (strict JSON output).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from typing import Sequence
 
 logger = logging.getLogger("sedd_jax.cli")
@@ -27,6 +29,17 @@ def load_config(spec: str):
     return config_lib.load_config(spec)
   except (OSError, ValueError) as e:
     raise CliError(f"--config {spec}: {e}") from None
+
+
+def json_safe(obj):
+  """`obj` (nested dicts, lists, floats, ...) with every non-finite float replaced by None."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
 
 
 def run_cli(parser: argparse.ArgumentParser, run_fn, argv: Sequence[str] | None) -> int:

@@ -68,3 +68,23 @@ def test_reference_pairs_of_a_missing_store_say_what_to_run(tmp_path):
   with pytest.raises(store_lib.StoreError, match="run python -m sedd_jax.data.prepare"):
     reference.reference_pairs(cfg, "test")
   assert reference.training_sequences(cfg) is None
+
+
+def test_json_safe_replaces_non_finite_floats():
+  obj = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "x", "e": 2}
+  assert cli.json_safe(obj) == {"a": None, "b": [1.0, None, {"c": None}], "d": "x", "e": 2}
+
+
+def test_protein_ligand_losses_per_token_of_the_scored_tracks():
+  from sedd_jax import evaluate_protein_ligand as pl_evaluate
+  from sedd_jax.protein_ligand import modes
+
+  assert tuple(pl_evaluate.SCORED) == modes.MODES
+  means = {f"loss/{m}": float(i + 1) for i, m in enumerate(modes.MODES)}
+  got = pl_evaluate.per_mode(means, {"protein": 40.0, "ligand": 10.0}, n=2)
+  assert got["protein_only"]["loss_per_token"] == 1.0 * 2 / 40
+  assert got["ligand_only"]["loss_per_token"] == 2.0 * 2 / 10
+  assert got["ligand_given_protein"]["loss_per_token"] == 3.0 * 2 / 10
+  assert got["protein_given_ligand"]["loss_per_token"] == 4.0 * 2 / 40
+  assert got["joint"]["loss_per_token"] == 2 * 5.0 * 2 / 50  # the mean of the two tracks
+  assert got["joint"]["scored_tracks"] == ("protein", "ligand") and got["joint"]["loss"] == 5.0
