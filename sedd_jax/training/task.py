@@ -1,6 +1,6 @@
 """What the generic train/eval step needs to know about a model and its loss: a `Task`.
 
-The jitted steps of `sedd_jax.training.step` (mesh, shardings, accumulation, NaN skipping,
+The jitted steps of `sedd_jax.training.step` (shardings, accumulation, NaN skipping,
 optimizer, EMA) are shared by every model; a task supplies the rest:
 
   task = get_task(cfg)                      # dispatch on cfg.get("task", "sedd")
