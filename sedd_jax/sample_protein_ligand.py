@@ -63,7 +63,6 @@ def check_protein_ligand_args(args, cfg) -> str:
 
 def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   """Samples one track of a protein-ligand model given the other (see the module docstring)."""
-  from sedd_jax.data import fasta as fasta_lib
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import modes
 
@@ -79,33 +78,9 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
     return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
 
   if args.proteins:
-    names, given = [], []
-    try:
-      for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
-        x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
-        names += [rec.name] * (args.num or 1)
-        given += [x[:p_len]] * (args.num or 1)
-    except ValueError as e:
-      raise CliError(str(e)) from None
-    if not given:
-      raise CliError(f"--proteins {args.proteins}: no records")
-    ref_lengths = store.track("ligand").lengths
-    targets = (np.full((len(given),), args.ligand_length, np.int32) if args.ligand_length
-               else np.minimum(rng.choice(ref_lengths, len(given)), l_len).astype(np.int32))
-    refs = [""] * len(given)
+    names, given, targets, refs = _given_proteins(args, store, ptok, rng, p_len, l_len)
   else:
-    n = min(args.num or 8, len(store))
-    if n < 1:
-      raise CliError(f"--split {args.split} has no pairs")
-    names = [f"{args.split}_{i}" for i in range(n)]
-    prots = [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)]
-    ligs = [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)]
-    if task == "ligand_given_protein":
-      given, refs = prots, [smiles_tok.decode(x) for x in ligs]
-      targets = np.array([args.ligand_length or len(x) for x in ligs], np.int32)
-    else:
-      given, refs = ligs, [smiles_tok.decode(x) for x in ligs]
-      targets = np.array([args.length or len(x) for x in prots], np.int32)
+    names, given, targets, refs = _given_pairs(args, task, store, smiles_tok, p_len, l_len)
   given_tokens, given_lengths = reference.pad_tokens(
       given, p_len if task == "ligand_given_protein" else l_len)
   n = len(given)
@@ -125,10 +100,55 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
                                  guidance=guidance),))
   except ValueError as e:
     raise CliError(str(e)) from None
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),
               "guidance": guidance, "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
+  _write_conditional(args, task, tokens, targets, names, refs, settings, smiles_tok, ptok,
+                     t_start)
+  return 0
+
+
+def _given_proteins(args, store, ptok, rng, p_len: int, l_len: int):
+  """(names, given protein ids, target ligand lengths, references) for --proteins FASTA: each
+  record --num times, ligand lengths --ligand-length or drawn from the split's ligands."""
+  from sedd_jax.data import fasta as fasta_lib
+
+  names, given = [], []
+  try:
+    for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
+      x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
+      names += [rec.name] * (args.num or 1)
+      given += [x[:p_len]] * (args.num or 1)
+  except ValueError as e:
+    raise CliError(str(e)) from None
+  if not given:
+    raise CliError(f"--proteins {args.proteins}: no records")
+  ref_lengths = store.track("ligand").lengths
+  targets = (np.full((len(given),), args.ligand_length, np.int32) if args.ligand_length
+             else np.minimum(rng.choice(ref_lengths, len(given)), l_len).astype(np.int32))
+  return names, given, targets, [""] * len(given)
+
+
+def _given_pairs(args, task: str, store, smiles_tok, p_len: int, l_len: int):
+  """(names, given ids, target lengths, reference SMILES) of the first --num pairs of --split;
+  target lengths = the reference's (or --ligand-length / --length)."""
+  n = min(args.num or 8, len(store))
+  if n < 1:
+    raise CliError(f"--split {args.split} has no pairs")
+  names = [f"{args.split}_{i}" for i in range(n)]
+  prots = [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)]
+  ligs = [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)]
+  refs = [smiles_tok.decode(x) for x in ligs]
+  if task == "ligand_given_protein":
+    return names, prots, np.array([args.ligand_length or len(x) for x in ligs], np.int32), refs
+  return names, ligs, np.array([args.length or len(x) for x in prots], np.int32), refs
+
+
+def _write_conditional(args, task, tokens, targets, names, refs, settings, smiles_tok, ptok,
+                       t_start: float) -> None:
+  """--out: `SMILES<TAB>name` lines and the validity report (ligands), or FASTA (proteins)."""
+  n = len(names)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
   if task == "ligand_given_protein":
     smiles = [smiles_tok.decode(tokens[i, :targets[i]]) for i in range(n)]
     out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
@@ -141,7 +161,6 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
         f.write(f">sample_{i} ligand={refs[i]} ref={names[i]} length={len(seq)} "
                 + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
     logger.info("wrote %d proteins to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
-  return 0
 
 
 def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.ndarray, ...]:

@@ -121,6 +121,20 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert report["guidance"] == 2.5 and report["num"] == 2
   assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--task", "joint",
                           "--guidance", "2"]) == 2
+  # Ligands for the proteins of a FASTA (--num each), and proteins for the split's ligands.
+  fasta = tmp_path / "given.fasta"
+  fasta.write_text(">p1 first\nMKTAYIAK\n>p2\nGSHMLE\n")
+  given = tmp_path / "given.smi"
+  assert sample_cli.main(["--workdir", str(work), "--out", str(given), "--num", "2",
+                          "--steps", "4", "--proteins", str(fasta), "--ligand-length", "5"]) == 0
+  assert [line.split("\t")[1] for line in given.read_text().splitlines()] == ["p1", "p1", "p2",
+                                                                              "p2"]
+  prot = tmp_path / "proteins.fasta"
+  assert sample_cli.main(["--workdir", str(work), "--out", str(prot), "--num", "2", "--steps",
+                          "4", "--task", "protein_given_ligand", "--length", "7"]) == 0
+  records = [r.strip().split("\n") for r in prot.read_text().split(">")[1:]]
+  assert [h.split(" ref=")[1].split(" ")[0] for h, _ in records] == ["test_0", "test_1"]
+  assert all(len(seq) == 7 and "task=protein_given_ligand" in h for h, seq in records)
 
   ev = tmp_path / "eval.json"
   assert evaluate_cli.main(["--workdir", str(work), "--split", "test", "--out", str(ev),
