@@ -66,7 +66,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.bucket_boundaries = ()  # () = chosen from the model length
   c.data.pad_to = "pack"  # pack (sequences share rows) | full (width L) | bucket (width = bucket)
   c.data.pack_bins = 1024  # pad_to=pack: rows packed at a time (more = less padding)
-  c.data.num_workers = 0
 
   c.training = ml_collections.ConfigDict()
   c.training.batch_size = 64  # global batch, in sequences

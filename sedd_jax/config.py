@@ -18,6 +18,7 @@ an unknown key gives a one-line error instead of a traceback.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -157,17 +158,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict,
       value = _parse_value(key, value, current)
     parent_key, _, leaf = key.rpartition(".")
     parent = get(cfg, parent_key) if parent_key else cfg
-    with parent.unlocked() if hasattr(parent, "unlocked") else _nullcontext():
+    with parent.unlocked() if hasattr(parent, "unlocked") else contextlib.nullcontext():
       parent[leaf] = value
   return cfg
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def load_config(spec: str, overrides: Mapping[str, Any] | Sequence[str] = (),
@@ -278,7 +271,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _number(cfg, "data.min_standard_fraction", 0.0, 1.0)
   _number(cfg, "data.valid_fraction", 0.0, 1.0, hi_open=True)
   _number(cfg, "data.test_fraction", 0.0, 1.0, hi_open=True)
-  _positive_int(cfg, "data.num_workers", allow_zero=True)
 
   batch = _positive_int(cfg, "training.batch_size")
   accum = _positive_int(cfg, "training.accum")

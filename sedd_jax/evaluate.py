@@ -23,7 +23,7 @@ Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): the score-entropy l
 training mode (`sedd_jax.protein_ligand.modes.eval_loss_fn`, the per-sequence loss averaged over
 the pairs of `--split`, `--num-samples` draws of t per pair) in the JSON as `loss/<mode>`, with
 their mean as `loss` (per mode: `losses[mode]`, nats per sequence, and per real token of the
-track(s) the mode scores). `--fasta` does not apply.
+track(s) the mode scores; `sedd_jax.evaluate_protein_ligand`). `--fasta` does not apply.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ from typing import Sequence
 
 import numpy as np
 
-from sedd_jax.sample import CliError, run_cli
-from sedd_jax.sample import is_protein_ligand
-from sedd_jax.sample import load_model
-from sedd_jax.sample import read_config
-from sedd_jax.sample import training_sequences
+from sedd_jax import evaluate_protein_ligand as pl_evaluate
+from sedd_jax import inference
+from sedd_jax.cli import CliError
+from sedd_jax.cli import json_safe
+from sedd_jax.cli import run_cli
+from sedd_jax.data import reference
 
 logger = logging.getLogger("sedd_jax.evaluate")
 
@@ -220,11 +221,10 @@ def pseudo_perplexity(model, graph, seqs: list[np.ndarray], max_length: int, *,
   import jax
   from flax import nnx
 
-  from sedd_jax.sample import _pad
   from sedd_jax.sampling import likelihood
 
-  tokens, lengths = _pad([s[:max_length] for s in seqs], max(min(len(s), max_length)
-                                                              for s in seqs))
+  width = max(min(len(s), max_length) for s in seqs)
+  tokens, lengths = reference.pad_tokens([s[:max_length] for s in seqs], width)
   model.eval()
   graphdef, state = nnx.split(model)
 
@@ -266,18 +266,19 @@ def run(args) -> int:
     raise CliError(f"--max-sequences must be >= 1; got {args.max_sequences}")
   out_path = pathlib.Path(args.out) if args.out else default_out(args)
   # The data are read (and checked) before the model is built and loaded.
-  peeked = read_config(args)
-  if peeked is not None and is_protein_ligand(peeked):
-    check_protein_ligand_args(args)
+  peeked = inference.read_config(args.workdir or args.checkpoint)
+  if peeked is not None and inference.is_protein_ligand(peeked):
+    pl_evaluate.check_protein_ligand_args(args)
   data = None
-  if args.fasta or (peeked is not None and not is_protein_ligand(peeked)):
+  if args.fasta or (peeked is not None and not inference.is_protein_ligand(peeked)):
     data = read_eval_data(args, peeked)
   train = None
   if args.baseline_fasta:
     train = read_fasta_tokens(args.baseline_fasta, "--baseline-fasta")[1]
-  model, cfg, graph, noise = load_model(args)
-  if is_protein_ligand(cfg):
-    return run_protein_ligand(args, model, cfg, out_path)
+  model, cfg, graph, noise = inference.load_model(
+      args.workdir or args.checkpoint, not args.use_params, args.config)
+  if inference.is_protein_ligand(cfg):
+    return pl_evaluate.run_protein_ligand(args, model, cfg, out_path)
   max_length = int(cfg.model.length)
   # A split is read again when another checkpoint (of another config) was loaded than peeked.
   if data is None or (not args.fasta and cfg.to_dict() != peeked.to_dict()):
@@ -300,7 +301,7 @@ def run(args) -> int:
 
   # Unigram baseline over the 25 residue letters on the same (cropped) tokens.
   if train is None:
-    found = training_sequences(cfg)
+    found = reference.training_sequences(cfg)
     train = found[0] if found is not None else None
   eval_tokens = [s[:max_length] for s in seqs]
   shares = residue_shares(eval_tokens)
@@ -331,7 +332,7 @@ def run(args) -> int:
                                 np.concatenate([r.tokens for r in results]))],
   }
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(_nan_to_none(out), indent=2, allow_nan=False))
+  out_path.write_text(json.dumps(json_safe(out), indent=2, allow_nan=False))
   rare = ", ".join(f"{a} {n}" for a, n in shares["nonstandard_counts"].items() if n)
   msg = (f"nelbo/token {summary['nelbo_per_token']:.4f} nats (SE {summary['se_per_token']:.4f}), "
          f"perplexity {summary['perplexity']:.3f} over {summary['num_tokens']} tokens of "
@@ -350,98 +351,6 @@ def run(args) -> int:
   logger.info("%s -> %s", msg, out_path)
   sys.stdout.write(msg + "\n")
   return 0
-
-
-def check_protein_ligand_args(args) -> None:
-  """CliError for the flags that do not apply to protein-ligand checkpoints."""
-  if args.fasta or args.baseline_fasta:
-    raise CliError("--fasta/--baseline-fasta do not apply to protein-ligand checkpoints; use "
-                   "--split valid|test")
-
-
-def run_protein_ligand(args, model, cfg, out_path: pathlib.Path) -> int:
-  """Per-mode losses of a protein-ligand model on the pairs of --split (see the docstring)."""
-  import jax
-  import ml_collections
-  from flax import nnx
-
-  from sedd_jax.protein_ligand import modes
-  from sedd_jax.sample import _pad
-  from sedd_jax.sample import reference_pairs
-
-  check_protein_ligand_args(args)
-  store, _ = reference_pairs(cfg, args.split)
-  n = len(store) if not args.max_sequences else min(len(store), args.max_sequences)
-  if n < 1:
-    raise CliError(f"--split {args.split} has no pairs")
-  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
-  prot, plen = _pad([np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)], p_len)
-  lig, llen = _pad([np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)], l_len)
-  every = ml_collections.ConfigDict(cfg.to_dict())
-  every.mode = modes.ALL  # evaluate every mode, whatever the checkpoint was trained on
-  model.eval()
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, batch, key):
-    """Per-mode mean losses of the batch, averaged over num_samples keys."""
-    m = nnx.merge(graphdef, state)
-    outs = [modes.eval_loss_fn(m, batch, k, every)
-            for k in jax.random.split(key, args.num_samples)]
-    return jax.tree.map(lambda *xs: sum(xs) / len(xs), *outs)
-
-  bs = min(args.batch_size, n)
-  sums: dict[str, float] = {}
-  t0 = time.perf_counter()
-  for b in range(0, n, bs):
-    real = min(bs, n - b)
-    idx = np.resize(np.arange(b, b + real), bs)  # one compiled shape
-    batch = {"tokens": prot[idx], "lengths": plen[idx], "ligand_tokens": lig[idx],
-             "ligand_lengths": llen[idx]}
-    if real < bs:  # the last, partial batch: its own shape, so fillers do not count
-      batch = {k: v[:real] for k, v in batch.items()}
-    out = jax.device_get(run(state, batch, jax.random.fold_in(jax.random.key(args.seed), b)))
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(v) * real
-    logger.info("%d/%d pairs evaluated (%.1f pairs/s)", b + real, n,
-                (b + real) / max(time.perf_counter() - t0, 1e-9))
-  means = {k: v / n for k, v in sums.items()}
-  tokens = {"protein": float(plen.sum()), "ligand": float(llen.sum())}
-  scored = {"protein_only": ("protein",), "ligand_only": ("ligand",),
-            "ligand_given_protein": ("ligand",), "protein_given_ligand": ("protein",),
-            "joint": ("protein", "ligand")}
-  losses = {}
-  for mode in modes.MODES:
-    loss = means[f"loss/{mode}"]
-    per_tok = loss * n / sum(tokens[t] for t in scored[mode])
-    if mode == "joint":  # the mean of the two tracks' per-sequence losses
-      per_tok = 2 * loss * n / sum(tokens.values())
-    losses[mode] = {"loss": loss, "loss_per_token": per_tok, "scored_tracks": scored[mode]}
-  result = {
-      "source": args.workdir or args.checkpoint, "task": "protein_ligand",
-      "data": f"{cfg.data.prepared}:{args.split}", "num_pairs": n,
-      "num_samples": args.num_samples, "seed": args.seed, "trained_mode": cfg.mode,
-      "model_length": p_len, "ligand_length": l_len, "tokens": tokens,
-      "loss": means["loss"], **{f"loss/{m}": means[f"loss/{m}"] for m in modes.MODES},
-      "losses": losses,
-  }
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(_nan_to_none(result), indent=2, allow_nan=False))
-  msg = "; ".join(f"{m} {losses[m]['loss']:.3f} ({losses[m]['loss_per_token']:.3f}/tok)"
-                  for m in modes.MODES)
-  logger.info("%d pairs of %s: %s -> %s", n, args.split, msg, out_path)
-  sys.stdout.write(f"per-mode loss (nats/pair, per token): {msg}\n")
-  return 0
-
-
-def _nan_to_none(obj):
-  if isinstance(obj, dict):
-    return {k: _nan_to_none(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_nan_to_none(v) for v in obj]
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,8 +25,9 @@ model is loaded; `--verbose` also shows the INFO lines of jax and orbax. FASTA h
 the settings; `--report` also writes `<out>.report.json` and `<out>.report.png`
 (sampling.report) against the training data.
 
-Protein-ligand checkpoints (`cfg.task == "protein_ligand"`): `--task` (default
-cfg.sampling.task) picks what is generated given the other track, clean:
+Protein-ligand checkpoints (`cfg.task == "protein_ligand"`; run by
+`sedd_jax.sample_protein_ligand`): `--task` (default cfg.sampling.task) picks what is generated
+given the other track, clean:
   ligand_given_protein   proteins from `--proteins FASTA` (--num ligands per record, default 1)
                          or the first --num (default 8) pairs of `--split` (default test);
                          ligand lengths = the reference pairs' (FASTA: drawn from the split's
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import pathlib
 import re
@@ -61,16 +61,13 @@ from typing import Sequence
 
 import numpy as np
 
+from sedd_jax import inference
+from sedd_jax.cli import CliError
+from sedd_jax.cli import run_cli
+from sedd_jax.data import reference
+from sedd_jax import sample_protein_ligand as pl_sample
+
 logger = logging.getLogger("sedd_jax.sample")
-
-MODEL_SHAPE_KEYS = ("hidden_size", "n_heads", "n_blocks", "cond_dim")
-PL_TASKS = ("ligand_given_protein", "protein_given_ligand", "joint")
-QUIET_LOGGERS = ("absl", "jax")  # their INFO lines only with --verbose
-
-
-class CliError(ValueError):
-  """A bad command line or input file (reported as one line, exit code 2)."""
-
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sedd_jax.sample", description=__doc__.split("\n")[0],
@@ -119,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "residues) X B U Z O")
   p.add_argument("--report", action="store_true", help="write <out>.report.json/.png")
   pl = p.add_argument_group("protein-ligand checkpoints")
-  pl.add_argument("--task", choices=PL_TASKS, help="default cfg.sampling.task")
+  pl.add_argument("--task", choices=pl_sample.PL_TASKS, help="default cfg.sampling.task")
   pl.add_argument("--proteins", help="FASTA of proteins to generate ligands for")
   pl.add_argument("--split", choices=("train", "valid", "test"), default="test",
                   help="reference pairs (default test)")
@@ -129,113 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--checker", choices=("auto", "rdkit", "grammar"), help="SMILES validity "
                   "checker (default auto: RDKit if installed, else grammar)")
   return p
-
-
-def load_model(args):
-  """(model, cfg, graph, noise) from --workdir/--checkpoint, checked against --config."""
-  from sedd_jax.training import checkpoint as ckpt_lib
-
-  path = args.workdir or args.checkpoint
-  if not pathlib.Path(path).exists():
-    raise CliError(f"{path} does not exist")
-  try:
-    loaded = ckpt_lib.load_for_inference(path, use_ema=not args.use_params)
-  except FileNotFoundError as e:
-    raise CliError(str(e)) from None
-  except ckpt_lib.CheckpointError as e:
-    raise CliError(f"cannot load a model from {path}: the checkpoint's weights do not fit the "
-                   f"model its config describes (another model shape?): {e}") from None
-  model, cfg = loaded[0], loaded[1]
-  if len(loaded) >= 4:
-    graph, noise = loaded[2], loaded[3]
-  else:
-    from sedd_jax import diffusion
-    graph, noise = diffusion.get_graph(cfg.graph), diffusion.get_noise(cfg.noise)
-  if getattr(args, "config", None):
-    check_same_shape(cfg, load_config(args.config), path, args.config)
-  return model, cfg, graph, noise
-
-
-def read_config(args):
-  """The config of the checkpoint that `load_model` loads (the newest of --workdir), read
-  without building the model, so that the flags are checked before the slow load; None when it
-  cannot be read (`load_model` then says why)."""
-  from sedd_jax import config as config_lib
-  from sedd_jax.training import checkpoint as ckpt_lib
-  try:
-    step_dir = ckpt_lib.resolve_checkpoint_dirs(args.workdir or args.checkpoint)[0]
-    return config_lib.from_dict(ckpt_lib.read_items(step_dir, ("config",))["config"])
-  except Exception:  # noqa: BLE001 -- only a look ahead; load_model reports the real problem
-    return None
-
-
-def load_config(spec: str):
-  from sedd_jax import config as config_lib
-  try:
-    return config_lib.load_config(spec)
-  except (OSError, ValueError) as e:
-    raise CliError(f"--config {spec}: {e}") from None
-
-
-def check_same_shape(ckpt_cfg, want_cfg, path, spec) -> None:
-  """CliError naming every model-shape key where the checkpoint's config and `want_cfg` differ."""
-  diffs = []
-  for key in MODEL_SHAPE_KEYS + ("length",):
-    a, b = ckpt_cfg.model.get(key), want_cfg.model.get(key)
-    if a != b:
-      diffs.append(f"model.{key}: checkpoint {a}, config {b}")
-  for key in ("type", "tokens"):
-    a, b = ckpt_cfg.graph.get(key), want_cfg.graph.get(key)
-    if a != b:
-      diffs.append(f"graph.{key}: checkpoint {a}, config {b}")
-  if diffs:
-    raise CliError(f"the checkpoint {path} is of another model shape than --config {spec}: "
-                   + "; ".join(diffs))
-
-
-def read_fasta_records(path: str) -> list[tuple[str, str, str]]:
-  """(name, description, sequence text) of every record; templates keep any character."""
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise CliError(f"{path} does not exist")
-  records, name, desc, chunks = [], None, "", []
-  for line in p.read_text().splitlines():
-    line = line.strip()
-    if not line:
-      continue
-    if line.startswith(">"):
-      if name is not None:
-        records.append((name, desc, "".join(chunks)))
-      head = line[1:].strip()
-      name, _, desc = head.partition(" ")
-      chunks = []
-    else:
-      if name is None:
-        raise CliError(f"{path}: not FASTA (sequence before the first '>')")
-      chunks.append(line)
-  if name is not None:
-    records.append((name, desc, "".join(chunks)))
-  if not records:
-    raise CliError(f"{path}: no FASTA records")
-  return records
-
-
-def training_sequences(cfg, limit: int | None = None, seed: int = 0):
-  """The training split of cfg.data.prepared as (list of id arrays, lengths), or None."""
-  from sedd_jax.data import pipeline
-  from sedd_jax.data import store as store_lib
-  try:
-    root = pipeline.resolve_path(cfg.data.prepared)
-    if not store_lib.is_prepared(root):
-      return None
-    st = store_lib.Store(root, "train")
-  except (OSError, ValueError) as e:
-    logger.warning("training data unavailable (%s)", e)
-    return None
-  idx = np.arange(len(st))
-  if limit is not None and len(st) > limit:
-    idx = np.sort(np.random.default_rng(seed).choice(len(st), limit, replace=False))
-  return [np.asarray(st[int(i)]) for i in idx], np.asarray(st.lengths)
 
 
 @dataclasses.dataclass
@@ -249,6 +139,7 @@ class Plan:
 
 def make_plan(args, cfg, max_length: int) -> Plan:
   """Builds lengths and conditions from the flags (CliError on bad input)."""
+  from sedd_jax.data import fasta as fasta_lib
   from sedd_jax.sampling import conditioning as cond
 
   rng = np.random.default_rng(args.seed)
@@ -264,12 +155,16 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       if args.length or args.lengths:
         raise CliError(f"--{file_modes[0]} sets the lengths; drop --length/--lengths")
       conds, notes = [], []
-      for name, desc, text in read_fasta_records(getattr(args, file_modes[0])):
+      path = getattr(args, file_modes[0])
+      if not pathlib.Path(path).is_file():
+        raise CliError(f"{path} does not exist")
+      for rec in fasta_lib.read_fasta(path, alphabet=None):  # templates keep any character
+        name, text = rec.name, rec.text
         if args.template:
           c = cond.template(text, args.mask_char, max_length)
           note = f"template={name}"
         else:
-          m = re.search(r"spans=(\S+)", desc)
+          m = re.search(r"spans=(\S+)", rec.description)
           if not m:
             raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
           c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
@@ -280,7 +175,7 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
 
     if args.lengths == "from-data":
-      data = training_sequences(cfg)
+      data = reference.training_sequences(cfg)
       if data is None:
         raise CliError("--lengths from-data: no prepared training data at "
                        f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
@@ -348,10 +243,6 @@ def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
                    "generated unless --allow-rare; add --allow-rare or replace them")
 
 
-def is_protein_ligand(cfg) -> bool:
-  return cfg.get("task", "sedd") == "protein_ligand"
-
-
 def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
   flags against the config (CliError on bad input)."""
@@ -388,15 +279,16 @@ def run(args) -> int:
   if args.steps is not None and args.steps < 1:
     raise CliError(f"--steps must be >= 1; got {args.steps}")
   # The flags are checked against the checkpoint's config before the model is built and loaded.
-  peeked = read_config(args)
+  peeked = inference.read_config(args.workdir or args.checkpoint)
   checked = None
-  if peeked is not None and not is_protein_ligand(peeked):
+  if peeked is not None and not inference.is_protein_ligand(peeked):
     checked = check_sedd_args(args, peeked)
   elif peeked is not None:
-    check_protein_ligand_args(args, peeked)
-  model, cfg, graph, noise = load_model(args)
-  if is_protein_ligand(cfg):
-    return run_protein_ligand(args, model, cfg, t_start)
+    pl_sample.check_protein_ligand_args(args, peeked)
+  model, cfg, graph, noise = inference.load_model(
+      args.workdir or args.checkpoint, not args.use_params, args.config)
+  if inference.is_protein_ligand(cfg):
+    return pl_sample.run_protein_ligand(args, model, cfg, t_start)
   if checked is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
     checked = check_sedd_args(args, cfg)
   plan, steps, predictor, eps = checked
@@ -432,7 +324,7 @@ def run(args) -> int:
   logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, dt)
   if args.report:
     from sedd_jax.sampling import report
-    data = training_sequences(cfg, limit=5000, seed=args.seed)
+    data = reference.training_sequences(cfg, limit=5000, seed=args.seed)
     if data is None:
       logger.warning("--report: no prepared training data at %s; comparing with nothing",
                      cfg.data.prepared)
@@ -442,259 +334,6 @@ def run(args) -> int:
     report.write_report(seqs, ref, out.with_suffix(".report.json"),
                         out.with_suffix(".report.png"))
   return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Protein-ligand checkpoints.
-
-
-def reference_pairs(cfg, split: str):
-  """(store of `split` of cfg.data.prepared, its SmilesTokenizer); CliError if unavailable."""
-  from sedd_jax.data import pipeline
-  from sedd_jax.data import store as store_lib
-  root = pipeline.resolve_path(cfg.data.prepared)
-  try:
-    st = store_lib.Store(root, split)
-    return st, st.smiles_tokenizer()
-  except (OSError, ValueError, KeyError) as e:
-    raise CliError(f"no prepared protein-ligand pairs at {root} ({e}); run python -m "
-                   "sedd_jax.data.prepare on the pairs CSV of the config") from None
-
-
-def _pad(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Sequences -> ((N, width) int32 padded with <pad> = 1, (N,) int32 lengths)."""
-  out = np.ones((len(seqs), width), np.int32)
-  for i, x in enumerate(seqs):
-    out[i, :len(x)] = x
-  return out, np.array([len(x) for x in seqs], np.int32)
-
-
-def check_protein_ligand_args(args, cfg) -> str:
-  """The task to sample for a protein-ligand checkpoint of config `cfg`; CliError for flags that
-  do not apply or do not fit the config."""
-  unused = [f for f in ("prefix", "suffix", "template", "infill", "lengths") if getattr(args, f)]
-  unused += [f for f in ("motif", "cached", "report", "allow_rare") if getattr(args, f)]
-  if unused:
-    raise CliError(f"--{unused[0].replace('_', '-')} does not apply to protein-ligand "
-                   "checkpoints")
-  task = args.task or str(cfg.sampling.task)
-  if task not in PL_TASKS:
-    raise CliError(f"--task {task!r}: choose one of {PL_TASKS}")
-  if task != "ligand_given_protein" and args.proteins:
-    raise CliError(f"--proteins gives proteins; {task} does not take them")
-  if args.proteins and not pathlib.Path(args.proteins).is_file():
-    raise CliError(f"--proteins {args.proteins} does not exist")
-  if task == "joint" and args.guidance is not None:
-    raise CliError("--guidance applies to the conditional tasks, not joint")
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  if predictor == "first_hitting" or args.remask or args.draw != "unbiased":
-    raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
-  if args.batch_size < 1:
-    raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
-  for flag, value, top in (("--ligand-length", args.ligand_length, l_len),
-                           ("--length", args.length, p_len)):
-    if value is not None and not 1 <= value <= top:
-      raise CliError(f"{flag} {value} must lie in [1, {top}]")
-  if args.checker == "rdkit":
-    from sedd_jax.protein_ligand import modes
-    try:
-      modes.validity_checker("rdkit")
-    except ImportError:
-      raise CliError("--checker rdkit: rdkit is not installed (pip install -e '.[chem]')") from None
-  return task
-
-
-def run_protein_ligand(args, model, cfg, t_start: float) -> int:
-  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
-  from sedd_jax.data import fasta as fasta_lib
-  from sedd_jax.data import tokenizers
-  from sedd_jax.protein_ligand import modes
-
-  task = check_protein_ligand_args(args, cfg)
-  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
-  store, smiles_tok = reference_pairs(cfg, args.split)
-  rng = np.random.default_rng(args.seed)
-  ptok = tokenizers.ProteinTokenizer()
-  steps = int(args.steps or cfg.sampling.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  if task == "joint":
-    return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
-
-  if args.proteins:
-    names, given = [], []
-    try:
-      for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
-        x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
-        names += [rec.name] * (args.num or 1)
-        given += [x[:p_len]] * (args.num or 1)
-    except ValueError as e:
-      raise CliError(str(e)) from None
-    if not given:
-      raise CliError(f"--proteins {args.proteins}: no records")
-    ref_lengths = store.track("ligand").lengths
-    targets = (np.full((len(given),), args.ligand_length, np.int32) if args.ligand_length
-               else np.minimum(rng.choice(ref_lengths, len(given)), l_len).astype(np.int32))
-    refs = [""] * len(given)
-  else:
-    n = min(args.num or 8, len(store))
-    if n < 1:
-      raise CliError(f"--split {args.split} has no pairs")
-    names = [f"{args.split}_{i}" for i in range(n)]
-    prots = [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)]
-    ligs = [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)]
-    if task == "ligand_given_protein":
-      given, refs = prots, [smiles_tok.decode(x) for x in ligs]
-      targets = np.array([args.ligand_length or len(x) for x in ligs], np.int32)
-    else:
-      given, refs = ligs, [smiles_tok.decode(x) for x in ligs]
-      targets = np.array([args.length or len(x) for x in prots], np.int32)
-  given_tokens, given_lengths = _pad(given, p_len if task == "ligand_given_protein" else l_len)
-  n = len(given)
-  bs = min(args.batch_size, n)
-  guidance = 1.0 if args.guidance is None else args.guidance
-  try:
-    drop = modes.context_drop(cfg, task)
-  except ValueError as e:
-    raise CliError(str(e)) from None
-  logger.info("%s: %d samples, %s, %d steps, eps %g, batch %d, seed %d, guidance %g (context "
-              "dropped in training with probability %.2f; proteins cropped to the model length "
-              "%d)", task, n, predictor, steps, eps, bs, args.seed, guidance, drop, p_len)
-  try:
-    (tokens,) = run_batches(n, bs, args.seed, t_start, lambda key, idx: (
-        modes.sample_conditional(key, model, cfg, task, given_tokens[idx], given_lengths[idx],
-                                 targets[idx], steps=steps, predictor=predictor, eps=eps,
-                                 guidance=guidance),))
-  except ValueError as e:
-    raise CliError(str(e)) from None
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),
-              "guidance": guidance, "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
-  if task == "ligand_given_protein":
-    smiles = [smiles_tok.decode(tokens[i, :targets[i]]) for i in range(n)]
-    out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
-    write_validity(out, smiles, names, [int(t) for t in targets], settings, args.checker,
-                   t_start, references=refs)
-  else:
-    with open(out, "w") as f:
-      for i in range(n):
-        seq = ptok.decode(tokens[i, :targets[i]])
-        f.write(f">sample_{i} ligand={refs[i]} ref={names[i]} length={len(seq)} "
-                + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
-    logger.info("wrote %d proteins to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
-  return 0
-
-
-def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.ndarray, ...]:
-  """Calls `draw(key, idx)` (-> tuple of (bs, ...) arrays) on chunks of `bs` of the n samples,
-  chunk c with key fold_in(key(seed), c); the last chunk is filled up by repetition (one
-  compiled shape) and trimmed. Returns the outputs concatenated, (n, ...) numpy arrays."""
-  import jax
-
-  chunks = []
-  for b in range(0, n, bs):
-    idx = np.resize(np.arange(b, min(b + bs, n)), bs)
-    outs = draw(jax.random.fold_in(jax.random.key(seed), b // bs), idx)
-    chunks.append([np.asarray(jax.device_get(o))[:min(bs, n - b)] for o in outs])
-    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
-                time.perf_counter() - t_start)
-  return tuple(np.concatenate(parts) for parts in zip(*chunks))
-
-
-def run_settings(args, steps: int, predictor: str, eps: float, bs: int) -> dict:
-  """The settings every protein-ligand output records (FASTA headers, validity report)."""
-  return {"steps": steps, "predictor": predictor, "eps": eps, "seed": args.seed,
-          "batch_size": bs, "weights": "params" if args.use_params else "ema",
-          "checkpoint": str(args.workdir or args.checkpoint)}
-
-
-def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengths: list[int],
-                   settings: dict, checker: str | None, t_start: float,
-                   references: list[str] | None = None) -> dict:
-  """Writes `<out stem>.validity.json`: the settings, `modes.validity_report` of `smiles` (with
-  the checker used) and one entry per sample; returns the report."""
-  from sedd_jax.protein_ligand import modes
-
-  report = modes.validity_report(smiles, checker or "auto")
-  valid = report.pop("valid")
-  report = {**settings, **report, "samples": [
-      {"name": nm, "smiles": x, "valid": v, "length": t}
-      | ({"reference": references[i]} if references else {})
-      for i, (nm, x, v, t) in enumerate(zip(names, smiles, valid, lengths))]}
-  json_path = out.with_suffix(".validity.json")
-  json_path.write_text(json.dumps(report, indent=2))
-  logger.info("%d SMILES valid %d/%d = %.3f (checker: %s) -> %s (%.1f s in all)", len(smiles),
-              report["num_valid"], report["num"], report["validity"], report["checker"],
-              json_path, time.perf_counter() - t_start)
-  return report
-
-
-def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str, float],
-              t_start: float) -> int:
-  """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring);
-  `reverse` = (steps, predictor, eps)."""
-  from sedd_jax.data import tokenizers
-  from sedd_jax.protein_ligand import joint
-
-  out = pathlib.Path(args.out)
-  smi_path = out.with_suffix(".smi")
-  if smi_path == out:
-    raise CliError(f"--out {out}: joint writes FASTA there and the SMILES to <stem>.smi; give "
-                   "another suffix (e.g. .fasta)")
-  p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
-  n = 8 if args.num is None else args.num
-  if n < 1 or len(store) < 1:
-    raise CliError(f"--num must be >= 1 and --split {args.split} non-empty; got {n}, "
-                   f"{len(store)} pairs")
-  pairs = rng.choice(len(store), n)  # each sample takes both lengths of one reference pair
-  plens, llens = (np.full((n,), fixed, np.int32) if fixed else np.minimum(
-      np.asarray(store.track(track).lengths)[pairs], top).astype(np.int32)
-                  for fixed, track, top in ((args.length, "protein", p_len),
-                                            (args.ligand_length, "ligand", l_len)))
-  steps, predictor, eps = reverse
-  bs = min(args.batch_size, n)
-  logger.info("joint: %d pairs, %s, %d steps, eps %g, batch %d, seed %d", n, predictor, steps,
-              eps, bs, args.seed)
-  prots, ligs = run_batches(n, bs, args.seed, t_start, lambda key, idx: joint.sample_joint(
-      key, model, cfg, plens[idx], llens[idx], steps=steps, predictor=predictor, eps=eps))
-  ptok = tokenizers.ProteinTokenizer()
-  seqs = [ptok.decode(prots[i, :plens[i]]) for i in range(n)]
-  smiles = [smiles_tok.decode(ligs[i, :llens[i]]) for i in range(n)]
-  names = [f"sample_{i}" for i in range(n)]
-  settings = {"task": "joint", **run_settings(args, steps, predictor, eps, bs),
-              "lengths_from": f"{cfg.data.prepared}:{args.split}"}
-  out.parent.mkdir(parents=True, exist_ok=True)
-  report = write_validity(out, smiles, names, [int(t) for t in llens], settings, args.checker,
-                          t_start)
-  with open(out, "w") as f:
-    for name, seq, smi, ok in zip(names, seqs, smiles, report["samples"]):
-      f.write(f">{name} ligand={smi} ligand_valid={int(ok['valid'])} length={len(seq)} "
-              + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
-  smi_path.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
-  logger.info("wrote %d pairs: proteins to %s, ligands to %s", n, out, smi_path)
-  return 0
-
-
-def run_cli(parser: argparse.ArgumentParser, run_fn, argv: Sequence[str] | None) -> int:
-  """Parses argv, sets up logging and runs `run_fn(args)`; a CliError becomes one line + exit 2.
-
-  At the default verbosity the INFO lines of the libraries (QUIET_LOGGERS: orbax logs through
-  absl) are hidden; `--verbose` shows them.
-  """
-  parser.add_argument("--verbose", action="store_true",
-                      help="also show the INFO lines of jax, orbax and absl")
-  args = parser.parse_args(argv)
-  if not logging.getLogger().handlers:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  for name in QUIET_LOGGERS:
-    logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
-  try:
-    return run_fn(args)
-  except CliError as e:
-    logger.error("error: %s", e)
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

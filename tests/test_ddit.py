@@ -13,6 +13,7 @@ from parity_cases import cases
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
 from sedd_jax.model import ddit as ddit_lib
+from sedd_jax.model import fp8 as fp8_lib
 
 
 def model_cfg(**kw) -> ml_collections.ConfigDict:
@@ -276,20 +277,20 @@ def test_fp8_matmul_and_its_gradients_are_close_to_exact():
   x = jax.random.normal(kx, (64, 48), jnp.float32) * 3.0
   w = jax.random.normal(kw, (48, 40), jnp.float32) * 0.05
   r = jax.random.normal(kr, (64, 40), jnp.float32)
-  y = ddit_lib.fp8_matmul(x, w)
+  y = fp8_lib.fp8_matmul(x, w)
   assert y.shape == (64, 40) and y.dtype == jnp.float32
   assert 1e-4 < _rel(y, x @ w) < 0.05
-  dx, dw = jax.grad(lambda x, w: jnp.sum(ddit_lib.fp8_matmul(x, w) * r), argnums=(0, 1))(x, w)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(fp8_lib.fp8_matmul(x, w) * r), argnums=(0, 1))(x, w)
   assert 1e-4 < _rel(dx, r @ w.T) < 0.1 and 1e-4 < _rel(dw, x.T @ r) < 0.1
-  np.testing.assert_array_equal(ddit_lib.fp8_matmul(jnp.zeros_like(x), w), 0.0)
-  y3 = ddit_lib.fp8_dot_general(x.reshape(4, 16, 48), w, (((2,), (0,)), ((), ())))
+  np.testing.assert_array_equal(fp8_lib.fp8_matmul(jnp.zeros_like(x), w), 0.0)
+  y3 = fp8_lib.fp8_dot_general(x.reshape(4, 16, 48), w, (((2,), (0,)), ((), ())))
   np.testing.assert_array_equal(y3.reshape(64, 40), y)
   with pytest.raises(ValueError, match="fp8_dot_general handles"):
-    ddit_lib.fp8_dot_general(x, w.T, (((1,), (1,)), ((), ())))
+    fp8_lib.fp8_dot_general(x, w.T, (((1,), (1,)), ((), ())))
 
 
 def test_fp8_falls_back_without_fp8_gpus(caplog):
-  assert not ddit_lib.fp8_available()  # the CPU
+  assert not fp8_lib.fp8_available()  # the CPU
   with caplog.at_level("WARNING"):
     model = DDiT(model_cfg(matmul="fp8"), 9, True, nnx.Rngs(0))
   assert "no FP8 matmuls" in caplog.text

@@ -15,6 +15,7 @@ from flax import nnx
 from sedd_jax import diffusion
 from sedd_jax.protein_ligand import joint
 from sedd_jax.protein_ligand import modes
+from sedd_jax.protein_ligand import smiles as smiles_lib
 from sedd_jax.sampling import sampler
 from test_protein_ligand_modes import B, LIGAND_TOKENS, LL, LP, make_batch, make_model
 from test_protein_ligand_modes import tiny_cfg
@@ -237,19 +238,19 @@ VALID = ["CCO", "c1ccccc1", "CC(=O)Oc1ccccc1C(=O)O"]
 
 def test_rdkit_is_used_when_installed():
   pytest.importorskip("rdkit")  # an optional extra: `pip install -e '.[chem]'` (in `.[test]`)
-  report = modes.validity_report(VALID + GRAMMATICAL_NOT_CHEMICAL + ["C(C"])
+  report = smiles_lib.validity_report(VALID + GRAMMATICAL_NOT_CHEMICAL + ["C(C"])
   assert report["checker"] == "rdkit"
   assert report["valid"] == [True, True, True, False, False, False]
   assert report["num_valid"] == 3 and report["validity"] == 0.5
-  assert all(modes.grammar_valid_smiles(s) for s in GRAMMATICAL_NOT_CHEMICAL)
+  assert all(smiles_lib.grammar_valid_smiles(s) for s in GRAMMATICAL_NOT_CHEMICAL)
 
 
 def test_grammar_fallback_without_rdkit(monkeypatch):
   monkeypatch.setitem(sys.modules, "rdkit", None)  # `import rdkit` raises ImportError
-  report = modes.validity_report(VALID + GRAMMATICAL_NOT_CHEMICAL + ["C(C"])
+  report = smiles_lib.validity_report(VALID + GRAMMATICAL_NOT_CHEMICAL + ["C(C"])
   assert report["checker"] == "grammar"
   assert report["valid"] == [True] * 5 + [False]
   with pytest.raises(ImportError, match="chem"):
-    modes.validity_checker("rdkit")
-  assert modes.validity_report([]) == {"checker": "grammar", "num": 0, "num_valid": 0,
+    smiles_lib.validity_checker("rdkit")
+  assert smiles_lib.validity_report([]) == {"checker": "grammar", "num": 0, "num_valid": 0,
                                        "validity": 0.0, "valid": []}

@@ -13,6 +13,7 @@ from sedd_jax import evaluate as evaluate_cli
 from sedd_jax import sample as sample_cli
 from sedd_jax import train as train_lib
 from sedd_jax.protein_ligand import modes
+from sedd_jax.protein_ligand import smiles as smiles_lib
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import task as task_lib
@@ -74,7 +75,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   smi = (work / "samples" / "step_4.smi").read_text().splitlines()
   assert len(smi) == 2 and all("\tvalid_protein_" in line for line in smi)
   # The logged validity is the share of the written SMILES that the checker accepts.
-  _, is_valid = modes.validity_checker()
+  _, is_valid = smiles_lib.validity_checker()
   assert sample_rows[0]["smiles_validity"] == pytest.approx(
       np.mean([bool(is_valid(line.split("\t")[0])) for line in smi]))
 
@@ -90,7 +91,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert [line.split("\t")[1] for line in lines] == ["test_0", "test_1", "test_2"]
   report = json.loads(out.with_suffix(".validity.json").read_text())
   assert report["task"] == "ligand_given_protein" and report["num"] == 3
-  assert report["checker"] == modes.validity_checker()[0]
+  assert report["checker"] == smiles_lib.validity_checker()[0]
   assert [s["smiles"] for s in report["samples"]] == [line.split("\t")[0] for line in lines]
   valid = [bool(is_valid(s["smiles"])) for s in report["samples"]]
   assert [s["valid"] for s in report["samples"]] == valid
@@ -110,7 +111,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
     head, seq = rec.strip().split("\n")
     smiles = line.split("\t")[0]
     assert head.startswith(f"sample_{i} ligand={smiles} ") and line.endswith(f"\tsample_{i}")
-    assert sample["smiles"] == smiles and sample["valid"] == modes.grammar_valid_smiles(smiles)
+    assert sample["smiles"] == smiles and sample["valid"] == smiles_lib.grammar_valid_smiles(smiles)
     assert 1 <= len(seq) <= 64 and set(seq) <= set("ACDEFGHIKLMNPQRSTVWYXBUZO")  # ids 4..28
   # Guidance (the config trains both scores: mode `all`); joint takes none.
   guided = tmp_path / "guided.smi"
@@ -120,6 +121,20 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert report["guidance"] == 2.5 and report["num"] == 2
   assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--task", "joint",
                           "--guidance", "2"]) == 2
+  # Ligands for the proteins of a FASTA (--num each), and proteins for the split's ligands.
+  fasta = tmp_path / "given.fasta"
+  fasta.write_text(">p1 first\nMKTAYIAK\n>p2\nGSHMLE\n")
+  given = tmp_path / "given.smi"
+  assert sample_cli.main(["--workdir", str(work), "--out", str(given), "--num", "2",
+                          "--steps", "4", "--proteins", str(fasta), "--ligand-length", "5"]) == 0
+  assert [line.split("\t")[1] for line in given.read_text().splitlines()] == ["p1", "p1", "p2",
+                                                                              "p2"]
+  prot = tmp_path / "proteins.fasta"
+  assert sample_cli.main(["--workdir", str(work), "--out", str(prot), "--num", "2", "--steps",
+                          "4", "--task", "protein_given_ligand", "--length", "7"]) == 0
+  records = [r.strip().split("\n") for r in prot.read_text().split(">")[1:]]
+  assert [h.split(" ref=")[1].split(" ")[0] for h, _ in records] == ["test_0", "test_1"]
+  assert all(len(seq) == 7 and "task=protein_given_ligand" in h for h, seq in records)
 
   ev = tmp_path / "eval.json"
   assert evaluate_cli.main(["--workdir", str(work), "--split", "test", "--out", str(ev),

@@ -10,6 +10,8 @@ import pytest
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax.training import state as state_lib
+from sedd_jax.training import sedd_task as sedd_task_lib
+from sedd_jax.training import sharding as sharding_lib
 from sedd_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,6 +44,7 @@ class Setup:
     self.cfg = micro_config()
     self.graph = diffusion.get_graph(self.cfg.graph)
     self.noise = diffusion.get_noise(self.cfg.noise)
+    self.task = sedd_task_lib.SeddTask(self.cfg, graph=self.graph, noise=self.noise)
     model = state_lib.build_model(self.cfg, self.graph)
     self.defs, self.params, self.rest = state_lib.split_model(model)
     self.opt = state_lib.make_optimizer(self.cfg)
@@ -50,37 +53,38 @@ class Setup:
     self._grads = {}
 
   def mesh(self, n):
-    return step_lib.make_mesh(jax.devices()[:n])
+    return sharding_lib.make_mesh(jax.devices()[:n])
 
   def grads(self, n, accum=1, fsdp=False, batch=None):
     key = (n, accum, fsdp)
     if key not in self._grads:
       cfg = micro_config(**{"training.accum": accum})
       mesh = self.mesh(n)
-      fn = step_lib.make_grad_fn(cfg, self.graph, self.noise, self.defs, mesh)
-      psh = step_lib.param_shardings(mesh, self.params, fsdp)
-      bsh = step_lib.batch_sharding(mesh)
+      task = sedd_task_lib.SeddTask(cfg, graph=self.graph, noise=self.noise)
+      fn = step_lib.make_grad_fn(cfg, task, self.defs, mesh)
+      psh = sharding_lib.param_shardings(mesh, self.params, fsdp)
+      bsh = sharding_lib.batch_sharding(mesh)
       self._grads[key] = (jax.jit(fn, in_shardings=(
-        psh, step_lib.replicated(mesh, self.rest), {k: bsh for k in step_lib.BATCH_KEYS}, None,
+        psh, sharding_lib.replicated(mesh, self.rest), {k: bsh for k in task.batch_keys}, None,
         None), compiler_options=FAST), bsh)
     jf, bsh = self._grads[key]
-    b = step_lib.put_batch(batch or host_batch(), bsh)
+    b = sharding_lib.put_batch(batch or host_batch(), bsh)
     return jax.device_get(jf(self.params, self.rest, b, jnp.int32(3), self.state0.rng))
 
   def train_step(self, n, fsdp=False):
     key = (n, fsdp)
     if key not in self._steps:
       mesh = self.mesh(n)
-      sh = step_lib.state_shardings(mesh, self.state0, fsdp)
-      fn = step_lib.make_train_step(self.cfg, self.graph, self.noise, self.defs, self.opt, mesh,
-                                    sh, self.rest, compiler_options=FAST)
-      self._steps[key] = (fn, sh, step_lib.batch_sharding(mesh))
+      sh = sharding_lib.state_shardings(mesh, self.state0, fsdp)
+      fn = step_lib.make_train_step(self.cfg, self.task, self.defs, self.opt, mesh, sh, self.rest,
+                                    compiler_options=FAST)
+      self._steps[key] = (fn, sh, sharding_lib.batch_sharding(mesh))
     return self._steps[key]
 
   def run(self, n, state, batch, fsdp=False):
     fn, sh, bsh = self.train_step(n, fsdp)
     state = jax.device_put(jax.tree.map(jnp.array, state), sh)
-    return fn(state, self.rest, step_lib.put_batch(batch, bsh))
+    return fn(state, self.rest, sharding_lib.put_batch(batch, bsh))
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +98,11 @@ def _close(a, b, rtol=2e-5, atol=1e-6):
 
 
 def test_fsdp_spec():
-  assert step_lib.fsdp_spec((64, 24), 8) == jax.sharding.PartitionSpec("data", None)
-  assert step_lib.fsdp_spec((24, 64), 8) == jax.sharding.PartitionSpec(None, "data")
-  assert step_lib.fsdp_spec((3, 5), 8) == jax.sharding.PartitionSpec()
-  assert step_lib.fsdp_spec((), 8) == jax.sharding.PartitionSpec()
-  assert step_lib.fsdp_spec((64,), 1) == jax.sharding.PartitionSpec()
+  assert sharding_lib.fsdp_spec((64, 24), 8) == jax.sharding.PartitionSpec("data", None)
+  assert sharding_lib.fsdp_spec((24, 64), 8) == jax.sharding.PartitionSpec(None, "data")
+  assert sharding_lib.fsdp_spec((3, 5), 8) == jax.sharding.PartitionSpec()
+  assert sharding_lib.fsdp_spec((), 8) == jax.sharding.PartitionSpec()
+  assert sharding_lib.fsdp_spec((64,), 1) == jax.sharding.PartitionSpec()
 
 
 def test_8_devices_equal_1_device(setup):
@@ -187,9 +191,9 @@ def test_packed_loss_equals_unpacked_loss():
   from test_ddit import randomize
 
   cfg = micro_config(**{"data.pad_to": "pack"})
-  task = step_lib.SeddTask.from_config(cfg)
+  task = sedd_task_lib.SeddTask.from_config(cfg)
   assert task.batch_keys == ("tokens", "lengths", "segment_ids", "positions")
-  assert step_lib.SeddTask.from_config(micro_config()).batch_keys == ("tokens", "lengths")
+  assert sedd_task_lib.SeddTask.from_config(micro_config()).batch_keys == ("tokens", "lengths")
   model = randomize(state_lib.build_model(cfg, task.graph))
   model.eval()
   rng = np.random.default_rng(0)
@@ -223,7 +227,7 @@ def test_packed_loss_equals_unpacked_loss():
   want = losses(model, alone["x"], alone["x0"], jnp.array(lens), jnp.full((3,), t))
   assert got.shape == (1, 16) and np.all(np.asarray(got[0, 3:]) == 0)
   np.testing.assert_allclose(got[0, :3], want, rtol=1e-5, atol=1e-5)
-  n = step_lib.sequence_count(packed["x0"], jnp.asarray(packed["segment_ids"]))
+  n = sedd_task_lib.sequence_count(packed["x0"], jnp.asarray(packed["segment_ids"]))
   np.testing.assert_allclose(got.sum() / n, np.mean(want), rtol=1e-5)
   # the task's validation sums count sequences, not rows
   batch = {"tokens": packed["x0"], "lengths": np.array([sum(lens)], np.int32),
@@ -251,14 +255,14 @@ def packed_host_batch(seed=0):
 
 def test_packed_loss_is_the_mean_over_all_sequences_for_any_accum():
   cfgs = {a: micro_config(**{"data.pad_to": "pack", "training.accum": a}) for a in (1, 2)}
-  graph, noise = diffusion.get_graph(cfgs[1].graph), diffusion.get_noise(cfgs[1].noise)
+  graph = diffusion.get_graph(cfgs[1].graph)
   defs, params, rest = state_lib.split_model(state_lib.build_model(cfgs[1], graph))
-  mesh = step_lib.make_mesh(jax.devices()[:1])
+  mesh = sharding_lib.make_mesh(jax.devices()[:1])
   batch = packed_host_batch()
   out = {}
   for a, cfg in cfgs.items():
-    task = step_lib.SeddTask.from_config(cfg)
-    fn = step_lib.make_grad_fn(cfg, graph, noise, defs, mesh, task=task)
+    task = sedd_task_lib.SeddTask.from_config(cfg)
+    fn = step_lib.make_grad_fn(cfg, task, defs, mesh)
     data = {k: jnp.asarray(v) for k, v in batch.items() if k in task.batch_keys}
     out[a] = jax.jit(fn, compiler_options=FAST)(params, rest, data, jnp.int32(3),
                                                 jax.random.key_data(jax.random.key(0)))

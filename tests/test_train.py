@@ -19,8 +19,9 @@ from sedd_jax import train as train_lib
 from sedd_jax.data.fasta import DataError
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import metrics as metrics_lib
+from sedd_jax.training import run as run_lib
 from sedd_jax.training import state as state_lib
-from sedd_jax.training import step as step_lib
+from sedd_jax.training import sedd_task as sedd_task_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASTA = ROOT / "tests" / "data" / "pyhmmer_938293_first200.faa"
@@ -147,16 +148,14 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
 def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
   """Every loss NaN: each step is skipped; after max_bad_steps the run stops with a checkpoint
   holding the untouched initial parameters."""
-  monkeypatch.setattr(train_lib, "_STEP_CACHE", {})
-
   def nan_losses(model, graph, noise, tokens, *args):
     return jnp.full((tokens.shape[0],), jnp.nan) + 0.0 * model(
       tokens, jnp.ones((tokens.shape[0],)), None).sum()
 
-  monkeypatch.setattr(step_lib, "sequence_losses", nan_losses)
+  monkeypatch.setattr(sedd_task_lib, "sequence_losses", nan_losses)
   cfg = micro_config(store, **{"training.steps": 20, "training.max_bad_steps": 3})
   with caplog.at_level("ERROR"):
-    r = train_lib.train(cfg, tmp_path, compiler_options=FAST)
+    r = train_lib.train(cfg, tmp_path, compiler_options=FAST, cache=run_lib.CompileCache())
   assert (r.code, r.step, r.reason) == (train_lib.EXIT_NONFINITE, 3, "non-finite")
   assert "3 consecutive steps with a non-finite" in caplog.text
   items = ckpt_lib.read_items(tmp_path / "checkpoints" / "3")
@@ -172,24 +171,23 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
 def test_loop_reads_no_metric_of_the_step_just_queued(tmp_path, store, monkeypatch):
   """Between log rows the loop reads a step's `bad_steps` only after the next step is queued."""
   events = []
-  cached = train_lib._cached
 
-  def recording(kind, *args):
-    fn = cached(kind, *args)
-    if kind != "train":
-      return fn
+  class Recording(run_lib.CompileCache):
+    def get(self, kind, *args):
+      fn = run_lib.COMPILE_CACHE.get(kind, *args)
+      if kind != "train":
+        return fn
 
-    def step(*a):
-      state, m = fn(*a)
-      events.append(("queued", id(m["bad_steps"])))
-      return state, m
-    return step
+      def step(*a):
+        state, m = fn(*a)
+        events.append(("queued", id(m["bad_steps"])))
+        return state, m
+      return step
 
   device_get = jax.device_get
-  monkeypatch.setattr(train_lib, "_cached", recording)
   monkeypatch.setattr(jax, "device_get", lambda x: events.append(("read", id(x))) or device_get(x))
   cfg = micro_config(store, **{"training.steps": 5, "training.log_every": 100})
-  assert train_lib.train(cfg, tmp_path, compiler_options=FAST).step == 5
+  assert train_lib.train(cfg, tmp_path, compiler_options=FAST, cache=Recording()).step == 5
   queued = [i for kind, i in events if kind == "queued"]
   assert len(queued) == 5
   for n, i in enumerate(queued[:-1]):

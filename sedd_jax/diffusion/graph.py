@@ -111,6 +111,44 @@ class Graph:
     _check_score(rate, i, self.dim, name="rate")
     return sample_categorical(key, self._one_hot(i, dtype=rate.dtype) + rate)
 
+  def staggered_score(self, score: Array, dsigma: Array) -> Array:
+    """exp(-dsigma Q) applied to the score (the graph's closed form, `_staggered_score`).
+
+    Args:
+      score: (B, L, D) score.
+      dsigma: (B,) noise decrement.
+
+    Returns:
+      (B, L, D).
+    """
+    if score.ndim != 3 or score.shape[-1] != self.dim:
+      raise ValueError(f"score must have shape (B, L, D) with D = {self.dim}; got {score.shape}")
+    return self._staggered_score(score, _per_sequence(dsigma, score[..., 0], name="dsigma"))
+
+  def score_entropy(self, log_score: Array, sigma: Array, x: Array, x0: Array) -> Array:
+    """Denoising score entropy at each position (the graph's closed form, `_score_entropy`).
+
+    Args:
+      log_score: (B, L, D) log score s.
+      sigma: (B,) total noise.
+      x: (B, L) perturbed tokens.
+      x0: (B, L) clean tokens.
+
+    Returns:
+      (B, L) float, >= 0 and 0 where the log score is the true log ratio.
+    """
+    _check_score(log_score, x, self.dim, name="log_score")
+    if x0.shape != x.shape:
+      raise ValueError(f"x0 {x0.shape} and x {x.shape} must have the same shape")
+    return self._score_entropy(log_score, _per_sequence(sigma, x), x, x0)
+
+  def _staggered_score(self, score: Array, ds: Array) -> Array:
+    raise NotImplementedError
+
+  def _score_entropy(self, log_score: Array, sigma: Array, x: Array, x0: Array) -> Array:
+    """sigma: (B, 1)."""
+    raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class Uniform(Graph):
@@ -174,19 +212,9 @@ class Uniform(Graph):
     new = jax.random.randint(k_tok, i.shape, 0, self.dim, dtype=jnp.int32)
     return jnp.where(move, new, i.astype(jnp.int32))
 
-  def staggered_score(self, score: Array, dsigma: Array) -> Array:
-    """exp(-dsigma Q) applied to the score: p_{sigma - dsigma}(y) / p_sigma(x), approximately.
-
-    Args:
-      score: (B, L, D) score.
-      dsigma: (B,) noise decrement.
-
-    Returns:
-      (B, L, D).
-    """
-    if score.ndim != 3 or score.shape[-1] != self.dim:
-      raise ValueError(f"score must have shape (B, L, D) with D = {self.dim}; got {score.shape}")
-    epow = jnp.exp(-_per_sequence(dsigma, score[..., 0], name="dsigma"))[..., None]  # (B, 1, 1)
+  def _staggered_score(self, score: Array, ds: Array) -> Array:
+    """p_{sigma - dsigma}(y) / p_sigma(x), approximately; ds (B, 1)."""
+    epow = jnp.exp(-ds)[..., None]  # (B, 1, 1)
     total = score.sum(axis=-1, keepdims=True)
     return (epow - 1.0) / (self.dim * epow) * total + score / epow
 
@@ -194,26 +222,11 @@ class Uniform(Graph):
     """Uniform tokens of `shape`, int32."""
     return jax.random.randint(key, shape, 0, self.dim, dtype=jnp.int32)
 
-  def score_entropy(self, log_score: Array, sigma: Array, x: Array, x0: Array) -> Array:
-    """Denoising score entropy at each position (the reference's closed form).
-
-    Equals (1/D) sum_{y != x} [e^{s_y} - r_y s_y + r_y (log r_y - 1)] with
-    r_y = p_sigma(y | x0) / p_sigma(x | x0), so it is >= 0 and 0 at s = log r.
-
-    Args:
-      log_score: (B, L, D) log score s.
-      sigma: (B,) total noise.
-      x: (B, L) perturbed tokens.
-      x0: (B, L) clean tokens.
-
-    Returns:
-      (B, L) float.
-    """
-    _check_score(log_score, x, self.dim, name="log_score")
-    if x0.shape != x.shape:
-      raise ValueError(f"x0 {x0.shape} and x {x.shape} must have the same shape")
+  def _score_entropy(self, log_score: Array, sigma: Array, x: Array, x0: Array) -> Array:
+    """The reference's closed form: (1/D) sum_{y != x} [e^{s_y} - r_y s_y + r_y (log r_y - 1)]
+    with r_y = p_sigma(y | x0) / p_sigma(x | x0), so it is >= 0 and 0 at s = log r."""
     d = self.dim
-    esigm1 = _esigm1(_per_sequence(sigma, x))  # (B, 1)
+    esigm1 = _esigm1(sigma)  # (B, 1)
     ratio = 1.0 - d / (esigm1 + d)  # (B, 1)
     s_x = _take(log_score, x)
     s_x0 = _take(log_score, x0)
@@ -293,20 +306,8 @@ class Absorbing(Graph):
     move = jax.random.uniform(key, i.shape, dtype=jnp.float32) < -jnp.expm1(-s)
     return jnp.where(move, self.mask, i).astype(jnp.int32)
 
-  def staggered_score(self, score: Array, dsigma: Array) -> Array:
-    """exp(-dsigma Q) applied to the score: score e^dsigma, the mask column plus
-    (1 - e^dsigma) sum(score).
-
-    Args:
-      score: (B, L, D) score.
-      dsigma: (B,) noise decrement.
-
-    Returns:
-      (B, L, D).
-    """
-    if score.ndim != 3 or score.shape[-1] != self.dim:
-      raise ValueError(f"score must have shape (B, L, D) with D = {self.dim}; got {score.shape}")
-    ds = _per_sequence(dsigma, score[..., 0], name="dsigma")  # (B, 1)
+  def _staggered_score(self, score: Array, ds: Array) -> Array:
+    """score e^dsigma, the mask column plus (1 - e^dsigma) sum(score); ds (B, 1)."""
     extra = (1.0 - jnp.exp(ds)) * score.sum(axis=-1)  # (B, L)
     out = score * jnp.exp(ds)[..., None]
     return out.at[..., -1].add(extra)
@@ -316,26 +317,12 @@ class Absorbing(Graph):
     del key
     return jnp.full(shape, self.mask, dtype=jnp.int32)
 
-  def score_entropy(self, log_score: Array, sigma: Array, x: Array, x0: Array) -> Array:
-    """Denoising score entropy at each position; only masked positions contribute.
-
-    At x = mask: sum_{y != mask} e^{s_y} - s_{x0}/E + (1/E)(log(1/E) - 1), E = e^sigma - 1;
-    0 elsewhere. The true log ratio is log(1/E) at x0 and -inf elsewhere, where it is 0.
-
-    Args:
-      log_score: (B, L, D) log score s.
-      sigma: (B,) total noise.
-      x: (B, L) perturbed tokens.
-      x0: (B, L) clean tokens.
-
-    Returns:
-      (B, L) float.
-    """
-    _check_score(log_score, x, self.dim, name="log_score")
-    if x0.shape != x.shape:
-      raise ValueError(f"x0 {x0.shape} and x {x.shape} must have the same shape")
+  def _score_entropy(self, log_score: Array, sigma: Array, x: Array, x0: Array) -> Array:
+    """Only masked positions contribute: at x = mask, sum_{y != mask} e^{s_y} - s_{x0}/E +
+    (1/E)(log(1/E) - 1), E = e^sigma - 1; 0 elsewhere. The true log ratio is log(1/E) at x0 and
+    -inf elsewhere, where it is 0."""
     masked = x == self.mask  # (B, L)
-    inv_e = 1.0 / _esigm1(_per_sequence(sigma, x))  # (B, 1)
+    inv_e = 1.0 / _esigm1(sigma)  # (B, 1)
     # Unmasked positions are zeroed before exp so that they cannot overflow (or poison grads).
     s = jnp.where(masked[..., None], log_score, 0.0)
     neg = inv_e * _take(s, x0)

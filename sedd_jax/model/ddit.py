@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sedd_jax.model import attention as attention_lib
+from sedd_jax.model import fp8 as fp8_lib
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
 # How DDiT dropout masks get their random bits (see `dropout_bits`).
 DROPOUT_RNGS = ("threefry", "rbg", "hash")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
-# The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8_matmul`) on FP8 GPUs.
+# The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8.fp8_matmul`) on FP8 GPUs.
 MATMULS = ("default", "fp8")
 FREQ_DIM = 256  # sinusoidal sigma embedding size
 MLP_RATIO = 4
@@ -58,7 +59,7 @@ LN_EPS = 1e-5
 ROTARY_BASE = 10_000
 
 
-def _cfg(cfg: Any, key: str):
+def cfg_value(cfg: Any, key: str):
   """cfg[key] for a ConfigDict / dict / attribute object; DEFAULTS for optional keys."""
   if isinstance(cfg, dict) or hasattr(cfg, "keys"):
     if key in cfg:
@@ -124,7 +125,11 @@ def check_packing(batch: int, length: int, segment_ids, positions):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32."""
+  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32.
+
+  Not nnx.LayerNorm(use_bias=False, epsilon=1e-5): that one multiplies rsqrt(var + eps) by the
+  scale before the centred input, which differs in the last bit from the reference's order.
+  """
 
   def __init__(self, dim: int):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -193,12 +198,12 @@ def _torch_linear_init(in_features: int):
   return init
 
 
-def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
+def linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
             dot_general=jax.lax.dot_general) -> nnx.Linear:
   """nnx.Linear with float32 params computing in `dtype`; torch's init, or zeros.
 
   float32 layers use Precision.HIGHEST, so that float32 is not silently TF32 on GPUs.
-  `dot_general`: e.g. `fp8_dot_general`.
+  `dot_general`: e.g. `fp8.fp8_dot_general`.
   """
   init = nnx.initializers.zeros_init() if zero else _torch_linear_init(n_in)
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -207,20 +212,31 @@ def _linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
                     dot_general=dot_general)
 
 
+def score_head(out: jax.Array, sigma: jax.Array, indices: jax.Array,
+               scale_by_sigma: bool) -> jax.Array:
+  """The log-score from the output layer's `out` (B, L, D) f32: with `scale_by_sigma` (absorbing
+  graphs) minus log(expm1(sigma)) (B,) + log(D - 1); the entry at the input token (B, L) is 0."""
+  if scale_by_sigma:
+    esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
+    out = out - jnp.log(esigm1)[:, None, None] - math.log(out.shape[-1] - 1)
+  at_input = jnp.arange(out.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
+  return jnp.where(at_input, jnp.zeros((), out.dtype), out)
+
+
 class TimestepEmbedder(nnx.Module):
   """sigma (B,) -> sinusoid (B, 256) -> Linear -> SiLU -> Linear -> (B, C), float32."""
 
   def __init__(self, cond_dim: int, rngs: nnx.Rngs):
-    self.mlp_in = _linear(rngs, FREQ_DIM, cond_dim)
-    self.mlp_out = _linear(rngs, cond_dim, cond_dim)
+    self.mlp_in = linear(rngs, FREQ_DIM, cond_dim)
+    self.mlp_out = linear(rngs, cond_dim, cond_dim)
 
   def __call__(self, sigma: jax.Array) -> jax.Array:
     return self.mlp_out(jax.nn.silu(self.mlp_in(timestep_embedding(sigma))))
 
 
-def _gelu_out(linear: nnx.Linear, h: jax.Array) -> jax.Array:
-  """linear(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
-  return linear(jax.nn.gelu(h, approximate=True))
+def _gelu_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
+  """layer(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
+  return layer(jax.nn.gelu(h, approximate=True))
 
 
 class DDiTBlock(nnx.Module):
@@ -238,18 +254,18 @@ class DDiTBlock(nnx.Module):
     self.n_heads = n_heads
     self.attention = attention
     self.chunk = chunk
-    dot = fp8_dot_general if fp8 else jax.lax.dot_general
+    dot = fp8_lib.fp8_dot_general if fp8 else jax.lax.dot_general
     self.norm1 = LayerNorm(dim)
-    self.attn_qkv = _linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
-    self.attn_out = _linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_qkv = linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_out = linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
     drop_rngs = rngs if dropout_rng is None else None
     self.dropout_rng = dropout_rng
     self.dropout1 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.norm2 = LayerNorm(dim)
-    self.mlp_in = _linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
-    self.mlp_out = _linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
+    self.mlp_in = linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
+    self.mlp_out = linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
     self.dropout2 = nnx.Dropout(dropout, rngs=drop_rngs)
-    self.adaLN_modulation = _linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
+    self.adaLN_modulation = linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
     self._activation_out = _gelu_out
     if remat_mlp:  # keep only the pre-activation (B, L, 4H); recompute GELU in the backward
       self._activation_out = nnx.remat(_gelu_out)
@@ -294,8 +310,8 @@ class DDiTFinalLayer(nnx.Module):
 
   def __init__(self, dim: int, out_dim: int, cond_dim: int, rngs: nnx.Rngs):
     self.norm_final = LayerNorm(dim)
-    self.linear = _linear(rngs, dim, out_dim, zero=True)
-    self.adaLN_modulation = _linear(rngs, cond_dim, 2 * dim, zero=True)
+    self.linear = linear(rngs, dim, out_dim, zero=True)
+    self.adaLN_modulation = linear(rngs, cond_dim, 2 * dim, zero=True)
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
@@ -321,18 +337,13 @@ class DDiT(nnx.Module):
   """
 
   def __init__(self, cfg_model, vocab_size: int, absorb: bool, rngs: nnx.Rngs):
-    hidden = int(_cfg(cfg_model, "hidden_size"))
-    n_heads = int(_cfg(cfg_model, "n_heads"))
-    n_blocks = int(_cfg(cfg_model, "n_blocks"))
-    cond_dim = int(_cfg(cfg_model, "cond_dim"))
-    dropout = float(_cfg(cfg_model, "dropout"))
-    dtype_name = str(_cfg(cfg_model, "dtype"))
-    attention = str(_cfg(cfg_model, "attention"))
-    chunk = int(_cfg(cfg_model, "attention_chunk"))
-    remat = str(_cfg(cfg_model, "remat"))
-    dropout_rng = str(_cfg(cfg_model, "dropout_rng"))
-    residual = str(_cfg(cfg_model, "residual_dtype"))
-    matmul = str(_cfg(cfg_model, "matmul"))
+    get = lambda key: cfg_value(cfg_model, key)  # noqa: E731
+    hidden, n_heads, n_blocks, cond_dim, chunk = (
+        int(get(k)) for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "attention_chunk"))
+    dropout = float(get("dropout"))
+    dtype_name, attention, remat, dropout_rng, residual, matmul = (
+        str(get(k)) for k in ("dtype", "attention", "remat", "dropout_rng", "residual_dtype",
+                              "matmul"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
@@ -350,7 +361,7 @@ class DDiT(nnx.Module):
       raise ValueError(f"model.residual_dtype {residual!r}: choose one of {RESIDUAL_DTYPES}")
     if matmul not in MATMULS:
       raise ValueError(f"model.matmul {matmul!r}: choose one of {MATMULS}")
-    fp8 = matmul == "fp8" and fp8_available()
+    fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
       log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,
                   dtype_name)
@@ -360,7 +371,7 @@ class DDiT(nnx.Module):
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
     if vocab_size < 2:
       raise ValueError(f"vocab_size {vocab_size} must be >= 2")
-    self.scale_by_sigma = bool(_cfg(cfg_model, "scale_by_sigma"))
+    self.scale_by_sigma = bool(get("scale_by_sigma"))
     if self.scale_by_sigma and not absorb:
       raise ValueError("model.scale_by_sigma=True needs the absorbing graph (as in the reference);"
                        " set model.scale_by_sigma=False for graph.type='uniform'")
@@ -370,7 +381,7 @@ class DDiT(nnx.Module):
     self.absorb = bool(absorb)
     self.dtype = DTYPES[dtype_name]
     self.remat = remat
-    self.scan_blocks = bool(_cfg(cfg_model, "scan_blocks"))
+    self.scan_blocks = bool(get("scan_blocks"))
     self.residual_dtype = DTYPES[residual]
     self.deterministic = False  # set by model.eval() / model.train(), as nnx.Dropout's
     # One dropout stream for all blocks: a key per forward pass, split into one key per block.
@@ -422,12 +433,7 @@ class DDiT(nnx.Module):
       keys = jax.random.split(self.dropout_stream(), len(self.blocks))
     x = self._run_blocks(x, (cos, sin, c, lengths, segment_ids), keys)
 
-    x = self.output_layer(x, c)  # (B, L, D) f32
-    if self.scale_by_sigma:
-      esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
-      x = x - jnp.log(esigm1)[:, None, None] - math.log(x.shape[-1] - 1)
-    at_input = jnp.arange(x.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
-    return jnp.where(at_input, jnp.zeros((), x.dtype), x)
+    return score_head(self.output_layer(x, c), sigma, indices, self.scale_by_sigma)
 
   def _run_blocks(self, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
     """x (B, L, H) through every block: `block(x, *args, dropout_key=keys[n])`.
@@ -464,67 +470,3 @@ class DDiT(nnx.Module):
     if self.remat in policy:
       body = jax.checkpoint(body, policy=policy[self.remat])
     return jax.lax.scan(body, x, (stacked, keys))[0]
-
-
-def fp8_available() -> bool:
-  """Whether the default backend's devices have FP8 tensor cores (CUDA compute capability
-  >= 8.9: Ada, Hopper and newer)."""
-  dev = jax.devices()[0]
-  try:
-    return dev.platform == "gpu" and float(dev.compute_capability) >= 8.9
-  except (AttributeError, TypeError, ValueError):
-    return False
-
-
-def _quantize(x: jax.Array, f8) -> tuple[jax.Array, jax.Array]:
-  """x -> (x / s as `f8`, s): per-tensor current scaling, s = the power of two at or above
-  amax|x| / max(f8) (1 for x = 0); a power of two, so that dequantizing in bf16 is exact."""
-  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-  ratio = amax / jnp.float32(jnp.finfo(f8).max)
-  s = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(ratio))), jnp.float32(1))
-  return (x.astype(jnp.float32) / s).astype(f8), s
-
-
-def _scaled_dot(a_q, a_s, b_q, b_s, dims, dtype):
-  """dot_general of the dequantized operands `convert(q) * s`: the form XLA's GEMM rewriter
-  turns into one FP8 cuBLASLt matmul with the scales as its alpha on FP8 GPUs."""
-  a = a_q.astype(dtype) * a_s.astype(dtype)
-  b = b_q.astype(dtype) * b_s.astype(dtype)
-  return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=dtype)
-
-
-@jax.custom_vjp
-def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x (M, K) @ w (K, N) -> (M, N) in x's dtype, operands in float8_e4m3fn with per-tensor
-  scales; the backward pass quantizes the output gradient to float8_e5m2 (its range), and saves
-  the FP8 operands (not x, w) for it."""
-  return _fp8_fwd(x, w)[0]
-
-
-def _fp8_fwd(x, w):
-  xq, xs = _quantize(x, jnp.float8_e4m3fn)
-  wq, ws = _quantize(w, jnp.float8_e4m3fn)
-  dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # the cotangents' dtypes
-  return _scaled_dot(xq, xs, wq, ws, ((1,), (0,)), x.dtype), (xq, xs, wq, ws, dtypes)
-
-
-def _fp8_bwd(res, g):
-  xq, xs, wq, ws, (x_like, w_like) = res
-  gq, gs = _quantize(g, jnp.float8_e5m2)
-  dx = _scaled_dot(gq, gs, wq, ws, ((1,), (1,)), g.dtype)  # (M, N) . (K, N) -> (M, K)
-  dw = _scaled_dot(xq, xs, gq, gs, ((0,), (0,)), g.dtype)  # (M, K) . (M, N) -> (K, N)
-  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
-
-
-fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
-
-
-def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                    out_sharding=None):
-  """`lax.dot_general` replacement for nnx.Linear: lhs (..., K) . rhs (K, N) by `fp8_matmul`."""
-  del precision, preferred_element_type, out_sharding  # FP8 sets its own
-  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
-    raise ValueError(f"fp8_dot_general handles x (..., K) . w (K, N) only; got "
-                     f"{lhs.shape} . {rhs.shape} with {dimension_numbers}")
-  y = fp8_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
-  return y.reshape(*lhs.shape[:-1], rhs.shape[1])

@@ -27,7 +27,7 @@ from sedd_jax.protein_ligand.modes import ALL
 from sedd_jax.protein_ligand.modes import context_drop
 from sedd_jax.protein_ligand.modes import draw_mode
 from sedd_jax.protein_ligand.modes import eval_loss_fn
-from sedd_jax.protein_ligand.modes import grammar_valid_smiles
+from sedd_jax.protein_ligand.smiles import grammar_valid_smiles
 from sedd_jax.protein_ligand.modes import guided_log_score
 from sedd_jax.protein_ligand.modes import indexed_loss_fn
 from sedd_jax.protein_ligand.modes import loss_fn
@@ -37,9 +37,9 @@ from sedd_jax.protein_ligand.modes import sample_conditional
 from sedd_jax.protein_ligand.modes import sample_ligand_given_protein
 from sedd_jax.protein_ligand.modes import sample_protein_given_ligand
 from sedd_jax.protein_ligand.modes import skip_unused_updates
-from sedd_jax.protein_ligand.modes import smiles_validity
-from sedd_jax.protein_ligand.modes import validity_checker
-from sedd_jax.protein_ligand.modes import validity_report
+from sedd_jax.protein_ligand.smiles import smiles_validity
+from sedd_jax.protein_ligand.smiles import validity_checker
+from sedd_jax.protein_ligand.smiles import validity_report
 
 __all__ = [
     "ALL", "CrossAttention", "GROUPS", "MODES", "ProteinLigandDDiT", "build_model", "context_drop",

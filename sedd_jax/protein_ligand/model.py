@@ -34,6 +34,7 @@ Parameter groups (state paths): `protein_embed`, `protein_blocks`, `protein_cros
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -69,7 +70,7 @@ class CrossAttention(nnx.Module):
     self.chunk = chunk
     self.norm_q = ddit.LayerNorm(dim)
     self.norm_kv = ddit.LayerNorm(dim)
-    linear = ddit._linear  # pylint: disable=protected-access  (the DDiT's init and dtypes)
+    linear = ddit.linear  # the DDiT's init and dtypes
     self.attn_q = linear(rngs, dim, dim, bias=False, dtype=dtype)
     self.attn_kv = linear(rngs, dim, 2 * dim, bias=False, dtype=dtype)
     self.attn_out = linear(rngs, dim, dim, bias=False, dtype=dtype)
@@ -105,7 +106,7 @@ class ProteinLigandDDiT(nnx.Module):
 
   def __init__(self, cfg_model, protein_dim: int, ligand_dim: int, absorb: bool = True, *,
                rngs: nnx.Rngs):
-    get = lambda k: ddit._cfg(cfg_model, k)  # pylint: disable=protected-access
+    get = lambda k: ddit.cfg_value(cfg_model, k)
     hidden = int(get("hidden_size"))
     n_heads = int(get("n_heads"))
     n_blocks = int(get("n_blocks"))
@@ -190,12 +191,7 @@ class ProteinLigandDDiT(nnx.Module):
 
   def _head(self, output_layer, x, c, sigma, tokens):
     """Output layer + absorbing scale_by_sigma + zero at the input token: -> (B, L, D) f32."""
-    out = output_layer(x, c)
-    if self.scale_by_sigma:
-      esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
-      out = out - jnp.log(esigm1)[:, None, None] - math.log(out.shape[-1] - 1)
-    at_input = jnp.arange(out.shape[-1], dtype=jnp.int32)[None, None, :] == tokens[..., None]
-    return jnp.where(at_input, jnp.zeros((), out.dtype), out)
+    return ddit.score_head(output_layer(x, c), sigma, tokens, self.scale_by_sigma)
 
   def __call__(self, protein: Array | None, ligand: Array | None, sigma_protein: Array | None,
                sigma_ligand: Array | None, protein_lengths: Array | None = None,
@@ -304,19 +300,10 @@ def resolve_ligand_vocab(cfg) -> int:
                               "run python -m sedd_jax.data.prepare on the pairs first") from e
   tok = tokenizers.SmilesTokenizer.load(path)
   tokens = int(tok.mask_id)  # vocab_size - 1: the absorbing state is the tokenizer's <mask>
-  with cfg.ligand.unlocked() if hasattr(cfg.ligand, "unlocked") else _nullcontext():
+  with cfg.ligand.unlocked() if hasattr(cfg.ligand, "unlocked") else contextlib.nullcontext():
     cfg.ligand.graph.tokens = tokens
   logger.info("ligand vocabulary from %s: %d tokens + <mask> = %d", path, tokens, tokens)
   return tokens
-
-
-class _nullcontext:  # pylint: disable=invalid-name
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def get_graphs(cfg) -> tuple[diffusion.Graph, diffusion.Graph]:

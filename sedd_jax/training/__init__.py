@@ -1,8 +1,10 @@
-"""Training: state and optimizer (`state`), the model and loss of a config's task (`task`:
-protein-only SEDD or protein-ligand), jitted steps, shardings and set-up (`step`), orbax
-checkpoints and inference loading (`checkpoint`), console/JSONL/wandb metrics (`metrics`).
+"""Training: state and optimizer (`state`), the Task protocol (`task`) and the protein-only
+SEDD task (`sedd_task`; protein-ligand: `sedd_jax.protein_ligand.task`), jitted steps and
+set-up (`step`), mesh and shardings (`sharding`), orbax checkpoints and inference loading
+(`checkpoint`), console/JSONL/wandb metrics (`metrics`), and the job: `loop.train` (set-up in
+`run`, periodic actions in `hooks`, signals, workdir and prefetching in `runtime`).
 
-The job itself is `sedd_jax.train` (`python -m sedd_jax.train --config=configs/uniref50.py:tiny`).
+The command line is `sedd_jax.train` (`python -m sedd_jax.train --config=configs/uniref50.py:tiny`).
 For sampling and evaluation:
 
   from sedd_jax.training.checkpoint import load_for_inference

@@ -52,7 +52,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sedd_jax import config as config_lib
-from sedd_jax.training import step as step_lib
+from sedd_jax.training import sharding
 from sedd_jax.training.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ class Checkpointer:
 
     def scalar(v, s):
       a = jnp.asarray(v, jnp.int32)
-      return step_lib.put_global(a, s) if s is not None else a
+      return sharding.put_global(a, s) if s is not None else a
 
     rng = np.asarray(meta["rng"], np.uint32).reshape(np.shape(template.rng))
     state = TrainState(
@@ -323,7 +323,7 @@ class Checkpointer:
       else r.params,
       opt_state=r.opt_state,
       ema=_fill(template.ema, r.ema) if isinstance(template.ema, nnx.State) else r.ema,
-      rng=step_lib.put_global(rng, sh.rng) if sh.rng is not None else jnp.asarray(rng),
+      rng=sharding.put_global(rng, sh.rng) if sh.rng is not None else jnp.asarray(rng),
       bad_steps=scalar(meta["bad_steps"], sh.bad_steps),
       skipped=scalar(meta["skipped"], sh.skipped),
     )
@@ -370,7 +370,7 @@ class Checkpointer:
         dest = dest_root / f"{step}-{stamp}"
         shutil.move(str(src), str(dest))
         logger.error("moved unusable checkpoint %s to %s", src, dest)
-    step_lib.barrier("sedd_jax.checkpoint: unusable checkpoints moved aside")
+    sharding.barrier("sedd_jax.checkpoint: unusable checkpoints moved aside")
     self._manager.close()
     self._manager = self._make_manager()
 

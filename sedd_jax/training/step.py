@@ -1,11 +1,13 @@
-"""The jit-compiled train and eval steps, device mesh and shardings, for any task.
+"""The jit-compiled train and eval steps and the job's set-up, for any task.
 
-The loss comes from a task object (`sedd_jax.training.task`): `SeddTask` (defined here, beside
-its math) for protein-only SEDD, `sedd_jax.protein_ligand.task.ProteinLigandTask` for the
-dual-track model. `setup(cfg, devices)` builds what a training job (or a benchmark) needs:
-task, model split, optimizer, mesh, sharded initial state.
+The loss comes from a task object (the `Task` protocol of `sedd_jax.training.task`):
+`sedd_jax.training.sedd_task.SeddTask` for protein-only SEDD,
+`sedd_jax.protein_ligand.task.ProteinLigandTask` for the dual-track model. `setup(cfg,
+devices)` builds what a training job (or a benchmark) needs: task, model split, optimizer,
+mesh, sharded initial state.
 
-Devices: one 1-D mesh `('data',)` over all devices (`jax.make_mesh`); batches are sharded over
+Devices (mesh, shardings and placement in `sedd_jax.training.sharding`): one 1-D mesh
+`('data',)` over all devices (`jax.make_mesh`); batches are sharded over
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
 `cfg.training.fsdp` sharded fsdp-style (each array's largest axis divisible by the device count
 is split over `data`; arrays with none stay replicated). XLA inserts the collectives; no pmap.
@@ -52,12 +54,10 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sedd_jax import diffusion
-from sedd_jax.model import attention as attention_lib
+from sedd_jax.training import sharding
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
 from sedd_jax.training.state import ModelDefs
@@ -67,166 +67,6 @@ from sedd_jax.training.state import ema_update
 from sedd_jax.training.state import make_schedule
 
 Array = jax.Array
-AXIS = "data"
-BATCH_KEYS = ("tokens", "lengths")  # the SEDD task's; a task's own are `task.batch_keys`
-
-
-# ----------------------------------------------------------------------------------------------
-# Mesh and shardings.
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh ('data',) over `devices` (default: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
-  """PartitionSpec splitting the largest axis divisible by n over 'data' (P() if none)."""
-  if n <= 1 or not shape:
-    return P()
-  best = None
-  for axis, size in enumerate(shape):
-    if size % n == 0 and size >= n and (best is None or size > shape[best]):
-      best = axis
-  if best is None:
-    return P()
-  spec = [None] * len(shape)
-  spec[best] = AXIS
-  return P(*spec)
-
-
-def param_shardings(mesh: jax.sharding.Mesh, tree: Any, fsdp: bool) -> Any:
-  """NamedShardings for a parameter-shaped tree: replicated, or `fsdp_spec` per array."""
-  n = mesh.shape[AXIS]
-
-  def one(x):
-    shape = tuple(getattr(x, "shape", ()))
-    return NamedSharding(mesh, fsdp_spec(shape, n) if fsdp else P())
-
-  return jax.tree.map(one, tree)
-
-
-def state_shardings(mesh: jax.sharding.Mesh, state: TrainState, fsdp: bool) -> TrainState:
-  """Shardings for a TrainState (or its abstract `jax.eval_shape` twin)."""
-  rep = NamedSharding(mesh, P())
-  return TrainState(
-    step=rep,
-    params=param_shardings(mesh, state.params, fsdp),
-    opt_state=param_shardings(mesh, state.opt_state, fsdp),
-    ema=param_shardings(mesh, state.ema, fsdp),
-    rng=rep,
-    bad_steps=rep,
-    skipped=rep,
-  )
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Sharding of a batch array: first axis over 'data'."""
-  return NamedSharding(mesh, P(AXIS))
-
-
-def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-  """Replicated shardings for every leaf of `tree`."""
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches `barrier(name)` (returns at once with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def put_global(tree: Any, shardings: Any) -> Any:
-  """Places `tree`, whose value is the same on every process, with `shardings` (a matching tree).
-
-  Fully addressable shardings (one process) use `jax.device_put`; a mesh spanning several
-  processes gets global arrays whose local shards are sliced from this process's copy
-  (`jax.make_array_from_callback`; PRNG key arrays via their key data).
-  """
-
-  def one(x, s):
-    if s.is_fully_addressable:
-      return jax.device_put(x, s)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
-
-  return jax.tree.map(one, tree, shardings)
-
-
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
-              keys: Sequence[str] = BATCH_KEYS) -> dict[str, Array]:
-  """The global batch `batch[k]` (B, ...) for k in `keys` (default the SEDD task's; pass
-  `task.batch_keys`), the same on every process -> arrays sharded over 'data' on their first
-  axis; each device receives only its rows (works with any number of processes)."""
-  out = {}
-  for k in keys:
-    host = np.asarray(batch[k])
-    if host.shape[0] % sharding.mesh.shape[AXIS]:
-      raise ValueError(f"batch[{k!r}] has {host.shape[0]} rows, not a multiple of the "
-                       f"{sharding.mesh.shape[AXIS]} devices of the mesh")
-    out[k] = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
-  return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss.
-
-
-def draw_noise(key: Array, batch: int, step: Array, curriculum: diffusion.Curriculum,
-               time_eps: float) -> tuple[Array, Array, Array, Array, Array]:
-  """Per-sequence randomness of a step for the whole global batch.
-
-  Returns (t (B,), row_keys (B, 2) uint32, dropout key, corruption scale (), loss scale ()).
-  """
-  k_t, k_x, k_drop = jax.random.split(key, 3)
-  t = curriculum.sample_time(k_t, batch, step, eps=time_eps)
-  row_keys = jax.random.split(k_x, batch)
-  corrupt_scale, loss_scale = curriculum.sigma_scales(step)
-  return t, row_keys, k_drop, corrupt_scale, loss_scale
-
-
-def sequence_losses(model: nnx.Module, graph, noise, tokens: Array, lengths: Array, t: Array,
-                    row_keys: Array, corrupt_scale: Array, loss_scale: Array,
-                    segment_ids: Array | None = None, positions: Array | None = None) -> Array:
-  """Score-entropy loss per sequence.
-
-  Args:
-    model: a DDiT (already in train or eval mode).
-    graph, noise: the diffusion graph and noise schedule.
-    tokens: (B, L) int32 clean tokens; lengths: (B,) int32 real lengths (padding after).
-    t: (B,) float32 times; row_keys: (B, 2) uint32 corruption keys, one per row.
-    corrupt_scale, loss_scale: () float32 curriculum factors on sigma.
-    segment_ids, positions: (B, L) int32 of packed rows (data.pad_to="pack"), or None.
-
-  Returns:
-    (B,) float32: sum over positions < length of dsigma * score entropy; packed rows:
-    (B, MAX_SEGMENTS) float32, one sum per sequence of the row (0 for absent sequences).
-  """
-  tokens = tokens.astype(jnp.int32)
-  lengths = lengths.astype(jnp.int32)
-
-  def one(k, x0, ti):
-    return diffusion.perturb(k, graph, noise, x0[None], ti[None], sigma_scale=corrupt_scale)[0]
-
-  x = jax.vmap(one)(row_keys, tokens, t)
-  sigma = noise.total_noise(t) * loss_scale
-  packing = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
-  log_score = model(x, sigma, lengths, **packing)
-  weight = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  return diffusion.score_entropy_loss(
-      graph, noise, log_score.astype(jnp.float32), x, tokens, t, weight, sigma_scale=loss_scale,
-      segment_ids=segment_ids, num_segments=attention_lib.MAX_SEGMENTS)
-
-
-def sequence_count(tokens: Array, segment_ids: Array | None) -> Array:
-  """() float32 number of sequences of a batch: its rows, or the segments of packed rows."""
-  if segment_ids is None:
-    return jnp.float32(tokens.shape[0])
-  return jnp.max(segment_ids, axis=1).astype(jnp.float32).sum()
 
 
 def _micro_batches(x: Array, accum: int) -> Array:
@@ -235,64 +75,6 @@ def _micro_batches(x: Array, accum: int) -> Array:
   y = x.reshape((b // accum, accum) + x.shape[1:])
   y = jnp.swapaxes(y, 0, 1)
   return y
-
-
-@dataclasses.dataclass(frozen=True)
-class SeddTask(task_lib.Task):
-  """Protein-only SEDD (configs/uniref50.py): a DDiT and `sequence_losses`.
-
-  `draw`: t (B,) and one corruption key per row of the global batch (`draw_noise`), and
-  as `shared` the curriculum factors and the global batch's sequence count / accum; `loss`:
-  sum over the micro-batch of `sequence_losses` divided by that count (so the mean over the
-  micro-batches is the mean over ALL sequences, also when packed rows hold different numbers
-  of sequences) / the sum; `eval_loss`: the same without curriculum, t from the given key.
-  """
-
-  graph: Any = None
-  noise: Any = None
-
-  @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> "SeddTask":
-    return cls(cfg, graph=diffusion.get_graph(cfg.graph), noise=diffusion.get_noise(cfg.noise),
-               batch_keys=BATCH_KEYS + task_lib.packing_keys(cfg))
-
-  def build_model(self, seed: int | None = None) -> nnx.Module:
-    return state_lib.build_model(self.cfg, self.graph, seed)
-
-  def draw(self, key: Array, batch: dict[str, Array], step: Array) -> task_lib.Draw:
-    curriculum = diffusion.get_curriculum(self.cfg.curriculum)
-    t, row_keys, k_drop, cs, ls = draw_noise(key, batch["tokens"].shape[0], step, curriculum,
-                                             float(self.cfg.training.time_eps))
-    rows = {**batch, "t": t, "row_keys": jax.random.key_data(row_keys)}  # (B, 2) uint32
-    share = sequence_count(batch["tokens"], batch.get("segment_ids")) / int(
-        self.cfg.training.accum)
-    return task_lib.Draw(rows=rows, shared=(cs, ls, share), loss_key=None, dropout_key=k_drop)
-
-  def loss(self, model, rows, shared, key, step):
-    del key, step  # all randomness is per row (rows["t"], rows["row_keys"])
-    cs, ls, share = shared
-    per_seq = sequence_losses(model, self.graph, self.noise, rows["tokens"], rows["lengths"],
-                              rows["t"], jax.random.wrap_key_data(rows["row_keys"]), cs, ls,
-                              rows.get("segment_ids"), rows.get("positions"))
-    total = per_seq.sum()
-    return total / jnp.maximum(share, 1e-6), {"loss_sum": total}
-
-  def eval_loss(self, model, batch, key):
-    tokens, lengths = batch["tokens"], batch["lengths"]
-    b = tokens.shape[0]
-    plain = diffusion.Curriculum(kind="none")
-    t, row_keys, _, cs, ls = draw_noise(key, b, jnp.zeros((), jnp.int32), plain,
-                                        float(self.cfg.training.time_eps))
-    seg = batch.get("segment_ids")
-    per_seq = sequence_losses(model, self.graph, self.noise, tokens, lengths, t, row_keys, cs, ls,
-                              seg, batch.get("positions"))
-    return {"loss": per_seq.sum(), "n_seqs": sequence_count(tokens, seg),
-            "n_tokens": lengths.astype(jnp.float32).sum()}
-
-
-def _task(cfg, graph, noise, task: task_lib.Task | None) -> task_lib.Task:
-  """`task`, or the SEDD task of (cfg, graph, noise) when None."""
-  return task if task is not None else SeddTask(cfg, graph=graph, noise=noise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +125,8 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
       return loss, aux, grads
     mbs = {k: _micro_batches(a, accum) for k, a in draw.rows.items()}
     mbs = {k: jax.lax.with_sharding_constraint(
-      a, NamedSharding(mesh, P(*((None, AXIS) + (None,) * (a.ndim - 2))))) for k, a in mbs.items()}
+      a, NamedSharding(mesh, P(*((None, sharding.AXIS) + (None,) * (a.ndim - 2)))))
+           for k, a in mbs.items()}
     aux_shape = jax.eval_shape(  # the aux pytree (eval mode: no dropout state to advance)
       lambda: task.loss(nnx.merge(defs.eval, params, rest), jax.tree.map(lambda x: x[0], mbs),
                         draw.shared, micro_key(draw.loss_key, 0), step)[1])
@@ -364,16 +147,15 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
   return loss_and_grads
 
 
-def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
-                 mesh: jax.sharding.Mesh, task: task_lib.Task | None = None) -> Callable:
+def make_grad_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
+                 mesh: jax.sharding.Mesh) -> Callable:
   """The pure `loss_and_grads(params, rest, batch, step, rng) -> (loss, loss_sum, grads)`.
 
   loss: () mean over the global batch of the per-sequence loss; loss_sum: () its sum; grads: the
   gradient of `loss` (shaped like params), accumulated over `cfg.training.accum` micro-batches.
   `step` () int32 and `rng` (2,) uint32 pick the randomness (see the module docstring).
-  `task` defaults to the SEDD task of (cfg, graph, noise).
   """
-  fn = _loss_and_grads_fn(cfg, _task(cfg, graph, noise, task), defs, mesh)
+  fn = _loss_and_grads_fn(cfg, task, defs, mesh)
 
   def loss_and_grads(params, rest, batch, step, rng):
     loss, aux, grads = fn(params, rest, batch, step, rng)
@@ -382,21 +164,18 @@ def make_grad_fn(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
   return loss_and_grads
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
+def make_train_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
                     optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     state_sharding: TrainState, rest: Any,
-                    compiler_options: dict | None = None,
-                    task: task_lib.Task | None = None) -> Callable:
+                    compiler_options: dict | None = None) -> Callable:
   """Builds the jitted `train_step(state, rest, batch) -> (state, metrics)`.
 
   `state` is donated. `batch` is {k: (B, ...)} for k in `task.batch_keys` (SEDD: 'tokens'
   (B, L) int32, 'lengths' (B,) int32) sharded over 'data' (B = cfg.training.batch_size).
   metrics: scalars loss, loss_per_token, grad_norm, lr, finite (bool), bad_steps, skipped,
   tokens (real tokens in the batch), and the task's extra metrics. `compiler_options` go to XLA
-  (tests pass {"xla_backend_optimization_level": 0} to compile faster on the CPU). `task`
-  defaults to the SEDD task of (cfg, graph, noise).
+  (tests pass {"xla_backend_optimization_level": 0} to compile faster on the CPU).
   """
-  task = _task(cfg, graph, noise, task)
   decay = float(cfg.training.ema)
   schedule = make_schedule(cfg)
   loss_and_grads = _loss_and_grads_fn(cfg, task, defs, mesh)
@@ -439,34 +218,33 @@ def make_train_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDef
     return new_state, metrics
 
   rep = NamedSharding(mesh, P())
-  bs = batch_sharding(mesh)
+  bs = sharding.batch_sharding(mesh)
   return jax.jit(
     step_fn,
-    in_shardings=(state_sharding, replicated(mesh, rest), {k: bs for k in task.batch_keys}),
+    in_shardings=(state_sharding, sharding.replicated(mesh, rest),
+                  {k: bs for k in task.batch_keys}),
     out_shardings=(state_sharding, rep),
     donate_argnums=(0,),
     compiler_options=compiler_options,
   )
 
 
-def make_eval_step(cfg: ml_collections.ConfigDict, graph, noise, defs: ModelDefs,
+def make_eval_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
                    mesh: jax.sharding.Mesh, params_sharding: Any, rest: Any,
-                   compiler_options: dict | None = None,
-                   task: task_lib.Task | None = None) -> Callable:
+                   compiler_options: dict | None = None) -> Callable:
   """Builds the jitted `eval_step(params, rest, batch, key) -> sums` (`task.eval_loss`).
 
   sums: {"loss": () sum over the batch's sequences, ..., "n_seqs": (), "n_tokens": ()}. Dropout
   off, no curriculum: t ~ U[time_eps, 1) from `key`, so with a fixed key per batch the
   validation loss is comparable across steps. Use it with the EMA parameters.
   """
-  task = _task(cfg, graph, noise, task)
 
   def eval_fn(params, rest, batch, key):
     return task.eval_loss(nnx.merge(defs.eval, params, rest), batch, key)
 
   rep = NamedSharding(mesh, P())
-  bs = batch_sharding(mesh)
-  return jax.jit(eval_fn, in_shardings=(params_sharding, replicated(mesh, rest),
+  bs = sharding.batch_sharding(mesh)
+  return jax.jit(eval_fn, in_shardings=(params_sharding, sharding.replicated(mesh, rest),
                                         {k: bs for k in task.batch_keys}, rep),
                  out_shardings=rep, compiler_options=compiler_options)
 
@@ -500,19 +278,18 @@ class Setup:
 
   def train_step(self, compiler_options: dict | None = None) -> Callable:
     """`make_train_step` for this set-up."""
-    return make_train_step(self.cfg, None, None, self.defs, self.optimizer, self.mesh,
-                           self.shardings, self.rest, compiler_options=compiler_options,
-                           task=self.task)
+    return make_train_step(self.cfg, self.task, self.defs, self.optimizer, self.mesh,
+                           self.shardings, self.rest, compiler_options=compiler_options)
 
   def eval_step(self, compiler_options: dict | None = None) -> Callable:
     """`make_eval_step` for this set-up (EMA parameters' shardings)."""
-    return make_eval_step(self.cfg, None, None, self.defs, self.mesh, self.shardings.ema,
-                          self.rest, compiler_options=compiler_options, task=self.task)
+    return make_eval_step(self.cfg, self.task, self.defs, self.mesh, self.shardings.ema,
+                          self.rest, compiler_options=compiler_options)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
     """The global host batch (the same on every process) -> the task's batch arrays sharded
     over 'data'."""
-    return put_batch(batch, batch_sharding(self.mesh), self.task.batch_keys)
+    return sharding.put_batch(batch, sharding.batch_sharding(self.mesh), self.task.batch_keys)
 
 
 def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
@@ -525,12 +302,12 @@ def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
   defs, params, rest = state_lib.split_model(task.build_model())
   n_params = state_lib.param_count(params)
   optimizer = task.wrap_optimizer(state_lib.make_optimizer(cfg))
-  mesh = make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   state = state_lib.init_state(cfg, params, optimizer)
   fsdp = bool(cfg.training.fsdp if fsdp is None else fsdp)
-  shardings = state_shardings(mesh, state, fsdp)
-  state = put_global(state, shardings)
-  rest = put_global(rest, replicated(mesh, rest))
+  shardings = sharding.state_shardings(mesh, state, fsdp)
+  state = sharding.put_global(state, shardings)
+  rest = sharding.put_global(rest, sharding.replicated(mesh, rest))
   return Setup(cfg=cfg, task=task, defs=defs, rest=rest, n_params=n_params, optimizer=optimizer,
                mesh=mesh, state=state, shardings=shardings)
 

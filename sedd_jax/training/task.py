@@ -1,6 +1,6 @@
 """What the generic train/eval step needs to know about a model and its loss: a `Task`.
 
-The jitted steps of `sedd_jax.training.step` (mesh, shardings, accumulation, NaN skipping,
+The jitted steps of `sedd_jax.training.step` (shardings, accumulation, NaN skipping,
 optimizer, EMA) are shared by every model; a task supplies the rest:
 
   task = get_task(cfg)                      # dispatch on cfg.get("task", "sedd")
@@ -9,6 +9,7 @@ optimizer, EMA) are shared by every model; a task supplies the rest:
   draw = task.draw(key, batch, step)        # the step's randomness for the global batch
   loss, aux = task.loss(model, rows, draw.shared, key_a, step)    # per micro-batch a
   sums = task.eval_loss(model, batch, key)  # sums over the batch's sequences
+  write = task.sample_hook(...)             # samples during training (optional)
 
 The step splits `draw.rows` (every array (B, ...), batch arrays included) into micro-batches
 (rows j * accum + a form micro-batch a), passes `draw.shared` unchanged to each, and gives
@@ -17,7 +18,7 @@ micro-batch a the keys `fold_in(draw.loss_key, a)` (loss) and `fold_in(draw.drop
 key per row) therefore gets a loss independent of `accum` and of the device count.
 
 Tasks (registry `TASKS`, name = `cfg.task`):
-  sedd            `sedd_jax.training.step.SeddTask`: protein-only SEDD (configs/uniref50.py).
+  sedd            `sedd_jax.training.sedd_task.SeddTask`: protein-only SEDD (configs/uniref50.py).
   protein_ligand  `sedd_jax.protein_ligand.task.ProteinLigandTask`: the dual-track model and
                   its training modes (configs/protein_ligand.py).
 """
@@ -35,7 +36,7 @@ import optax
 Array = jax.Array
 
 TASKS = {
-  "sedd": "sedd_jax.training.step:SeddTask",
+  "sedd": "sedd_jax.training.sedd_task:SeddTask",
   "protein_ligand": "sedd_jax.protein_ligand.task:ProteinLigandTask",
 }
 
@@ -108,6 +109,18 @@ class Task:
     **other per-sequence metric sums, "n_seqs": (), "n_tokens": ()}; divided by n_seqs
     (loss also by n_tokens) when reported."""
     raise NotImplementedError
+
+  def sample_hook(self, built, options: dict, cache, writer, workdir, primary: bool):
+    """The writer of the task's samples during training, or None (the default: no samples).
+
+    Args: `built` the job's `step.Setup`; `options` its compiler options; `cache` its
+    `run.CompileCache`; `writer` its `metrics.MetricsWriter`; `workdir`; `primary` (process 0).
+    Returns `write(state, validation batches, key, step)`, which samples with the EMA weights
+    and (process 0) writes `<workdir>/samples/step_<step>.*`. Every process calls it at the same
+    step with the same global inputs (the sampler may be a collective).
+    """
+    del built, options, cache, writer, workdir, primary
+    return None
 
   def count_tokens(self, batch: dict[str, Any]) -> tuple[Any, Any]:
     """(padded, real) token counts of a batch (numpy or jax arrays)."""
