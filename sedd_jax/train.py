@@ -45,7 +45,7 @@ Every process checks (and the first one to get there prepares) the data store be
 is written; process 0 alone moves the workdir aside (`--fresh`, then a barrier) and
 writes metrics, samples and `config.json`; every process writes its shards of each checkpoint
 (orbax). A signal to any process stops all of them after the same step: the flags are
-gathered from every process before each step (`StopFlag.agreed`).
+gathered from every process every 10 steps (`StopFlag.agreed`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 
 Multi-process semantics (see `sedd_jax.train`): every process checks the data inputs; process 0
 alone prepares the workdir, then all meet at a barrier; `StopFlag.agreed` is called by every
-process before each step.
+process at the same steps (every `StopFlag.CHECK_EVERY` steps: a collective).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
 def _stop_reason(run: Run) -> str | None:
   """Why the loop stops before the next step (a signal to any process, `stop_after`), or None.
   A collective with several processes: every process calls it at the same step."""
-  signalled = run.stop.agreed()
+  signalled = run.stop.agreed(run.step)
   if signalled:
     return f"stopped by {signalled}"
   if run.stop_after is not None and run.step - run.start_step >= run.stop_after:

@@ -62,7 +62,9 @@ def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
 
 
 class StopFlag:
-  """Set by SIGTERM / SIGINT; the training loop asks `agreed()` between steps."""
+  """Set by SIGTERM / SIGINT; the training loop asks `agreed(step)` between steps."""
+
+  CHECK_EVERY = 10  # steps between the processes' collective comparisons of their flags
 
   def __init__(self):
     self.reason: str | None = None
@@ -72,11 +74,14 @@ class StopFlag:
   def __bool__(self) -> bool:
     return self.reason is not None
 
-  def agreed(self) -> str | None:
+  def agreed(self, step: int = 0) -> str | None:
     """The signal's name if this or ANY other process received one, else None.
 
-    With several processes this is a collective (an all-gather of the signal numbers): every
-    process must call it at the same step, and all get the same answer.
+    With several processes this is a collective (an all-gather of the signal numbers, which
+    waits for the queued step: one host stall), so it runs only when `step` is a multiple of
+    `CHECK_EVERY` and answers None in between: every process must call it at the same steps,
+    and all get the same answer, so all stop after the same step (at most CHECK_EVERY - 1
+    steps after the signal). One process answers at every step.
     """
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -84,6 +89,8 @@ class StopFlag:
 
     if jax.process_count() == 1:
       return self.reason
+    if step % self.CHECK_EVERY:
+      return None
     signum = int(multihost_utils.process_allgather(np.int32(self.signum)).max())
     return signal.Signals(signum).name if signum else None
 
