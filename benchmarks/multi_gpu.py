@@ -36,6 +36,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sedd_jax.training import metrics as metrics_lib  # noqa: E402
+
 QUIET = {"training.eval_every": 0, "training.sample_every": 0, "wandb.mode": "disabled"}
 
 
@@ -97,12 +100,8 @@ def train(name: str, root: pathlib.Path, variant: str, gpus: int, processes: int
 
 
 def train_rows(workdir: pathlib.Path) -> list[dict]:
-  rows = []
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    if row["kind"] == "train":
-      rows.append(row)
-  return rows
+  return [r for r in metrics_lib.read_metrics(workdir / metrics_lib.METRICS_FILE)
+          if r.get("kind") == "train"]
 
 
 def emit(record: dict) -> None:

@@ -39,6 +39,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+from sedd_jax.training import metrics as metrics_lib  # noqa: E402
+
 log = logging.getLogger("bench_packing")
 PARTS = ("attention", "step", "noise_cost", "loop", "variance")
 
@@ -195,11 +197,8 @@ def part_loop(args) -> None:
       t0 = time.perf_counter()
       proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
       wall = time.perf_counter() - t0
-      rows = []
-      path = os.path.join(work, "metrics.jsonl")
-      if os.path.exists(path):
-        with open(path) as f:
-          rows = [json.loads(x) for x in f if '"kind": "train"' in x]
+      rows = [r for r in metrics_lib.read_metrics(os.path.join(work, metrics_lib.METRICS_FILE))
+              if r.get("kind") == "train"]
       if proc.returncode or len(rows) < 2:
         emit({"part": "loop", "pad_to": pad_to, "error": proc.stderr.strip()[-400:]})
         continue

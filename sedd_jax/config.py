@@ -191,6 +191,15 @@ def override_keys_from_argv(argv: Sequence[str],
   return spec, keys
 
 
+# absl's help flags; absl exits 1 after printing the help, which the CLIs turn into exit 0.
+HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def asked_for_help(argv: Sequence[str]) -> bool:
+  """Whether the command line `argv` (without the program name) asks for absl's help."""
+  return any(a.split("=")[0] in HELP_FLAGS for a in argv)
+
+
 def check_override_args(argv: Sequence[str], flag: str = "config") -> None:
   """Loads the `--config=FILE[:VARIANT]` of a command line before absl does, so that its errors
   are one line: FileNotFoundError for a missing file, the file's own error (its ValueError) for

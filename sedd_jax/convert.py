@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "uniref50.py"
 DEFAULT_VARIANT = "small"
-HELP_FLAGS = frozenset({"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"})
 
 
 class ConvertError(ValueError):
@@ -241,7 +240,7 @@ def main(argv=None) -> None:
     app.run(run, argv=argv)
   except SystemExit as e:
     # absl exits with 1 after printing the help it was asked for: that is no error.
-    if e.code == 1 and HELP_FLAGS & set(argv[1:]):
+    if e.code == 1 and config_lib.asked_for_help(argv[1:]):
       sys.exit(0)
     raise
 

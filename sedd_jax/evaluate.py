@@ -156,14 +156,12 @@ def rows_of(seqs: list[np.ndarray], max_length: int, pack: bool) -> dict[str, np
   Returns tokens/lengths (+ segment_ids/positions when packed) and index (R, S): the sequence
   of each row (and segment), -1 for none."""
   from sedd_jax.data import pipeline
+  from sedd_jax.data import reference
 
   longest = max(len(s) for s in seqs)
   if not pack:
-    x0 = np.ones((len(seqs), longest), np.int32)  # <pad> = 1 after each sequence
-    for i, s in enumerate(seqs):
-      x0[i, :len(s)] = s
-    return {"tokens": x0, "lengths": np.array([len(s) for s in seqs], np.int32),
-            "index": np.arange(len(seqs))[:, None]}
+    x0, lengths = reference.pad_tokens(seqs, longest)  # <pad> after each sequence
+    return {"tokens": x0, "lengths": lengths, "index": np.arange(len(seqs))[:, None]}
   mean = sum(len(s) for s in seqs) / len(seqs)
   width = min(max_length, max(longest, -(-math.ceil(pipeline.MAX_SEGMENTS * mean) // 8) * 8))
   return pipeline.pack_sequences(seqs, width)

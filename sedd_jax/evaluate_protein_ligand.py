@@ -55,9 +55,10 @@ def mean_losses(model, cfg, pairs: dict[str, np.ndarray], batch_size: int, num_s
   @jax.jit
   def run(state, batch, key):
     """Per-mode mean losses of the batch, averaged over num_samples keys."""
-    m = nnx.merge(graphdef, state)
-    outs = [modes.eval_loss_fn(m, batch, k, every) for k in jax.random.split(key, num_samples)]
-    return jax.tree.map(lambda *xs: sum(xs) / len(xs), *outs)
+    def one(k):
+      return modes.eval_loss_fn(nnx.merge(graphdef, state), batch, k, every)
+    outs = jax.lax.map(one, jax.random.split(key, num_samples))  # each leaf (num_samples,)
+    return jax.tree.map(lambda x: x.mean(axis=0), outs)
 
   n = len(pairs["lengths"])
   bs = min(batch_size, n)
@@ -65,10 +66,8 @@ def mean_losses(model, cfg, pairs: dict[str, np.ndarray], batch_size: int, num_s
   t0 = time.perf_counter()
   for b in range(0, n, bs):
     real = min(bs, n - b)
-    idx = np.resize(np.arange(b, b + real), bs)  # one compiled shape
-    batch = {k: v[idx] for k, v in pairs.items()}
-    if real < bs:  # the last, partial batch: its own shape, so fillers do not count
-      batch = {k: v[:real] for k, v in batch.items()}
+    # full batches share one compiled shape; the last, partial one compiles its own
+    batch = {k: v[b:b + real] for k, v in pairs.items()}
     out = jax.device_get(run(state, batch, jax.random.fold_in(jax.random.key(seed), b)))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v) * real

@@ -32,12 +32,7 @@ def load_model(path: str, use_ema: bool = True, config_spec: str | None = None):
   except ckpt_lib.CheckpointError as e:
     raise CliError(f"cannot load a model from {path}: the checkpoint's weights do not fit the "
                    f"model its config describes (another model shape?): {e}") from None
-  model, cfg = loaded[0], loaded[1]
-  if len(loaded) >= 4:
-    graph, noise = loaded[2], loaded[3]
-  else:
-    from sedd_jax import diffusion  # noqa: PLC0415
-    graph, noise = diffusion.get_graph(cfg.graph), diffusion.get_noise(cfg.noise)
+  model, cfg, graph, noise = loaded
   if config_spec:
     check_same_shape(cfg, load_config(config_spec), path, config_spec)
   return model, cfg, graph, noise
@@ -47,11 +42,9 @@ def read_config(path: str):
   """The config of the checkpoint that `load_model(path)` loads (the newest of a run folder),
   read without building the model, so that the flags are checked before the slow load; None
   when it cannot be read (`load_model` then says why)."""
-  from sedd_jax import config as config_lib  # noqa: PLC0415
   from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
   try:
-    step_dir = ckpt_lib.resolve_checkpoint_dirs(path)[0]
-    return config_lib.from_dict(ckpt_lib.read_items(step_dir, ("config",))["config"])
+    return ckpt_lib.read_config(ckpt_lib.resolve_checkpoint_dirs(path)[0])
   except Exception:  # noqa: BLE001 -- only a look ahead; load_model reports the real problem
     return None
 

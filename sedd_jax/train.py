@@ -100,9 +100,6 @@ def define_flags() -> None:
     "(nothing is deleted).")
 
 
-HELP_FLAGS = ("-?", "-help", "--help", "--helpshort", "--helpfull")  # absl's
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing; a missing config file, an unknown variant or an unknown `--config.KEY`
   is reported in one line, and a help flag exits 0 (absl's exits 1)."""
@@ -118,7 +115,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.stderr.write(f"error: {lines[-1] if lines else e}\n")  # not a config file's traceback
     sys.exit(EXIT_CONFIG)
   except SystemExit as e:
-    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+    if e.code == 1 and config_lib.asked_for_help(argv[1:]):
       sys.exit(EXIT_OK)
     raise
 

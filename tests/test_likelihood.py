@@ -188,7 +188,7 @@ def test_masked_nll_matches_enumeration():
     likelihood.masked_nll(jax.random.key(0), fn, diffusion.Uniform(V), x0)
 
 
-@pytest.mark.parametrize("graph_type", ["uniform"])  # uniform: a prior term too
+@pytest.mark.parametrize("graph_type", ["absorb", "uniform"])  # uniform: a prior term too
 def test_packed_nelbo_equals_each_sequence_alone_at_the_same_draws(graph_type):
   """Packed rows: per-sequence estimates are those of each sequence alone with the row's t and
   the row's corrupted tokens (the model sees only its own sequence)."""

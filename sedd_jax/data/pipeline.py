@@ -69,6 +69,10 @@ DEFAULT_PACK_BINS = 1024  # rows packed at a time (more rows, less padding)
 resolve_path = prepare_lib.resolve_path
 DEFAULT_LIGAND_LENGTH = 128
 
+# (store dir, source path, source size, source mtime_ns) of the sources `ensure_prepared` has
+# already checked against their store in this process (skips re-hashing the source).
+_VERIFIED_SOURCES: set[tuple[str, str, int, int]] = set()
+
 
 def _cfg_get(section: Any, key: str, default: Any) -> Any:
   try:
@@ -115,13 +119,18 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
       smiles_column=_cfg_get(d, "smiles_column", None))
   if store_lib.is_prepared(out):
     manifest = store_lib.Store(out, "train").manifest
-    other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
-    if other is not None:
-      raise store_lib.StoreError(
-          f"store data.prepared = {out} was prepared from {manifest.get('source', {}).get('path')}"
-          f", not from data.fasta = {src} ({other}); it is not used. Point data.prepared to a new "
-          f"folder (prepared on first use), or rebuild this one: python -m sedd_jax.data.prepare "
-          f"--input {src} --output {out} --overwrite")
+    st = src.stat()
+    key = (str(out), str(src), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED_SOURCES:
+      other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
+      if other is not None:
+        raise store_lib.StoreError(
+            f"store data.prepared = {out} was prepared from "
+            f"{manifest.get('source', {}).get('path')}, not from data.fasta = {src} ({other}); it "
+            f"is not used. Point data.prepared to a new folder (prepared on first use), or "
+            f"rebuild this one: python -m sedd_jax.data.prepare --input {src} --output {out} "
+            f"--overwrite")
+      _VERIFIED_SOURCES.add(key)
     wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
     have = manifest.get("filters", {})
     diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
@@ -430,18 +439,18 @@ def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: 
   if pad_to == "pack" and "ligand" in store.tracks:
     raise ValueError(f"data.pad_to='pack' does not apply to the protein-ligand store "
                      f"{store.root} (one ligand per protein); use 'full' or 'bucket'")
-  bins = int(_cfg_get(cfg.data, "pack_bins", DEFAULT_PACK_BINS))
-  if bins < 1:
-    raise ValueError(f"data.pack_bins must be >= 1, got {bins}")
-  bounds = _boundaries(cfg, length, "full" if pad_to == "pack" else pad_to)
   examples = _Examples(store, seed, shard_index, shard_count,
                        shuffle=(split == "train") if shuffle is None else shuffle,
                        num_epochs=num_epochs, length=length)
   if pad_to == "pack":
+    bins = int(_cfg_get(cfg.data, "pack_bins", DEFAULT_PACK_BINS))
+    if bins < 1:
+      raise ValueError(f"data.pack_bins must be >= 1, got {bins}")
     log.info("data %s/%s: %d sequences (shard %d/%d), batch %d, L %d, pad_to pack (%d bins, "
              "at most %d sequences a row)", store.root, split, examples.shard_size, shard_index,
              shard_count, batch_size, length, bins, MAX_SEGMENTS)
     return _packed_dataset(examples, batch_size, bins, drop_remainder)
+  bounds = _boundaries(cfg, length, pad_to)
   lengths = store.lengths[shard_index::shard_count]
   full = padding_fraction(lengths, length)
   mine = padding_fraction(lengths, length, bounds if pad_to == "bucket" else None)

@@ -88,20 +88,27 @@ def cudnn_available(dtype, head_dim: int) -> bool:
     return False
   if head_dim % 8 != 0 or head_dim > 128:
     return False
+  cc = cuda_capability()
+  return cc is not None and cc[0] >= 8
+
+
+def cuda_capability() -> tuple[int, int] | None:
+  """(major, minor) CUDA compute capability of the default backend's first device, or None
+  when it is not a CUDA GPU (CPU, TPU, ROCm) or reports no readable capability."""
   try:
     dev = jax.devices()[0]
   except RuntimeError:
-    return False
+    return None
   if dev.platform != "gpu":
-    return False
+    return None
   cc = getattr(dev, "compute_capability", None)
   if cc is None:  # not CUDA (e.g. ROCm)
-    return False
+    return None
+  major, _, minor = str(cc).partition(".")
   try:
-    major = int(str(cc).split(".")[0])
+    return int(major), int(minor or 0)
   except ValueError:
-    return False
-  return major >= 8
+    return None
 
 
 def select_backend(backend: str, dtype, length: int, head_dim: int) -> str:
@@ -230,11 +237,8 @@ def cudnn_attention(q, k, v, lengths=None, segment_ids=None, *, layout: str | No
 
 
 def _hopper_or_newer() -> bool:
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  try:
-    return int(str(cc).split(".")[0]) >= 9
-  except ValueError:
-    return False
+  cc = cuda_capability()
+  return cc is not None and cc[0] >= 9
 
 
 def segment_offsets(segment_ids: jax.Array, max_segments: int = MAX_SEGMENTS):

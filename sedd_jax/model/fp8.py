@@ -11,15 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sedd_jax.model import attention
+
 
 def fp8_available() -> bool:
   """Whether the default backend's devices have FP8 tensor cores (CUDA compute capability
   >= 8.9: Ada, Hopper and newer)."""
-  dev = jax.devices()[0]
-  try:
-    return dev.platform == "gpu" and float(dev.compute_capability) >= 8.9
-  except (AttributeError, TypeError, ValueError):
-    return False
+  cc = attention.cuda_capability()
+  return cc is not None and cc >= (8, 9)
 
 
 def _quantize(x: jax.Array, f8) -> tuple[jax.Array, jax.Array]:

@@ -91,7 +91,6 @@ class ProteinLigandTask(task_lib.Task):
     cfg, n = self.cfg, int(self.cfg.training.num_samples)
     store = store_lib.Store(pipeline.resolve_path(cfg.data.prepared), "train")
     smiles_tok = store.smiles_tokenizer()
-    checker, is_valid = smiles_lib.validity_checker()
 
     def write(state, batches, key, step):
       if not batches:
@@ -106,12 +105,12 @@ class ProteinLigandTask(task_lib.Task):
         return
       smiles = [smiles_tok.decode(ligands[i, :pool["ligand_lengths"][i]])
                 for i in range(len(ligands))]
-      valid = [bool(is_valid(x)) for x in smiles]
+      report = smiles_lib.validity_report(smiles)
+      valid, validity, checker = report["valid"], report["validity"], report["checker"]
       out = pathlib.Path(workdir) / "samples" / f"step_{step}.smi"
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text("".join(f"{x}\tvalid_protein_{i} step={step} valid={int(v)}\n"
                              for i, (x, v) in enumerate(zip(smiles, valid))))
-      validity = sum(valid) / max(len(valid), 1)
       writer.write("sample", step, {"smiles_validity": validity, "checker": checker,
                                     "num_samples": len(smiles)})
       logger.info("step %d: %d ligands given validation proteins (%.1f s) -> %s; SMILES validity "

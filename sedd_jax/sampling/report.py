@@ -297,19 +297,27 @@ def nearest_jaccard(samples: Sequence[str], reference: Sequence[str], k: int = 3
   return best
 
 
+def _nearest_jaccard_and_identity(samples: Sequence[str], reference: Sequence[str], k: int,
+                                  candidates: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+  """(`nearest_jaccard`, `nearest_aligned_identity`) of one pass over the Jaccard chunks."""
+  best_jac = np.zeros(len(samples))
+  best_id = np.zeros(len(samples))
+  if len(reference) == 0:
+    return best_jac, best_id
+  for lo, jac in _jaccard_chunks(samples, reference, k, chunk):
+    best_jac[lo:lo + len(jac)] = jac.max(axis=1)
+    top = np.argsort(-jac, axis=1, kind="stable")[:, :candidates]
+    for r, row in enumerate(top):
+      ids = [aligned_identity(samples[lo + r], reference[j]) for j in row]
+      best_id[lo + r] = np.nanmax(ids) if np.isfinite(ids).any() else 0.0
+  return best_jac, best_id
+
+
 def nearest_aligned_identity(samples: Sequence[str], reference: Sequence[str], k: int = 3,
                              candidates: int = 20, chunk: int = 1024) -> np.ndarray:
   """For each sample the highest `aligned_identity` to the `candidates` references of highest
   k-mer Jaccard (all of them if there are fewer): (N,) in [0, 1] (0 with no reference)."""
-  best = np.zeros(len(samples))
-  if len(reference) == 0:
-    return best
-  for lo, jac in _jaccard_chunks(samples, reference, k, chunk):
-    top = np.argsort(-jac, axis=1, kind="stable")[:, :candidates]
-    for r, row in enumerate(top):
-      ids = [aligned_identity(samples[lo + r], reference[j]) for j in row]
-      best[lo + r] = np.nanmax(ids) if np.isfinite(ids).any() else 0.0
-  return best
+  return _nearest_jaccard_and_identity(samples, reference, k, candidates, chunk)[1]
 
 
 def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[int] = (1, 2, 3),
@@ -329,8 +337,8 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
     ref = [data[i] for i in sorted(rng.choice(len(data), max_reference, replace=False))]
   comp_s = composition(samples)
   comp_d = composition(data)
-  near = nearest_jaccard(samples, ref, k=novelty_k) if samples else np.zeros((0,))
-  ident = nearest_aligned_identity(samples, ref, novelty_k, alignment_candidates)
+  near, ident = _nearest_jaccard_and_identity(samples, ref, novelty_k, alignment_candidates,
+                                              chunk=1024)
   report = {
       "num_samples": len(samples),
       "num_reference": len(data),

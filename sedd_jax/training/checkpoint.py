@@ -279,7 +279,7 @@ class Checkpointer:
       return
     keys = ""
     if cfg is not None:
-      differ = config_lib.diff_values(_read_config(step_dir), cfg)
+      differ = config_lib.diff_values(read_config(step_dir), cfg)
       keys = (" Config keys that differ from the checkpoint's: "
               + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differ.items()) + ".")
     raise ShapeMismatch(
@@ -442,7 +442,9 @@ def resolve_checkpoint_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
   return dirs
 
 
-def _read_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
+def read_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config saved with the checkpoint `step_dir` (its `config` item, else the nearest
+  config.json in it or up to 3 folders above); FileNotFoundError when there is none."""
   item = step_dir / "config"
   if item.is_dir():
     restored = _composite_checkpointer().restore(
@@ -472,7 +474,7 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
   errors = []
   for step_dir in resolve_checkpoint_dirs(path_or_workdir):
     try:
-      cfg = _read_config(step_dir)
+      cfg = read_config(step_dir)
       graph = diffusion.get_graph(cfg.graph)
       noise = diffusion.get_noise(cfg.noise)
       model = get_task(cfg).build_model()

@@ -61,9 +61,6 @@ def _check_resume_shapes(ckpt: ckpt_lib.Checkpointer, latest: int | None,
       cfg, task.build_model, task.wrap_optimizer(state_lib.make_optimizer(cfg))), cfg)
   except ckpt_lib.UnreadableCheckpoint:
     pass  # restore_latest reports it and falls back to an older checkpoint
-  except ckpt_lib.ShapeMismatch:
-    ckpt.close()
-    raise
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: bool = False,
@@ -104,10 +101,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
                 workdir, latest, total)
     ckpt.close()
     return Result(EXIT_OK, latest, "done")
-  task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
-  _check_resume_shapes(ckpt, latest, cfg, task)  # before the model is built
-  run = build_run(cfg, workdir, primary, ckpt, task, devices, stop_after, compiler_options,
-                  COMPILE_CACHE if cache is None else cache)
+  try:
+    task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
+    _check_resume_shapes(ckpt, latest, cfg, task)  # before the model is built
+    run = build_run(cfg, workdir, primary, ckpt, task, devices, stop_after, compiler_options,
+                    COMPILE_CACHE if cache is None else cache)
+  except BaseException:
+    ckpt.close()  # a failed set-up (a changed model shape, bad data) leaves nothing open
+    raise
   try:
     run_steps(run)
     finish(run)

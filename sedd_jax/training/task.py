@@ -33,6 +33,8 @@ import jax
 import ml_collections
 import optax
 
+from sedd_jax.data import pipeline
+
 Array = jax.Array
 
 TASKS = {
@@ -129,7 +131,7 @@ class Task:
     return padded, real
 
 
-PACK_KEYS = ("segment_ids", "positions")  # = sedd_jax.data.pipeline.PACK_KEYS
+PACK_KEYS = pipeline.PACK_KEYS  # what pad_to="pack" adds to a batch
 
 
 def packing_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
