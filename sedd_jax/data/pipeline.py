@@ -58,6 +58,7 @@ import numpy as np
 from sedd_jax.data import fasta as fasta_lib
 from sedd_jax.data import prepare as prepare_lib
 from sedd_jax.data import store as store_lib
+from sedd_jax.data import store_writer
 from sedd_jax.data import tokenizers
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
                               f"data.prepared = {out})", src)
   fmt = str(_cfg_get(d, "format", "auto"))
   fmt = fasta_lib.detect_format(src) if fmt == "auto" else fmt
-  opts = prepare_lib.PrepareOptions(
+  opts = store_writer.PrepareOptions(
       min_length=int(d.min_length), max_length=int(d.max_length),
       min_standard_fraction=float(d.min_standard_fraction),
       valid_fraction=float(d.valid_fraction), test_fraction=float(d.test_fraction),
