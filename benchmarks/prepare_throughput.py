@@ -29,7 +29,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sedd_jax.data import batching, pipeline, prepare, store, tokenizers  # noqa: E402
+from sedd_jax.data import batching, prepare, store, tokenizers  # noqa: E402
 
 log = logging.getLogger("prepare_throughput")
 

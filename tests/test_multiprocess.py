@@ -24,6 +24,7 @@ import pytest
 
 from sedd_jax import train as train_lib
 from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import sharding as sharding_lib
 from test_train import FAST  # noqa: E402  (tests/ is on sys.path)
@@ -146,7 +147,7 @@ def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):  # no
   Pair(run, store, tmp_path / "a", steps=3, fresh=True, **SAMPLES).wait()
   moved = list(run.glob("old-*"))
   assert len(moved) == 1 and (moved[0] / "checkpoints" / str(STEPS)).is_dir()
-  assert ckpt_lib.Checkpointer(run).all_steps() == [3]
+  assert checkpointer.Checkpointer(run).all_steps() == [3]
   assert_same_losses(run, one_process, [1, 2, 3])
   items = ("params", "ema", "data")
   a = ckpt_lib.read_items(run / "checkpoints" / "3", items)
@@ -168,7 +169,7 @@ def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):  # no
            for log in logs]
   assert stops[0] and stops[0] == stops[1], stops
   stop = int(stops[0][0])
-  assert ckpt_lib.Checkpointer(run).all_steps() == [3, stop]
+  assert checkpointer.Checkpointer(run).all_steps() == [3, stop]
   assert max(train_losses(run)) == stop
   assert_same_losses(run, one_process, list(range(4, min(stop, STEPS) + 1)))
   model, cfg, _, _ = ckpt_lib.load_for_inference(run)

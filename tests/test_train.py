@@ -18,6 +18,7 @@ from sedd_jax import diffusion
 from sedd_jax import train as train_lib
 from sedd_jax.data.fasta import DataError
 from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import run as run_lib
 from sedd_jax.training import state as state_lib
@@ -65,7 +66,7 @@ def test_resume_is_bit_identical(tmp_path, store):
   assert (a.code, a.step, a.reason) == (0, 6, "finished")
   b1 = train_lib.train(cfg, tmp_path / "b", stop_after=3, compiler_options=FAST)
   assert (b1.code, b1.step) == (0, 3)
-  assert ckpt_lib.Checkpointer(tmp_path / "b").all_steps() == [3]
+  assert checkpointer.Checkpointer(tmp_path / "b").all_steps() == [3]
   b2 = train_lib.train(cfg, tmp_path / "b", compiler_options=FAST)
   assert (b2.code, b2.step) == (0, 6)
   ra = ckpt_lib.read_items(tmp_path / "a" / "checkpoints" / "6")
@@ -106,7 +107,7 @@ def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
   old = [p for p in tmp_path.iterdir() if p.name.startswith("old-")]
   assert len(old) == 1
   assert (old[0] / "checkpoints" / "2").is_dir() and (old[0] / "metrics.jsonl").is_file()
-  assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [0]
+  assert checkpointer.Checkpointer(tmp_path).all_steps() == [0]
 
 
 def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
@@ -122,7 +123,7 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
   cfg = micro_config(store)
   graph = diffusion.get_graph(cfg.graph)
   _, params, _ = state_lib.split_model(state_lib.build_model(cfg, graph))
-  ck = ckpt_lib.Checkpointer(tmp_path / "run")
+  ck = checkpointer.Checkpointer(tmp_path / "run")
   ck.save(state_lib.init_state(cfg, params).replace(step=jnp.int32(2)), None, cfg)
   ck.close()
   (tmp_path / "run" / "config.json").write_text("{}")
@@ -140,9 +141,9 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
   assert "model.hidden_size (saved 32, now 64)" in errors[0]
   assert "--fresh" in errors[0] and "--workdir" in errors[0]
   assert len(p.stderr.splitlines()) < 15, p.stderr
-  assert ckpt_lib.Checkpointer(tmp_path / "run").all_steps() == [2]
+  assert checkpointer.Checkpointer(tmp_path / "run").all_steps() == [2]
   assert (tmp_path / "run" / "config.json").read_text() == "{}"
-  assert not (tmp_path / "run" / ckpt_lib.CORRUPT).exists()
+  assert not (tmp_path / "run" / checkpointer.CORRUPT).exists()
 
 
 def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
@@ -224,7 +225,7 @@ def test_sigterm_leaves_a_loadable_checkpoint(tmp_path, store):
   text = "".join(log)
   assert rc == 0, text[-3000:]
   assert "SIGTERM received" in text and "checkpoint written" in text
-  steps = ckpt_lib.Checkpointer(tmp_path / "run").all_steps()
+  steps = checkpointer.Checkpointer(tmp_path / "run").all_steps()
   assert len(steps) == 1 and steps[0] >= 1
   model, cfg, graph, noise = ckpt_lib.load_for_inference(tmp_path / "run")
   assert cfg.training.steps == 100000 and cfg.model.hidden_size == 32

@@ -226,8 +226,8 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
       continue
     if header is None:
       preview = line[:40].decode("utf-8", errors="replace")
-      raise DataError(f"{location(path, lineno)}: not a FASTA file: expected a '>' header line, found "
-                      f"{preview!r}", path, lineno)
+      raise DataError(f"{location(path, lineno)}: not a FASTA file: expected a '>' header line, "
+                      f"found {preview!r}", path, lineno)
     if bad:
       continue
     if alphabet is not None:
@@ -237,8 +237,8 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
         name = header.decode("utf-8", errors="replace").split(" ", 1)[0]
         ch = chr(line[col]) if line[col] < 128 else f"\\x{line[col]:02x}"
         kind = "digit" if ch.isdigit() else "character"
-        skips.report("invalid_character", f"{location(path, lineno)}: invalid {kind} {ch!r} at column "
-                     f"{col + 1} in sequence {name!r}", path, lineno)
+        skips.report("invalid_character", f"{location(path, lineno)}: invalid {kind} {ch!r} at "
+                     f"column {col + 1} in sequence {name!r}", path, lineno)
         bad = True
         continue
     chunks.append(line)

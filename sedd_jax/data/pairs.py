@@ -2,8 +2,8 @@
 
 Like the FASTA reader (`sedd_jax.data.fasta`), it streams one row at a time and names the file
 and line of bad input: file-level problems (empty file, no protein/SMILES column, truncated gzip,
-malformed CSV) raise `fasta.DataError`; a short row or an empty field goes through the
-`fasta.Skips` policy.
+malformed CSV) raise `DataError`; a short row or an empty field goes through the
+`Skips` policy.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import io
 import zlib
 from typing import Iterator
 
-from sedd_jax.data import fasta
+from sedd_jax.data.fasta import DataError, PathLike, Skips, location, open_binary
 
 PROTEIN_COLUMNS = ("aa_sequence", "sequence", "protein_sequence", "target_sequence", "protein",
                    "target", "seq", "prot_seq")
@@ -35,23 +35,23 @@ class PairRecord:
 
 
 def _find_column(header: list[str], wanted: str | None, candidates: tuple[str, ...],
-                 what: str, path: fasta.PathLike) -> int:
+                 what: str, path: PathLike) -> int:
   lower = [h.strip().lower() for h in header]
   if wanted is not None:
     if wanted.strip().lower() not in lower:
-      raise fasta.DataError(f"{fasta.location(path, 1)}: no {what} column {wanted!r}; the header has {header}",
+      raise DataError(f"{location(path, 1)}: no {what} column {wanted!r}; the header has {header}",
                       path, 1)
     return lower.index(wanted.strip().lower())
   for c in candidates:
     if c in lower:
       return lower.index(c)
-  raise fasta.DataError(f"{fasta.location(path, 1)}: no {what} column found; the header has {header}; expected "
+  raise DataError(f"{location(path, 1)}: no {what} column found; the header has {header}; expected "
                   f"one of {list(candidates)} (or name it explicitly)", path, 1)
 
 
-def read_pairs(path: fasta.PathLike, protein_column: str | None = None,
+def read_pairs(path: PathLike, protein_column: str | None = None,
                smiles_column: str | None = None, delimiter: str | None = None,
-               skips: fasta.Skips | None = None, name_column: str | None = None
+               skips: Skips | None = None, name_column: str | None = None
                ) -> Iterator[PairRecord]:
   """Streams protein-ligand pairs from a CSV/TSV (plain or gzip) with a header row.
 
@@ -62,14 +62,14 @@ def read_pairs(path: fasta.PathLike, protein_column: str | None = None,
     DataError: empty file, missing columns (naming the header), truncated gzip, and (under
       on_error=raise) rows with too few fields or an empty protein/SMILES, naming `path:line`.
   """
-  skips = skips or fasta.Skips()
+  skips = skips or Skips()
   lineno = 0
   try:
-    with fasta.open_binary(path) as raw:
+    with open_binary(path) as raw:
       text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
       first = text.readline()
       if not first.strip():
-        raise fasta.DataError(f"{path}: empty file (no CSV header)", path, 1)
+        raise DataError(f"{path}: empty file (no CSV header)", path, 1)
       if delimiter is None:
         delimiter = "\t" if "\t" in first else ","
       header = next(csv.reader([first], delimiter=delimiter))
@@ -87,18 +87,19 @@ def read_pairs(path: fasta.PathLike, protein_column: str | None = None,
           continue
         index += 1
         if len(row) < need:
-          skips.report("short_row", f"{fasta.location(path, lineno)}: row has {len(row)} fields, needs "
+          skips.report("short_row", f"{location(path, lineno)}: row has {len(row)} fields, needs "
                        f"{need} (columns {header[pi]!r}, {header[si]!r})", path, lineno)
           continue
         protein = row[pi].strip().encode("ascii", errors="replace")
         smiles = row[si].strip()
         if not protein or not smiles:
           which = "protein sequence" if not protein else "SMILES"
-          skips.report("empty_field", f"{fasta.location(path, lineno)}: empty {which}", path, lineno)
+          skips.report("empty_field", f"{location(path, lineno)}: empty {which}", path, lineno)
           continue
         yield PairRecord(protein, smiles, lineno, index, row[ni] if ni is not None else "")
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise fasta.DataError(f"{fasta.location(path, lineno + 1)}: truncated or corrupt gzip stream ({e})", path,
+    raise DataError(f"{location(path, lineno + 1)}: truncated or corrupt gzip stream ({e})", path,
                     lineno + 1) from None
   except csv.Error as e:
-    raise fasta.DataError(f"{fasta.location(path, lineno + 1)}: malformed CSV ({e})", path, lineno + 1) from None
+    raise DataError(f"{location(path, lineno + 1)}: malformed CSV ({e})", path,
+                    lineno + 1) from None
