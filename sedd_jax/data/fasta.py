@@ -164,6 +164,31 @@ def parse_header(description: str) -> dict:
   return out
 
 
+def _finish(path: PathLike, skips: Skips, header: bytes, header_line: int, index: int,
+            chunks: list[bytes], chunk_lines: list[int]) -> FastaRecord | None:
+  """The record of `header` and its sequence lines `chunks` (at `chunk_lines`), or None when
+  its sequence is empty or has an inner '*' (reported to `skips`)."""
+  desc = header.decode("utf-8", errors="replace")
+  name = desc.split(None, 1)[0] if desc.strip() else f"record{index}"
+  seq = b"".join(chunks)
+  if not seq:
+    skips.report("empty_sequence", f"{location(path, header_line)}: record {name!r} has an "
+                 "empty sequence", path, header_line)
+    return None
+  star = seq.find(b"*")
+  if 0 <= star < len(seq) - 1:
+    # Find the line holding the first '*' that is not the final character.
+    pos = 0
+    for ln, ch in zip(chunk_lines, chunks):
+      if pos <= star < pos + len(ch):
+        break
+      pos += len(ch)
+    skips.report("invalid_character", f"{location(path, ln)}: stop '*' inside sequence {name!r} "
+                 f"(column {star - pos + 1}); '*' is accepted only at the end", path, ln)
+    return None
+  return FastaRecord(name, desc, seq, header_line, index)
+
+
 def read_fasta(path: PathLike, skips: Skips | None = None,
                alphabet: bytes | None = PROTEIN_BYTES) -> Iterator[FastaRecord]:
   """Streams the records of a plain or gzip FASTA file.
@@ -188,33 +213,11 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
   index = -1
   seen_content = False
 
-  def finish() -> FastaRecord | None:
-    desc = header.decode("utf-8", errors="replace")
-    name = desc.split(None, 1)[0] if desc.strip() else f"record{index}"
-    if bad:
-      return None
-    seq = b"".join(chunks)
-    if not seq:
-      skips.report("empty_sequence", f"{location(path, header_line)}: record {name!r} has an empty "
-                   "sequence", path, header_line)
-      return None
-    star = seq.find(b"*")
-    if 0 <= star < len(seq) - 1:
-      # Find the line holding the first '*' that is not the final character.
-      pos = 0
-      for ln, ch in zip(chunk_lines, chunks):
-        if pos <= star < pos + len(ch):
-          break
-        pos += len(ch)
-      skips.report("invalid_character", f"{location(path, ln)}: stop '*' inside sequence {name!r} "
-                   f"(column {star - pos + 1}); '*' is accepted only at the end", path, ln)
-      return None
-    return FastaRecord(name, desc, seq, header_line, index)
-
   for lineno, line in iter_lines(path):
     if line.startswith(b">"):
       if header is not None:
-        rec = finish()
+        rec = None if bad else _finish(path, skips, header, header_line, index, chunks,
+                                       chunk_lines)
         if rec is not None:
           yield rec
       header, header_line, chunks, chunk_lines, bad = line[1:], lineno, [], [], False
@@ -244,7 +247,7 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
     chunks.append(line)
     chunk_lines.append(lineno)
   if header is not None:
-    rec = finish()
+    rec = None if bad else _finish(path, skips, header, header_line, index, chunks, chunk_lines)
     if rec is not None:
       yield rec
   if not seen_content:

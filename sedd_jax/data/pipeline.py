@@ -70,6 +70,31 @@ def _cfg_get(section: Any, key: str, default: Any) -> Any:
   return default if value is None else value
 
 
+def _check_store(out: pathlib.Path, src: pathlib.Path, fmt: str,
+                 opts: store_writer.PrepareOptions) -> None:
+  """StoreError unless the store `out` was prepared from `src` (checked once per process and
+  source version); a warning when its filters differ from `opts`."""
+  manifest = store_lib.Store(out, "train").manifest
+  st = src.stat()
+  key = (str(out), str(src), st.st_size, st.st_mtime_ns)
+  if key not in _VERIFIED_SOURCES:
+    other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
+    if other is not None:
+      raise store_lib.StoreError(
+          f"store data.prepared = {out} was prepared from "
+          f"{manifest.get('source', {}).get('path')}, not from data.fasta = {src} ({other}); it "
+          f"is not used. Point data.prepared to a new folder (prepared on first use), or "
+          f"rebuild this one: python -m sedd_jax.data.prepare --input {src} --output {out} "
+          f"--overwrite")
+    _VERIFIED_SOURCES.add(key)
+  wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
+  have = manifest.get("filters", {})
+  diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+  if diff:
+    log.warning("store %s was prepared with other settings (store, config): %s; using it "
+                "as is (rebuild with python -m sedd_jax.data.prepare --overwrite)", out, diff)
+
+
 def ensure_prepared(cfg: Any) -> pathlib.Path:
   """Prepares `cfg.data.fasta` into `cfg.data.prepared` unless a complete store of it is there.
 
@@ -106,25 +131,7 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
       protein_column=_cfg_get(d, "protein_column", None),
       smiles_column=_cfg_get(d, "smiles_column", None))
   if store_lib.is_prepared(out):
-    manifest = store_lib.Store(out, "train").manifest
-    st = src.stat()
-    key = (str(out), str(src), st.st_size, st.st_mtime_ns)
-    if key not in _VERIFIED_SOURCES:
-      other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
-      if other is not None:
-        raise store_lib.StoreError(
-            f"store data.prepared = {out} was prepared from "
-            f"{manifest.get('source', {}).get('path')}, not from data.fasta = {src} ({other}); it "
-            f"is not used. Point data.prepared to a new folder (prepared on first use), or "
-            f"rebuild this one: python -m sedd_jax.data.prepare --input {src} --output {out} "
-            f"--overwrite")
-      _VERIFIED_SOURCES.add(key)
-    wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
-    have = manifest.get("filters", {})
-    diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
-    if diff:
-      log.warning("store %s was prepared with other settings (store, config): %s; using it "
-                  "as is (rebuild with python -m sedd_jax.data.prepare --overwrite)", out, diff)
+    _check_store(out, src, fmt, opts)
     return out
   log.info("preparing %s into %s (first use)", src, out)
   try:
