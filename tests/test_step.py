@@ -97,14 +97,6 @@ def _close(a, b, rtol=2e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_fsdp_spec():
-  assert sharding_lib.fsdp_spec((64, 24), 8) == jax.sharding.PartitionSpec("data", None)
-  assert sharding_lib.fsdp_spec((24, 64), 8) == jax.sharding.PartitionSpec(None, "data")
-  assert sharding_lib.fsdp_spec((3, 5), 8) == jax.sharding.PartitionSpec()
-  assert sharding_lib.fsdp_spec((), 8) == jax.sharding.PartitionSpec()
-  assert sharding_lib.fsdp_spec((64,), 1) == jax.sharding.PartitionSpec()
-
-
 def test_8_devices_equal_1_device(setup):
   """Same loss, metrics and updated state on a mesh of 8 (fsdp) and of 1 device."""
   assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
