@@ -26,12 +26,12 @@ from sedd_jax import train as train_lib
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
-from test_train import FAST  # noqa: E402  (tests/ is on sys.path)
-from test_train import FASTA  # noqa: E402
-from test_train import MICRO  # noqa: E402
-from test_train import ROOT  # noqa: E402
-from test_train import micro_config  # noqa: E402
-from test_train import store  # noqa: E402, F401  (fixture)
+from test_loop import FAST  # noqa: E402  (tests/ is on sys.path)
+from test_loop import FASTA  # noqa: E402
+from test_loop import MICRO  # noqa: E402
+from test_loop import ROOT  # noqa: E402
+from test_loop import micro_config  # noqa: E402
+from test_loop import store  # noqa: E402, F401  (fixture)
 
 STEPS = 6
 SAMPLES = {"training.sample_every": 3, "training.ckpt_every": 3}  # samples and checkpoints at 3
