@@ -7,13 +7,9 @@ import pytest
 
 from sedd_jax.data import pairs
 from sedd_jax.data.fasta import DataError, Skips
+from test_fasta import _write  # noqa: E402  (tests/ is on sys.path)
 
 PAIRS = pathlib.Path(__file__).parent / "data" / "pairs_first60.csv"
-
-
-def _write(path, text):
-  path.write_text(text)
-  return path
 
 
 def test_read_pairs_detects_columns():
@@ -31,15 +27,16 @@ def test_read_pairs_tsv_explicit_columns_and_gzip(tmp_path):
       (b"MKVL", "CCO", "x", 2), (b"MKKK", "c1ccccc1", "y", 3)]
 
 
-def test_csv_without_needed_columns(tmp_path):
-  p = _write(tmp_path / "p.csv", "name,affinity\na,1.0\n")
-  with pytest.raises(DataError, match=r"p\.csv:1: no protein sequence column found; the header"):
-    list(pairs.read_pairs(p))
-  p = _write(tmp_path / "q.csv", "sequence,affinity\nMKV,1.0\n")
-  with pytest.raises(DataError, match=r"q\.csv:1: no SMILES column found"):
-    list(pairs.read_pairs(p))
-  with pytest.raises(DataError, match=r"q\.csv:1: no protein sequence column 'prot'"):
-    list(pairs.read_pairs(p, protein_column="prot"))
+@pytest.mark.parametrize("header,kwargs,message", [
+    ("name,affinity", {}, "no protein sequence column found; the header has ['name', 'affinity']"),
+    ("sequence,affinity", {}, "no SMILES column found"),
+    ("sequence,smiles", {"protein_column": "prot"}, "no protein sequence column 'prot'"),
+])
+def test_csv_without_needed_columns(tmp_path, header, kwargs, message):
+  p = _write(tmp_path / "p.csv", f"{header}\nMKV,CCO\n")
+  with pytest.raises(DataError) as e:
+    list(pairs.read_pairs(p, **kwargs))
+  assert str(e.value).startswith(f"{p}:1: {message}") and e.value.line == 1
 
 
 def test_csv_short_row_and_empty_field(tmp_path):
