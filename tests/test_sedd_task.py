@@ -13,7 +13,7 @@ from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
 from test_ddit import randomize  # noqa: E402  (tests/ is on sys.path)
-from test_step import B, L, host_batch, micro_config  # noqa: E402
+from test_step import FAST, B, L, host_batch, micro_config  # noqa: E402
 
 SIGMA_SCALE = {"curriculum.kind": "sigma_scale", "curriculum.preschool_time": 10}
 
@@ -51,19 +51,27 @@ def test_loss_equals_the_diffusion_loss_on_the_same_draws(model, curriculum):
   graph, noise = task.graph, task.noise
   batch = {k: jnp.asarray(v) for k, v in host_batch(1).items()}
   step = jnp.int32(3)
-  draw = task.draw(jax.random.key(1), batch, step)
-  got, aux = task.loss(model, draw.rows, draw.shared, None, step)
   c = 0.37 if curriculum else 1.0
+
+  graphdef, params = nnx.split(model)
+
+  def both(params, rows, shared):
+    model = nnx.merge(graphdef, params)
+    got, aux = task.loss(model, rows, shared, None, step)
+    x0, lengths, t = batch["tokens"], batch["lengths"], rows["t"]
+    keys = jax.random.wrap_key_data(rows["row_keys"])
+    x = jnp.concatenate([diffusion.perturb(keys[i], graph, noise, x0[i:i + 1], t[i:i + 1],
+                                           sigma_scale=c) for i in range(B)])
+    log_score = model(x, noise.total_noise(t) * c, lengths)
+    weight = jnp.arange(L)[None] < lengths[:, None]
+    per_seq = diffusion.score_entropy_loss(graph, noise, log_score, x, x0, t, weight,
+                                           sigma_scale=c)
+    return got, aux["loss_sum"], per_seq
+
+  draw = task.draw(jax.random.key(1), batch, step)
   np.testing.assert_allclose(float(draw.shared[0]), c, rtol=1e-6)
-  x0, lengths, t = batch["tokens"], batch["lengths"], draw.rows["t"]
-  keys = jax.random.wrap_key_data(draw.rows["row_keys"])
-  x = jnp.concatenate([diffusion.perturb(keys[i], graph, noise, x0[i:i + 1], t[i:i + 1],
-                                         sigma_scale=c) for i in range(B)])
-  log_score = model(x, noise.total_noise(t) * c, lengths)
-  weight = jnp.arange(L)[None] < lengths[:, None]
-  per_seq = diffusion.score_entropy_loss(graph, noise, log_score, x, x0, t, weight,
-                                         sigma_scale=c)
-  np.testing.assert_allclose(float(aux["loss_sum"]), float(per_seq.sum()), rtol=1e-5)
+  got, loss_sum, per_seq = jax.jit(both, compiler_options=FAST)(params, draw.rows, draw.shared)
+  np.testing.assert_allclose(float(loss_sum), float(per_seq.sum()), rtol=1e-5)
   np.testing.assert_allclose(float(got), float(per_seq.mean()), rtol=1e-5)
 
 
@@ -72,11 +80,16 @@ def test_eval_loss_sums_sequences_and_tokens(model):
   task = sedd_task_lib.SeddTask.from_config(cfg)
   batch = {k: jnp.asarray(v) for k, v in host_batch(2).items()}
   key = jax.random.key(4)
-  sums = task.eval_loss(model, batch, key)
+  graphdef, params = nnx.split(model)
   t, row_keys, _, cs, ls = sedd_task_lib.draw_noise(key, B, jnp.int32(0),
                                                     diffusion.Curriculum(kind="none"), 1e-3)
-  per_seq = sedd_task_lib.sequence_losses(model, task.graph, task.noise, batch["tokens"],
-                                          batch["lengths"], t, row_keys, cs, ls)
+
+  def both(params):
+    model = nnx.merge(graphdef, params)
+    return task.eval_loss(model, batch, key), sedd_task_lib.sequence_losses(
+        model, task.graph, task.noise, batch["tokens"], batch["lengths"], t, row_keys, cs, ls)
+
+  sums, per_seq = jax.jit(both, compiler_options=FAST)(params)
   assert float(cs) == float(ls) == 1.0
   np.testing.assert_allclose(float(sums["loss"]), float(per_seq.sum()), rtol=1e-6)
   assert float(sums["n_seqs"]) == B
