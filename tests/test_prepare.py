@@ -1,4 +1,4 @@
-"""Tests of sedd_jax.data.prepare: filters, dedup, hash split, atomic store, bad inputs."""
+"""Tests of sedd_jax.data.prepare: the store end to end, atomic replacement, bad inputs, the CLI."""
 
 import gzip
 import json
@@ -62,35 +62,6 @@ def test_prepare_gzip_equals_plain(tmp_path):
   for split in store_writer.SPLITS:
     for f in ("tokens.npy", "offsets.npy"):
       assert (tmp_path / "a" / split / f).read_bytes() == (tmp_path / "b" / split / f).read_bytes()
-
-
-def test_split_deterministic_disjoint_and_order_independent(tmp_path):
-  seqs = _random_fasta(tmp_path / "in.fasta", n=600, lines=False)
-  rev = "".join(f">r{i}\n{s}\n" for i, s in enumerate(reversed(seqs)))
-  (tmp_path / "rev.fasta").write_text(rev)
-  prepare.prepare(tmp_path / "in.fasta", tmp_path / "a", valid_fraction=0.1, test_fraction=0.1)
-  prepare.prepare(tmp_path / "rev.fasta", tmp_path / "b", valid_fraction=0.1, test_fraction=0.1)
-  a, b = _all_sequences(tmp_path / "a"), _all_sequences(tmp_path / "b")
-  for split in store_writer.SPLITS:
-    assert set(a[split]) == set(b[split])
-  assert not set(a["train"]) & set(a["valid"]) and not set(a["train"]) & set(a["test"])
-  assert not set(a["valid"]) & set(a["test"])
-  prepare.prepare(tmp_path / "in.fasta", tmp_path / "c", valid_fraction=0.1, test_fraction=0.1,
-                  split_salt="other")
-  assert set(_all_sequences(tmp_path / "c")["valid"]) != set(a["valid"])
-
-
-def test_filters_and_dedup(tmp_path):
-  std = "MKVLAGTSEP" * 5  # 50 residues
-  text = (f">dup1\n{std}\n>dup2\n{std.lower()}\n>short\nMKV\n>long\n{'A' * 1200}\n"
-          f">rare\n{'X' * 10 + std[:40]}\n>ok_rare\n{'XBUZO' + std[:45]}*\n")
-  (tmp_path / "f.fasta").write_text(text)
-  m = prepare.prepare(tmp_path / "f.fasta", tmp_path / "out", valid_fraction=0, test_fraction=0,
-                      min_standard_fraction=0.85)
-  assert m["filtered"] == {"too_short": 1, "too_long": 1, "low_standard_fraction": 1,
-                           "duplicate": 1}
-  got = _all_sequences(tmp_path / "out")["train"]
-  assert sorted(got) == sorted([std, "XBUZO" + std[:45]])
 
 
 def test_bad_input_truncated_gzip(tmp_path):
