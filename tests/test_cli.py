@@ -5,15 +5,12 @@ import argparse
 import logging
 import pathlib
 
-import numpy as np
 import pytest
 
 from sedd_jax import cli
 from sedd_jax import config as config_lib
 from sedd_jax import inference
-from sedd_jax.data import reference
 from sedd_jax.data import store as store_lib
-from sedd_jax.data import tokenizers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,22 +49,6 @@ def test_check_same_shape_names_every_differing_key():
   assert f"model.n_blocks: checkpoint {a.model.n_blocks}, config {a.model.n_blocks + 1}" in msg
   assert "graph.type: checkpoint absorb, config uniform" in msg and "model.length" not in msg
   assert not inference.is_protein_ligand(a)
-
-
-def test_pad_tokens():
-  tokens, lengths = reference.pad_tokens([np.array([5, 6, 7]), np.array([8])], 4)
-  pad = tokenizers.PAD_ID
-  np.testing.assert_array_equal(tokens, [[5, 6, 7, pad], [8, pad, pad, pad]])
-  np.testing.assert_array_equal(lengths, [3, 1])
-  assert tokens.dtype == np.int32 and lengths.dtype == np.int32
-
-
-def test_reference_pairs_of_a_missing_store_say_what_to_run(tmp_path):
-  cfg = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"),
-                               {"data.prepared": str(tmp_path / "none")})
-  with pytest.raises(store_lib.StoreError, match="run python -m sedd_jax.data.prepare"):
-    reference.reference_pairs(cfg, "test")
-  assert reference.training_sequences(cfg) is None
 
 
 def test_json_safe_replaces_non_finite_floats():

@@ -1,4 +1,4 @@
-"""Tests of sedd_jax.data.fasta: streaming FASTA/CSV readers and their file:line errors."""
+"""Tests of sedd_jax.data.fasta: streaming FASTA readers and their file:line errors."""
 
 import gzip
 import json
@@ -11,7 +11,6 @@ from sedd_jax.data.fasta import DataError, Skips
 
 DATA = pathlib.Path(__file__).parent / "data"
 FAA = DATA / "pyhmmer_938293_first200.faa"
-PAIRS = DATA / "pairs_first60.csv"
 
 
 def _write(path, text):
@@ -97,44 +96,6 @@ def test_missing_file_and_bad_policy(tmp_path):
     list(fasta.read_fasta(tmp_path / "nope.fasta"))
   with pytest.raises(ValueError, match="on_error"):
     Skips("ignore")
-
-
-def test_read_pairs_detects_columns():
-  recs = list(fasta.read_pairs(PAIRS))
-  assert len(recs) == 60
-  assert recs[0].smiles and recs[0].protein.startswith(b"M") and recs[0].line == 2
-
-
-def test_read_pairs_tsv_explicit_columns_and_gzip(tmp_path):
-  text = "id\tTarget\tLig\nx\tMKVL\tCCO\ny\tMKKK\tc1ccccc1\n"
-  p = tmp_path / "p.tsv.gz"
-  p.write_bytes(gzip.compress(text.encode()))
-  recs = list(fasta.read_pairs(p, protein_column="target", smiles_column="Lig", name_column="id"))
-  assert [(r.protein, r.smiles, r.name, r.line) for r in recs] == [
-      (b"MKVL", "CCO", "x", 2), (b"MKKK", "c1ccccc1", "y", 3)]
-
-
-def test_csv_without_needed_columns(tmp_path):
-  p = _write(tmp_path / "p.csv", "name,affinity\na,1.0\n")
-  with pytest.raises(DataError, match=r"p\.csv:1: no protein sequence column found; the header"):
-    list(fasta.read_pairs(p))
-  p = _write(tmp_path / "q.csv", "sequence,affinity\nMKV,1.0\n")
-  with pytest.raises(DataError, match=r"q\.csv:1: no SMILES column found"):
-    list(fasta.read_pairs(p))
-  with pytest.raises(DataError, match=r"q\.csv:1: no protein sequence column 'prot'"):
-    list(fasta.read_pairs(p, protein_column="prot"))
-
-
-def test_csv_short_row_and_empty_field(tmp_path):
-  p = _write(tmp_path / "p.csv", "sequence,smiles\nMKV,CCO\nMKV\n,CC\n")
-  with pytest.raises(DataError, match=r"p\.csv:3: row has 1 fields, needs 2"):
-    list(fasta.read_pairs(p))
-  skips = Skips("skip")
-  assert len(list(fasta.read_pairs(p, skips=skips))) == 1
-  assert skips.summary() == {"empty_field": 1, "short_row": 1}
-  p = _write(tmp_path / "empty.csv", "")
-  with pytest.raises(DataError, match=r"empty\.csv: empty file"):
-    list(fasta.read_pairs(p))
 
 
 def test_peers_layout(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from sedd_jax.data import pipeline, prepare, store, tokenizers
+from sedd_jax.data import batching, pipeline, prepare, store, tokenizers
 from sedd_jax.data.fasta import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_same_seed_same_batches_other_seed_differs(root):
 
 def test_crops_deterministic_per_record_and_vary_by_epoch(root):
   st = store.open_store(root, "train")
-  ex = pipeline._Examples(st, seed=0, shard_index=0, shard_count=1, shuffle=True,
+  ex = pipeline.Examples(st, seed=0, shard_index=0, shard_count=1, shuffle=True,
                           num_epochs=None, length=32)
   n = ex.shard_size
   first = {ex.record(p): ex[p]["tokens"].tobytes() for p in range(n)}
@@ -95,52 +95,6 @@ def test_resume_from_state_yields_same_batches(root, pad_to):
     assert e.keys() == g.keys()
     for k in e:
       np.testing.assert_array_equal(e[k], g[k])
-
-
-def test_bucket_widths_and_lower_padding(root):
-  cfg = _cfg(root, length=512)
-  it = pipeline.make_iterator(cfg, "train", 4, seed=0, pad_to="bucket")
-  bounds = pipeline.default_boundaries(512)
-  assert bounds == (64, 128, 256, 384, 512)
-  widths = set()
-  for _ in range(30):
-    b = next(it)
-    w = b["tokens"].shape[1]
-    widths.add(w)
-    assert w in bounds and b["lengths"].max() <= w
-    i = bounds.index(w)
-    assert i == 0 or b["lengths"].min() > bounds[i - 1]
-  assert len(widths) > 1
-
-def test_measured_padding_over_one_pass_matches_the_formula(root):
-  """One pass over the split: width L for every row gives exactly `padding_fraction(lengths, L)`;
-  buckets give what the emitted batches hold, at least the formula's (the leftovers at the end
-  of the pass are padded to their longest row's bucket) and less than width L."""
-  cfg = _cfg(root, length=512)
-  lengths = np.minimum(store.open_store(root, "train").lengths, 512)  # longer ones are cropped
-  assert lengths.min() < 64 < lengths.max() == 512  # several buckets and crops in use
-  full = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1)
-  rows = sum(b["tokens"].shape[0] for b in full)
-  assert rows == lengths.size
-  assert full.padding_fraction() == pytest.approx(1 - lengths.sum() / (512 * lengths.size),
-                                                  rel=1e-12)
-  assert full.padding_fraction() == pytest.approx(pipeline.padding_fraction(lengths, 512),
-                                                  rel=1e-12)
-  it = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1, pad_to="bucket")
-  batches = list(it)
-  real = sum(int(b["lengths"].sum()) for b in batches)
-  assert real == lengths.sum()
-  assert it.padding_fraction() == pytest.approx(1 - real / sum(b["tokens"].size for b in batches),
-                                                rel=1e-12)
-  assert (pipeline.padding_fraction(lengths, 512, pipeline.default_boundaries(512))
-          <= it.padding_fraction() < full.padding_fraction())
-
-
-def test_padding_fraction_formula():
-  lengths = np.array([10, 30, 64, 100])
-  assert pipeline.padding_fraction(lengths, 64) == pytest.approx(1 - (10 + 30 + 64 + 64) / 256)
-  assert pipeline.padding_fraction(lengths, 64, (16, 32, 64)) == pytest.approx(
-      1 - (10 + 30 + 64 + 64) / (16 + 32 + 64 + 64))
 
 
 def test_one_pass_and_disjoint_shards(root):
@@ -248,7 +202,7 @@ def test_packed_rows_hold_whole_crops_with_segments_and_positions(root):
         assert full and (piece.size == 256 or any(c.size == piece.size for c in full))
     real += b["lengths"].sum()
     total += b["tokens"].size
-  crop_free = pipeline.padding_fraction(st.lengths, 256)
+  crop_free = batching.padding_fraction(st.lengths, 256)
   assert 1 - real / total < crop_free / 3  # 5% against 22% here (1.9% / 64% bundled, L 1024)
 
 
