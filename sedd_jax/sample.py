@@ -219,17 +219,6 @@ def make_plan(args, cfg, max_length: int) -> Plan:
     raise CliError(str(e)) from None
 
 
-def check_sampler_flags(args, predictor: str, graph) -> None:
-  """CliError for --predictor first_hitting / --remask combinations the sampler cannot run."""
-  if predictor == "first_hitting" and (not graph.absorb or args.cached):
-    raise CliError("--predictor first_hitting needs the absorbing graph and no --cached")
-  if not 0.0 <= args.remask <= 1.0:
-    raise CliError(f"--remask must be in [0, 1]; got {args.remask}")
-  if args.remask > 0 and (predictor == "euler" or not graph.absorb):
-    raise CliError("--remask needs --predictor analytic or first_hitting and the absorbing "
-                   "graph")
-
-
 def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
   """CliError if the condition `c` fixes residues that the sampler never generates (the rule of
   `tokenizers.residue_mask`: X B U Z O only with --allow-rare)."""
@@ -247,22 +236,20 @@ def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
   flags against the config (CliError on bad input)."""
   from sedd_jax import diffusion
+  from sedd_jax.sampling import sampler
 
   for flag in ("task", "proteins", "ligand_length", "guidance", "checker"):
     if getattr(args, flag) is not None:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
-  steps = int(args.steps or cfg.sampling.steps)
-  if steps < 1:
-    raise CliError(f"--steps must be >= 1; got {steps}")
+  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
   predictor = args.predictor or str(cfg.sampling.predictor)
   eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  if not 0.0 < eps < 1.0:
-    raise CliError(f"--eps must lie in (0, 1); got {eps}")
-  graph = diffusion.get_graph(cfg.graph)
-  if args.cached and not graph.absorb:
-    raise CliError("--cached needs the absorbing graph")
-  check_sampler_flags(args, predictor, graph)
+  try:  # the sampler's own checks; each message starts with the option, the flag's name
+    sampler.check_options(diffusion.get_graph(cfg.graph), steps=steps, predictor=predictor,
+                          eps=eps, cached=args.cached, draw=args.draw, remask=args.remask)
+  except ValueError as e:
+    raise CliError(f"--{e}") from None
   return plan, steps, predictor, eps
 
 
@@ -276,8 +263,6 @@ def run(args) -> int:
   t_start = time.perf_counter()
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-  if args.steps is not None and args.steps < 1:
-    raise CliError(f"--steps must be >= 1; got {args.steps}")
   # The flags are checked against the checkpoint's config before the model is built and loaded.
   peeked = inference.read_config(args.workdir or args.checkpoint)
   checked = None

@@ -30,10 +30,10 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   assert all("remask=0.2" in h for h, _ in read_fasta(tmp_path / "r.fasta"))
   out = ["--out", str(tmp_path / "x.fasta")]
   _fails(base + out + ["--predictor", "euler", "--remask", "0.1"], caplog,
-         "--remask needs --predictor analytic or first_hitting")
+         "--remask needs the analytic or first_hitting predictor")
   _fails(base + out + ["--remask", "1.5"], caplog, "--remask must be in [0, 1]")
   _fails(base + out + ["--predictor", "first_hitting", "--cached"], caplog,
-         "first_hitting needs the absorbing graph and no --cached")
+         "--predictor first_hitting needs the absorbing graph and no cache")
 
 
 def test_evaluate_pseudo_perplexity_and_bits(workdir, tmp_path, capsys, caplog):
