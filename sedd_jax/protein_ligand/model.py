@@ -47,6 +47,7 @@ from flax import nnx
 from sedd_jax import diffusion
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import ddit
+from sedd_jax.model import layers
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ class CrossAttention(nnx.Module):
     self.n_heads = n_heads
     self.attention = attention
     self.chunk = chunk
-    self.norm_q = ddit.LayerNorm(dim)
-    self.norm_kv = ddit.LayerNorm(dim)
-    linear = ddit.linear  # the DDiT's init and dtypes
+    self.norm_q = layers.LayerNorm(dim)
+    self.norm_kv = layers.LayerNorm(dim)
+    linear = layers.linear  # the DDiT's init and dtypes
     self.attn_q = linear(rngs, dim, dim, bias=False, dtype=dtype)
     self.attn_kv = linear(rngs, dim, 2 * dim, bias=False, dtype=dtype)
     self.attn_out = linear(rngs, dim, dim, bias=False, dtype=dtype)
@@ -83,7 +84,7 @@ class CrossAttention(nnx.Module):
     lk = y.shape[1]
     dh = dim // self.n_heads
     shift, scale, gate = jnp.split(self.adaLN_modulation(c)[:, None, :], 3, axis=-1)
-    q = self.attn_q(ddit.modulate(self.norm_q(x), shift, scale)).reshape(b, lq, self.n_heads, dh)
+    q = self.attn_q(layers.modulate(self.norm_q(x), shift, scale)).reshape(b, lq, self.n_heads, dh)
     kv = self.attn_kv(self.norm_kv(y)).reshape(b, lk, 2, self.n_heads, dh)
     o = attention_lib.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], kv_lengths,
                                             backend=self.attention, chunk=self.chunk)
@@ -160,7 +161,7 @@ class ProteinLigandDDiT(nnx.Module):
       return nnx.List([CrossAttention(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
                                       rngs) for _ in range(n_blocks)])
 
-    self.sigma_map = ddit.TimestepEmbedder(cond_dim, rngs)
+    self.sigma_map = layers.TimestepEmbedder(cond_dim, rngs)
     self.protein_embed = embed(self.protein_dim)
     self.ligand_embed = embed(self.ligand_dim)
     self.protein_blocks = blocks()
@@ -191,7 +192,7 @@ class ProteinLigandDDiT(nnx.Module):
 
   def _head(self, output_layer, x, c, sigma, tokens):
     """Output layer + absorbing scale_by_sigma + zero at the input token: -> (B, L, D) f32."""
-    return ddit.score_head(output_layer(x, c), sigma, tokens, self.scale_by_sigma)
+    return layers.score_head(output_layer(x, c), sigma, tokens, self.scale_by_sigma)
 
   def __call__(self, protein: Array | None, ligand: Array | None, sigma_protein: Array | None,
                sigma_ligand: Array | None, protein_lengths: Array | None = None,
@@ -235,14 +236,14 @@ class ProteinLigandDDiT(nnx.Module):
           *protein.shape, protein_segment_ids, protein_positions)
       x_p = self.protein_embed(protein)  # (B, Lp, H)
       c_p = jax.nn.silu(self.sigma_map(sigma_protein))  # (B, C)
-      rot_p = ddit.rotary_cos_sin(protein.shape[1], self.hidden_size // self.n_heads,
+      rot_p = layers.rotary_cos_sin(protein.shape[1], self.hidden_size // self.n_heads,
                                   positions=protein_positions)
     if run_l:
       ligand, sigma_ligand, ligand_lengths = self._check(
           "ligand", ligand, sigma_ligand, ligand_lengths)
       x_l = self.ligand_embed(ligand)  # (B, Ll, H)
       c_l = jax.nn.silu(self.sigma_map(sigma_ligand))
-      rot_l = ddit.rotary_cos_sin(ligand.shape[1], self.hidden_size // self.n_heads)
+      rot_l = layers.rotary_cos_sin(ligand.shape[1], self.hidden_size // self.n_heads)
     if run_p and run_l and protein.shape[0] != ligand.shape[0]:
       raise ValueError(f"protein {protein.shape} and ligand {ligand.shape} batches differ")
     cross = run_p and run_l and self.cross_attention
