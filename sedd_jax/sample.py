@@ -43,9 +43,9 @@ given the other track, clean:
                          ligand in each header), `SMILES<TAB>sample_i` to `<out stem>.smi` and
                          `<out stem>.validity.json`.
 `--guidance W` (conditional tasks): classifier-free guidance, log s = W log s(target | given) +
-(1 - W) log s(target alone) (sedd_jax.protein_ligand.modes.guided_log_score); W = 1 (default)
-is plain conditional sampling. `--checker` picks the SMILES checker of the validity report
-(default auto: RDKit if installed, else grammar; the report names the one used).
+(1 - W) log s(target alone) (sedd_jax.protein_ligand.conditional.guided_log_score); W = 1
+(default) is plain conditional sampling. `--checker` picks the SMILES checker of the validity
+report (default auto: RDKit if installed, else grammar; the report names the one used).
 """
 
 from __future__ import annotations

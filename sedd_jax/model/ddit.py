@@ -177,8 +177,8 @@ class DDiT(nnx.Module):
       residual_dtype); missing optional keys take `DEFAULTS`. scan_blocks: run the blocks as one
       `lax.scan` over their parameters stacked inside the trace (one block compiled instead of
       n_blocks; the parameters keep their per-block layout `blocks.<n>.*`). dropout_rng: how
-      dropout bits are drawn (`layers.dropout_bits`). residual_dtype: the dtype of the residual stream
-      between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
+      dropout bits are drawn (`layers.dropout_bits`). residual_dtype: the dtype of the residual
+      stream between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
       falls back to `dtype` (with a warning) elsewhere.
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
