@@ -33,8 +33,8 @@ from flax import nnx
 
 from sedd_jax.data import pipeline
 from sedd_jax.data import store as store_lib
-from sedd_jax.protein_ligand import model as model_lib
 from sedd_jax.protein_ligand import conditional
+from sedd_jax.protein_ligand import model as model_lib
 from sedd_jax.protein_ligand import modes
 from sedd_jax.protein_ligand import smiles as smiles_lib
 from sedd_jax.training import runtime
