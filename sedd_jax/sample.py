@@ -139,10 +139,6 @@ class Plan:
 
 def make_plan(args, cfg, max_length: int) -> Plan:
   """Builds lengths and conditions from the flags (CliError on bad input)."""
-  from sedd_jax.data import fasta as fasta_lib
-  from sedd_jax.sampling import conditioning as cond
-
-  rng = np.random.default_rng(args.seed)
   file_modes = [f for f in ("template", "infill") if getattr(args, f)]
   inline = bool(args.prefix or args.suffix or args.motif)
   if len(file_modes) > 1 or (file_modes and inline):
@@ -154,69 +150,88 @@ def make_plan(args, cfg, max_length: int) -> Plan:
     if file_modes:
       if args.length or args.lengths:
         raise CliError(f"--{file_modes[0]} sets the lengths; drop --length/--lengths")
-      conds, notes = [], []
-      path = getattr(args, file_modes[0])
-      if not pathlib.Path(path).is_file():
-        raise CliError(f"{path} does not exist")
-      for rec in fasta_lib.read_fasta(path, alphabet=None):  # templates keep any character
-        name, text = rec.name, rec.text
-        if args.template:
-          c = cond.template(text, args.mask_char, max_length)
-          note = f"template={name}"
-        else:
-          m = re.search(r"spans=(\S+)", rec.description)
-          if not m:
-            raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
-          c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
-          note = f"infill={name} spans={m.group(1)}"
-        check_fixed_residues(c, args.allow_rare, f"--{file_modes[0]} record {name!r}")
-        conds += [c] * num
-        notes += [note] * num
-      return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
-
-    if args.lengths == "from-data":
-      data = reference.training_sequences(cfg)
-      if data is None:
-        raise CliError("--lengths from-data: no prepared training data at "
-                       f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
-      lengths = np.minimum(rng.choice(data[1], num), max_length).astype(np.int32)
-    elif args.lengths:
-      path = pathlib.Path(args.lengths)
-      if not path.is_file():
-        raise CliError(f"--lengths {args.lengths}: no such file (or use 'from-data')")
-      try:
-        lengths = np.array([int(t) for t in path.read_text().split()], np.int32)
-      except ValueError:
-        raise CliError(f"--lengths {args.lengths}: expected one integer per line") from None
-      if lengths.size == 0:
-        raise CliError(f"--lengths {args.lengths} is empty")
-    else:
-      lengths = np.full((num,), max_length if args.length is None else args.length, np.int32)
-    for n in np.unique(lengths):
-      cond.check_length(int(n), max_length)
-    conds, notes = [], []
-    segments = [cond.parse_motif(m) for m in args.motif]
-    for n in lengths:
-      parts = []
-      if args.prefix:
-        parts.append(cond.prefix(args.prefix, int(n), max_length))
-        check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
-      if args.suffix:
-        parts.append(cond.suffix(args.suffix, int(n), max_length))
-        check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
-      if segments:
-        parts.append(cond.motif(segments, int(n), rng, max_length))
-        check_fixed_residues(parts[-1], args.allow_rare, "--motif")
-      conds.append(cond.combine(*parts) if parts else None)
-    kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
-                            ("motif", args.motif)) if v]
-    notes = [f"cond={'+'.join(kinds)} fixed={c.describe()}" if c is not None else "cond=none"
-             for c in conds]
-    return Plan(lengths, conds, notes)
+      return _file_plan(args, file_modes[0], num, max_length)
+    rng = np.random.default_rng(args.seed)
+    return _inline_plan(args, _plan_lengths(args, cfg, num, max_length, rng), max_length, rng)
   except ValueError as e:
     if isinstance(e, CliError):
       raise
     raise CliError(str(e)) from None
+
+
+def _file_plan(args, mode: str, num: int, max_length: int) -> Plan:
+  """--template / --infill: each FASTA record a condition, `num` samples of each."""
+  from sedd_jax.data import fasta as fasta_lib
+  from sedd_jax.sampling import conditioning as cond
+
+  conds, notes = [], []
+  path = getattr(args, mode)
+  if not pathlib.Path(path).is_file():
+    raise CliError(f"{path} does not exist")
+  for rec in fasta_lib.read_fasta(path, alphabet=None):  # templates keep any character
+    name, text = rec.name, rec.text
+    if args.template:
+      c = cond.template(text, args.mask_char, max_length)
+      note = f"template={name}"
+    else:
+      m = re.search(r"spans=(\S+)", rec.description)
+      if not m:
+        raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
+      c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
+      note = f"infill={name} spans={m.group(1)}"
+    check_fixed_residues(c, args.allow_rare, f"--{mode} record {name!r}")
+    conds += [c] * num
+    notes += [note] * num
+  return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
+
+
+def _plan_lengths(args, cfg, num: int, max_length: int, rng) -> np.ndarray:
+  """(N,) int32 lengths of --length, --lengths FILE or --lengths from-data."""
+  if args.lengths == "from-data":
+    data = reference.training_sequences(cfg)
+    if data is None:
+      raise CliError("--lengths from-data: no prepared training data at "
+                     f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
+    return np.minimum(rng.choice(data[1], num), max_length).astype(np.int32)
+  if args.lengths:
+    path = pathlib.Path(args.lengths)
+    if not path.is_file():
+      raise CliError(f"--lengths {args.lengths}: no such file (or use 'from-data')")
+    try:
+      lengths = np.array([int(t) for t in path.read_text().split()], np.int32)
+    except ValueError:
+      raise CliError(f"--lengths {args.lengths}: expected one integer per line") from None
+    if lengths.size == 0:
+      raise CliError(f"--lengths {args.lengths} is empty")
+    return lengths
+  return np.full((num,), max_length if args.length is None else args.length, np.int32)
+
+
+def _inline_plan(args, lengths: np.ndarray, max_length: int, rng) -> Plan:
+  """--prefix / --suffix / --motif (or nothing) fixed in sequences of `lengths`."""
+  from sedd_jax.sampling import conditioning as cond
+
+  for n in np.unique(lengths):
+    cond.check_length(int(n), max_length)
+  conds = []
+  segments = [cond.parse_motif(m) for m in args.motif]
+  for n in lengths:
+    parts = []
+    if args.prefix:
+      parts.append(cond.prefix(args.prefix, int(n), max_length))
+      check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
+    if args.suffix:
+      parts.append(cond.suffix(args.suffix, int(n), max_length))
+      check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
+    if segments:
+      parts.append(cond.motif(segments, int(n), rng, max_length))
+      check_fixed_residues(parts[-1], args.allow_rare, "--motif")
+    conds.append(cond.combine(*parts) if parts else None)
+  kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
+                          ("motif", args.motif)) if v]
+  notes = [f"cond={'+'.join(kinds)} fixed={c.describe()}" if c is not None else "cond=none"
+           for c in conds]
+  return Plan(lengths, conds, notes)
 
 
 def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
@@ -294,9 +309,19 @@ def run(args) -> int:
       fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed,
       draw=args.draw, remask=args.remask)
   tok = tokenizers.ProteinTokenizer()
-  src = args.workdir or args.checkpoint
   seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
   out = pathlib.Path(args.out)
+  write_fasta(out, seqs, plan.notes, args, steps, predictor, eps)
+  logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
+  if args.report:
+    write_report(seqs, cfg, args.seed, out)
+  return 0
+
+
+def write_fasta(out: pathlib.Path, seqs: list[str], notes: list[str], args, steps: int,
+                predictor: str, eps: float) -> None:
+  """The samples as FASTA, each header with the settings that drew it and its condition."""
+  src = args.workdir or args.checkpoint
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out, "w") as f:
     for i, s in enumerate(seqs):
@@ -304,21 +329,23 @@ def run(args) -> int:
               f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
               f"draw={args.draw} remask={args.remask:g} "
               f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
-              f"{plan.notes[i]}\n{s}\n")
-  dt = time.perf_counter() - t_start
-  logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, dt)
-  if args.report:
-    from sedd_jax.sampling import report
-    data = reference.training_sequences(cfg, limit=5000, seed=args.seed)
-    if data is None:
-      logger.warning("--report: no prepared training data at %s; comparing with nothing",
-                     cfg.data.prepared)
-      ref = []
-    else:
-      ref = [tok.decode(a) for a in data[0]]
-    report.write_report(seqs, ref, out.with_suffix(".report.json"),
-                        out.with_suffix(".report.png"))
-  return 0
+              f"{notes[i]}\n{s}\n")
+
+
+def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path) -> None:
+  """--report: `sampling.report` of the samples against (up to 5000) training sequences."""
+  from sedd_jax.data import tokenizers
+  from sedd_jax.sampling import report
+
+  tok = tokenizers.ProteinTokenizer()
+  data = reference.training_sequences(cfg, limit=5000, seed=seed)
+  if data is None:
+    logger.warning("--report: no prepared training data at %s; comparing with nothing",
+                   cfg.data.prepared)
+    ref = []
+  else:
+    ref = [tok.decode(a) for a in data[0]]
+  report.write_report(seqs, ref, out.with_suffix(".report.json"), out.with_suffix(".report.png"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
