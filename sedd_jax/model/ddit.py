@@ -55,6 +55,10 @@ RESIDUAL_DTYPES = ("float32", "bfloat16")
 # The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8.fp8_matmul`) on FP8 GPUs.
 MATMULS = ("default", "fp8")
 MLP_RATIO = 4
+# The allowed values of the model config's keys with a fixed set of choices.
+CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat": REMAT_POLICIES,
+           "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
+           "matmul": MATMULS}
 
 
 def cfg_value(cfg: Any, key: str):
@@ -67,6 +71,13 @@ def cfg_value(cfg: Any, key: str):
   if key in DEFAULTS:
     return DEFAULTS[key]
   raise ValueError(f"model config has no key {key!r} (needs {REQUIRED_KEYS})")
+
+
+def check_choices(**values: str) -> None:
+  """ValueError naming `model.<key>` for each value that is not one of `CHOICES[key]`."""
+  for key, value in values.items():
+    if value not in CHOICES[key]:
+      raise ValueError(f"model.{key} {value!r}: choose one of {CHOICES[key]}")
 
 
 def check_packing(batch: int, length: int, segment_ids, positions):
@@ -199,12 +210,8 @@ class DDiT(nnx.Module):
                        f"model.n_heads {n_heads}")
     if (hidden // n_heads) % 2:
       raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
-    for key, value, choices in (
-        ("dtype", dtype_name, tuple(DTYPES)), ("attention", attention, attention_lib.BACKENDS),
-        ("remat", remat, REMAT_POLICIES), ("dropout_rng", dropout_rng, layers.DROPOUT_RNGS),
-        ("residual_dtype", residual, RESIDUAL_DTYPES), ("matmul", matmul, MATMULS)):
-      if value not in choices:
-        raise ValueError(f"model.{key} {value!r}: choose one of {choices}")
+    check_choices(dtype=dtype_name, attention=attention, remat=remat, dropout_rng=dropout_rng,
+                  residual_dtype=residual, matmul=matmul)
     fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
       log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,
