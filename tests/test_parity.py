@@ -1,4 +1,5 @@
-"""Every fixture file found must load; a broken one fails here, by name."""
+"""Parity fixtures: every fixture file found loads (a broken one fails here, by name), the
+format-1 round trip, each defect named with its file, the tolerance and the fixture folders."""
 
 import numpy as np
 import pytest
@@ -33,3 +34,33 @@ def test_env_var_folder_is_searched(tmp_path, monkeypatch):
   monkeypatch.setenv(parity.ENV_VAR, str(tmp_path / "missing"))
   with pytest.raises(parity.FixtureError, match="missing"):
     parity.fixture_dirs()
+
+
+def test_round_trip_splits_inputs_and_outputs(tmp_path):
+  t = np.array([0.1, 0.9], np.float32)
+  np.savez(tmp_path / "ln.npz", meta=np.array('{"format": 1, "kind": "noise", "eps": 1e-3}'),
+           t=t, **{"out/total_noise": t * 2})
+  fx = parity.load_fixture(tmp_path / "ln.npz")
+  assert fx.kind == "noise" and fx.name == "ln" and fx.meta["eps"] == 1e-3
+  np.testing.assert_array_equal(fx.inputs["t"], t)
+  np.testing.assert_array_equal(fx.outputs["total_noise"], t * 2)
+  assert set(fx.inputs) == {"t"} and set(fx.outputs) == {"total_noise"}
+
+
+@pytest.mark.parametrize("meta,outputs,match", [
+    (None, True, "no 'meta' entry"), ("{not json", True, "'meta' is not JSON"),
+    ('{"format": 2, "kind": "noise"}', True, "format 2, expected 1"),
+    ('{"format": 1, "kind": "tokens"}', True, "kind 'tokens', expected one of"),
+    ('{"format": 1, "kind": "loss"}', False, r"no expected outputs \(keys 'out/...'\)")])
+def test_each_defect_is_named_with_the_file(tmp_path, meta, outputs, match):
+  arrays = {"x": np.zeros(2)} | ({"out/y": np.zeros(2)} if outputs else {})
+  if meta is not None:
+    arrays["meta"] = np.array(meta)
+  np.savez(tmp_path / "bad.npz", **arrays)
+  with pytest.raises(parity.FixtureError, match=f"bad.npz: {match}"):
+    parity.load_fixture(tmp_path / "bad.npz")
+
+
+def test_tolerance_is_relative_to_the_largest_expected_value():
+  assert parity.tolerance(np.array([-3.0, 2.0])) == pytest.approx(3e-4)
+  assert parity.tolerance(np.zeros((0,))) == 0.0
