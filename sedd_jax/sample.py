@@ -69,6 +69,7 @@ from sedd_jax import sample_protein_ligand as pl_sample
 
 logger = logging.getLogger("sedd_jax.sample")
 
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sedd_jax.sample", description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)

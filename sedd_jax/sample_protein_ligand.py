@@ -47,6 +47,8 @@ def check_protein_ligand_args(args, cfg) -> str:
     raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  if args.steps is not None and args.steps < 1:  # the protein path: sampler.check_options
+    raise CliError(f"--steps must be >= 1; got {args.steps}")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   for flag, value, top in (("--ligand-length", args.ligand_length, l_len),
                            ("--length", args.length, p_len)):
@@ -71,7 +73,7 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   store, smiles_tok = reference.reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
-  steps = int(args.steps or cfg.sampling.steps)
+  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
   predictor = args.predictor or str(cfg.sampling.predictor)
   eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   if task == "joint":
