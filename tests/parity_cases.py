@@ -8,7 +8,7 @@ from sedd_jax import parity
 def cases(kind: str):
   """pytest.param(fixture_path, output_name) for every output of every fixture of `kind`.
 
-  Unreadable fixtures are reported by tests/test_parity_files.py, not skipped here.
+  Unreadable fixtures are reported by tests/test_parity.py, not skipped here.
   """
   params = []
   for path in parity.fixture_paths():

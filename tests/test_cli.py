@@ -1,5 +1,4 @@
-"""The shared CLI plumbing (`sedd_jax.cli`), model loading checks (`sedd_jax.inference`) and
-reference data helpers (`sedd_jax.data.reference`)."""
+"""The shared CLI plumbing (`sedd_jax.cli`)."""
 
 import argparse
 import logging
@@ -8,8 +7,6 @@ import pathlib
 import pytest
 
 from sedd_jax import cli
-from sedd_jax import config as config_lib
-from sedd_jax import inference
 from sedd_jax.data import store as store_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,35 +34,8 @@ def test_load_config_names_the_flag():
     cli.load_config("nonexistent.py")
 
 
-def test_check_same_shape_names_every_differing_key():
-  a = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"))
-  b = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"),
-                             {"model.n_blocks": a.model.n_blocks + 1, "graph.type": "uniform",
-                              "model.scale_by_sigma": False})
-  inference.check_same_shape(a, a, "ck", "spec")  # same shape: no error
-  with pytest.raises(cli.CliError) as e:
-    inference.check_same_shape(a, b, "ck", "spec")
-  msg = str(e.value)
-  assert f"model.n_blocks: checkpoint {a.model.n_blocks}, config {a.model.n_blocks + 1}" in msg
-  assert "graph.type: checkpoint absorb, config uniform" in msg and "model.length" not in msg
-  assert not inference.is_protein_ligand(a)
 
 
 def test_json_safe_replaces_non_finite_floats():
   obj = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "x", "e": 2}
   assert cli.json_safe(obj) == {"a": None, "b": [1.0, None, {"c": None}], "d": "x", "e": 2}
-
-
-def test_protein_ligand_losses_per_token_of_the_scored_tracks():
-  from sedd_jax import evaluate_protein_ligand as pl_evaluate
-  from sedd_jax.protein_ligand import modes
-
-  assert tuple(pl_evaluate.SCORED) == modes.MODES
-  means = {f"loss/{m}": float(i + 1) for i, m in enumerate(modes.MODES)}
-  got = pl_evaluate.per_mode(means, {"protein": 40.0, "ligand": 10.0}, n=2)
-  assert got["protein_only"]["loss_per_token"] == 1.0 * 2 / 40
-  assert got["ligand_only"]["loss_per_token"] == 2.0 * 2 / 10
-  assert got["ligand_given_protein"]["loss_per_token"] == 3.0 * 2 / 10
-  assert got["protein_given_ligand"]["loss_per_token"] == 4.0 * 2 / 40
-  assert got["joint"]["loss_per_token"] == 2 * 5.0 * 2 / 50  # the mean of the two tracks
-  assert got["joint"]["scored_tracks"] == ("protein", "ligand") and got["joint"]["loss"] == 5.0

@@ -142,6 +142,14 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="fixed_tokens"):
     sampler.sample(jax.random.key(0), fn, GRAPH, NOISE, (2, L), steps=2,
                    fixed_tokens=np.zeros(L + 1, np.int32), fixed_mask=np.zeros(L + 1, bool))
+  # The one home of the option checks, also called by the CLI (messages start with the option).
+  uniform = diffusion.Uniform(3)
+  for kw, match in ((dict(eps=0.0), r"eps must lie in \(0, 1\)"), (dict(steps=0), "steps must"),
+                    (dict(remask=0.1), "remask needs .* absorbing graph"),
+                    (dict(cached=True), "cached needs the absorbing graph")):
+    with pytest.raises(ValueError, match=f"^{match}"):
+      sampler.check_options(uniform, **{"steps": 2, **kw})
+  sampler.check_options(GRAPH, steps=1, predictor="first_hitting", remask=1.0, draw="reference")
 
 
 def _chi2_pvalue(x):
@@ -199,38 +207,6 @@ def test_remask_keeps_one_position_exact(eta):
 
 
 P1 = np.array([0.7, 0.25, 0.05])
-
-
-def test_first_hitting_clock():
-  """Reveal times: each position's m(tau) = 1 - e^{-sigma(tau)} is U(0, m(1)), independently.
-  A score that emits token 1 when sigma < s0 (else 0) then gives iid positions with
-  P(1) = (1 - e^{-s0}) / m(1): chi-square over the 8 cells of L = 3. Also one model call per
-  position (L calls), and fixed positions are never revealed (fewer calls)."""
-  s0 = 0.4
-
-  def clock_fn(x, sigma):
-    hot = jnp.where((sigma < s0)[:, None, None], jax.nn.one_hot(1, GRAPH.dim),
-                    jax.nn.one_hot(0, GRAPH.dim))
-    return jnp.broadcast_to(hot, (*x.shape, GRAPH.dim))
-
-  n = 8000
-  x, nfe = _run(clock_fn, (n, L), seed=21, steps=1, predictor="first_hitting", return_nfe=True)
-  assert int(nfe) == L and set(np.unique(x)) <= {0, 1}
-  m1 = -np.expm1(-float(NOISE.total_noise(jnp.float32(1.0))))
-  q = -np.expm1(-s0) / m1
-  codes = (x * np.array([4, 2, 1])).sum(-1)
-  ones = np.array([bin(c).count("1") for c in range(8)])
-  expected = n * q ** ones * (1 - q) ** (L - ones)
-  p = stats.chisquare(np.bincount(codes, minlength=8), expected).pvalue
-  assert p > 1e-4, (p, np.bincount(codes, minlength=8), expected)
-  fixed = np.array([2, 0, 0], np.int32)
-  y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
-                fixed_tokens=fixed, fixed_mask=fixed > 0)
-  assert int(nfe) == L - 1 and (y[:, 0] == 2).all()
-  # Remasking with eta = 1: a corrector call after every reveal, never on the fixed position.
-  y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
-                fixed_tokens=fixed, fixed_mask=fixed > 0, remask=1.0)
-  assert int(nfe) == 2 * (L - 1) and (y[:, 0] == 2).all()
 
 
 def test_cached_equals_uncached_given_same_draws():
