@@ -1,7 +1,8 @@
 """Validation curves of training runs against minutes of training, next to the unigram baseline.
 
   python scripts/recipe_curve.py runs/recipe_small [--config configs/uniref50.py:small]
-  python scripts/recipe_curve.py runs/pack runs/full --labels pack,full --out docs/packing_curve.png
+  python scripts/recipe_curve.py runs/pack runs/full --labels pack,full --out docs/packing_curve.png \
+      --max-minutes 6
 
 Reads each `<workdir>/metrics.jsonl` (eval rows: the EMA weights' validation loss per residue,
 the score-entropy negative ELBO estimate at random t). Minutes count training time only: the
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
   p.add_argument("--labels", default="", help="comma-separated, one per workdir (default: names)")
   p.add_argument("--out", default="", help="PNG path (default <workdir>/curve.png for one run)")
   p.add_argument("--title", default="")
+  p.add_argument("--max-minutes", type=float, default=0.0,
+                 help="only eval rows within this many minutes of training (0 = all)")
   p.add_argument("--config", default="configs/uniref50.py:small",
                  help="config whose data.prepared holds the splits")
   args = p.parse_args(argv)
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
   ax = fig.subplots()
   lines = ["run,minutes,step,valid_loss_per_token,unigram"]
   for work, label in zip(works, labels):
-    points = eval_points(work)
+    points = [pt for pt in eval_points(work) if not args.max_minutes or pt[0] <= args.max_minutes]
     for minutes, step, loss in points:
       lines.append(f"{label},{minutes:.2f},{step},{loss:.5f},{unigram:.5f}")
       sys.stdout.write(json.dumps({"run": label, "minutes": round(minutes, 2), "step": step,

@@ -10,7 +10,11 @@ Devices (mesh, shardings and placement in `sedd_jax.training.sharding`): one 1-D
 `('data',)` over all devices (`jax.make_mesh`); batches are sharded over
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
 `cfg.training.fsdp` sharded fsdp-style (each array's largest axis divisible by the device count
-is split over `data`; arrays with none stay replicated). XLA inserts the collectives; no pmap.
+is split over `data`; arrays with none stay replicated) and gathered for the compute: the loss
+sees replicated parameters (a sharding constraint), so activations stay sharded on the batch
+only. Without it XLA may shard q/k/v on the head axis after the sharded qkv matmul, which cuDNN
+attention with a (B, 1, L, L) bias rejects ("Query and bias should have same sharding on batch
+and num_head dim", seen with FSDP on 2 H200s). XLA inserts the collectives; no pmap.
 Several processes (`jax.distributed`): the mesh spans the devices of all of them; every process
 builds the same step-0 state from the seed and the same host batch (the GLOBAL batch), and
 `put_global` / `put_batch` hand each local device its part (`jax.make_array_from_callback`), so
@@ -101,7 +105,11 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
     nnx.reseed(model, dropout=drop_key)
     return nnx.split(model, nnx.Param, ...)[2]
 
+  gathered = NamedSharding(mesh, P()) if bool(cfg.training.fsdp) and mesh.size > 1 else None
+
   def loss_fn(params, rest, rows, shared, key, step):
+    if gathered is not None:  # fsdp: sharded storage, replicated compute (module docstring)
+      params = jax.lax.with_sharding_constraint(params, gathered)
     # Fresh Variables at this trace level (dropout advances its RngCount while running).
     rest = jax.tree.map(lambda x: x, rest)
     model = nnx.merge(defs.train, params, rest)
