@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.milestone_every = 100_000
   c.training.max_bad_steps = 10  # consecutive non-finite steps before the run stops
   c.training.fsdp = False  # shard parameters over the data axis
+  # jax's persistent compilation cache ("" = off; JAX_COMPILATION_CACHE_DIR, when set, wins):
+  # a rerun or a resume of the same shapes loads its compiled steps instead of compiling them
+  c.training.compile_cache = "~/.cache/sedd_jax/jax"
   c.training.time_eps = 1e-3  # t ~ U[time_eps, 1)
 
   c.optim = ml_collections.ConfigDict()

@@ -298,6 +298,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
                                                              "eval_batches", "num_samples"))
   _positive_int(cfg, "training.milestone_every", allow_zero=True)
   _need(isinstance(cfg.training.fsdp, bool), "training.fsdp", "must be a bool")
+  _need(isinstance(cfg.training.compile_cache, str), "training.compile_cache",
+        "must be a folder path, or '' for no persistent compilation cache")
   _number(cfg, "training.time_eps", 0.0, 0.5, lo_open=True, hi_open=True)
 
   _number(cfg, "optim.lr", 0.0, lo_open=True)

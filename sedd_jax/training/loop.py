@@ -36,6 +36,7 @@ from sedd_jax.training.run import COMPILE_CACHE
 from sedd_jax.training.run import CompileCache
 from sedd_jax.training.run import Run
 from sedd_jax.training.run import build_run
+from sedd_jax.training.run import use_persistent_cache
 
 logger = logging.getLogger("sedd_jax.train")
 
@@ -86,6 +87,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, n_devices=len(devices))
+  cache_dir = use_persistent_cache(cfg.training.compile_cache)
+  if cache_dir:
+    logger.info("persistent compilation cache: %s", cache_dir)
   workdir = pathlib.Path(workdir).absolute()
   primary = jax.process_index() == 0
   pipeline.ensure_prepared(cfg)  # bad data inputs fail before the workdir is written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -26,6 +27,19 @@ from sedd_jax.training import step as step_lib
 from sedd_jax.training import task as task_lib
 
 logger = logging.getLogger("sedd_jax.train")
+
+
+def use_persistent_cache(path: str) -> str | None:
+  """Turns on jax's persistent compilation cache in `path` (`~` expanded), unless `path` is ""
+  or jax already has a cache folder (JAX_COMPILATION_CACHE_DIR, or set by the caller, which
+  wins). Returns the folder in use, or None. Later processes with the same shapes, options
+  and jax version load the compiled steps from there instead of compiling them."""
+  current = jax.config.jax_compilation_cache_dir
+  if current or not path:
+    return current or None
+  folder = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  return folder
 
 
 class CompileCache:
