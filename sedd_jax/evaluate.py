@@ -299,8 +299,7 @@ def run(args) -> int:
 
   # Unigram baseline over the 25 residue letters on the same (cropped) tokens.
   if train is None:
-    found = reference.training_sequences(cfg)
-    train = found[0] if found is not None else None
+    train = reference.training_tokens(cfg)
   eval_tokens = [s[:max_length] for s in seqs]
   shares = residue_shares(eval_tokens)
   if train is None:

@@ -175,11 +175,11 @@ def make_plan(args, cfg, max_length: int) -> Plan:
       return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
 
     if args.lengths == "from-data":
-      data = reference.training_sequences(cfg)
-      if data is None:
+      split = reference.training_split(cfg)
+      if split is None:
         raise CliError("--lengths from-data: no prepared training data at "
                        f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
-      lengths = np.minimum(rng.choice(data[1], num), max_length).astype(np.int32)
+      lengths = np.minimum(rng.choice(split.lengths, num), max_length).astype(np.int32)
     elif args.lengths:
       path = pathlib.Path(args.lengths)
       if not path.is_file():
@@ -330,7 +330,7 @@ def run(args) -> int:
                      cfg.data.prepared)
       ref = []
     else:
-      ref = [tok.decode(a) for a in data[0]]
+      ref = [tok.decode(a) for a in data]
     report.write_report(seqs, ref, out.with_suffix(".report.json"),
                         out.with_suffix(".report.png"))
   return 0

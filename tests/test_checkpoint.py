@@ -11,20 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import MICRO_MODEL, assert_trees_equal, load_config
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import state as state_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def micro_config():
-  return config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), {
-    "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-    "model.length": 32, "training.batch_size": 8})
+  return load_config(overrides={**MICRO_MODEL, "model.length": 32, "training.batch_size": 8})
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +42,6 @@ def _at(state, step, seed=0):
                        opt_state=bump(state.opt_state), skipped=jnp.int32(1))
 
 
-def _leaves_equal(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_roundtrip_all_contents(tmp_path, setup):
   cfg, state = setup
   ck = ckpt_lib.Checkpointer(tmp_path, keep=3)
@@ -62,7 +53,7 @@ def test_roundtrip_all_contents(tmp_path, setup):
   r = ck.restore_latest(state)
   assert r.step == 3 and r.data_state == data_state
   assert config_lib.diff(r.config, cfg) == []
-  _leaves_equal(r.state, s3)
+  assert_trees_equal(r.state, s3)
   assert int(r.state.skipped) == 1
   ck.close()
   # Documented layout.
@@ -71,7 +62,7 @@ def test_roundtrip_all_contents(tmp_path, setup):
     assert (step_dir / item).is_dir(), item
   raw = ckpt_lib.read_items(step_dir)
   assert raw["train"]["step"] == 3 and raw["train"]["format"] == ckpt_lib.FORMAT
-  _leaves_equal(raw["params"], nnx.to_pure_dict(s3.params))
+  assert_trees_equal(raw["params"], nnx.to_pure_dict(s3.params))
 
 
 def test_bytes_data_state(tmp_path, setup):
@@ -112,7 +103,7 @@ def test_corrupt_latest_falls_back(tmp_path, setup, caplog):
   with caplog.at_level(logging.ERROR):
     r = ck.restore_latest(state)
   assert r.step == 1 and r.data_state == {"position": 1}
-  _leaves_equal(r.state, _at(state, 1))
+  assert_trees_equal(r.state, _at(state, 1))
   assert "step 2" in caplog.text and str(tmp_path / "checkpoints" / "2") in caplog.text
   moved = list((tmp_path / ckpt_lib.CORRUPT).iterdir())
   assert [p.name.split("-")[0] for p in moved] == ["2"]

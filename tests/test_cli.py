@@ -3,19 +3,17 @@ reference data helpers (`sedd_jax.data.reference`)."""
 
 import argparse
 import logging
-import pathlib
 
 import numpy as np
 import pytest
 
+from helpers import load_config
 from sedd_jax import cli
-from sedd_jax import config as config_lib
 from sedd_jax import inference
 from sedd_jax.data import reference
 from sedd_jax.data import store as store_lib
 from sedd_jax.data import tokenizers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("error", [cli.CliError("bad flag"), store_lib.StoreError("bad store")])
@@ -41,10 +39,9 @@ def test_load_config_names_the_flag():
 
 
 def test_check_same_shape_names_every_differing_key():
-  a = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"))
-  b = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"),
-                             {"model.n_blocks": a.model.n_blocks + 1, "graph.type": "uniform",
-                              "model.scale_by_sigma": False})
+  a = load_config()
+  b = load_config(overrides={"model.n_blocks": a.model.n_blocks + 1, "graph.type": "uniform",
+                             "model.scale_by_sigma": False})
   inference.check_same_shape(a, a, "ck", "spec")  # same shape: no error
   with pytest.raises(cli.CliError) as e:
     inference.check_same_shape(a, b, "ck", "spec")
@@ -63,11 +60,10 @@ def test_pad_tokens():
 
 
 def test_reference_pairs_of_a_missing_store_say_what_to_run(tmp_path):
-  cfg = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"),
-                               {"data.prepared": str(tmp_path / "none")})
+  cfg = load_config(overrides={"data.prepared": str(tmp_path / "none")})
   with pytest.raises(store_lib.StoreError, match="run python -m sedd_jax.data.prepare"):
     reference.reference_pairs(cfg, "test")
-  assert reference.training_sequences(cfg) is None
+  assert reference.training_split(cfg) is None
 
 
 def test_json_safe_replaces_non_finite_floats():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from parity_cases import cases
+from helpers import cases
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
 from sedd_jax.model import ddit as ddit_lib

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from helpers import FAST
 from sedd_jax import diffusion
 from sedd_jax.sampling import likelihood
 from sedd_jax.sampling import sampler
@@ -38,7 +39,6 @@ def random_score_fn(graph, seed=0):
   return fn
 
 
-FAST = {"xla_backend_optimization_level": 0}  # 3x faster CPU compiles for these tiny programs
 
 
 def _sampler(score_fn, shape, graph=GRAPH, noise=NOISE, **kw):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from parity_cases import cases
+from helpers import cases
 from sedd_jax import parity
 from sedd_jax.model import DDiT, torch_import
 

@@ -1,10 +1,7 @@
 """The training job end to end on the micro config: resume, NaN stop, SIGTERM, --fresh."""
 
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -13,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sedd_jax import config as config_lib
+from helpers import FAST, ROOT, assert_trees_equal, subprocess_env, train_command, train_config
 from sedd_jax import diffusion
 from sedd_jax import train as train_lib
 from sedd_jax.data.fasta import DataError
@@ -23,44 +20,9 @@ from sedd_jax.training import run as run_lib
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FASTA = ROOT / "tests" / "data" / "pyhmmer_938293_first200.faa"
-FAST = {"xla_backend_optimization_level": 0}
-MICRO = {
-  "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-  "model.length": 32, "model.dropout": 0.1, "training.batch_size": 8, "training.steps": 6,
-  "training.log_every": 1, "training.eval_every": 0, "training.sample_every": 0,
-  "training.ckpt_every": 100, "training.eval_batches": 2, "training.num_samples": 2,
-  "sampling.steps": 4, "optim.warmup": 2, "data.valid_fraction": 0.1, "wandb.mode": "disabled",
-}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-  from sedd_jax.data import pipeline
-  path = tmp_path_factory.mktemp("store") / "pyhmmer"
-  cfg = micro_config(path)
-  pipeline.ensure_prepared(cfg)
-  return path
-
-
-def micro_config(store_path, **over):
-  cfg = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), MICRO)
-  config_lib.apply_overrides(cfg, {"data.fasta": str(FASTA), "data.prepared": str(store_path)})
-  config_lib.apply_overrides(cfg, over)
-  return cfg
-
-
-def _equal(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb) and la
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_resume_is_bit_identical(tmp_path, store):
   """6 steps in one go == 3 steps, stop, resume, 3 steps (params, EMA, data state exactly)."""
-  cfg = micro_config(store, **{"training.eval_every": 3, "training.sample_every": 3})
+  cfg = train_config(store, **{"training.eval_every": 3, "training.sample_every": 3})
   a = train_lib.train(cfg, tmp_path / "a", compiler_options=FAST)
   assert (a.code, a.step, a.reason) == (0, 6, "finished")
   b1 = train_lib.train(cfg, tmp_path / "b", stop_after=3, compiler_options=FAST)
@@ -70,8 +32,8 @@ def test_resume_is_bit_identical(tmp_path, store):
   assert (b2.code, b2.step) == (0, 6)
   ra = ckpt_lib.read_items(tmp_path / "a" / "checkpoints" / "6")
   rb = ckpt_lib.read_items(tmp_path / "b" / "checkpoints" / "6")
-  _equal(ra["params"], rb["params"])
-  _equal(ra["ema"], rb["ema"])
+  assert_trees_equal(ra["params"], rb["params"])
+  assert_trees_equal(ra["ema"], rb["ema"])
   assert ra["data"] == rb["data"] and ra["train"] == rb["train"]
   # The parameters did move, and the EMA differs from them.
   r3 = ckpt_lib.read_items(tmp_path / "b" / "checkpoints" / "3")
@@ -95,7 +57,7 @@ def test_resume_is_bit_identical(tmp_path, store):
 
 
 def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
-  cfg = micro_config(store, **{"training.steps": 2})
+  cfg = train_config(store, **{"training.steps": 2})
   assert train_lib.train(cfg, tmp_path, compiler_options=FAST).step == 2
   t0 = time.perf_counter()
   again = train_lib.train(cfg, tmp_path, compiler_options=FAST)
@@ -110,7 +72,7 @@ def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
 
 
 def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
-  cfg = micro_config(tmp_path / "nostore", **{"data.fasta": str(tmp_path / "nonexistent.fa")})
+  cfg = train_config(tmp_path / "nostore", **{"data.fasta": str(tmp_path / "nonexistent.fa")})
   with pytest.raises(DataError, match="nonexistent.fa does not exist"):
     train_lib.train(cfg, tmp_path / "run", compiler_options=FAST)
   assert sorted(tmp_path.iterdir()) == []  # no workdir, no store
@@ -119,20 +81,16 @@ def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
 def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
   """The CLI on a workdir whose checkpoint has another model shape: exit 2 with one error line
   naming the config key and what to do; the checkpoint and config.json stay as they were."""
-  cfg = micro_config(store)
+  cfg = train_config(store)
   graph = diffusion.get_graph(cfg.graph)
   _, params, _ = state_lib.split_model(state_lib.build_model(cfg, graph))
   ck = ckpt_lib.Checkpointer(tmp_path / "run")
   ck.save(state_lib.init_state(cfg, params).replace(step=jnp.int32(2)), None, cfg)
   ck.close()
   (tmp_path / "run" / "config.json").write_text("{}")
-  args = [sys.executable, "-m", "sedd_jax.train", f"--config={ROOT / 'configs/uniref50.py'}:tiny",
-          f"--workdir={tmp_path / 'run'}"]
-  over = dict(MICRO, **{"data.fasta": str(FASTA), "data.prepared": str(store),
-                        "model.hidden_size": 64})
-  args += [f"--config.{k}={v}" for k, v in over.items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  args = train_command(tmp_path / "run", store, **{"model.hidden_size": 64})
+  p = subprocess.run(args, cwd=ROOT, env=subprocess_env(devices=1), capture_output=True,
+                     text=True, timeout=240)
   assert p.returncode == train_lib.EXIT_CONFIG, p.stderr[-3000:]
   errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -153,7 +111,7 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
       tokens, jnp.ones((tokens.shape[0],)), None).sum()
 
   monkeypatch.setattr(sedd_task_lib, "sequence_losses", nan_losses)
-  cfg = micro_config(store, **{"training.steps": 20, "training.max_bad_steps": 3})
+  cfg = train_config(store, **{"training.steps": 20, "training.max_bad_steps": 3})
   with caplog.at_level("ERROR"):
     r = train_lib.train(cfg, tmp_path, compiler_options=FAST, cache=run_lib.CompileCache())
   assert (r.code, r.step, r.reason) == (train_lib.EXIT_NONFINITE, 3, "non-finite")
@@ -163,7 +121,7 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
   graph = diffusion.get_graph(cfg.graph)
   _, params, _ = state_lib.split_model(state_lib.build_model(cfg, graph))
   from flax import nnx
-  _equal(items["params"], nnx.to_pure_dict(params))
+  assert_trees_equal(items["params"], nnx.to_pure_dict(params))
   rows = [r for r in metrics_lib.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
   assert rows[-1]["skipped"] == 3
 
@@ -186,7 +144,7 @@ def test_loop_reads_no_metric_of_the_step_just_queued(tmp_path, store, monkeypat
 
   device_get = jax.device_get
   monkeypatch.setattr(jax, "device_get", lambda x: events.append(("read", id(x))) or device_get(x))
-  cfg = micro_config(store, **{"training.steps": 5, "training.log_every": 100})
+  cfg = train_config(store, **{"training.steps": 5, "training.log_every": 100})
   assert train_lib.train(cfg, tmp_path, compiler_options=FAST, cache=Recording()).step == 5
   queued = [i for kind, i in events if kind == "queued"]
   assert len(queued) == 5
@@ -197,15 +155,10 @@ def test_loop_reads_no_metric_of_the_step_just_queued(tmp_path, store, monkeypat
 
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path, store):
   """The CLI in a subprocess: SIGTERM after the first logged step -> checkpoint, exit 0."""
-  args = [sys.executable, "-m", "sedd_jax.train", f"--config={ROOT / 'configs/uniref50.py'}:tiny",
-          f"--workdir={tmp_path / 'run'}"]
-  over = dict(MICRO, **{"training.steps": 100000, "data.fasta": str(FASTA),
-                        "data.prepared": str(store)})
-  args += [f"--config.{k}={v}" for k, v in over.items()]
+  args = train_command(tmp_path / "run", store, **{"training.steps": 100000})
   # 2 simulated devices and XLA's quick CPU compilation keep this test short.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-             "--xla_backend_optimization_level=0")
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(devices=2, fast=True),
+                          stderr=subprocess.PIPE, text=True)
   watchdog = threading.Timer(240, proc.kill)
   watchdog.start()
   log = []
