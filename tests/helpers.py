@@ -196,10 +196,10 @@ PL_B, PL_LP, PL_LL = 4, 16, 10
 LIGAND_TOKENS = 40
 
 
-def protein_ligand_config(mode: str | None = None, frozen: bool = False, n_blocks: int = 2):
+def protein_ligand_config(mode: str | None = None, frozen: bool = True, n_blocks: int = 2):
   """configs/protein_ligand.py:tiny at the test sizes (blocks of width 32, float32, xla
   attention, LIGAND_TOKENS ligand ids, 8 sampling steps), training `mode` (None: the
-  variant's); `frozen`: a FrozenConfigDict (hashable, a static jit argument)."""
+  variant's); `frozen`: a FrozenConfigDict (hashable, a static jit argument), else editable."""
   cfg = config_module("protein_ligand").get_config("tiny")
   cfg.model.update(hidden_size=32, n_heads=2, n_blocks=n_blocks, cond_dim=16, dropout=0.0,
                    dtype="float32", attention="xla")

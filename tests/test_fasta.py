@@ -2,16 +2,13 @@
 
 import gzip
 import json
-import pathlib
 
 import pytest
 
+from helpers import FAA, PAIRS
 from sedd_jax.data import fasta
 from sedd_jax.data.fasta import DataError, Skips
 
-DATA = pathlib.Path(__file__).parent / "data"
-FAA = DATA / "pyhmmer_938293_first200.faa"
-PAIRS = DATA / "pairs_first60.csv"
 
 
 def _write(path, text):

@@ -2,19 +2,15 @@
 
 import gzip
 import json
-import pathlib
 import time
 
 import numpy as np
 import pytest
 
+from helpers import FAA, PAIRS, ROOT
 from sedd_jax.data import prepare, store, tokenizers
 from sedd_jax.data.fasta import DataError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = pathlib.Path(__file__).parent / "data"
-FAA = DATA / "pyhmmer_938293_first200.faa"
-PAIRS = DATA / "pairs_first60.csv"
 TOK = tokenizers.ProteinTokenizer()
 
 

@@ -1,18 +1,19 @@
 """The sample/evaluate flags of issue 18: --predictor first_hitting, --draw, --remask, and the
 masked pseudo-perplexity and bits per residue of evaluate (a tiny random checkpoint)."""
 
+import functools
 import json
 import math
 
 import pytest
 
+from helpers import cli_fails, read_records
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax import sample as sample_cli
+from sedd_jax.data import tokenizers
 
-from test_sample_cli import STANDARD  # noqa: E402  (tests/ is on sys.path)
-from test_sample_cli import _fails  # noqa: E402
-from test_sample_cli import read_fasta  # noqa: E402
-from test_sample_cli import workdir  # noqa: E402, F401  (the module-scoped checkpoint fixture)
+STANDARD = set(tokenizers.STANDARD_RESIDUES)
+_fails = functools.partial(cli_fails, sample_cli.main)
 
 
 def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
@@ -20,14 +21,14 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   assert sample_cli.main(base + ["--predictor", "first_hitting", "--draw", "reference",
                                  "--remask", "0.5", "--prefix", "MK",
                                  "--out", str(tmp_path / "f.fasta")]) == 0
-  recs = read_fasta(tmp_path / "f.fasta")
+  recs = read_records(tmp_path / "f.fasta")
   assert len(recs) == 3
   for head, seq in recs:
     assert len(seq) == 12 and seq.startswith("MK") and set(seq) <= STANDARD
     assert "predictor=first_hitting" in head and "draw=reference" in head
   assert sample_cli.main(base + ["--steps", "4", "--remask", "0.2",
                                  "--out", str(tmp_path / "r.fasta")]) == 0
-  assert all("remask=0.2" in h for h, _ in read_fasta(tmp_path / "r.fasta"))
+  assert all("remask=0.2" in h for h, _ in read_records(tmp_path / "r.fasta"))
   out = ["--out", str(tmp_path / "x.fasta")]
   _fails(base + out + ["--predictor", "euler", "--remask", "0.1"], caplog,
          "--remask needs --predictor analytic or first_hitting")
