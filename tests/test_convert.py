@@ -75,7 +75,8 @@ def test_convert_reference_checkpoint(tmp_path):
   cmd = [sys.executable, "-m", "sedd_jax.convert", "--input", str(pth), "--output",
          str(tmp_path / "ema"), "--config", f"{UNIREF50}:tiny",
          f"--config.model.n_heads={fx.meta['model']['n_heads']}", "--use-ema"]
-  res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   model, _, _, _ = checkpoint.load_for_inference(tmp_path / "ema")
   got = torch_import.export_state_dict(model)

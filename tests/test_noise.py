@@ -71,7 +71,8 @@ def test_elementwise_any_shape():
 def test_get_noise_from_config():
   uniref50 = config_module("uniref50")
   assert diffusion.get_noise(uniref50.get_config("small").noise) == diffusion.LogLinear(eps=1e-3)
-  assert diffusion.get_noise(uniref50.get_config("protlig_stable").noise) == diffusion.Cosine(1e-4, 0.5)
+  assert diffusion.get_noise(uniref50.get_config("protlig_stable").noise) == (
+      diffusion.Cosine(1e-4, 0.5))
   cfg = ml_collections.ConfigDict(dict(type="geometric", eps=1e-3, sigma_min=1e-4, sigma_max=20.0))
   assert diffusion.get_noise(cfg) == diffusion.Geometric(1e-4, 20.0)
 
