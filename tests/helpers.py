@@ -44,6 +44,15 @@ MICRO_MODEL = {"model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1,
                "model.cond_dim": 16}
 
 
+def ddit_config(**kw) -> ml_collections.ConfigDict:
+  """A DDiT `model` sub-config: two blocks of width 16, length 16, float32, xla attention, no
+  dropout or remat, the sigma-scaled output; `kw` replaces entries."""
+  return ml_collections.ConfigDict({
+      **dict(hidden_size=16, n_heads=2, n_blocks=2, cond_dim=8, dropout=0.0, scale_by_sigma=True,
+             length=16, attention="xla", attention_chunk=0, dtype="float32", remat="none"),
+      **kw})
+
+
 def rkey(seed: int) -> jax.Array:
   """A PRNG key. The functions under test work with any key implementation; `rbg` keys compile
   their draws ~10x faster than threefry on the CPU, which keeps these tests quick."""

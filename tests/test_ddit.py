@@ -4,24 +4,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from helpers import cases
+from helpers import ddit_config as model_cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
 from sedd_jax.model import ddit as ddit_lib
 from sedd_jax.model import fp8 as fp8_lib
-
-
-def model_cfg(**kw) -> ml_collections.ConfigDict:
-  base = dict(hidden_size=16, n_heads=2, n_blocks=2, cond_dim=8, dropout=0.0,
-              scale_by_sigma=True, length=16, attention="xla", attention_chunk=0,
-              dtype="float32", remat="none")
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
 
 
 def fixture_model(fx, **kw):
