@@ -85,6 +85,16 @@ def subprocess_env(devices: int | None = None, fast: bool = False, **extra: str)
   return env
 
 
+def randomize(model, seed: int = 0, scale: float = 0.3):
+  """Replaces every parameter with random values (the zero inits hide most of the network)."""
+  rng = np.random.default_rng(seed)
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      v = var.get_value()
+      var.set_value(jnp.asarray(scale * rng.standard_normal(v.shape), v.dtype))
+  return model
+
+
 def assert_trees_equal(a, b) -> None:
   """Two non-empty pytrees with the same number of leaves, equal leaf by leaf (exactly)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
@@ -219,7 +229,7 @@ def protein_ligand_config(mode: str | None = None, frozen: bool = True, n_blocks
   return ml_collections.FrozenConfigDict(cfg) if frozen else cfg
 
 
-def randomize(model, seed: int = 1, scale: float = 0.3):
+def _add_noise(model, seed: int = 1, scale: float = 0.3):
   """Adds noise to every parameter, so that zero-initialised gates and heads are live."""
   leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
   rng = np.random.default_rng(seed)
@@ -230,12 +240,12 @@ def randomize(model, seed: int = 1, scale: float = 0.3):
 
 
 def protein_ligand_model(cfg=None, seed: int = 0, random: bool = True):
-  """The dual-track model of `cfg` (default protein_ligand_config()), randomized unless not
-  `random`."""
+  """The dual-track model of `cfg` (default protein_ligand_config()), with noise added to its
+  parameters when `random`."""
   from sedd_jax.protein_ligand import model as pl_model  # noqa: PLC0415
 
   model = pl_model.build_model(cfg or protein_ligand_config(), nnx.Rngs(seed))
-  return randomize(model) if random else model
+  return _add_noise(model) if random else model
 
 
 def protein_ligand_batch(seed: int = 0) -> dict[str, np.ndarray]:

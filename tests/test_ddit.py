@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import cases
+from helpers import cases, randomize
 from helpers import ddit_config as model_cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
@@ -32,16 +32,6 @@ def fixture_model(fx, **kw):
 @nnx.jit
 def apply(model, indices, sigma, lengths=None):
   return model(indices, sigma, lengths)
-
-
-def randomize(model, seed=0, scale=0.3):
-  """Replaces every parameter with random values (the zero inits hide most of the network)."""
-  rng = np.random.default_rng(seed)
-  for _, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      v = var.get_value()
-      var.set_value(jnp.asarray(scale * rng.standard_normal(v.shape), v.dtype))
-  return model
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FAST
+from helpers import FAST, randomize
 from sedd_jax import diffusion
 from sedd_jax.sampling import likelihood
 
@@ -221,7 +221,6 @@ def test_packed_nelbo_equals_each_sequence_alone_at_the_same_draws(graph_type):
 
   from sedd_jax.data import pipeline
   from sedd_jax.model import DDiT
-  from test_ddit import randomize
 
   absorb = graph_type == "absorb"
   graph = diffusion.Absorbing(20) if absorb else diffusion.Uniform(20)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FAST, MICRO_MODEL, load_config
+from helpers import FAST, MICRO_MODEL, load_config, randomize
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax.training import state as state_lib
@@ -184,7 +184,6 @@ def test_packed_loss_equals_unpacked_loss():
 
   from sedd_jax.data import tokenizers
   from sedd_jax.training import task as task_lib
-  from test_ddit import randomize
 
   cfg = micro_config(**{"data.pad_to": "pack"})
   task = sedd_task_lib.SeddTask.from_config(cfg)
