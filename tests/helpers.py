@@ -1,4 +1,4 @@
-"""Set-up shared by the test files: paths, compile options, tiny configs, parity cases, writers.
+"""Set-up shared by the test files: paths, compile options, tiny configs, parity cases, checks.
 
 A plain module (`import helpers`: pytest puts tests/ on sys.path) rather than conftest fixtures:
 most of these are needed at import time (module constants, `parametrize` lists, subprocess
@@ -31,7 +31,6 @@ DATA = ROOT / "tests" / "data"
 FAA = DATA / "pyhmmer_938293_first200.faa"  # 200 proteins (with stop codons)
 PAIRS = DATA / "pairs_first60.csv"  # 60 protein-ligand pairs
 UNIREF50 = ROOT / "configs" / "uniref50.py"
-PROTEIN_LIGAND = ROOT / "configs" / "protein_ligand.py"
 
 # XLA without optimisation passes: 2-3x faster CPU compiles of the tests' tiny programs, same
 # semantics. FAST is `compiler_options=` of jit / train(); FAST_XLA_FLAG the same for a
