@@ -21,8 +21,8 @@ from sedd_jax.training import task as task_lib
 
 MICRO = {
   **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "training.batch_size": 4,
-  "training.steps": 4, "training.log_every": 1, "training.eval_every": 2, "training.eval_batches": 1,
-  "training.sample_every": 4, "training.num_samples": 2, "training.ckpt_every": 100,
+  "training.steps": 4, "training.log_every": 1, "training.eval_every": 2,
+  "training.eval_batches": 1, "training.sample_every": 4, "training.num_samples": 2, "training.ckpt_every": 100,
   "sampling.steps": 4, "optim.warmup": 1, "wandb.mode": "disabled",
 }
 
