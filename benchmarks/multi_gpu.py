@@ -1,7 +1,9 @@
 """Several GPUs of one host: the real training loop (`python -m sedd_jax.train`) in fresh processes.
 
   python benchmarks/multi_gpu.py                      # all three parts, ~7 minutes on 2 H200s
-  python benchmarks/multi_gpu.py --only restore       # scaling | processes | restore
+  python benchmarks/multi_gpu.py --only restore       # scaling | processes | restore | big
+  python benchmarks/multi_gpu.py --only scaling --variant medium --cases 2gpu_dp,2gpu_fsdp \
+      --base-tokens-per-s 123456 --set model.scan_blocks=true
   python benchmarks/multi_gpu.py --cpu --variant tiny --steps 20 --batch-per-gpu 8   # dry run
 
 * scaling: `small` on the bundled data, `--steps` steps, batch 64 per GPU: 1 GPU; 2 GPUs of one
@@ -9,6 +11,9 @@
   to shard over), so the 1-GPU run is the baseline of both.
 * processes: the same two 2-GPU runs as 2 processes x 1 GPU (the cluster layout:
   `jax.distributed` on 127.0.0.1, `CUDA_VISIBLE_DEVICES` one GPU per process).
+* big (not in the default parts): a ~1.3B-parameter shape (`--big-shape` on `medium`) with FSDP
+  on 2 GPUs for `--big-steps` steps, then data parallelism at the same batch: peak memory per GPU
+  (`peak_gib`, the trainer's train rows) and the first and last loss.
 * restore: `tiny`, 40 steps on 1 GPU and on 2 GPUs with a checkpoint at step 20; each run's
   step-20 checkpoint resumed on the OTHER topology to step 40. The losses of steps 21..40 are
   compared with the uninterrupted run on the resuming topology and on the saving one (the batch
@@ -108,31 +113,69 @@ def emit(record: dict) -> None:
   print(json.dumps(record), flush=True)
 
 
+CASES = {"1gpu": (1, 1, False), "2gpu_dp": (2, 1, False), "2gpu_fsdp": (2, 1, True),
+         "2proc_dp": (2, 2, False), "2proc_fsdp": (2, 2, True)}
+
+
+def run_case(args, root: pathlib.Path, variant: str, case: str, batch_per_gpu: int, steps: int,
+             extra: dict) -> dict:
+  """One real-loop job of CASES[case]: the median tokens/s and residues/s of the logged windows
+  after the first, and the highest device-memory peak process 0 logged."""
+  gpus, procs, fsdp = CASES[case]
+  over = dict(QUIET, **{"training.steps": steps, "training.batch_size": batch_per_gpu * gpus,
+                        "training.log_every": args.log_every, "training.fsdp": fsdp,
+                        "training.ckpt_every": 10 * steps}, **extra)
+  r = train(f"{variant}_{case}", root, variant, gpus, procs, over, args.timeout, cpu=args.cpu)
+  rows = train_rows(r["workdir"])
+  later = rows[1:] or rows
+  tps = statistics.median(row["tokens_per_s"] for row in later)
+  rps = statistics.median(row["real_tokens_per_s"] for row in later)
+  peaks = [row["peak_gib"] for row in rows if "peak_gib" in row]
+  params = [line.split("model: ")[1].split(" parameters")[0] for line in r["log"].splitlines()
+            if "model: " in line and " parameters" in line]
+  return {"variant": variant, "case": case, "gpus": gpus, "processes": procs, "fsdp": fsdp,
+          "batch": batch_per_gpu * gpus, "steps": steps, "parameters": params[0] if params else None,
+          "tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / gpus),
+          "residues_per_s": round(rps), "residues_per_s_per_gpu": round(rps / gpus),
+          "peak_gib": round(max(peaks), 2) if peaks else None,
+          "loss_first_last": [rows[0]["loss"], rows[-1]["loss"]] if rows else None,
+          "windows": len(later), "first_step_s": r["first_step_s"], "wall_s": r["wall_s"]}
+
+
 def throughput(args, root: pathlib.Path, parts: set[str]) -> None:
-  cases = []
-  if parts & {"scaling", "processes"}:
-    cases.append(("1gpu", 1, 1, False))
-  if "scaling" in parts:
-    cases += [("2gpu_dp", 2, 1, False), ("2gpu_fsdp", 2, 1, True)]
-  if "processes" in parts:
-    cases += [("2proc_dp", 2, 2, False), ("2proc_fsdp", 2, 2, True)]
-  base = None
-  for case, gpus, procs, fsdp in cases:
-    name = f"{args.variant}_{case}"
-    batch = args.batch_per_gpu * gpus
-    over = dict(QUIET, **{"training.steps": args.steps, "training.batch_size": batch,
-                          "training.log_every": args.log_every, "training.fsdp": fsdp,
-                          "training.ckpt_every": 10 * args.steps})
-    r = train(name, root, args.variant, gpus, procs, over, args.timeout, cpu=args.cpu)
-    windows = [row["tokens_per_s"] for row in train_rows(r["workdir"])][1:]
-    tps = statistics.median(windows)
-    base = base or tps
-    emit({"bench": "multi_gpu", "part": "scaling" if procs == 1 else "processes", "case": name,
-          "variant": args.variant, "gpus": gpus, "processes": procs, "fsdp": fsdp, "batch": batch,
-          "steps": args.steps, "tokens_per_s": round(tps),
-          "tokens_per_s_per_gpu": round(tps / gpus),
-          "efficiency_vs_1gpu": round(tps / gpus / base, 3), "windows": len(windows),
-          "first_step_s": r["first_step_s"], "wall_s": r["wall_s"]})
+  """Scaling and processes: efficiency = (tokens/s per GPU) / (1-GPU tokens/s), the 1-GPU run
+  of this invocation or `--base-tokens-per-s`."""
+  if args.cases:
+    cases = args.cases.split(",")
+  else:
+    cases = ["1gpu"]
+    if "scaling" in parts:
+      cases += ["2gpu_dp", "2gpu_fsdp"]
+    if "processes" in parts:
+      cases += ["2proc_dp", "2proc_fsdp"]
+  base = args.base_tokens_per_s
+  for case in cases:
+    rec = run_case(args, root, args.variant, case, args.batch_per_gpu, args.steps, args.extra)
+    base = base or rec["tokens_per_s"]
+    emit({"bench": "multi_gpu", "part": "scaling" if rec["processes"] == 1 else "processes",
+          **rec, "efficiency_vs_1gpu": round(rec["tokens_per_s_per_gpu"] / base, 3)})
+
+
+def big(args, root: pathlib.Path) -> None:
+  """A ~1.3B-parameter shape (`--big-shape`, on the `medium` config): FSDP on 2 GPUs trained for
+  `--big-steps` steps, then data parallelism on 2 GPUs at the same batch for a few steps (or its
+  failure, e.g. out of memory): the memory per GPU of each (`--cases` picks others, e.g. 1gpu)."""
+  hidden, blocks, heads = (int(x) for x in args.big_shape.split("x"))
+  extra = dict(args.extra, **{"model.hidden_size": hidden, "model.n_blocks": blocks,
+                              "model.n_heads": heads})
+  cases = args.cases.split(",") if args.cases else ["2gpu_fsdp", "2gpu_dp"]
+  for case in cases:
+    steps = args.big_steps if CASES[case][2] else 3 * args.log_every
+    try:
+      rec = run_case(args, root, "medium", case, args.big_batch_per_gpu, steps, extra)
+    except RuntimeError as e:
+      rec = {"variant": "medium", "case": case, "error": str(e)[-600:]}
+    emit({"bench": "multi_gpu", "part": "big", "shape": args.big_shape, **rec})
 
 
 def restore(args, root: pathlib.Path) -> None:
@@ -168,7 +211,8 @@ def restore(args, root: pathlib.Path) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", action="append", choices=("scaling", "processes", "restore"),
+  parser.add_argument("--only", action="append",
+                      choices=("scaling", "processes", "restore", "big"),
                       help="parts to run (repeatable; default all)")
   parser.add_argument("--variant", default="small", help="config of scaling / processes")
   parser.add_argument("--steps", type=int, default=80)
@@ -177,7 +221,16 @@ def main() -> None:
   parser.add_argument("--timeout", type=float, default=300, help="seconds per training job")
   parser.add_argument("--root", default="/tmp/sedd_multi_gpu", help="logs and workdirs")
   parser.add_argument("--cpu", action="store_true", help="simulated CPU devices (a dry run)")
+  parser.add_argument("--cases", default="", help=f"scaling/processes cases, of {list(CASES)}")
+  parser.add_argument("--base-tokens-per-s", type=float, default=0.0,
+                      help="1-GPU tokens/s for the efficiency when --cases has no 1gpu")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override of every run, e.g. model.scan_blocks=true")
+  parser.add_argument("--big-shape", default="2048x25x16", help="hidden x blocks x heads")
+  parser.add_argument("--big-batch-per-gpu", type=int, default=16)
+  parser.add_argument("--big-steps", type=int, default=30)
   args = parser.parse_args()
+  args.extra = dict(kv.split("=", 1) for kv in args.set)
   parts = set(args.only or ("scaling", "processes", "restore"))
   root = pathlib.Path(args.root)
   shutil.rmtree(root, ignore_errors=True)
@@ -186,6 +239,8 @@ def main() -> None:
     throughput(args, root, parts)
   if "restore" in parts:
     restore(args, root)
+  if "big" in parts:
+    big(args, root)
 
 
 if __name__ == "__main__":

@@ -186,28 +186,48 @@ def part_noise_cost(args) -> None:
           "device": jax.devices()[0].device_kind})
 
 
-def part_loop(args) -> None:
+def _loop_runs(args):
+  """(pad_to, cuDNN segment layout or None) of the loop part: each pack run once per layout."""
   for pad_to in args.loop_pad_to.split(","):
+    for layout in (args.loop_layouts.split(",") if pad_to == "pack" else [None]):
+      yield pad_to, layout
+
+
+def part_loop(args) -> None:
+  for pad_to, layout in _loop_runs(args):
     with tempfile.TemporaryDirectory() as work:
-      cmd = [sys.executable, "-m", "sedd_jax.train", f"--config=configs/uniref50.py:{args.variant}",
-             f"--workdir={work}", f"--config.data.pad_to={pad_to}",
-             f"--config.training.steps={args.loop_steps}", "--config.training.log_every=10",
-             "--config.training.eval_every=0", "--config.training.sample_every=0",
-             f"--config.training.ckpt_every={10 * args.loop_steps}", "--config.wandb.mode=disabled"]
+      flags = [f"--config=configs/uniref50.py:{args.variant}",
+               f"--workdir={work}", f"--config.data.pad_to={pad_to}",
+               f"--config.training.steps={args.loop_steps}", "--config.training.log_every=10",
+               "--config.training.eval_every=0", "--config.training.sample_every=0",
+               f"--config.training.ckpt_every={10 * args.loop_steps}", "--config.wandb.mode=disabled"]
+      # the layout is a module constant (not a config key): set it in the job's process
+      launch = ("import runpy, sys; from sedd_jax.model import attention; "
+                f"attention.CUDNN_SEGMENT_LAYOUT = {layout or attention_default()!r}; "
+                f"sys.argv = ['sedd_jax.train'] + {flags!r}; "
+                "runpy.run_module('sedd_jax.train', run_name='__main__')")
       t0 = time.perf_counter()
-      proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+      proc = subprocess.run([sys.executable, "-c", launch], cwd=ROOT, capture_output=True,
+                            text=True)
       wall = time.perf_counter() - t0
       rows = [r for r in metrics_lib.read_metrics(os.path.join(work, metrics_lib.METRICS_FILE))
               if r.get("kind") == "train"]
       if proc.returncode or len(rows) < 2:
-        emit({"part": "loop", "pad_to": pad_to, "error": proc.stderr.strip()[-400:]})
+        emit({"part": "loop", "pad_to": pad_to, "layout": layout,
+              "error": proc.stderr.strip()[-400:]})
         continue
       later = rows[1:]
       real = statistics.median(r["real_tokens_per_s"] for r in later)
       tok = statistics.median(r["tokens_per_s"] for r in later)
-      emit({"part": "loop", "pad_to": pad_to, "steps": args.loop_steps,
+      emit({"part": "loop", "pad_to": pad_to, "layout": layout, "steps": args.loop_steps,
             "residues_per_s": round(real), "tokens_per_s": round(tok),
-            "padding": round(1 - real / tok, 4), "wall_s": round(wall, 1)})
+            "padding": round(1 - real / tok, 4), "wall_s": round(wall, 1),
+            "peak_gib": max((r.get("peak_gib", 0.0) for r in rows), default=None)})
+
+
+def attention_default() -> str:
+  from sedd_jax.model import attention
+  return attention.CUDNN_SEGMENT_LAYOUT
 
 
 def part_variance(args) -> None:
@@ -262,6 +282,8 @@ def main(argv=None) -> None:
   p.add_argument("--variant", default="small", help="configs/uniref50.py variant (step, loop)")
   p.add_argument("--loop-steps", type=int, default=80)
   p.add_argument("--loop-pad-to", default="full,bucket,pack", help="data.pad_to values of the loop part")
+  p.add_argument("--loop-layouts", default="packed,mask",
+                 help="cuDNN segment layouts of the loop part's pack runs")
   p.add_argument("--noise-batch", type=int, default=64, help="B of the noise_cost part")
   p.add_argument("--variance-trials", type=int, default=4000)
   args = p.parse_args(argv)

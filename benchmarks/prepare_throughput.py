@@ -29,7 +29,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sedd_jax.data import pipeline, prepare, store, tokenizers  # noqa: E402
+from sedd_jax.data import batching, prepare, store, tokenizers  # noqa: E402
 
 log = logging.getLogger("prepare_throughput")
 
@@ -118,10 +118,10 @@ def main() -> int:
   # 3. Padding fractions on the bundled store.
   results["padding"] = {}
   for length in (128, 256, 512, 1024):
-    bounds = pipeline.default_boundaries(length)
-    row = {"full": pipeline.padding_fraction(lengths, length),
-           "bucket": pipeline.padding_fraction(lengths, length, bounds),
-           "bucket_8": pipeline.padding_fraction(
+    bounds = batching.default_boundaries(length)
+    row = {"full": batching.padding_fraction(lengths, length),
+           "bucket": batching.padding_fraction(lengths, length, bounds),
+           "bucket_8": batching.padding_fraction(
                lengths, length, tuple(length * k // 8 for k in range(1, 9))),
            "packing_ffd": packing_padding(lengths, length), "bucket_boundaries": list(bounds)}
     results["padding"][length] = row

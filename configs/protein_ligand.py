@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (probabilities `mode_weights`, in the order of MODES[:5]; () = uniform). They also set the
   # context drop of classifier-free guidance (`sample --guidance W`): the *_only mode of a track
   # is its conditional mode with the context dropped, with probability w_only / (w_only +
-  # w_given) (uniform: 0.5; `sedd_jax.protein_ligand.modes.context_drop`).
+  # w_given) (uniform: 0.5; `sedd_jax.protein_ligand.conditional.context_drop`).
   c.mode = "all"
   c.mode_weights = ()
 

@@ -56,7 +56,7 @@ import json, pathlib, sys
 import jax
 
 from sedd_jax.data import pipeline, store as store_lib
-from sedd_jax.training import checkpoint, metrics
+from sedd_jax.training import checkpointer, metrics
 
 run, train_seconds = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 cfg = json.loads((run / "config.json").read_text())
@@ -76,6 +76,6 @@ for name in ("ligands_w1", "ligands_w2", "pairs"):
       "reference_match": (sum(s["smiles"] == s.get("reference") for s in samples) / len(samples)
                           if "reference" in samples[0] else None),
       "valid_in_train": sum(s in train_smiles for s in valid) / max(len(valid), 1),
-      "unique_valid": len(set(valid)), "train_steps": checkpoint.Checkpointer(run).all_steps()[-1],
+      "unique_valid": len(set(valid)), "train_steps": checkpointer.Checkpointer(run).all_steps()[-1],
       "train_seconds": train_seconds, "valid_loss": last_eval.get("valid_loss")}))
 EOF

@@ -244,10 +244,8 @@ def pseudo_perplexity(model, graph, seqs: list[np.ndarray], max_length: int, *,
                                               mask_frac)
 
 
-def run(args) -> int:
-  from sedd_jax.data import tokenizers
-  from sedd_jax.sampling import likelihood
-
+def check_args(args) -> None:
+  """CliError for flag values evaluate cannot run (`--antithetic` sets --t-sampling)."""
   if args.antithetic:
     args.t_sampling = "antithetic"
   if args.num_samples < 1 or (args.t_sampling == "antithetic" and args.num_samples % 2):
@@ -262,6 +260,60 @@ def run(args) -> int:
                    f"{args.mask_frac}, {args.pppl_samples}")
   if args.max_sequences is not None and args.max_sequences < 1:
     raise CliError(f"--max-sequences must be >= 1; got {args.max_sequences}")
+
+
+def unigram_nll(cfg, train, eval_tokens) -> float | None:
+  """The unigram baseline (nats per token) over the 25 residue letters on the same (cropped)
+  tokens, fitted on `train` (--baseline-fasta) or the config's training split; None (with a
+  warning) without training data."""
+  from sedd_jax.data import tokenizers
+  from sedd_jax.sampling import likelihood
+
+  if train is None:
+    train = reference.training_tokens(cfg)
+  if train is None:
+    logger.warning("no training data for the unigram baseline (give --baseline-fasta)")
+    return None
+  residue_ids = tokenizers.ProteinTokenizer().encode(tokenizers.RESIDUES)
+  return likelihood.unigram_baseline(train, eval_tokens, vocab=residue_ids)
+
+
+def summary_line(summary: dict, shares: dict, unigram: float | None, pppl: dict | None,
+                 fitted_on: str) -> str:
+  """The one-line result printed to stdout and logged."""
+  from sedd_jax.data import tokenizers
+
+  rare = ", ".join(f"{a} {n}" for a, n in shares["nonstandard_counts"].items() if n)
+  msg = (f"nelbo/token {summary['nelbo_per_token']:.4f} nats (SE {summary['se_per_token']:.4f}), "
+         f"perplexity {summary['perplexity']:.3f} over {summary['num_tokens']} tokens of "
+         f"{summary['num_sequences']} sequences; non-standard residues "
+         f"{100 * shares['nonstandard_fraction']:.2f}% of the tokens" + (f" ({rare})" if rare
+                                                                         else ""))
+  msg += f", {summary['bits_per_residue']:.4f} bits/residue"
+  if unigram is not None:
+    msg += (f"; unigram baseline {unigram:.4f} nats/token (perplexity {math.exp(unigram):.3f}; "
+            f"add-one frequencies of the {len(tokenizers.RESIDUES)} residue letters "
+            f"{tokenizers.RESIDUES} in {fitted_on})")
+  if pppl is not None:
+    msg += (f"; {pppl['mask_frac']:.0%}-masked pseudo-perplexity {pppl['pseudo_perplexity']:.3f}"
+            f" ({pppl['masked_bits_per_residue']:.4f} bits/residue over "
+            f"{pppl['masked_tokens']} masked tokens)")
+  return msg
+
+
+def per_sequence(names: list[str], results) -> list[dict]:
+  """One {name, nelbo, se, tokens} entry per evaluated sequence, from the batches' results."""
+  return [{"name": n, "nelbo": float(v), "se": float(e), "tokens": int(t)}
+          for n, v, e, t in zip(names, np.concatenate([r.nelbo for r in results]),
+                                np.concatenate([r.se for r in results]),
+                                np.concatenate([r.tokens for r in results]))]
+
+
+def run(args) -> int:
+  from sedd_jax.data import tokenizers
+  from sedd_jax.sampling import likelihood
+
+  check_args(args)
   out_path = pathlib.Path(args.out) if args.out else default_out(args)
   # The data are read (and checked) before the model is built and loaded.
   peeked = inference.read_config(args.workdir or args.checkpoint)
@@ -297,17 +349,9 @@ def run(args) -> int:
                              num_samples=args.pppl_samples, batch_size=args.batch_size,
                              seed=args.seed)
 
-  # Unigram baseline over the 25 residue letters on the same (cropped) tokens.
-  if train is None:
-    train = reference.training_tokens(cfg)
   eval_tokens = [s[:max_length] for s in seqs]
   shares = residue_shares(eval_tokens)
-  if train is None:
-    logger.warning("no training data for the unigram baseline (give --baseline-fasta)")
-    unigram = None
-  else:
-    residue_ids = tokenizers.ProteinTokenizer().encode(tokenizers.RESIDUES)
-    unigram = likelihood.unigram_baseline(train, eval_tokens, vocab=residue_ids)
+  unigram = unigram_nll(cfg, train, eval_tokens)
   out = {
       "source": args.workdir or args.checkpoint,
       "data": args.fasta or f"{cfg.data.prepared}:{args.split}",
@@ -321,30 +365,11 @@ def run(args) -> int:
       "pseudo_perplexity": pppl,
       "unigram_alphabet": tokenizers.RESIDUES,
       "unigram_fitted_on": args.baseline_fasta or f"{cfg.data.prepared}:train",
-      "per_sequence": [
-          {"name": n, "nelbo": float(v), "se": float(e), "tokens": int(t)}
-          for n, v, e, t in zip(names,
-                                np.concatenate([r.nelbo for r in results]),
-                                np.concatenate([r.se for r in results]),
-                                np.concatenate([r.tokens for r in results]))],
+      "per_sequence": per_sequence(names, results),
   }
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(json_safe(out), indent=2, allow_nan=False))
-  rare = ", ".join(f"{a} {n}" for a, n in shares["nonstandard_counts"].items() if n)
-  msg = (f"nelbo/token {summary['nelbo_per_token']:.4f} nats (SE {summary['se_per_token']:.4f}), "
-         f"perplexity {summary['perplexity']:.3f} over {summary['num_tokens']} tokens of "
-         f"{summary['num_sequences']} sequences; non-standard residues "
-         f"{100 * shares['nonstandard_fraction']:.2f}% of the tokens" + (f" ({rare})" if rare
-                                                                         else ""))
-  msg += f", {summary['bits_per_residue']:.4f} bits/residue"
-  if unigram is not None:
-    msg += (f"; unigram baseline {unigram:.4f} nats/token (perplexity {math.exp(unigram):.3f}; "
-            f"add-one frequencies of the {len(tokenizers.RESIDUES)} residue letters "
-            f"{tokenizers.RESIDUES} in {out['unigram_fitted_on']})")
-  if pppl is not None:
-    msg += (f"; {pppl['mask_frac']:.0%}-masked pseudo-perplexity {pppl['pseudo_perplexity']:.3f}"
-            f" ({pppl['masked_bits_per_residue']:.4f} bits/residue over "
-            f"{pppl['masked_tokens']} masked tokens)")
+  msg = summary_line(summary, shares, unigram, pppl, out["unigram_fitted_on"])
   logger.info("%s -> %s", msg, out_path)
   sys.stdout.write(msg + "\n")
   return 0

@@ -43,9 +43,9 @@ given the other track, clean:
                          ligand in each header), `SMILES<TAB>sample_i` to `<out stem>.smi` and
                          `<out stem>.validity.json`.
 `--guidance W` (conditional tasks): classifier-free guidance, log s = W log s(target | given) +
-(1 - W) log s(target alone) (sedd_jax.protein_ligand.modes.guided_log_score); W = 1 (default)
-is plain conditional sampling. `--checker` picks the SMILES checker of the validity report
-(default auto: RDKit if installed, else grammar; the report names the one used).
+(1 - W) log s(target alone) (sedd_jax.protein_ligand.conditional.guided_log_score); W = 1
+(default) is plain conditional sampling. `--checker` picks the SMILES checker of the validity
+report (default auto: RDKit if installed, else grammar; the report names the one used).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from sedd_jax.data import reference
 from sedd_jax import sample_protein_ligand as pl_sample
 
 logger = logging.getLogger("sedd_jax.sample")
+
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sedd_jax.sample", description=__doc__.split("\n")[0],
@@ -139,10 +140,6 @@ class Plan:
 
 def make_plan(args, cfg, max_length: int) -> Plan:
   """Builds lengths and conditions from the flags (CliError on bad input)."""
-  from sedd_jax.data import fasta as fasta_lib
-  from sedd_jax.sampling import conditioning as cond
-
-  rng = np.random.default_rng(args.seed)
   file_modes = [f for f in ("template", "infill") if getattr(args, f)]
   inline = bool(args.prefix or args.suffix or args.motif)
   if len(file_modes) > 1 or (file_modes and inline):
@@ -154,80 +151,88 @@ def make_plan(args, cfg, max_length: int) -> Plan:
     if file_modes:
       if args.length or args.lengths:
         raise CliError(f"--{file_modes[0]} sets the lengths; drop --length/--lengths")
-      conds, notes = [], []
-      path = getattr(args, file_modes[0])
-      if not pathlib.Path(path).is_file():
-        raise CliError(f"{path} does not exist")
-      for rec in fasta_lib.read_fasta(path, alphabet=None):  # templates keep any character
-        name, text = rec.name, rec.text
-        if args.template:
-          c = cond.template(text, args.mask_char, max_length)
-          note = f"template={name}"
-        else:
-          m = re.search(r"spans=(\S+)", rec.description)
-          if not m:
-            raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
-          c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
-          note = f"infill={name} spans={m.group(1)}"
-        check_fixed_residues(c, args.allow_rare, f"--{file_modes[0]} record {name!r}")
-        conds += [c] * num
-        notes += [note] * num
-      return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
-
-    if args.lengths == "from-data":
-      split = reference.training_split(cfg)
-      if split is None:
-        raise CliError("--lengths from-data: no prepared training data at "
-                       f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
-      lengths = np.minimum(rng.choice(split.lengths, num), max_length).astype(np.int32)
-    elif args.lengths:
-      path = pathlib.Path(args.lengths)
-      if not path.is_file():
-        raise CliError(f"--lengths {args.lengths}: no such file (or use 'from-data')")
-      try:
-        lengths = np.array([int(t) for t in path.read_text().split()], np.int32)
-      except ValueError:
-        raise CliError(f"--lengths {args.lengths}: expected one integer per line") from None
-      if lengths.size == 0:
-        raise CliError(f"--lengths {args.lengths} is empty")
-    else:
-      lengths = np.full((num,), max_length if args.length is None else args.length, np.int32)
-    for n in np.unique(lengths):
-      cond.check_length(int(n), max_length)
-    conds, notes = [], []
-    segments = [cond.parse_motif(m) for m in args.motif]
-    for n in lengths:
-      parts = []
-      if args.prefix:
-        parts.append(cond.prefix(args.prefix, int(n), max_length))
-        check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
-      if args.suffix:
-        parts.append(cond.suffix(args.suffix, int(n), max_length))
-        check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
-      if segments:
-        parts.append(cond.motif(segments, int(n), rng, max_length))
-        check_fixed_residues(parts[-1], args.allow_rare, "--motif")
-      conds.append(cond.combine(*parts) if parts else None)
-    kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
-                            ("motif", args.motif)) if v]
-    notes = [f"cond={'+'.join(kinds)} fixed={c.describe()}" if c is not None else "cond=none"
-             for c in conds]
-    return Plan(lengths, conds, notes)
+      return _file_plan(args, file_modes[0], num, max_length)
+    rng = np.random.default_rng(args.seed)
+    return _inline_plan(args, _plan_lengths(args, cfg, num, max_length, rng), max_length, rng)
   except ValueError as e:
     if isinstance(e, CliError):
       raise
     raise CliError(str(e)) from None
 
 
-def check_sampler_flags(args, predictor: str, graph) -> None:
-  """CliError for --predictor first_hitting / --remask combinations the sampler cannot run."""
-  if predictor == "first_hitting" and (not graph.absorb or args.cached):
-    raise CliError("--predictor first_hitting needs the absorbing graph and no --cached")
-  if not 0.0 <= args.remask <= 1.0:
-    raise CliError(f"--remask must be in [0, 1]; got {args.remask}")
-  if args.remask > 0 and (predictor == "euler" or not graph.absorb):
-    raise CliError("--remask needs --predictor analytic or first_hitting and the absorbing "
-                   "graph")
+def _file_plan(args, mode: str, num: int, max_length: int) -> Plan:
+  """--template / --infill: each FASTA record a condition, `num` samples of each."""
+  from sedd_jax.data import fasta as fasta_lib
+  from sedd_jax.sampling import conditioning as cond
+
+  conds, notes = [], []
+  path = getattr(args, mode)
+  if not pathlib.Path(path).is_file():
+    raise CliError(f"{path} does not exist")
+  for rec in fasta_lib.read_fasta(path, alphabet=None):  # templates keep any character
+    name, text = rec.name, rec.text
+    if args.template:
+      c = cond.template(text, args.mask_char, max_length)
+      note = f"template={name}"
+    else:
+      m = re.search(r"spans=(\S+)", rec.description)
+      if not m:
+        raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
+      c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
+      note = f"infill={name} spans={m.group(1)}"
+    check_fixed_residues(c, args.allow_rare, f"--{mode} record {name!r}")
+    conds += [c] * num
+    notes += [note] * num
+  return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
+
+
+def _plan_lengths(args, cfg, num: int, max_length: int, rng) -> np.ndarray:
+  """(N,) int32 lengths of --length, --lengths FILE or --lengths from-data."""
+  if args.lengths == "from-data":
+    split = reference.training_split(cfg)
+    if split is None:
+      raise CliError("--lengths from-data: no prepared training data at "
+                     f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
+    return np.minimum(rng.choice(split.lengths, num), max_length).astype(np.int32)
+  if args.lengths:
+    path = pathlib.Path(args.lengths)
+    if not path.is_file():
+      raise CliError(f"--lengths {args.lengths}: no such file (or use 'from-data')")
+    try:
+      lengths = np.array([int(t) for t in path.read_text().split()], np.int32)
+    except ValueError:
+      raise CliError(f"--lengths {args.lengths}: expected one integer per line") from None
+    if lengths.size == 0:
+      raise CliError(f"--lengths {args.lengths} is empty")
+    return lengths
+  return np.full((num,), max_length if args.length is None else args.length, np.int32)
+
+
+def _inline_plan(args, lengths: np.ndarray, max_length: int, rng) -> Plan:
+  """--prefix / --suffix / --motif (or nothing) fixed in sequences of `lengths`."""
+  from sedd_jax.sampling import conditioning as cond
+
+  for n in np.unique(lengths):
+    cond.check_length(int(n), max_length)
+  conds = []
+  segments = [cond.parse_motif(m) for m in args.motif]
+  for n in lengths:
+    parts = []
+    if args.prefix:
+      parts.append(cond.prefix(args.prefix, int(n), max_length))
+      check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
+    if args.suffix:
+      parts.append(cond.suffix(args.suffix, int(n), max_length))
+      check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
+    if segments:
+      parts.append(cond.motif(segments, int(n), rng, max_length))
+      check_fixed_residues(parts[-1], args.allow_rare, "--motif")
+    conds.append(cond.combine(*parts) if parts else None)
+  kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
+                          ("motif", args.motif)) if v]
+  notes = [f"cond={'+'.join(kinds)} fixed={c.describe()}" if c is not None else "cond=none"
+           for c in conds]
+  return Plan(lengths, conds, notes)
 
 
 def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
@@ -247,22 +252,20 @@ def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
   flags against the config (CliError on bad input)."""
   from sedd_jax import diffusion
+  from sedd_jax.sampling import sampler
 
   for flag in ("task", "proteins", "ligand_length", "guidance", "checker"):
     if getattr(args, flag) is not None:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
-  steps = int(args.steps or cfg.sampling.steps)
-  if steps < 1:
-    raise CliError(f"--steps must be >= 1; got {steps}")
+  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
   predictor = args.predictor or str(cfg.sampling.predictor)
   eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  if not 0.0 < eps < 1.0:
-    raise CliError(f"--eps must lie in (0, 1); got {eps}")
-  graph = diffusion.get_graph(cfg.graph)
-  if args.cached and not graph.absorb:
-    raise CliError("--cached needs the absorbing graph")
-  check_sampler_flags(args, predictor, graph)
+  try:  # the sampler's own checks; each message starts with the option, the flag's name
+    sampler.check_options(diffusion.get_graph(cfg.graph), steps=steps, predictor=predictor,
+                          eps=eps, cached=args.cached, draw=args.draw, remask=args.remask)
+  except ValueError as e:
+    raise CliError(f"--{e}") from None
   return plan, steps, predictor, eps
 
 
@@ -276,8 +279,6 @@ def run(args) -> int:
   t_start = time.perf_counter()
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-  if args.steps is not None and args.steps < 1:
-    raise CliError(f"--steps must be >= 1; got {args.steps}")
   # The flags are checked against the checkpoint's config before the model is built and loaded.
   peeked = inference.read_config(args.workdir or args.checkpoint)
   checked = None
@@ -309,9 +310,19 @@ def run(args) -> int:
       fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed,
       draw=args.draw, remask=args.remask)
   tok = tokenizers.ProteinTokenizer()
-  src = args.workdir or args.checkpoint
   seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
   out = pathlib.Path(args.out)
+  write_fasta(out, seqs, plan.notes, args, steps, predictor, eps)
+  logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
+  if args.report:
+    write_report(seqs, cfg, args.seed, out)
+  return 0
+
+
+def write_fasta(out: pathlib.Path, seqs: list[str], notes: list[str], args, steps: int,
+                predictor: str, eps: float) -> None:
+  """The samples as FASTA, each header with the settings that drew it and its condition."""
+  src = args.workdir or args.checkpoint
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out, "w") as f:
     for i, s in enumerate(seqs):
@@ -319,21 +330,23 @@ def run(args) -> int:
               f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
               f"draw={args.draw} remask={args.remask:g} "
               f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
-              f"{plan.notes[i]}\n{s}\n")
-  dt = time.perf_counter() - t_start
-  logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, dt)
-  if args.report:
-    from sedd_jax.sampling import report
-    data = reference.training_sequences(cfg, limit=5000, seed=args.seed)
-    if data is None:
-      logger.warning("--report: no prepared training data at %s; comparing with nothing",
-                     cfg.data.prepared)
-      ref = []
-    else:
-      ref = [tok.decode(a) for a in data]
-    report.write_report(seqs, ref, out.with_suffix(".report.json"),
-                        out.with_suffix(".report.png"))
-  return 0
+              f"{notes[i]}\n{s}\n")
+
+
+def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path) -> None:
+  """--report: `sampling.report` of the samples against (up to 5000) training sequences."""
+  from sedd_jax.data import tokenizers
+  from sedd_jax.sampling import report
+
+  tok = tokenizers.ProteinTokenizer()
+  data = reference.training_sequences(cfg, limit=5000, seed=seed)
+  if data is None:
+    logger.warning("--report: no prepared training data at %s; comparing with nothing",
+                   cfg.data.prepared)
+    ref = []
+  else:
+    ref = [tok.decode(a) for a in data]
+  report.write_report(seqs, ref, out.with_suffix(".report.json"), out.with_suffix(".report.png"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

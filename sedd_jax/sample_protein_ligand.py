@@ -47,6 +47,8 @@ def check_protein_ligand_args(args, cfg) -> str:
     raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+  if args.steps is not None and args.steps < 1:  # the protein path: sampler.check_options
+    raise CliError(f"--steps must be >= 1; got {args.steps}")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   for flag, value, top in (("--ligand-length", args.ligand_length, l_len),
                            ("--length", args.length, p_len)):
@@ -64,14 +66,14 @@ def check_protein_ligand_args(args, cfg) -> str:
 def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   """Samples one track of a protein-ligand model given the other (see the module docstring)."""
   from sedd_jax.data import tokenizers
-  from sedd_jax.protein_ligand import modes
+  from sedd_jax.protein_ligand import conditional
 
   task = check_protein_ligand_args(args, cfg)
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   store, smiles_tok = reference.reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
-  steps = int(args.steps or cfg.sampling.steps)
+  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
   predictor = args.predictor or str(cfg.sampling.predictor)
   eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   if task == "joint":
@@ -87,7 +89,7 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   bs = min(args.batch_size, n)
   guidance = 1.0 if args.guidance is None else args.guidance
   try:
-    drop = modes.context_drop(cfg, task)
+    drop = conditional.context_drop(cfg, task)
   except ValueError as e:
     raise CliError(str(e)) from None
   logger.info("%s: %d samples, %s, %d steps, eps %g, batch %d, seed %d, guidance %g (context "
@@ -95,9 +97,9 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
               "%d)", task, n, predictor, steps, eps, bs, args.seed, guidance, drop, p_len)
   try:
     (tokens,) = run_batches(n, bs, args.seed, t_start, lambda key, idx: (
-        modes.sample_conditional(key, model, cfg, task, given_tokens[idx], given_lengths[idx],
-                                 targets[idx], steps=steps, predictor=predictor, eps=eps,
-                                 guidance=guidance),))
+        conditional.sample_conditional(key, model, cfg, task, given_tokens[idx],
+                                       given_lengths[idx], targets[idx], steps=steps,
+                                       predictor=predictor, eps=eps, guidance=guidance),))
   except ValueError as e:
     raise CliError(str(e)) from None
   settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),

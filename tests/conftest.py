@@ -60,3 +60,16 @@ def workdir(tmp_path_factory):
   cfg = helpers.sample_config(tmp)
   pipeline.ensure_prepared(cfg)
   return helpers.save_checkpoint(tmp / "run", cfg)
+
+
+@pytest.fixture(scope="module")
+def micro_state():
+  """(helpers.checkpoint_config(), a fresh training state of its model): what the checkpoint
+  tests save and restore."""
+  from sedd_jax import diffusion
+  from sedd_jax.training import state as state_lib
+
+  cfg = helpers.checkpoint_config()
+  model = state_lib.build_model(cfg, diffusion.get_graph(cfg.graph))
+  _, params, _ = state_lib.split_model(model)
+  return cfg, state_lib.init_state(cfg, params)

@@ -25,6 +25,7 @@ from flax import nnx
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax import parity
+from sedd_jax.data import tokenizers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 DATA = ROOT / "tests" / "data"
@@ -102,12 +103,48 @@ def assert_trees_equal(a, b) -> None:
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# ---- attention ----
+
+def qkv(b: int, l: int, h: int, d: int, seed: int = 0, dtype=jnp.float32) -> list[jax.Array]:
+  """Random q, k, v of shape (b, l, h, d) in `dtype`."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (b, l, h, d), jnp.float32).astype(dtype) for k in ks]
+
+
+def real_positions(lengths: jax.Array, l: int) -> jax.Array:
+  """(B, L, 1, 1) float mask of real (query) positions."""
+  return (jnp.arange(l)[None, :] < lengths[:, None]).astype(jnp.float32)[:, :, None, None]
+
+
+# ---- the sampler on a toy problem (test_sampler, test_first_hitting) ----
+
+TOY_V, TOY_L = 3, 3  # toy vocabulary and length: 27 sequences
+TOY_GRAPH = diffusion.Absorbing(TOY_V)
+TOY_NOISE = diffusion.LogLinear(eps=1e-3)
+
+
+def compiled_sampler(score_fn, shape, graph=TOY_GRAPH, noise=TOY_NOISE, **kw):
+  """`sampler.jit_sampler` (FAST): run(key, fixed_tokens, fixed_mask, lengths, allowed) for a
+  fixed setting."""
+  from sedd_jax.sampling import sampler  # noqa: PLC0415
+
+  return sampler.jit_sampler(graph, noise, shape, score_fn=score_fn, compiler_options=FAST, **kw)
+
+
+def run_sampler(score_fn, shape, seed=0, graph=TOY_GRAPH, noise=TOY_NOISE, fixed_tokens=None,
+                fixed_mask=None, lengths=None, allowed=None, **kw):
+  """One compiled_sampler run from key `seed`, its outputs as numpy arrays."""
+  run = compiled_sampler(score_fn, shape, graph, noise, **kw)
+  out = run(jax.random.key(seed), fixed_tokens, fixed_mask, lengths, allowed)
+  return jax.tree.map(np.asarray, out)
+
+
 # ---- parity fixtures (shared/parity, $SEDD_PARITY_FIXTURES) ----
 
 def cases(kind: str) -> list:
   """pytest.param(fixture_path, output_name) for every output of every fixture of `kind`.
 
-  Unreadable fixtures are reported by tests/test_parity_files.py, not skipped here.
+  Unreadable fixtures are reported by tests/test_parity.py, not skipped here.
   """
   params = []
   for path in parity.fixture_paths():
@@ -134,6 +171,38 @@ def graph_from_meta(meta: dict):
   return diffusion.get_graph(dict(type=meta["graph"], tokens=meta["tokens"]))
 
 
+# ---- data ----
+
+def pipeline_config(store_path, length: int = 64, **data) -> ml_collections.ConfigDict:
+  """configs/uniref50.py:tiny (unvalidated) of model length `length` on the bundled FASTA
+  prepared at `store_path` (conftest's faa_store), then the `data` entries."""
+  cfg = config_module("uniref50").get_config("tiny")
+  cfg.model.length = length
+  cfg.data.fasta = str(FAA)
+  cfg.data.prepared = str(store_path)
+  cfg.data.update(data)
+  return cfg
+
+
+def write_text(path: pathlib.Path, text: str) -> pathlib.Path:
+  """`text` written to `path`; returns `path`."""
+  path.write_text(text)
+  return path
+
+
+def random_fasta(path: pathlib.Path, n: int = 400, seed: int = 0, lines: bool = True
+                 ) -> list[str]:
+  """Writes `n` random sequences of 30..199 standard residues (`s<i>` records, 60 residues a
+  line if `lines`) to `path`; returns the sequences."""
+  rng = np.random.default_rng(seed)
+  seqs = ["".join(rng.choice(list(tokenizers.STANDARD_RESIDUES), rng.integers(30, 200)))
+          for _ in range(n)]
+  text = "".join(f">s{i} n=1 Tax=x\n" + (s[:60] + "\n" + s[60:] if lines else s) + "\n"
+                 for i, s in enumerate(seqs))
+  path.write_text(text)
+  return seqs
+
+
 # ---- the protein task: micro training runs and tiny checkpoints ----
 
 # A micro training run on the bundled FASTA: a few steps of the smallest model.
@@ -158,6 +227,40 @@ def train_command(workdir: pathlib.Path, store_path: pathlib.Path, **over) -> li
   over = {**TRAIN_MICRO, "data.fasta": str(FAA), "data.prepared": str(store_path), **over}
   return [sys.executable, "-m", "sedd_jax.train", f"--config={UNIREF50}:tiny",
           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in over.items())]
+
+
+# The train step's batch: B rows of width L (the micro model at length L).
+STEP_B, STEP_L = 8, 32
+
+
+def step_config(**over) -> ml_collections.ConfigDict:
+  """The micro model (MICRO_MODEL) at length STEP_L, batch STEP_B, no dropout or warm-up, lr 1e-3
+  (validated), then the dotted-key overrides `over`."""
+  cfg = load_config(overrides={**MICRO_MODEL, "model.length": STEP_L, "model.dropout": 0.0,
+                               "training.batch_size": STEP_B, "optim.warmup": 0, "optim.lr": 1e-3})
+  return config_lib.apply_overrides(cfg, over)
+
+
+def step_batch(seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch of STEP_B random rows (ids 4..23) of random lengths 8..STEP_L, PAD after."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 24, size=(STEP_B, STEP_L)).astype(np.int32)
+  lengths = rng.integers(8, STEP_L + 1, size=(STEP_B,)).astype(np.int32)
+  for i in range(STEP_B):
+    tokens[i, lengths[i]:] = 1
+  return {"tokens": tokens, "lengths": lengths}
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  """The micro model (MICRO_MODEL) at length 32, batch 8: the checkpoint tests' training state."""
+  return load_config(overrides={**MICRO_MODEL, "model.length": 32, "training.batch_size": 8})
+
+
+def state_at(state, step: int, seed: int = 0):
+  """`state` at `step` with parameters/EMA/moments shifted so that steps are distinguishable."""
+  bump = lambda t: jax.tree.map(lambda x: x + jnp.asarray(step + seed, x.dtype), t)
+  return state.replace(step=jnp.int32(step), params=bump(state.params), ema=bump(state.ema),
+                       opt_state=bump(state.opt_state), skipped=jnp.int32(1))
 
 
 def sample_config(tmp: pathlib.Path, hidden: int = 32) -> ml_collections.ConfigDict:
@@ -226,6 +329,14 @@ def protein_ligand_config(mode: str | None = None, frozen: bool = True, n_blocks
     cfg.mode = mode
   cfg.sampling.steps = 8
   return ml_collections.FrozenConfigDict(cfg) if frozen else cfg
+
+
+def protein_ligand_sampling():
+  """(config, protein graph, ligand graph, noise) of the sampling tests (conditional, joint):
+  protein_ligand_config("all") with one block (half the compile time)."""
+  cfg = protein_ligand_config("all", n_blocks=1)
+  return (cfg, diffusion.Absorbing(32), diffusion.Absorbing(LIGAND_TOKENS),
+          diffusion.get_noise(cfg.noise))
 
 
 def _add_noise(model, seed: int = 1, scale: float = 0.3):

@@ -1,63 +1,28 @@
-"""Attention backends: chunked == xla (forward and gradients), masking, backend choice, memory."""
-
-import logging
+"""Attention backends: padding and masking, backend choice, shapes checked, packed segments."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import qkv, real_positions
 from sedd_jax.model import attention
-
-log = logging.getLogger(__name__)
 
 # jit-compiled entry point: one compilation per call site instead of op-by-op dispatch
 attend = jax.jit(attention.dot_product_attention, static_argnames=("backend", "chunk"))
 
 
-def _qkv(b, l, h, d, seed=0, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  return [jax.random.normal(k, (b, l, h, d), jnp.float32).astype(dtype) for k in ks]
-
-
-def _real(lengths, l):
-  """(B, L, 1, 1) float mask of real (query) positions."""
-  return (jnp.arange(l)[None, :] < lengths[:, None]).astype(jnp.float32)[:, :, None, None]
-
-
-@pytest.mark.parametrize("length,chunk", [(64, 16), (50, 16), (37, 64), (40, 7)],
-                         ids=["multiple", "not-multiple", "one-chunk", "odd-chunk"])
-def test_chunked_matches_xla_forward_and_grad(length, chunk):
-  q, k, v = _qkv(2, length, 3, 8)
-  lengths = jnp.array([length, length - 13], jnp.int32)
-  real = _real(lengths, length)
-  w = jax.random.normal(jax.random.key(7), q.shape) * real
-
-  def loss(backend):
-    def f(q, k, v):
-      o = attention.dot_product_attention(q, k, v, lengths, backend=backend, chunk=chunk)
-      return jnp.sum(o * w), o
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
-
-  (lx, ox), gx = loss("xla")(q, k, v)
-  (lc, oc), gc = loss("chunked")(q, k, v)
-  np.testing.assert_allclose(oc * real, ox * real, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(lc, lx, atol=1e-4, rtol=1e-5)
-  for name, a, b in zip("qkv", gc, gx):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"d{name}")
-
-
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 def test_padded_keys_do_not_matter(backend):
   l = 24
-  q, k, v = _qkv(2, l, 2, 8)
+  q, k, v = qkv(2, l, 2, 8)
   lengths = jnp.array([l, 9], jnp.int32)
   pad = (jnp.arange(l)[None, :] >= lengths[:, None])[:, :, None, None]
   k2 = jnp.where(pad, 1e3, k)
   v2 = jnp.where(pad, -7e2, v)
   a = attend(q, k, v, lengths, backend=backend, chunk=8)
   b = attend(q, k2, v2, lengths, backend=backend, chunk=8)
-  real = _real(lengths, l)
+  real = real_positions(lengths, l)
   np.testing.assert_allclose(a * real, b * real, atol=1e-6, rtol=0)
   # and equal to attending over the real prefix alone
   short = attend(q[1:, :9], k[1:, :9], v[1:, :9], None,
@@ -67,7 +32,7 @@ def test_padded_keys_do_not_matter(backend):
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 def test_no_lengths_is_full_length_and_empty_rows_are_zero(backend):
-  q, k, v = _qkv(2, 12, 2, 4)
+  q, k, v = qkv(2, 12, 2, 4)
   full = attend(q, k, v, None, backend=backend, chunk=5)
   same = attend(q, k, v, jnp.array([12, 12]), backend=backend, chunk=5)
   np.testing.assert_allclose(full, same, atol=1e-6, rtol=0)
@@ -77,7 +42,7 @@ def test_no_lengths_is_full_length_and_empty_rows_are_zero(backend):
 
 
 def test_matches_jax_reference_attention():
-  q, k, v = _qkv(2, 16, 2, 8)
+  q, k, v = qkv(2, 16, 2, 8)
   lengths = jnp.array([16, 11], jnp.int32)
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
     want = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
@@ -88,7 +53,7 @@ def test_matches_jax_reference_attention():
 
 
 def test_bf16_inputs_keep_dtype():
-  q, k, v = _qkv(1, 20, 2, 8, dtype=jnp.bfloat16)
+  q, k, v = qkv(1, 20, 2, 8, dtype=jnp.bfloat16)
   for backend in ("xla", "chunked", "cudnn"):  # cudnn falls back on CPU
     out = attend(q, k, v, None, backend=backend, chunk=8)
     assert out.dtype == jnp.bfloat16, backend
@@ -105,50 +70,14 @@ def test_backend_selection_on_cpu():
     attention.select_backend("flash", jnp.float32, 16, 8)
 
 
-def test_choose_chunk():
-  assert attention.choose_chunk(100) == 100
-  assert attention.choose_chunk(1024) == 512
-  assert attention.choose_chunk(600) == 304  # 2 chunks, little padding
-  for l in (513, 1000, 4097, 16384):
-    c = attention.choose_chunk(l)
-    n = -(-l // c)
-    assert c % 8 == 0 and c <= 512 and n * c - l < 8 * n
-
-
 def test_shape_errors_name_the_shapes():
-  q, k, v = _qkv(2, 8, 2, 4)
+  q, k, v = qkv(2, 8, 2, 4)
   with pytest.raises(ValueError, match=r"\(2, 8, 8\)"):
     attention.dot_product_attention(q.reshape(2, 8, 8), k, v, None, backend="xla")
   with pytest.raises(ValueError, match=r"lengths must be \(B,\)"):
     attention.dot_product_attention(q, k, v, jnp.ones((2, 1), jnp.int32), backend="xla")
   with pytest.raises(ValueError, match="integer"):
     attention.dot_product_attention(q, k, v, jnp.ones((2,)), backend="xla")
-
-
-def _compiled_temp_bytes(backend: str, length: int) -> int:
-  """Temp bytes of the compiled forward+backward at (B=1, L, H=1, Dh=8)."""
-  spec = jax.ShapeDtypeStruct((1, length, 1, 8), jnp.float32)
-  lspec = jax.ShapeDtypeStruct((1,), jnp.int32)
-
-  def loss(q, k, v, lengths):
-    o = attention.dot_product_attention(q, k, v, lengths, backend=backend, chunk=256)
-    return jnp.sum(o * o)
-
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec, lspec).compile()
-  stats = compiled.memory_analysis()
-  if stats is None:
-    pytest.skip("this backend gives no memory analysis")
-  return int(stats.temp_size_in_bytes)
-
-
-def test_compiled_memory_linear_for_chunked_quadratic_for_xla():
-  mem = {(b, l): _compiled_temp_bytes(b, l) for b in ("xla", "chunked") for l in (1024, 8192)}
-  log.info("compiled temp bytes (fwd+bwd, B=1, H=1, Dh=8): %s", mem)
-  chunked_ratio = mem["chunked", 8192] / mem["chunked", 1024]
-  xla_ratio = mem["xla", 8192] / mem["xla", 1024]
-  assert chunked_ratio < 12, f"chunked grows x{chunked_ratio:.1f} from 1k to 8k (linear = 8)"
-  assert xla_ratio > 40, f"xla grows x{xla_ratio:.1f} from 1k to 8k (quadratic = 64)"
-  assert mem["chunked", 8192] * 10 < mem["xla", 8192]
 
 
 def _packed_row(lens, width):
@@ -165,7 +94,7 @@ def _packed_row(lens, width):
 def test_segments_isolate_sequences_forward_and_grad(backend):
   lens, width = (7, 12, 3), 26  # 4 padding positions at the end
   seg = _packed_row(lens, width)
-  q, k, v = _qkv(1, width, 2, 8, seed=3)
+  q, k, v = qkv(1, width, 2, 8, seed=3)
   w = jax.random.normal(jax.random.key(9), q.shape) * (seg != 0)[..., None, None]
 
   def f(q, k, v):
@@ -200,6 +129,6 @@ def test_segment_offsets_describe_contiguous_segments():
 
 
 def test_segment_ids_shape_is_checked():
-  q, k, v = _qkv(2, 8, 2, 4)
+  q, k, v = qkv(2, 8, 2, 4)
   with pytest.raises(ValueError, match=r"segment_ids must be \(B, L\)"):
     attention.dot_product_attention(q, k, v, segment_ids=jnp.ones((2, 7), jnp.int32))

@@ -1,218 +1,29 @@
-"""Checkpoints: round trip, retention with milestones, corrupt fallback, inference loading."""
+"""The checkpoint format (`sedd_jax.training.checkpoint`): damage reports, file checks, saved
+shapes, config and step-folder lookup, inference checkpoints."""
 
 import errno
+import json
 import logging
-import pathlib
-import re
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from helpers import MICRO_MODEL, assert_trees_equal, load_config
+from helpers import state_at
 from sedd_jax import config as config_lib
-from sedd_jax import diffusion
 from sedd_jax.training import checkpoint as ckpt_lib
-from sedd_jax.training import state as state_lib
+from sedd_jax.training import checkpointer
 
 # A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def micro_config():
-  return load_config(overrides={**MICRO_MODEL, "model.length": 32, "training.batch_size": 8})
-
-
-@pytest.fixture(scope="module")
-def setup():
-  cfg = micro_config()
-  graph = diffusion.get_graph(cfg.graph)
-  model = state_lib.build_model(cfg, graph)
-  _, params, _ = state_lib.split_model(model)
-  state = state_lib.init_state(cfg, params)
-  return cfg, state
-
-
-def _at(state, step, seed=0):
-  """`state` at `step` with parameters/EMA/moments shifted so that steps are distinguishable."""
-  bump = lambda t: jax.tree.map(lambda x: x + jnp.asarray(step + seed, x.dtype), t)
-  return state.replace(step=jnp.int32(step), params=bump(state.params), ema=bump(state.ema),
-                       opt_state=bump(state.opt_state), skipped=jnp.int32(1))
-
-
-def test_roundtrip_all_contents(tmp_path, setup):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path, keep=3)
-  s3 = _at(state, 3)
-  data_state = {"position": 17, "buckets": [[1, 2]], "leftovers": None}
-  assert ck.save(s3, data_state, cfg)
-  assert not ck.save(s3, data_state, cfg)  # same step: not written twice
-  ck.wait()
-  r = ck.restore_latest(state)
-  assert r.step == 3 and r.data_state == data_state
-  assert config_lib.diff(r.config, cfg) == []
-  assert_trees_equal(r.state, s3)
-  assert int(r.state.skipped) == 1
-  ck.close()
-  # Documented layout.
-  step_dir = tmp_path / "checkpoints" / "3"
-  for item in ("params", "ema", "opt_state", "train", "data", "config"):
-    assert (step_dir / item).is_dir(), item
-  raw = ckpt_lib.read_items(step_dir)
-  assert raw["train"]["step"] == 3 and raw["train"]["format"] == ckpt_lib.FORMAT
-  assert_trees_equal(raw["params"], nnx.to_pure_dict(s3.params))
-
-
-def test_bytes_data_state(tmp_path, setup):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), b'{"a": 1}', cfg)
-  ck.wait()
-  assert ck.restore_latest(state).data_state == b'{"a": 1}'
-  ck.close()
-
-
-def test_keep_last_n_plus_milestones(tmp_path, setup):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path, keep=2, milestone_every=4, async_save=False)
-  for step in range(1, 11):
-    ck.save(_at(state, step), None, cfg)
-  ck.wait()
-  assert ck.all_steps() == [4, 8, 9, 10]
-  ck.close()
-
-
-def _corrupt(step_dir: pathlib.Path):
-  """Garbles every file of the params item (as a torn write or a bad disk would)."""
-  for f in (step_dir / "params").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"\x00garbage")
-
-
-def test_corrupt_latest_falls_back(tmp_path, setup, caplog):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path, keep=5)
-  for step in (1, 2):
-    ck.save(_at(state, step), {"position": step}, cfg)
-  ck.wait()
-  _corrupt(tmp_path / "checkpoints" / "2")
-  # A half-written checkpoint (orbax's temporary folder) is ignored.
-  (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234").mkdir()
-  with caplog.at_level(logging.ERROR):
-    r = ck.restore_latest(state)
-  assert r.step == 1 and r.data_state == {"position": 1}
-  assert_trees_equal(r.state, _at(state, 1))
-  assert "step 2" in caplog.text and str(tmp_path / "checkpoints" / "2") in caplog.text
-  moved = list((tmp_path / ckpt_lib.CORRUPT).iterdir())
-  assert [p.name.split("-")[0] for p in moved] == ["2"]
-  assert ck.all_steps() == [1]
-  # Training goes on: step 2 can be written again.
-  assert ck.save(_at(state, 2, seed=7), None, cfg)
-  ck.wait()
-  assert ck.restore_latest(state).step == 2
-  ck.close()
-
-
-def test_all_corrupt_raises_and_moves_nothing(tmp_path, setup):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), None, cfg)
-  ck.wait()
-  _corrupt(tmp_path / "checkpoints" / "1")
-  with pytest.raises(ckpt_lib.CheckpointError, match="step 1"):
-    ck.restore_latest(state)
-  assert (tmp_path / "checkpoints" / "1").is_dir()
-  ck.close()
-
-
-def test_changed_model_shape_names_the_keys_and_moves_nothing(tmp_path, setup, caplog):
-  """A config of another model shape: one error naming the arrays and the config keys that
-  differ, with what to do; no restore is attempted (no error logged) and nothing is moved."""
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), None, cfg)
-  ck.wait()
-  other = micro_config()
-  other.model.hidden_size = 64
-  other.training.steps = 7
-  graph = diffusion.get_graph(other.graph)
-  _, p2, _ = state_lib.split_model(state_lib.build_model(other, graph))
-  with caplog.at_level(logging.ERROR), pytest.raises(ckpt_lib.ShapeMismatch) as err:
-    ck.restore_latest(state_lib.init_state(other, p2), cfg=other)
-  msg = str(err.value)
-  # adaLN_modulation.bias has 6 * hidden_size entries.
-  assert "arrays differ, e.g. params blocks.0.adaLN_modulation.bias: saved (192,), now (384,))" in msg
-  assert ("differ from the checkpoint's: model.hidden_size (saved 32, now 64), "
-          "training.steps (saved 600, now 7).") in msg
-  assert "--fresh" in msg and "--workdir" in msg
-  assert caplog.records == []
-  assert ck.all_steps() == [1] and not (tmp_path / ckpt_lib.CORRUPT).exists()
-  ck.close()
-
-
-@pytest.mark.parametrize("error", [
-  OSError(errno.EIO, "Input/output error"),
-  MemoryError("out of memory"),
-  ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 bytes"),
-  RuntimeError("restore failed"),
-], ids=["eio", "memory", "resource_exhausted", "runtime"])
-def test_errors_other_than_unreadable_files_stop_and_move_nothing(tmp_path, setup, error):
-  """Only a checkpoint that is really unreadable falls back; a transient I/O error or an
-  out-of-memory while reading the newest one is raised, and no checkpoint is moved aside."""
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path, keep=5)
-  for step in (1, 2):
-    ck.save(_at(state, step), None, cfg)
-  ck.wait()
-  real_restore = ck._manager.restore
-
-  def failing_restore(step, *args, **kwargs):
-    if step == 2:
-      try:
-        raise error
-      except Exception as e:  # as orbax wraps TensorStore's errors
-        raise Exception("Encountered error while reading array index") from e
-    return real_restore(step, *args, **kwargs)
-
-  ck._manager.restore = failing_restore
-  with pytest.raises(Exception, match="Encountered error") as err:
-    ck.restore_latest(state)
-  assert err.value.__cause__ is error
-  assert ck.all_steps() == [1, 2] and not (tmp_path / ckpt_lib.CORRUPT).exists()
-  ck.close()
-
-
-def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, setup, caplog):
-  """Truncated array data and malformed metadata: the log names the file and the problem, with
-  no TensorStore repr."""
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path, keep=5)
-  for step in (1, 2, 3):
-    ck.save(_at(state, step), None, cfg)
-  ck.wait()
-  for f in (tmp_path / "checkpoints" / "3" / "params" / "ocdbt.process_0" / "d").iterdir():
-    f.write_bytes(f.read_bytes()[:5])  # truncated
-  (tmp_path / "checkpoints" / "2" / "opt_state" / "_METADATA").write_text('{"tree_metadata": ')
-  with caplog.at_level(logging.ERROR):
-    r = ck.restore_latest(state)
-  assert r.step == 1
-  lines = [rec.getMessage() for rec in caplog.records if "cannot be read" in rec.getMessage()]
-  assert len(lines) == 2
-  assert re.search(r"step 3 .*OUT_OF_RANGE: Error reading \"blocks\.0\..*\" in OCDBT database at "
-                   rf"local file \"{tmp_path}/checkpoints/3/params/\": .*not valid", lines[0])
-  assert (f"step 2 ({tmp_path}/checkpoints/2) cannot be read: {tmp_path}/checkpoints/2/opt_state/"
-          "_METADATA is not valid JSON") in lines[1]
-  assert "TensorStore(" not in caplog.text and "bound method" not in caplog.text
-  assert sorted(p.name.split("-")[0] for p in (tmp_path / ckpt_lib.CORRUPT).iterdir()) == ["2", "3"]
-  ck.close()
-
-
-def test_load_for_inference_uses_ema(tmp_path, setup):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path)
-  s = _at(state, 5)
+def test_load_for_inference_uses_ema(tmp_path, micro_state):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path)
+  s = state_at(state, 5)
   s = s.replace(ema=jax.tree.map(lambda x: x * 0 + 0.5, s.ema))
   ck.save(s, None, cfg)
   ck.wait()
@@ -228,16 +39,15 @@ def test_load_for_inference_uses_ema(tmp_path, setup):
   assert not np.allclose(np.asarray(model.vocab_embed.embedding[...]), 0.5)
 
 
-def test_params_only_checkpoint(tmp_path, setup):
+def test_params_only_checkpoint(tmp_path, micro_state):
   """The format sedd_jax.convert writes: items params/ema + config (or a config.json)."""
-  cfg, state = setup
+  cfg, state = micro_state
   ckpt_lib.save_inference_checkpoint(tmp_path / "converted" / "checkpoints" / "0", state.params,
                                      cfg)
   model, cfg2, _, _ = ckpt_lib.load_for_inference(tmp_path / "converted")
   np.testing.assert_array_equal(np.asarray(model.vocab_embed.embedding[...]),
                                 np.asarray(state.params["vocab_embed"]["embedding"][...]))
   # No `config` item, a config.json beside it instead.
-  import shutil
   step = tmp_path / "converted" / "checkpoints" / "0"
   shutil.rmtree(step / "config")
   (tmp_path / "converted" / "config.json").write_text(config_lib.to_json(cfg))
@@ -245,11 +55,11 @@ def test_params_only_checkpoint(tmp_path, setup):
   assert cfg3.model.hidden_size == 32
 
 
-def test_load_for_inference_skips_corrupt(tmp_path, setup, caplog):
-  cfg, state = setup
-  ck = ckpt_lib.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), None, cfg)
-  ck.save(_at(state, 2), None, cfg)
+def test_load_for_inference_skips_corrupt(tmp_path, micro_state, caplog):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path)
+  ck.save(state_at(state, 1), None, cfg)
+  ck.save(state_at(state, 2), None, cfg)
   ck.wait()
   ck.close()
   for f in (tmp_path / "checkpoints" / "2" / "ema").rglob("*"):
@@ -258,3 +68,62 @@ def test_load_for_inference_skips_corrupt(tmp_path, setup, caplog):
   with caplog.at_level(logging.ERROR):
     ckpt_lib.load_for_inference(tmp_path)
   assert f"{tmp_path}/checkpoints/2/ema/_METADATA is not valid JSON" in caplog.text
+
+
+def test_unreadable_reason_names_damage_and_nothing_else():
+  missing = FileNotFoundError(errno.ENOENT, "No such file", "/ck/3/params/d/x")
+  assert ckpt_lib.unreadable_reason(missing) == "/ck/3/params/d/x: missing"
+  try:
+    json.loads('{"a": ')
+  except json.JSONDecodeError as e:
+    bad_json = e
+  assert ckpt_lib.unreadable_reason(bad_json).startswith("malformed file (JSONDecodeError: ")
+  store = ValueError('DATA_LOSS: Error reading "x" [tensorstore_spec={"driver": "zarr"}]')
+  assert ckpt_lib.unreadable_reason(store) == 'DATA_LOSS: Error reading "x"'
+  wrapped = RuntimeError("restore failed")
+  wrapped.__cause__ = store
+  assert ckpt_lib.unreadable_reason(wrapped) == 'DATA_LOSS: Error reading "x"'
+  for other in (OSError(errno.EIO, "I/O error"), MemoryError(), ValueError("UNAVAILABLE: busy"),
+                RuntimeError("a bug")):
+    assert ckpt_lib.unreadable_reason(other) is None, other
+
+
+def test_check_files_names_the_missing_item_and_the_malformed_file(tmp_path):
+  step = tmp_path / "7"
+  for item in ckpt_lib.ITEMS:
+    (step / item).mkdir(parents=True)
+    (step / item / "_METADATA").write_text("{}")
+  ckpt_lib.check_files(step)
+  (step / "ema" / "_METADATA").write_text('{"tree_metadata": ')
+  with pytest.raises(ckpt_lib.UnreadableCheckpoint, match=rf"{step}/ema/_METADATA is not valid"):
+    ckpt_lib.check_files(step)
+  ckpt_lib.check_files(step, ("params", "config"))  # only the items asked for
+  shutil.rmtree(step / "config")
+  with pytest.raises(ckpt_lib.UnreadableCheckpoint, match=rf"{step}/config is missing"):
+    ckpt_lib.check_files(step, ("params", "config"))
+
+
+def test_saved_shapes_step_folders_and_config_lookup(tmp_path, micro_state):
+  cfg, state = micro_state
+  step = tmp_path / "run" / "checkpoints" / "4"
+  ckpt_lib.save_inference_checkpoint(step, state.params, cfg)
+  (tmp_path / "run" / "checkpoints" / "2" / "ema").mkdir(parents=True)
+  (tmp_path / "run" / "checkpoints" / "9").mkdir()  # no weights: not a checkpoint
+  params = ckpt_lib.pure_dict(state.params)
+  assert ckpt_lib.saved_shape_changes(step, "params", params) == []
+  wider = jax.tree.map(lambda x: x, params)
+  wider["vocab_embed"]["embedding"] = np.zeros((33, 64), np.float32)
+  assert ckpt_lib.saved_shape_changes(step, "ema", wider) == [
+      "ema vocab_embed.embedding: saved (33, 32), now (33, 64)"]
+  want = [step, tmp_path / "run" / "checkpoints" / "2"]
+  assert ckpt_lib.resolve_checkpoint_dirs(tmp_path / "run") == want
+  assert ckpt_lib.resolve_checkpoint_dirs(tmp_path / "run" / "checkpoints") == want
+  assert ckpt_lib.resolve_checkpoint_dirs(step) == [step]
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    ckpt_lib.resolve_checkpoint_dirs(tmp_path)
+  assert config_lib.diff(ckpt_lib.read_config(step), cfg) == []
+  lone = tmp_path / "run" / "checkpoints" / "2"
+  with pytest.raises(FileNotFoundError, match="no config item and no config.json"):
+    ckpt_lib.read_config(lone)
+  (tmp_path / "run" / "config.json").write_text(config_lib.to_json(cfg))  # 2 folders above
+  assert ckpt_lib.read_config(lone).model.hidden_size == 32

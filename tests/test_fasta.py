@@ -1,19 +1,13 @@
-"""Tests of sedd_jax.data.fasta: streaming FASTA/CSV readers and their file:line errors."""
+"""Tests of sedd_jax.data.fasta: streaming FASTA readers and their file:line errors."""
 
 import gzip
 import json
 
 import pytest
 
-from helpers import FAA, PAIRS
+from helpers import FAA, write_text
 from sedd_jax.data import fasta
 from sedd_jax.data.fasta import DataError, Skips
-
-
-
-def _write(path, text):
-  path.write_text(text)
-  return path
 
 
 def test_reads_fixture_with_stop_codons():
@@ -26,7 +20,7 @@ def test_reads_fixture_with_stop_codons():
 
 def test_multiline_blank_lines_and_gzip_equal(tmp_path):
   text = ">a desc\nMKV\nLLA\n\n>b\r\nmkv*\r\n"
-  plain = _write(tmp_path / "x.fasta", text)
+  plain = write_text(tmp_path / "x.fasta", text)
   gz = tmp_path / "x.fa.gz"
   gz.write_bytes(gzip.compress(text.encode()))
   for p in (plain, gz):
@@ -55,20 +49,20 @@ def test_truncated_gzip_names_file_and_line(tmp_path):
 
 
 def test_non_fasta_names_file_and_line(tmp_path):
-  p = _write(tmp_path / "notes.txt", "\nhello world\n>x\nMKV\n")
+  p = write_text(tmp_path / "notes.txt", "\nhello world\n>x\nMKV\n")
   with pytest.raises(DataError, match=r"notes\.txt:2: not a FASTA file"):
     list(fasta.read_fasta(p))
 
 
 def test_empty_file(tmp_path):
-  p = _write(tmp_path / "empty.fasta", "\n\n")
+  p = write_text(tmp_path / "empty.fasta", "\n\n")
   with pytest.raises(DataError, match=r"empty\.fasta: empty file"):
     list(fasta.read_fasta(p))
 
 
 @pytest.mark.parametrize("bad,what", [("MK3V", "digit '3'"), ("MKJV", "character 'J'")])
 def test_bad_sequence_line_named(tmp_path, bad, what):
-  p = _write(tmp_path / "bad.fasta", f">a\nMKV\n>b\nMKV\n{bad}\n>c\nMKV\n")
+  p = write_text(tmp_path / "bad.fasta", f">a\nMKV\n>b\nMKV\n{bad}\n>c\nMKV\n")
   with pytest.raises(DataError) as e:
     list(fasta.read_fasta(p))
   assert f"bad.fasta:5: invalid {what} at column 3 in sequence 'b'" in str(e.value)
@@ -78,10 +72,10 @@ def test_bad_sequence_line_named(tmp_path, bad, what):
 
 
 def test_inner_stop_and_empty_sequence(tmp_path):
-  p = _write(tmp_path / "s.fasta", ">a\nMKV\nM*K\n>b\n>c\nMK\n")
+  p = write_text(tmp_path / "s.fasta", ">a\nMKV\nM*K\n>b\n>c\nMK\n")
   with pytest.raises(DataError, match=r"s\.fasta:3: stop '\*' inside sequence 'a'"):
     list(fasta.read_fasta(p))
-  p = _write(tmp_path / "e.fasta", ">a\nMKV\n>b\n>c\nMK\n")
+  p = write_text(tmp_path / "e.fasta", ">a\nMKV\n>b\n>c\nMK\n")
   with pytest.raises(DataError, match=r"e\.fasta:3: record 'b' has an empty sequence"):
     list(fasta.read_fasta(p))
   skips = Skips("skip")
@@ -96,46 +90,8 @@ def test_missing_file_and_bad_policy(tmp_path):
     Skips("ignore")
 
 
-def test_read_pairs_detects_columns():
-  recs = list(fasta.read_pairs(PAIRS))
-  assert len(recs) == 60
-  assert recs[0].smiles and recs[0].protein.startswith(b"M") and recs[0].line == 2
-
-
-def test_read_pairs_tsv_explicit_columns_and_gzip(tmp_path):
-  text = "id\tTarget\tLig\nx\tMKVL\tCCO\ny\tMKKK\tc1ccccc1\n"
-  p = tmp_path / "p.tsv.gz"
-  p.write_bytes(gzip.compress(text.encode()))
-  recs = list(fasta.read_pairs(p, protein_column="target", smiles_column="Lig", name_column="id"))
-  assert [(r.protein, r.smiles, r.name, r.line) for r in recs] == [
-      (b"MKVL", "CCO", "x", 2), (b"MKKK", "c1ccccc1", "y", 3)]
-
-
-def test_csv_without_needed_columns(tmp_path):
-  p = _write(tmp_path / "p.csv", "name,affinity\na,1.0\n")
-  with pytest.raises(DataError, match=r"p\.csv:1: no protein sequence column found; the header"):
-    list(fasta.read_pairs(p))
-  p = _write(tmp_path / "q.csv", "sequence,affinity\nMKV,1.0\n")
-  with pytest.raises(DataError, match=r"q\.csv:1: no SMILES column found"):
-    list(fasta.read_pairs(p))
-  with pytest.raises(DataError, match=r"q\.csv:1: no protein sequence column 'prot'"):
-    list(fasta.read_pairs(p, protein_column="prot"))
-
-
-def test_csv_short_row_and_empty_field(tmp_path):
-  p = _write(tmp_path / "p.csv", "sequence,smiles\nMKV,CCO\nMKV\n,CC\n")
-  with pytest.raises(DataError, match=r"p\.csv:3: row has 1 fields, needs 2"):
-    list(fasta.read_pairs(p))
-  skips = Skips("skip")
-  assert len(list(fasta.read_pairs(p, skips=skips))) == 1
-  assert skips.summary() == {"empty_field": 1, "short_row": 1}
-  p = _write(tmp_path / "empty.csv", "")
-  with pytest.raises(DataError, match=r"empty\.csv: empty file"):
-    list(fasta.read_pairs(p))
-
-
 def test_peers_layout(tmp_path):
-  _write(tmp_path / "consensus.fasta", ">u0\nMKV\n>u1\nMKL\n>u2\nMKA\n>u3\nMKG\n")
+  write_text(tmp_path / "consensus.fasta", ">u0\nMKV\n>u1\nMKL\n>u2\nMKA\n>u3\nMKG\n")
   (tmp_path / "splits.json").write_text(json.dumps({"train": [0, 3], "valid": [1], "rtest": [2]}))
   path, split_of = fasta.peers_layout(tmp_path)
   assert path.name == "consensus.fasta"

@@ -29,6 +29,26 @@ def test_progress_line_fields():
   for part in ("step 200/600", "loss 41.27", "2.950/tok", "lr 2.00e-03", "gnorm 3.1",
                "12,345 tok/s", "0.210 s/step", "ETA 1m24s", "skipped 0"):
     assert part in line, (part, line)
+  assert "GiB" not in line
+  with_peak = metrics_lib.progress_line(200, 600, {
+    "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "peak_gib": 30.56})
+  assert with_peak.endswith("| peak 30.6 GiB"), with_peak
+
+
+class _FakeDevice:
+  def __init__(self, stats):
+    self._stats = stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+def test_peak_memory_gib_is_the_highest_device_peak():
+  devices = [_FakeDevice({"peak_bytes_in_use": 3 * 2**30}), _FakeDevice(None),
+             _FakeDevice({"peak_bytes_in_use": 5 * 2**29})]
+  assert metrics_lib.peak_memory_gib(devices) == 3.0
+  assert metrics_lib.peak_memory_gib([_FakeDevice(None), _FakeDevice({})]) is None
+  assert metrics_lib.peak_memory_gib() is None  # CPU devices report no memory statistics
 
 
 def test_writer_jsonl_console_and_plot(tmp_path, caplog):

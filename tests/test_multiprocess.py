@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import FAST, ROOT, subprocess_env, train_command, train_config
 from sedd_jax import train as train_lib
 from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
-from sedd_jax.training import sharding as sharding_lib
-from helpers import FAST, ROOT, subprocess_env, train_command, train_config
 
 STEPS = 6
 SAMPLES = {"training.sample_every": 3, "training.ckpt_every": 3}  # samples and checkpoints at 3
@@ -134,7 +134,7 @@ def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):
   Pair(run, store, tmp_path / "a", steps=3, fresh=True, **SAMPLES).wait()
   moved = list(run.glob("old-*"))
   assert len(moved) == 1 and (moved[0] / "checkpoints" / str(STEPS)).is_dir()
-  assert ckpt_lib.Checkpointer(run).all_steps() == [3]
+  assert checkpointer.Checkpointer(run).all_steps() == [3]
   assert_same_losses(run, one_process, [1, 2, 3])
   items = ("params", "ema", "data")
   a = ckpt_lib.read_items(run / "checkpoints" / "3", items)
@@ -156,25 +156,10 @@ def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):
            for log in logs]
   assert stops[0] and stops[0] == stops[1], stops
   stop = int(stops[0][0])
-  assert ckpt_lib.Checkpointer(run).all_steps() == [3, stop]
+  assert checkpointer.Checkpointer(run).all_steps() == [3, stop]
   assert max(train_losses(run)) == stop
   assert_same_losses(run, one_process, list(range(4, min(stop, STEPS) + 1)))
   model, cfg, _, _ = ckpt_lib.load_for_inference(run)
   assert cfg.training.steps == 100_000
   out = model(jnp.full((1, 32), 5, jnp.int32), jnp.ones((1,)))
   assert bool(jnp.all(jnp.isfinite(out)))
-
-
-def test_put_batch_gives_each_device_its_rows_of_the_global_batch():
-  """4 devices, 8 rows: device i holds rows 2i, 2i + 1 (what a process takes from the global
-  batch); rows not divisible by the devices are refused, naming the key."""
-  mesh = sharding_lib.make_mesh(jax.devices()[:4])
-  tokens = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
-  out = sharding_lib.put_batch({"tokens": tokens, "lengths": np.arange(8, dtype=np.int32)},
-                           sharding_lib.batch_sharding(mesh))
-  shards = {s.device: np.asarray(s.data) for s in out["tokens"].addressable_shards}
-  for i, d in enumerate(mesh.devices.flat):
-    np.testing.assert_array_equal(shards[d], tokens[2 * i:2 * i + 2])
-  with pytest.raises(ValueError, match="'tokens'.* 6 rows"):
-    sharding_lib.put_batch({"tokens": tokens[:6], "lengths": np.arange(6, dtype=np.int32)},
-                       sharding_lib.batch_sharding(mesh))

@@ -5,18 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from helpers import FAA, PAIRS, ROOT, config_module
-from sedd_jax.data import pipeline, prepare, store, tokenizers
+from helpers import FAA, PAIRS, ROOT, pipeline_config
+from sedd_jax.data import batching, pipeline, prepare, store, tokenizers
 from sedd_jax.data.fasta import DataError
-
-
-def _cfg(faa_store, length=64, **data):
-  cfg = config_module("uniref50").get_config("tiny")
-  cfg.model.length = length
-  cfg.data.fasta = str(FAA)
-  cfg.data.prepared = str(faa_store)
-  cfg.data.update(data)
-  return cfg
 
 
 def _is_substring(row, seq):
@@ -25,7 +16,7 @@ def _is_substring(row, seq):
 
 
 def test_batch_shapes_padding_and_crops(faa_store):
-  cfg = _cfg(faa_store)
+  cfg = pipeline_config(faa_store)
   st = store.open_store(faa_store, "train")
   contents = [np.asarray(st[i]) for i in range(len(st))]
   it = pipeline.make_iterator(cfg, "train", batch_size=8, seed=0)
@@ -42,7 +33,7 @@ def test_batch_shapes_padding_and_crops(faa_store):
 
 
 def test_same_seed_same_batches_other_seed_differs(faa_store):
-  cfg = _cfg(faa_store)
+  cfg = pipeline_config(faa_store)
   a = [next(it)["tokens"] for it in [pipeline.make_iterator(cfg, "train", 8, 3)] for _ in range(6)]
   it = pipeline.make_iterator(cfg, "train", 8, 3)
   b = [next(it)["tokens"] for _ in range(6)]
@@ -54,7 +45,7 @@ def test_same_seed_same_batches_other_seed_differs(faa_store):
 
 def test_crops_deterministic_per_record_and_vary_by_epoch(faa_store):
   st = store.open_store(faa_store, "train")
-  ex = pipeline._Examples(st, seed=0, shard_index=0, shard_count=1, shuffle=True,
+  ex = pipeline.Examples(st, seed=0, shard_index=0, shard_count=1, shuffle=True,
                           num_epochs=None, length=32)
   n = ex.shard_size
   first = {ex.record(p): ex[p]["tokens"].tobytes() for p in range(n)}
@@ -66,7 +57,8 @@ def test_crops_deterministic_per_record_and_vary_by_epoch(faa_store):
 
 @pytest.mark.parametrize("pad_to", ["full", "bucket", "pack"])
 def test_resume_from_state_yields_same_batches(faa_store, pad_to):
-  cfg = _cfg(faa_store, length=128, pack_bins=12)  # pack: several packing rounds in 19 batches
+  # pack: several packing rounds in 19 batches
+  cfg = pipeline_config(faa_store, length=128, pack_bins=12)
   it = pipeline.make_iterator(cfg, "train", 8, seed=1, pad_to=pad_to)
   for _ in range(7):
     next(it)
@@ -81,54 +73,8 @@ def test_resume_from_state_yields_same_batches(faa_store, pad_to):
       np.testing.assert_array_equal(e[k], g[k])
 
 
-def test_bucket_widths_and_lower_padding(faa_store):
-  cfg = _cfg(faa_store, length=512)
-  it = pipeline.make_iterator(cfg, "train", 4, seed=0, pad_to="bucket")
-  bounds = pipeline.default_boundaries(512)
-  assert bounds == (64, 128, 256, 384, 512)
-  widths = set()
-  for _ in range(30):
-    b = next(it)
-    w = b["tokens"].shape[1]
-    widths.add(w)
-    assert w in bounds and b["lengths"].max() <= w
-    i = bounds.index(w)
-    assert i == 0 or b["lengths"].min() > bounds[i - 1]
-  assert len(widths) > 1
-
-def test_measured_padding_over_one_pass_matches_the_formula(faa_store):
-  """One pass over the split: width L for every row gives exactly `padding_fraction(lengths, L)`;
-  buckets give what the emitted batches hold, at least the formula's (the leftovers at the end
-  of the pass are padded to their longest row's bucket) and less than width L."""
-  cfg = _cfg(faa_store, length=512)
-  lengths = np.minimum(store.open_store(faa_store, "train").lengths, 512)  # longer ones are cropped
-  assert lengths.min() < 64 < lengths.max() == 512  # several buckets and crops in use
-  full = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1)
-  rows = sum(b["tokens"].shape[0] for b in full)
-  assert rows == lengths.size
-  assert full.padding_fraction() == pytest.approx(1 - lengths.sum() / (512 * lengths.size),
-                                                  rel=1e-12)
-  assert full.padding_fraction() == pytest.approx(pipeline.padding_fraction(lengths, 512),
-                                                  rel=1e-12)
-  it = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1, pad_to="bucket")
-  batches = list(it)
-  real = sum(int(b["lengths"].sum()) for b in batches)
-  assert real == lengths.sum()
-  assert it.padding_fraction() == pytest.approx(1 - real / sum(b["tokens"].size for b in batches),
-                                                rel=1e-12)
-  assert (pipeline.padding_fraction(lengths, 512, pipeline.default_boundaries(512))
-          <= it.padding_fraction() < full.padding_fraction())
-
-
-def test_padding_fraction_formula():
-  lengths = np.array([10, 30, 64, 100])
-  assert pipeline.padding_fraction(lengths, 64) == pytest.approx(1 - (10 + 30 + 64 + 64) / 256)
-  assert pipeline.padding_fraction(lengths, 64, (16, 32, 64)) == pytest.approx(
-      1 - (10 + 30 + 64 + 64) / (16 + 32 + 64 + 64))
-
-
 def test_one_pass_and_disjoint_shards(faa_store):
-  cfg = _cfg(faa_store, length=1024)
+  cfg = pipeline_config(faa_store, length=1024)
   st = store.open_store(faa_store, "valid")
   everything = sorted(np.asarray(st[i]).tobytes() for i in range(len(st)))
   seen = []
@@ -146,7 +92,7 @@ def test_one_pass_and_disjoint_shards(faa_store):
 
 
 def test_ensure_prepared_prepares_once(tmp_path):
-  cfg = _cfg(tmp_path / "prep" / "x")
+  cfg = pipeline_config(tmp_path / "prep" / "x")
   out = pipeline.ensure_prepared(cfg)
   assert out == tmp_path / "prep" / "x" and store.is_prepared(out)
   stamp = (out / "manifest.json").stat().st_mtime_ns
@@ -159,7 +105,7 @@ def test_ensure_prepared_prepares_once(tmp_path):
 def test_ensure_prepared_uses_only_a_store_of_data_fasta(faa_store, tmp_path):
   """A missing source is an error; a store prepared from another source is refused (never used
   silently); a copy of the same source elsewhere is recognised by its sha256."""
-  cfg = _cfg(faa_store)
+  cfg = pipeline_config(faa_store)
   cfg.data.fasta = str(tmp_path / "nonexistent.fa")
   with pytest.raises(DataError, match=r"data.fasta = .*nonexistent.fa does not exist"):
     pipeline.ensure_prepared(cfg)
@@ -190,7 +136,7 @@ def test_relative_paths_cwd_first_then_repo_root(tmp_path, monkeypatch):
 def test_protein_ligand_batches(tmp_path):
   out = tmp_path / "pl"
   prepare.prepare(PAIRS, out, max_length=5000, valid_fraction=0.1, test_fraction=0.1)
-  cfg = _cfg(out, length=256)
+  cfg = pipeline_config(out, length=256)
   cfg.data.fasta = str(PAIRS)  # the store's source
   it = pipeline.make_iterator(cfg, "train", 4, seed=0)
   b = next(it)
@@ -208,7 +154,7 @@ def test_protein_ligand_batches(tmp_path):
 
 
 def test_packed_rows_hold_whole_crops_with_segments_and_positions(faa_store):
-  cfg = _cfg(faa_store, length=256, pack_bins=16)
+  cfg = pipeline_config(faa_store, length=256, pack_bins=16)
   st = store.open_store(faa_store, "train")
   contents = [np.asarray(st[i]) for i in range(len(st))]
   it = pipeline.make_iterator(cfg, "train", 8, seed=0, pad_to="pack")
@@ -232,15 +178,16 @@ def test_packed_rows_hold_whole_crops_with_segments_and_positions(faa_store):
         assert full and (piece.size == 256 or any(c.size == piece.size for c in full))
     real += b["lengths"].sum()
     total += b["tokens"].size
-  crop_free = pipeline.padding_fraction(st.lengths, 256)
+  crop_free = batching.padding_fraction(st.lengths, 256)
   assert 1 - real / total < crop_free / 3  # 5% against 22% here (1.9% / 64% bundled, L 1024)
 
 
 def test_pack_settings_are_checked(faa_store):
   with pytest.raises(ValueError, match="pad_to must be one of"):
-    pipeline.make_iterator(_cfg(faa_store), "train", 4, seed=0, pad_to="packed")
+    pipeline.make_iterator(pipeline_config(faa_store), "train", 4, seed=0, pad_to="packed")
   with pytest.raises(ValueError, match="pack_bins"):
-    pipeline.make_iterator(_cfg(faa_store, pack_bins=0), "train", 4, seed=0, pad_to="pack")
+    pipeline.make_iterator(pipeline_config(faa_store, pack_bins=0), "train", 4, seed=0,
+                           pad_to="pack")
 
 
 def test_max_segments_agree_with_the_cudnn_layout():

@@ -1,4 +1,4 @@
-"""Tests of sedd_jax.data.prepare: filters, dedup, hash split, atomic store, bad inputs."""
+"""Tests of sedd_jax.data.prepare: the store end to end, atomic replacement, bad inputs, the CLI."""
 
 import gzip
 import json
@@ -7,42 +7,32 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FAA, PAIRS, ROOT
-from sedd_jax.data import prepare, store, tokenizers
+from helpers import FAA, PAIRS, ROOT, random_fasta
+from sedd_jax.data import prepare, store, store_writer, tokenizers
 from sedd_jax.data.fasta import DataError
 
 TOK = tokenizers.ProteinTokenizer()
 
 
-def _random_fasta(path, n=400, seed=0, lines=True):
-  rng = np.random.default_rng(seed)
-  seqs = ["".join(rng.choice(list(tokenizers.STANDARD_RESIDUES), rng.integers(30, 200)))
-          for _ in range(n)]
-  text = "".join(f">s{i} n=1 Tax=x\n" + (s[:60] + "\n" + s[60:] if lines else s) + "\n"
-                 for i, s in enumerate(seqs))
-  path.write_text(text)
-  return seqs
-
-
 def _all_sequences(root):
   out = {}
-  for split in prepare.SPLITS:
+  for split in store_writer.SPLITS:
     st = store.open_store(root, split)
     out[split] = [TOK.decode(st[i]) for i in range(len(st))]
   return out
 
 
 def test_prepare_plain_fasta(tmp_path):
-  seqs = _random_fasta(tmp_path / "in.fasta")
+  seqs = random_fasta(tmp_path / "in.fasta")
   m = prepare.prepare(tmp_path / "in.fasta", tmp_path / "out", valid_fraction=0.1,
                       test_fraction=0.1)
   assert m["records_read"] == 400 and m["kept"] == 400 and m["skipped"] == {}
-  assert m["source"]["files"][0]["sha256"] == prepare.file_sha256(tmp_path / "in.fasta")
+  assert m["source"]["files"][0]["sha256"] == store_writer.file_sha256(tmp_path / "in.fasta")
   assert m["filters"]["min_length"] == 30 and m["vocabulary"]["protein"]["mask_id"] == 32
   got = _all_sequences(tmp_path / "out")
   assert sorted(sum(got.values(), [])) == sorted(seqs)
   assert 10 < len(got["valid"]) < 80 and 10 < len(got["test"]) < 80
-  assert sum(m["splits"][s]["sequences"] for s in prepare.SPLITS) == 400
+  assert sum(m["splits"][s]["sequences"] for s in store_writer.SPLITS) == 400
   tokens = np.load(tmp_path / "out" / "train" / "tokens.npy")  # the streamed .npy header is valid
   assert tokens.dtype == np.uint8 and tokens.size == m["splits"]["train"]["protein_tokens"]
   offsets = np.load(tmp_path / "out" / "train" / "offsets.npy")
@@ -51,46 +41,17 @@ def test_prepare_plain_fasta(tmp_path):
 
 
 def test_prepare_gzip_equals_plain(tmp_path):
-  _random_fasta(tmp_path / "in.fasta")
+  random_fasta(tmp_path / "in.fasta")
   (tmp_path / "in.fasta.gz").write_bytes(gzip.compress((tmp_path / "in.fasta").read_bytes()))
   prepare.prepare(tmp_path / "in.fasta", tmp_path / "a")
   prepare.prepare(tmp_path / "in.fasta.gz", tmp_path / "b")
-  for split in prepare.SPLITS:
+  for split in store_writer.SPLITS:
     for f in ("tokens.npy", "offsets.npy"):
       assert (tmp_path / "a" / split / f).read_bytes() == (tmp_path / "b" / split / f).read_bytes()
 
 
-def test_split_deterministic_disjoint_and_order_independent(tmp_path):
-  seqs = _random_fasta(tmp_path / "in.fasta", n=600, lines=False)
-  rev = "".join(f">r{i}\n{s}\n" for i, s in enumerate(reversed(seqs)))
-  (tmp_path / "rev.fasta").write_text(rev)
-  prepare.prepare(tmp_path / "in.fasta", tmp_path / "a", valid_fraction=0.1, test_fraction=0.1)
-  prepare.prepare(tmp_path / "rev.fasta", tmp_path / "b", valid_fraction=0.1, test_fraction=0.1)
-  a, b = _all_sequences(tmp_path / "a"), _all_sequences(tmp_path / "b")
-  for split in prepare.SPLITS:
-    assert set(a[split]) == set(b[split])
-  assert not set(a["train"]) & set(a["valid"]) and not set(a["train"]) & set(a["test"])
-  assert not set(a["valid"]) & set(a["test"])
-  prepare.prepare(tmp_path / "in.fasta", tmp_path / "c", valid_fraction=0.1, test_fraction=0.1,
-                  split_salt="other")
-  assert set(_all_sequences(tmp_path / "c")["valid"]) != set(a["valid"])
-
-
-def test_filters_and_dedup(tmp_path):
-  std = "MKVLAGTSEP" * 5  # 50 residues
-  text = (f">dup1\n{std}\n>dup2\n{std.lower()}\n>short\nMKV\n>long\n{'A' * 1200}\n"
-          f">rare\n{'X' * 10 + std[:40]}\n>ok_rare\n{'XBUZO' + std[:45]}*\n")
-  (tmp_path / "f.fasta").write_text(text)
-  m = prepare.prepare(tmp_path / "f.fasta", tmp_path / "out", valid_fraction=0, test_fraction=0,
-                      min_standard_fraction=0.85)
-  assert m["filtered"] == {"too_short": 1, "too_long": 1, "low_standard_fraction": 1,
-                           "duplicate": 1}
-  got = _all_sequences(tmp_path / "out")["train"]
-  assert sorted(got) == sorted([std, "XBUZO" + std[:45]])
-
-
 def test_bad_input_truncated_gzip(tmp_path):
-  _random_fasta(tmp_path / "in.fasta", n=3000)
+  random_fasta(tmp_path / "in.fasta", n=3000)
   data = gzip.compress((tmp_path / "in.fasta").read_bytes())
   (tmp_path / "cut.fasta.gz").write_bytes(data[:len(data) // 2])
   with pytest.raises(DataError, match=r"cut\.fasta\.gz:\d+: truncated or corrupt gzip"):
@@ -146,7 +107,7 @@ def test_never_silently_empty(tmp_path):
 
 
 def test_existing_store_kept_on_failure_and_overwrite(tmp_path):
-  _random_fasta(tmp_path / "in.fasta")
+  random_fasta(tmp_path / "in.fasta")
   prepare.prepare(tmp_path / "in.fasta", tmp_path / "out")
   before = (tmp_path / "out" / "train" / "tokens.npy").read_bytes()
   stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
@@ -207,7 +168,7 @@ def test_protein_ligand_csv(tmp_path):
   pairs = {(r["aa_sequence"], r["smiles"]) for r in rows}
   got = set()
   proteins_by_split = {}
-  for split in prepare.SPLITS:
+  for split in store_writer.SPLITS:
     st = store.open_store(tmp_path / "out", split)
     proteins_by_split[split] = {TOK.decode(st[i]) for i in range(len(st))}
     got |= {(TOK.decode(st[i]), smi.decode(st.get(i, "ligand"))) for i in range(len(st))}
@@ -216,7 +177,7 @@ def test_protein_ligand_csv(tmp_path):
 
 
 def test_peers_layout_keeps_splits(tmp_path):
-  seqs = _random_fasta(tmp_path / "consensus.fasta", n=10)
+  seqs = random_fasta(tmp_path / "consensus.fasta", n=10)
   (tmp_path / "splits.json").write_text(json.dumps({"train": [0, 1, 2, 3, 4, 5], "valid": [6, 7],
                                                     "test": [8]}))
   m = prepare.prepare(tmp_path, tmp_path / "out")

@@ -1,9 +1,6 @@
 """Protein-ligand training modes: losses and masks per mode, which parameters each mode trains,
-a few optimizer steps per mode, conditional sampling and SMILES validity."""
+and a few optimizer steps per mode."""
 
-import gzip
-import csv
-import io
 import logging
 
 import jax
@@ -13,19 +10,14 @@ import optax
 import pytest
 from flax import nnx
 
-from helpers import LIGAND_TOKENS, PL_B as B, PL_LL as LL, PL_LP as LP  # the test sizes
-from helpers import ROOT
+from helpers import LIGAND_TOKENS, PL_LL as LL, PL_LP as LP  # the test sizes
 from helpers import protein_ligand_config as tiny_cfg
 from helpers import protein_ligand_batch as make_batch
 from helpers import protein_ligand_model as make_model
-from sedd_jax.data.tokenizers import residue_mask
 from sedd_jax.protein_ligand import model as pl_model
 from sedd_jax.protein_ligand import modes
-from sedd_jax.protein_ligand import smiles as smiles_lib
 
 log = logging.getLogger(__name__)
-
-
 
 # One compiled program per function for every mode: the mode is a traced index (the `all`
 # mode's switch); the fixed-mode path (`cfg.mode = <mode>`) is covered by `_loss_per_mode`.
@@ -268,78 +260,3 @@ def test_skip_unused_updates_freezes_unused_parameters():
     results[wrap] = max(float(np.abs(np.asarray(a) - b).max())
                         for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
   assert results[True] == 0.0 and results[False] > 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling.
-
-
-def test_ligand_given_protein_sampling(model):
-  cfg = CFG
-  batch = make_batch()
-  protein = jnp.asarray(batch["tokens"])
-  protein_copy = np.asarray(protein).copy()
-  lengths = np.array([10, 4, 1, 7], np.int32)
-  key = jax.random.PRNGKey(3)
-  lig = modes.sample_ligand_given_protein(key, model, cfg, protein, batch["lengths"], lengths,
-                                          target_length=LL)
-  lig = np.asarray(lig)
-  assert lig.shape == (B, LL) and lig.dtype == np.int32
-  real = np.arange(LL) < lengths[:, None]
-  assert np.all((lig[real] >= 4) & (lig[real] < LIGAND_TOKENS)), lig  # no mask, no specials
-  assert np.all(lig[~real] == 1)  # <pad>
-  np.testing.assert_array_equal(np.asarray(protein), protein_copy)  # the protein stays as given
-  same = modes.sample_ligand_given_protein(key, model, cfg, protein, batch["lengths"], lengths,
-                                           target_length=LL)
-  np.testing.assert_array_equal(np.asarray(same), lig)  # deterministic in the key
-  # The protein conditions the ligand: another protein gives other ligands for the same key.
-  other = modes.sample_ligand_given_protein(key, model, cfg, protein[::-1], batch["lengths"][::-1],
-                                            lengths, target_length=LL)
-  assert not np.array_equal(np.asarray(other), lig)
-  with pytest.raises(ValueError, match="target_lengths"):
-    modes.sample_ligand_given_protein(key, model, cfg, protein, batch["lengths"],
-                                      np.array([0, 1, 1, 1]), target_length=LL)
-
-
-def test_protein_given_ligand_sampling(model):
-  cfg = CFG
-  batch = make_batch()
-  lengths = np.array([16, 3, 8, 12], np.int32)
-  prot = np.asarray(modes.sample_protein_given_ligand(
-      jax.random.PRNGKey(0), model, cfg, batch["ligand_tokens"], batch["ligand_lengths"],
-      lengths, target_length=LP))
-  real = np.arange(LP) < lengths[:, None]
-  assert prot.shape == (B, LP)
-  # The one residue rule of every protein sampler (tokenizers.residue_mask): the 20 standard
-  # amino acids only; this random model emits X B U Z O under a looser rule.
-  standard = np.flatnonzero(residue_mask(33))
-  assert np.isin(prot[real], standard).all(), prot
-  assert np.all(prot[~real] == 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# SMILES validity.
-
-VALID = ["CCO", "c1ccccc1", "CC(=O)Oc1ccccc1C(=O)O", "C[C@H](N)C(=O)O", "[Na+].[Cl-]",
-         "C1CC2CCC1C2", "O=C(O)C%10CC%10", "F/C=C/F", "C#N", "[13CH4]", "c1ccc2c(c1)[nH]cc2",
-         "CC(C)(C)C", "C1=CC=CC=C1", "[O-][N+](=O)c1ccccc1", "C=1CCCCC1"]
-INVALID = ["", "C(C", "CC)", "c1cccc", "C==", "()C", "C(=O", "CC.", "[C", "CC>CC", "C1CC(",
-           "=CC", "C()C", ".C", "CC..C", "C-", "(C)C", "C[Xx]C", "C C", "1CC1", "C(C)(", "C%1"]
-
-
-def test_grammar_checker_on_known_strings():
-  for s in VALID:
-    assert smiles_lib.grammar_valid_smiles(s), s
-  for s in INVALID:
-    assert not smiles_lib.grammar_valid_smiles(s), s
-  assert smiles_lib.smiles_validity(VALID + INVALID, checker="grammar") == pytest.approx(
-      len(VALID) / (len(VALID) + len(INVALID)))
-  assert smiles_lib.smiles_validity([], checker="grammar") == 0.0
-
-
-def test_grammar_checker_accepts_the_bundled_ligands():
-  with gzip.open(ROOT / "data" / "protein_ligand_pairs.csv.gz", "rt") as f:
-    smiles = [row["smiles"] for row in csv.DictReader(io.StringIO(f.read()))]
-  assert len(smiles) == 5000
-  assert smiles_lib.smiles_validity(smiles, checker="grammar") == 1.0
-

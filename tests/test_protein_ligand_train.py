@@ -16,6 +16,7 @@ from sedd_jax import train as train_lib
 from sedd_jax.protein_ligand import modes
 from sedd_jax.protein_ligand import smiles as smiles_lib
 from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import task as task_lib
 
@@ -52,10 +53,10 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert (first.code, first.step) == (0, 2)
   saved = json.loads((work / "config.json").read_text())
   assert saved["task"] == "protein_ligand" and saved["ligand"]["graph"]["tokens"] > 0
-  assert ckpt_lib.Checkpointer(work).all_steps() == [2]
+  assert checkpointer.Checkpointer(work).all_steps() == [2]
   again = train_lib.train(micro_config(store), work, devices=devices, compiler_options=FAST)
   assert (again.code, again.step, again.reason) == (0, 4, "finished")
-  assert ckpt_lib.Checkpointer(work).all_steps() == [2, 4]
+  assert checkpointer.Checkpointer(work).all_steps() == [2, 4]
 
   rows = metrics_lib.read_metrics(work / metrics_lib.METRICS_FILE)
   train_rows = [r for r in rows if r["kind"] == "train"]

@@ -1,11 +1,14 @@
 """Reference data of a config (`sedd_jax.data.reference`): the training split, a sample of it,
-and its tokens in chunks, on the bundled FASTA's store (read back independently)."""
+and its tokens in chunks, on the bundled FASTA's store (read back independently); protein-ligand
+pairs; padding."""
+
+import csv
 
 import numpy as np
 import pytest
 
-from helpers import load_config
-from sedd_jax.data import reference
+from helpers import FAA, PAIRS, load_config
+from sedd_jax.data import fasta, prepare, reference, tokenizers
 from sedd_jax.data import store as store_lib
 
 
@@ -15,6 +18,20 @@ def train_split(faa_store):
   st = store_lib.Store(faa_store, "train")
   return load_config(overrides={"data.prepared": str(faa_store)}), [
       np.array(st[i]) for i in range(len(st))]
+
+
+def test_training_split_is_fasta_records_in_file_order(train_split):
+  """Each kept sequence is a FASTA record (stop codon dropped), in the file's order."""
+  cfg, seqs = train_split
+  split = reference.training_split(cfg)
+  assert len(split) == len(seqs) > 100
+  for i in (0, 17, len(seqs) - 1):
+    np.testing.assert_array_equal(split[i], seqs[i])
+  tok = tokenizers.ProteinTokenizer()
+  records = [r.text.rstrip("*") for r in fasta.read_fasta(FAA, fasta.Skips("skip"))]
+  texts = [tok.decode(s) for s in seqs]
+  assert set(texts) <= set(records)
+  assert sorted(texts, key=records.index) == texts
 
 
 def test_training_tokens_are_the_split_end_to_end_in_chunks(train_split):
@@ -46,3 +63,29 @@ def test_training_split_lengths_and_no_split(train_split, tmp_path):
   assert reference.training_split(none) is None
   assert reference.training_sequences(none, limit=3) is None
   assert reference.training_tokens(none) is None
+
+
+def test_reference_pairs_decode_to_the_csv_pairs(tmp_path):
+  prepare.prepare(PAIRS, tmp_path / "p", on_error="skip", valid_fraction=0.2, test_fraction=0.2)
+  st, smiles_tok = reference.reference_pairs(
+      load_config(overrides={"data.prepared": str(tmp_path / "p")}), "test")
+  with open(PAIRS, newline="") as f:
+    rows = {(r["aa_sequence"], r["smiles"]) for r in csv.DictReader(f)}
+  tok = tokenizers.ProteinTokenizer()
+  assert len(st) > 0
+  for i in range(len(st)):
+    assert (tok.decode(st[i]), smiles_tok.decode(st.get(i, "ligand"))) in rows
+
+
+def test_reference_pairs_of_a_missing_store_say_what_to_run(tmp_path):
+  cfg = load_config(overrides={"data.prepared": str(tmp_path / "none")})
+  with pytest.raises(store_lib.StoreError, match="run python -m sedd_jax.data.prepare"):
+    reference.reference_pairs(cfg, "test")
+
+
+def test_pad_tokens():
+  tokens, lengths = reference.pad_tokens([np.array([5, 6, 7]), np.array([8])], 4)
+  pad = tokenizers.PAD_ID
+  np.testing.assert_array_equal(tokens, [[5, 6, 7, pad], [8, pad, pad, pad]])
+  np.testing.assert_array_equal(lengths, [3, 1])
+  assert tokens.dtype == np.int32 and lengths.dtype == np.int32

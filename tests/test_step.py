@@ -1,36 +1,18 @@
 """The jitted train step: 8 devices == 1 device, accumulation == one big batch, NaN skipping."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FAST, MICRO_MODEL, load_config, randomize
-from sedd_jax import config as config_lib
+from helpers import FAST, STEP_B as B, STEP_L as L  # the batch's rows and width
+from helpers import step_batch as host_batch
+from helpers import step_config as micro_config
 from sedd_jax import diffusion
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import sharding as sharding_lib
 from sedd_jax.training import step as step_lib
-
-B, L = 8, 32
-
-
-def micro_config(**over):
-  cfg = load_config(overrides={**MICRO_MODEL, "model.length": L, "model.dropout": 0.0,
-                               "training.batch_size": B, "optim.warmup": 0, "optim.lr": 1e-3})
-  config_lib.apply_overrides(cfg, over)
-  return cfg
-
-
-def host_batch(seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, 24, size=(B, L)).astype(np.int32)
-  lengths = rng.integers(8, L + 1, size=(B,)).astype(np.int32)
-  for i in range(B):
-    tokens[i, lengths[i]:] = 1
-  return {"tokens": tokens, "lengths": lengths}
 
 
 class Setup:
@@ -91,14 +73,6 @@ def setup():
 def _close(a, b, rtol=2e-5, atol=1e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def test_fsdp_spec():
-  assert sharding_lib.fsdp_spec((64, 24), 8) == jax.sharding.PartitionSpec("data", None)
-  assert sharding_lib.fsdp_spec((24, 64), 8) == jax.sharding.PartitionSpec(None, "data")
-  assert sharding_lib.fsdp_spec((3, 5), 8) == jax.sharding.PartitionSpec()
-  assert sharding_lib.fsdp_spec((), 8) == jax.sharding.PartitionSpec()
-  assert sharding_lib.fsdp_spec((64,), 1) == jax.sharding.PartitionSpec()
 
 
 def test_8_devices_equal_1_device(setup):
@@ -176,61 +150,6 @@ def test_non_finite_step_is_skipped(setup):
   assert bool(m["finite"]) and int(m["bad_steps"]) == 0 and int(m["skipped"]) == 2
   # The learning rate counts applied updates only (step 2 - 2 skipped = update 0).
   assert float(m["lr"]) == pytest.approx(1e-3)
-
-
-def test_packed_loss_equals_unpacked_loss():
-  """Same sequences, same t, same corrupted tokens: per-sequence sums and their mean agree."""
-  from flax import nnx
-
-  from sedd_jax.data import tokenizers
-  from sedd_jax.training import task as task_lib
-
-  cfg = micro_config(**{"data.pad_to": "pack"})
-  task = sedd_task_lib.SeddTask.from_config(cfg)
-  assert task.batch_keys == ("tokens", "lengths", "segment_ids", "positions")
-  assert sedd_task_lib.SeddTask.from_config(micro_config()).batch_keys == ("tokens", "lengths")
-  model = randomize(state_lib.build_model(cfg, task.graph))
-  model.eval()
-  rng = np.random.default_rng(0)
-  lens = (9, 5, 12)
-  x0 = [rng.integers(4, 24, n).astype(np.int32) for n in lens]
-  x = [np.where(rng.random(n) < 0.5, task.graph.mask, s).astype(np.int32)
-       for n, s in zip(lens, x0)]
-  packed = {k: np.zeros((1, L), np.int32) for k in ("x", "x0", "segment_ids", "positions")}
-  packed["x"][:], packed["x0"][:] = tokenizers.PAD_ID, tokenizers.PAD_ID
-  alone = {k: np.full((3, L), tokenizers.PAD_ID, np.int32) for k in ("x", "x0")}
-  start = 0
-  for i, n in enumerate(lens):
-    sl = slice(start, start + n)
-    packed["x"][0, sl], packed["x0"][0, sl] = x[i], x0[i]
-    packed["segment_ids"][0, sl], packed["positions"][0, sl] = i + 1, np.arange(n)
-    alone["x"][i, :n], alone["x0"][i, :n] = x[i], x0[i]
-    start += n
-  t = 0.6
-
-  @nnx.jit
-  def losses(model, x, x0, lengths, t, segment_ids=None, positions=None):
-    sigma = task.noise.total_noise(t)
-    extra = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
-    score = model(x, sigma, lengths, **extra)
-    weight = jnp.arange(L)[None] < lengths[:, None]
-    return diffusion.score_entropy_loss(task.graph, task.noise, score, x, x0, t, weight,
-                                        segment_ids=segment_ids, num_segments=16)
-
-  got = losses(model, packed["x"], packed["x0"], jnp.array([sum(lens)]), jnp.full((1,), t),
-               packed["segment_ids"], packed["positions"])
-  want = losses(model, alone["x"], alone["x0"], jnp.array(lens), jnp.full((3,), t))
-  assert got.shape == (1, 16) and np.all(np.asarray(got[0, 3:]) == 0)
-  np.testing.assert_allclose(got[0, :3], want, rtol=1e-5, atol=1e-5)
-  n = sedd_task_lib.sequence_count(packed["x0"], jnp.asarray(packed["segment_ids"]))
-  np.testing.assert_allclose(got.sum() / n, np.mean(want), rtol=1e-5)
-  # the task's validation sums count sequences, not rows
-  batch = {"tokens": packed["x0"], "lengths": np.array([sum(lens)], np.int32),
-           "segment_ids": packed["segment_ids"], "positions": packed["positions"]}
-  sums = nnx.jit(task.eval_loss)(model, batch, jax.random.key(0))
-  assert float(sums["n_seqs"]) == 3 and float(sums["n_tokens"]) == sum(lens)
-  assert np.isfinite(float(sums["loss"]))
-  assert task_lib.packing_keys(cfg) == ("segment_ids", "positions")
 
 
 def packed_host_batch(seed=0):

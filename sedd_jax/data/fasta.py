@@ -1,11 +1,11 @@
-"""Streaming readers for FASTA (plain or gzip), the peers' UniRef50 layout and protein-ligand CSVs.
+"""Streaming readers for FASTA (plain or gzip) and the peers' UniRef50 layout; the input errors
+and the bad-record policy shared with the pairs reader (`sedd_jax.data.pairs`).
 
 Every reader streams in constant memory (one record at a time) and reports bad input naming the
-file and line: file-level problems (empty file, not FASTA, truncated or corrupt gzip, CSV without
-the needed columns) always raise `DataError`; record-level problems (a sequence with digits or
-unknown letters, an empty sequence, a short CSV row) go through a `Skips` policy that either
-raises (`on_error="raise"`) or counts the skip by reason and logs the first few
-(`on_error="skip"`).
+file and line: file-level problems (empty file, not FASTA, truncated or corrupt gzip) always
+raise `DataError`; record-level problems (a sequence with digits or unknown letters, an empty
+sequence) go through a `Skips` policy that either raises (`on_error="raise"`) or counts the skip
+by reason and logs the first few (`on_error="skip"`).
 
 Sequences are returned as ASCII `bytes` (as read; no case folding) for speed; `.text` gives a str.
 """
@@ -13,7 +13,6 @@ Sequences are returned as ASCII `bytes` (as read; no case folding) for speed; `.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import gzip
 import io
@@ -37,10 +36,6 @@ SKIP_HINT = " (use on_error=skip / --on-error skip to skip such records)"
 # Bytes a protein sequence line may hold: the 25 residue letters in either case and a stop '*'.
 PROTEIN_BYTES = bytes(tokenizers.RESIDUES + tokenizers.RESIDUES.lower() + "*", "ascii")
 
-PROTEIN_COLUMNS = ("aa_sequence", "sequence", "protein_sequence", "target_sequence", "protein",
-                   "target", "seq", "prot_seq")
-SMILES_COLUMNS = ("smiles", "ligand_smiles", "canonical_smiles", "isomeric_smiles",
-                  "compound_iso_smiles", "drug", "ligand", "compound")
 
 
 class DataError(ValueError):
@@ -52,7 +47,8 @@ class DataError(ValueError):
     self.line = line
 
 
-def _loc(path: PathLike, line: int | None) -> str:
+def location(path: PathLike, line: int | None) -> str:
+  """'path:line' (or 'path' when the line is unknown), the prefix of the readers' messages."""
   return f"{path}:{line}" if line else f"{path}"
 
 
@@ -109,17 +105,6 @@ class FastaRecord:
     return self.sequence.decode("ascii")
 
 
-@dataclasses.dataclass(frozen=True)
-class PairRecord:
-  """One protein-ligand pair from a CSV/TSV row (`line`: physical line where the row ends)."""
-
-  protein: bytes
-  smiles: str
-  line: int
-  index: int
-  name: str = ""
-
-
 def is_gzip(path: PathLike) -> bool:
   with open(path, "rb") as f:
     return f.read(2) == b"\x1f\x8b"
@@ -149,7 +134,7 @@ def iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
       for lineno, line in enumerate(f, 1):  # noqa: B007
         yield lineno, line.rstrip(b"\r\n")
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise DataError(f"{_loc(path, lineno + 1)}: truncated or corrupt gzip stream after line "
+    raise DataError(f"{location(path, lineno + 1)}: truncated or corrupt gzip stream after line "
                     f"{lineno} ({e})", path, lineno + 1) from None
 
 
@@ -179,6 +164,31 @@ def parse_header(description: str) -> dict:
   return out
 
 
+def _finish(path: PathLike, skips: Skips, header: bytes, header_line: int, index: int,
+            chunks: list[bytes], chunk_lines: list[int]) -> FastaRecord | None:
+  """The record of `header` and its sequence lines `chunks` (at `chunk_lines`), or None when
+  its sequence is empty or has an inner '*' (reported to `skips`)."""
+  desc = header.decode("utf-8", errors="replace")
+  name = desc.split(None, 1)[0] if desc.strip() else f"record{index}"
+  seq = b"".join(chunks)
+  if not seq:
+    skips.report("empty_sequence", f"{location(path, header_line)}: record {name!r} has an "
+                 "empty sequence", path, header_line)
+    return None
+  star = seq.find(b"*")
+  if 0 <= star < len(seq) - 1:
+    # Find the line holding the first '*' that is not the final character.
+    pos = 0
+    for ln, ch in zip(chunk_lines, chunks):
+      if pos <= star < pos + len(ch):
+        break
+      pos += len(ch)
+    skips.report("invalid_character", f"{location(path, ln)}: stop '*' inside sequence {name!r} "
+                 f"(column {star - pos + 1}); '*' is accepted only at the end", path, ln)
+    return None
+  return FastaRecord(name, desc, seq, header_line, index)
+
+
 def read_fasta(path: PathLike, skips: Skips | None = None,
                alphabet: bytes | None = PROTEIN_BYTES) -> Iterator[FastaRecord]:
   """Streams the records of a plain or gzip FASTA file.
@@ -203,33 +213,11 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
   index = -1
   seen_content = False
 
-  def finish() -> FastaRecord | None:
-    desc = header.decode("utf-8", errors="replace")
-    name = desc.split(None, 1)[0] if desc.strip() else f"record{index}"
-    if bad:
-      return None
-    seq = b"".join(chunks)
-    if not seq:
-      skips.report("empty_sequence", f"{_loc(path, header_line)}: record {name!r} has an empty "
-                   "sequence", path, header_line)
-      return None
-    star = seq.find(b"*")
-    if 0 <= star < len(seq) - 1:
-      # Find the line holding the first '*' that is not the final character.
-      pos = 0
-      for ln, ch in zip(chunk_lines, chunks):
-        if pos <= star < pos + len(ch):
-          break
-        pos += len(ch)
-      skips.report("invalid_character", f"{_loc(path, ln)}: stop '*' inside sequence {name!r} "
-                   f"(column {star - pos + 1}); '*' is accepted only at the end", path, ln)
-      return None
-    return FastaRecord(name, desc, seq, header_line, index)
-
   for lineno, line in iter_lines(path):
     if line.startswith(b">"):
       if header is not None:
-        rec = finish()
+        rec = None if bad else _finish(path, skips, header, header_line, index, chunks,
+                                       chunk_lines)
         if rec is not None:
           yield rec
       header, header_line, chunks, chunk_lines, bad = line[1:], lineno, [], [], False
@@ -241,8 +229,8 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
       continue
     if header is None:
       preview = line[:40].decode("utf-8", errors="replace")
-      raise DataError(f"{_loc(path, lineno)}: not a FASTA file: expected a '>' header line, found "
-                      f"{preview!r}", path, lineno)
+      raise DataError(f"{location(path, lineno)}: not a FASTA file: expected a '>' header line, "
+                      f"found {preview!r}", path, lineno)
     if bad:
       continue
     if alphabet is not None:
@@ -252,14 +240,14 @@ def read_fasta(path: PathLike, skips: Skips | None = None,
         name = header.decode("utf-8", errors="replace").split(" ", 1)[0]
         ch = chr(line[col]) if line[col] < 128 else f"\\x{line[col]:02x}"
         kind = "digit" if ch.isdigit() else "character"
-        skips.report("invalid_character", f"{_loc(path, lineno)}: invalid {kind} {ch!r} at column "
-                     f"{col + 1} in sequence {name!r}", path, lineno)
+        skips.report("invalid_character", f"{location(path, lineno)}: invalid {kind} {ch!r} at "
+                     f"column {col + 1} in sequence {name!r}", path, lineno)
         bad = True
         continue
     chunks.append(line)
     chunk_lines.append(lineno)
   if header is not None:
-    rec = finish()
+    rec = None if bad else _finish(path, skips, header, header_line, index, chunks, chunk_lines)
     if rec is not None:
       yield rec
   if not seen_content:
@@ -276,7 +264,7 @@ def load_splits_json(path: PathLike) -> dict[str, np.ndarray]:
     with open(path) as f:
       raw = json.load(f)
   except json.JSONDecodeError as e:
-    raise DataError(f"{_loc(path, e.lineno)}: malformed splits.json ({e.msg})", path,
+    raise DataError(f"{location(path, e.lineno)}: malformed splits.json ({e.msg})", path,
                     e.lineno) from None
   if not isinstance(raw, dict):
     raise DataError(f"{path}: splits.json must be an object of split name -> index list", path)
@@ -320,76 +308,6 @@ def peers_layout(directory: PathLike) -> tuple[pathlib.Path, Callable[[int], str
     return names[c] if c >= 0 else None
 
   return fasta, split_of
-
-
-def _find_column(header: list[str], wanted: str | None, candidates: tuple[str, ...],
-                 what: str, path: PathLike) -> int:
-  lower = [h.strip().lower() for h in header]
-  if wanted is not None:
-    if wanted.strip().lower() not in lower:
-      raise DataError(f"{_loc(path, 1)}: no {what} column {wanted!r}; the header has {header}",
-                      path, 1)
-    return lower.index(wanted.strip().lower())
-  for c in candidates:
-    if c in lower:
-      return lower.index(c)
-  raise DataError(f"{_loc(path, 1)}: no {what} column found; the header has {header}; expected "
-                  f"one of {list(candidates)} (or name it explicitly)", path, 1)
-
-
-def read_pairs(path: PathLike, protein_column: str | None = None,
-               smiles_column: str | None = None, delimiter: str | None = None,
-               skips: Skips | None = None, name_column: str | None = None
-               ) -> Iterator[PairRecord]:
-  """Streams protein-ligand pairs from a CSV/TSV (plain or gzip) with a header row.
-
-  Columns default to the first header match (case-insensitive) of PROTEIN_COLUMNS and
-  SMILES_COLUMNS; the delimiter defaults to tab if the header holds one, else comma.
-
-  Raises:
-    DataError: empty file, missing columns (naming the header), truncated gzip, and (under
-      on_error=raise) rows with too few fields or an empty protein/SMILES, naming `path:line`.
-  """
-  skips = skips or Skips()
-  lineno = 0
-  try:
-    with open_binary(path) as raw:
-      text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-      first = text.readline()
-      if not first.strip():
-        raise DataError(f"{path}: empty file (no CSV header)", path, 1)
-      if delimiter is None:
-        delimiter = "\t" if "\t" in first else ","
-      header = next(csv.reader([first], delimiter=delimiter))
-      pi = _find_column(header, protein_column, PROTEIN_COLUMNS, "protein sequence", path)
-      si = _find_column(header, smiles_column, SMILES_COLUMNS, "SMILES", path)
-      ni = None
-      if name_column is not None:
-        ni = _find_column(header, name_column, (), "name", path)
-      need = max(pi, si, ni or 0) + 1
-      reader = csv.reader(text, delimiter=delimiter)
-      index = -1
-      for row in reader:
-        lineno = reader.line_num + 1
-        if not row or (len(row) == 1 and not row[0].strip()):
-          continue
-        index += 1
-        if len(row) < need:
-          skips.report("short_row", f"{_loc(path, lineno)}: row has {len(row)} fields, needs "
-                       f"{need} (columns {header[pi]!r}, {header[si]!r})", path, lineno)
-          continue
-        protein = row[pi].strip().encode("ascii", errors="replace")
-        smiles = row[si].strip()
-        if not protein or not smiles:
-          which = "protein sequence" if not protein else "SMILES"
-          skips.report("empty_field", f"{_loc(path, lineno)}: empty {which}", path, lineno)
-          continue
-        yield PairRecord(protein, smiles, lineno, index, row[ni] if ni is not None else "")
-  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise DataError(f"{_loc(path, lineno + 1)}: truncated or corrupt gzip stream ({e})", path,
-                    lineno + 1) from None
-  except csv.Error as e:
-    raise DataError(f"{_loc(path, lineno + 1)}: malformed CSV ({e})", path, lineno + 1) from None
 
 
 def detect_format(path: PathLike) -> str:

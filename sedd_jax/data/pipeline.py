@@ -13,18 +13,10 @@ for one pass over valid/test), then loaded from the memory-mapped store and, whe
 model length L = cfg.model.length, cropped to L at a random start drawn from
 (seed, record id, epoch) -- so crops are reproducible and differ between epochs.
 
-Batching (`BucketBatchIterator`, grain `DatasetIterator`): each example goes to the first bucket
-whose boundary holds its length; a bucket that reaches `batch_size` examples is emitted as one
-batch. `tokens` has `<pad>` (= 1; the ligand track: the SMILES `<pad>` = 1) after each sequence;
-`lengths` counts the real tokens, so the loss weight / attention mask is `arange(W) < lengths`.
-The batch width W depends on `pad_to`:
+Batches: "full" and "bucket" (`sedd_jax.data.batching`) group examples by length into
+batches of width W = L or the bucket's boundary, padded with `<pad>`; `lengths` counts the real
+tokens, so the loss weight / attention mask is `arange(W) < lengths`. Packing is here:
 
-* "full" (default; cfg.data.pad_to): W = L for every batch, one jit shape. Buckets then only
-  group similar lengths (so a trimming step can cut work); the padding is 1 - mean(len) / L. With
-  no boundaries configured, "full" uses a single bucket (plain batching in shuffled order).
-* "bucket": W = the bucket's boundary, so there are as many distinct shapes as boundaries (5 by
-  default: L/8, L/4, L/2, 3L/4, L) and jit compiles once per shape; the padding is much lower
-  (`padding_fraction` gives both figures for a store).
 * "pack": W = L and each row holds several (cropped) sequences one after another (at most
   `MAX_SEGMENTS`), packed by grain's `BestFitPackIterDataset` over `data.pack_bins` rows at a
   time (default `DEFAULT_PACK_BINS`). The batch adds `segment_ids` (B, L) int32 (0 = padding,
@@ -35,12 +27,6 @@ The batch width W depends on `pad_to`:
   state is grain's (the stream position of the first example of the rows being emitted, the
   next row and a counter: JSON-able; a restored iterator re-packs those rows, bit-identically).
   Not for protein-ligand stores (a ligand belongs to one protein).
-
-The iterator's state (`get_state()`: the stream position, the positions waiting in the buckets
-and the token counters) is a small JSON-able dict; `set_state` re-materialises the waiting
-examples by position, so a restored iterator yields exactly the batches the saved one would have.
-With a finite `num_epochs` the leftovers are emitted at the end (sorted by length, in batches of
-`batch_size`; the last may hold fewer rows unless `drop_remainder`).
 
 Paths: `ensure_prepared` resolves `cfg.data.fasta` and `cfg.data.prepared` with
 `prepare.resolve_path` (absolute as given; relative against the CWD when the path exists there,
@@ -55,9 +41,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedd_jax.data import batching
 from sedd_jax.data import fasta as fasta_lib
 from sedd_jax.data import prepare as prepare_lib
 from sedd_jax.data import store as store_lib
+from sedd_jax.data import store_writer
 from sedd_jax.data import tokenizers
 
 log = logging.getLogger(__name__)
@@ -80,6 +68,31 @@ def _cfg_get(section: Any, key: str, default: Any) -> Any:
   except AttributeError:
     value = getattr(section, key, default)
   return default if value is None else value
+
+
+def _check_store(out: pathlib.Path, src: pathlib.Path, fmt: str,
+                 opts: store_writer.PrepareOptions) -> None:
+  """StoreError unless the store `out` was prepared from `src` (checked once per process and
+  source version); a warning when its filters differ from `opts`."""
+  manifest = store_lib.Store(out, "train").manifest
+  st = src.stat()
+  key = (str(out), str(src), st.st_size, st.st_mtime_ns)
+  if key not in _VERIFIED_SOURCES:
+    other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
+    if other is not None:
+      raise store_lib.StoreError(
+          f"store data.prepared = {out} was prepared from "
+          f"{manifest.get('source', {}).get('path')}, not from data.fasta = {src} ({other}); it "
+          f"is not used. Point data.prepared to a new folder (prepared on first use), or "
+          f"rebuild this one: python -m sedd_jax.data.prepare --input {src} --output {out} "
+          f"--overwrite")
+    _VERIFIED_SOURCES.add(key)
+  wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
+  have = manifest.get("filters", {})
+  diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+  if diff:
+    log.warning("store %s was prepared with other settings (store, config): %s; using it "
+                "as is (rebuild with python -m sedd_jax.data.prepare --overwrite)", out, diff)
 
 
 def ensure_prepared(cfg: Any) -> pathlib.Path:
@@ -109,7 +122,7 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
                               f"data.prepared = {out})", src)
   fmt = str(_cfg_get(d, "format", "auto"))
   fmt = fasta_lib.detect_format(src) if fmt == "auto" else fmt
-  opts = prepare_lib.PrepareOptions(
+  opts = store_writer.PrepareOptions(
       min_length=int(d.min_length), max_length=int(d.max_length),
       min_standard_fraction=float(d.min_standard_fraction),
       valid_fraction=float(d.valid_fraction), test_fraction=float(d.test_fraction),
@@ -118,25 +131,7 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
       protein_column=_cfg_get(d, "protein_column", None),
       smiles_column=_cfg_get(d, "smiles_column", None))
   if store_lib.is_prepared(out):
-    manifest = store_lib.Store(out, "train").manifest
-    st = src.stat()
-    key = (str(out), str(src), st.st_size, st.st_mtime_ns)
-    if key not in _VERIFIED_SOURCES:
-      other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
-      if other is not None:
-        raise store_lib.StoreError(
-            f"store data.prepared = {out} was prepared from "
-            f"{manifest.get('source', {}).get('path')}, not from data.fasta = {src} ({other}); it "
-            f"is not used. Point data.prepared to a new folder (prepared on first use), or "
-            f"rebuild this one: python -m sedd_jax.data.prepare --input {src} --output {out} "
-            f"--overwrite")
-      _VERIFIED_SOURCES.add(key)
-    wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
-    have = manifest.get("filters", {})
-    diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
-    if diff:
-      log.warning("store %s was prepared with other settings (store, config): %s; using it "
-                  "as is (rebuild with python -m sedd_jax.data.prepare --overwrite)", out, diff)
+    _check_store(out, src, fmt, opts)
     return out
   log.info("preparing %s into %s (first use)", src, out)
   try:
@@ -147,47 +142,7 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
   return out
 
 
-def default_boundaries(length: int) -> tuple[int, ...]:
-  """Bucket boundaries derived from the model length L: L/8, L/4, L/2, 3L/4, L (deduplicated)."""
-  cands = [length // 8, length // 4, length // 2, (3 * length) // 4, length]
-  return tuple(sorted({c for c in cands if c > 0}))
-
-
-def _boundaries(cfg: Any, length: int, pad_to: str) -> tuple[int, ...]:
-  given = tuple(int(b) for b in _cfg_get(cfg.data, "bucket_boundaries", ()) or ())
-  if not given:
-    return default_boundaries(length) if pad_to == "bucket" else (length,)
-  if any(b <= 0 for b in given) or list(given) != sorted(set(given)):
-    raise ValueError(f"data.bucket_boundaries must be increasing positive ints, got {given}")
-  if given[-1] > length:
-    raise ValueError(f"data.bucket_boundaries {given} exceed the model length {length}")
-  return given if given[-1] == length else given + (length,)
-
-
-def padding_fraction(lengths: np.ndarray, length: int,
-                     boundaries: Sequence[int] | None = None) -> float:
-  """Expected fraction of padding tokens in batches of sequences with `lengths`.
-
-  Args:
-    lengths: `(N,)` sequence lengths (cropped to `length` here).
-    length: the model length L.
-    boundaries: bucket widths (batches padded to the bucket's boundary, pad_to="bucket"); None
-      for one width L (pad_to="full").
-
-  Returns:
-    1 - real tokens / batch tokens, ignoring partial final batches.
-  """
-  lengths = np.minimum(np.asarray(lengths, np.int64), length)
-  if lengths.size == 0:
-    return 0.0
-  bounds = np.asarray(tuple(boundaries) if boundaries else (length,), np.int64)
-  if bounds[-1] < length:
-    bounds = np.append(bounds, length)
-  widths = bounds[np.searchsorted(bounds, lengths, side="left")]
-  return float(1.0 - lengths.sum() / widths.sum())
-
-
-class _Examples:
+class Examples:
   """Random-access examples: position in the (sharded, shuffled, repeated) stream -> example."""
 
   def __init__(self, store: store_lib.Store, seed: int, shard_index: int, shard_count: int,
@@ -241,121 +196,6 @@ class _Examples:
     return out
 
 
-class BucketBatchIterator:  # subclassed from grain.DatasetIterator in _iterator_class()
-  """Buckets examples by length and emits padded batches; checkpointable (see module doc)."""
-
-  def __init__(self, examples: _Examples, batch_size: int, boundaries: tuple[int, ...],
-               pad_to: str, drop_remainder: bool, ligand_length: int):
-    super().__init__()
-    self._ex = examples
-    self._batch_size = batch_size
-    self._bounds = np.asarray(boundaries, np.int64)
-    self._pad_to = pad_to
-    self._drop_remainder = drop_remainder
-    self._ligand_length = ligand_length
-    self._position = 0
-    self._buckets: list[list[int]] = [[] for _ in boundaries]
-    self._leftovers: list[int] | None = None  # finite stream: sorted positions still to emit
-    self._real = 0
-    self._total = 0
-
-  # --- grain DatasetIterator API ---
-  def get_state(self) -> dict[str, Any]:
-    return {"position": self._position, "buckets": [list(b) for b in self._buckets],
-            "leftovers": None if self._leftovers is None else list(self._leftovers),
-            "real_tokens": self._real, "total_tokens": self._total}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    buckets = [list(map(int, b)) for b in state["buckets"]]
-    if len(buckets) != len(self._buckets):
-      raise ValueError(f"iterator state has {len(buckets)} buckets, this pipeline has "
-                       f"{len(self._buckets)} (boundaries {self._bounds.tolist()})")
-    self._position = int(state["position"])
-    self._buckets = buckets
-    left = state.get("leftovers")
-    self._leftovers = None if left is None else list(map(int, left))
-    self._real = int(state.get("real_tokens", 0))
-    self._total = int(state.get("total_tokens", 0))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    ex, b = self._ex, self._batch_size
-    if self._leftovers is None:
-      while ex.size is None or self._position < ex.size:
-        pos = self._position
-        self._position += 1
-        j = int(np.searchsorted(self._bounds, ex.length_of(pos), side="left"))
-        bucket = self._buckets[j]
-        bucket.append(pos)
-        if len(bucket) == b:
-          self._buckets[j] = []
-          return self._make_batch(bucket, int(self._bounds[j]))
-      # End of a finite stream: emit what waits in the buckets, sorted by length.
-      waiting = [p for bucket in self._buckets for p in bucket]
-      self._buckets = [[] for _ in self._buckets]
-      self._leftovers = sorted(waiting, key=lambda p: (ex.length_of(p), p))
-    if not self._leftovers or (self._drop_remainder and len(self._leftovers) < b):
-      raise StopIteration
-    chunk, self._leftovers = self._leftovers[:b], self._leftovers[b:]
-    longest = max(ex.length_of(p) for p in chunk)
-    j = int(np.searchsorted(self._bounds, longest, side="left"))
-    return self._make_batch(chunk, int(self._bounds[j]))
-
-  def _make_batch(self, positions: list[int], bucket_width: int) -> dict[str, np.ndarray]:
-    width = bucket_width if self._pad_to == "bucket" else self._ex.length
-    items = [self._ex[p] for p in positions]
-    tokens = np.full((len(items), width), tokenizers.PAD_ID, np.int32)
-    lengths = np.zeros((len(items),), np.int32)
-    for i, item in enumerate(items):
-      seq = item["tokens"]
-      tokens[i, :seq.size] = seq
-      lengths[i] = seq.size
-    batch = {"tokens": tokens, "lengths": lengths}
-    self._real += int(lengths.sum())
-    self._total += tokens.size
-    if self._ex.ligand:
-      lig = np.full((len(items), self._ligand_length), tokenizers.SmilesTokenizer.pad_id, np.int32)
-      lig_len = np.zeros((len(items),), np.int32)
-      for i, item in enumerate(items):
-        t = item["ligand_tokens"][:self._ligand_length]
-        lig[i, :t.size] = t
-        lig_len[i] = t.size
-      batch["ligand_tokens"], batch["ligand_lengths"] = lig, lig_len
-    return batch
-
-  def padding_fraction(self) -> float:
-    """Measured fraction of padding in the protein `tokens` emitted so far."""
-    return 1.0 - self._real / self._total if self._total else 0.0
-
-
-_CLASSES: dict[str, type] = {}
-
-
-def _iterator_class() -> type:
-  """BucketBatchIterator mixed with grain.DatasetIterator (grain imported lazily)."""
-  if "iter" not in _CLASSES:
-    import grain  # pylint: disable=g-import-not-at-top
-
-    class GrainBucketBatchIterator(BucketBatchIterator, grain.DatasetIterator):
-      pass
-
-    class BucketBatchDataset(grain.IterDataset):
-      """A grain IterDataset whose iterator is a GrainBucketBatchIterator."""
-
-      def __init__(self, **kwargs):
-        super().__init__()
-        self._kwargs = kwargs
-
-      def __iter__(self):
-        return GrainBucketBatchIterator(**self._kwargs)
-
-    _CLASSES["iter"] = GrainBucketBatchIterator
-    _CLASSES["dataset"] = BucketBatchDataset
-  return _CLASSES["iter"]
-
-
 def _pack_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """grain's packed batch -> {"tokens", "lengths", "segment_ids", "positions"}."""
   seg = batch["tokens_segment_ids"].astype(np.int32)
@@ -364,7 +204,7 @@ def _pack_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "positions": batch["tokens_positions"].astype(np.int32)}
 
 
-def _packed_dataset(examples: _Examples, batch_size: int, bins: int, drop_remainder: bool):
+def _packed_dataset(examples: Examples, batch_size: int, bins: int, drop_remainder: bool):
   """grain IterDataset of packed batches of `examples` (see the module docstring)."""
   import grain  # pylint: disable=g-import-not-at-top
 
@@ -439,7 +279,7 @@ def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: 
   if pad_to == "pack" and "ligand" in store.tracks:
     raise ValueError(f"data.pad_to='pack' does not apply to the protein-ligand store "
                      f"{store.root} (one ligand per protein); use 'full' or 'bucket'")
-  examples = _Examples(store, seed, shard_index, shard_count,
+  examples = Examples(store, seed, shard_index, shard_count,
                        shuffle=(split == "train") if shuffle is None else shuffle,
                        num_epochs=num_epochs, length=length)
   if pad_to == "pack":
@@ -450,23 +290,22 @@ def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: 
              "at most %d sequences a row)", store.root, split, examples.shard_size, shard_index,
              shard_count, batch_size, length, bins, MAX_SEGMENTS)
     return _packed_dataset(examples, batch_size, bins, drop_remainder)
-  bounds = _boundaries(cfg, length, pad_to)
+  bounds = batching.bucket_boundaries(_cfg_get(cfg.data, "bucket_boundaries", ()) or (), length,
+                                      pad_to)
   lengths = store.lengths[shard_index::shard_count]
-  full = padding_fraction(lengths, length)
-  mine = padding_fraction(lengths, length, bounds if pad_to == "bucket" else None)
+  full = batching.padding_fraction(lengths, length)
+  mine = batching.padding_fraction(lengths, length, bounds if pad_to == "bucket" else None)
   log.info("data %s/%s: %d sequences (shard %d/%d), batch %d, L %d, pad_to %s, buckets %s; "
            "padding fraction %.3f (fixed width L: %.3f, buckets of width %s: %.3f)",
            store.root, split, examples.shard_size, shard_index, shard_count, batch_size, length,
-           pad_to, list(bounds), mine, full, list(default_boundaries(length)),
-           padding_fraction(lengths, length, default_boundaries(length)))
+           pad_to, list(bounds), mine, full, list(batching.default_boundaries(length)),
+           batching.padding_fraction(lengths, length, batching.default_boundaries(length)))
   if "ligand" in store.tracks:
     log.info("data %s/%s: ligand padding fraction %.3f (width %d)", store.root, split,
-             padding_fraction(store.track("ligand").lengths[shard_index::shard_count],
-                              ligand_length), ligand_length)
-  _iterator_class()
-  return _CLASSES["dataset"](examples=examples, batch_size=batch_size, boundaries=bounds,
-                             pad_to=pad_to, drop_remainder=drop_remainder,
-                             ligand_length=ligand_length)
+             batching.padding_fraction(store.track("ligand").lengths[shard_index::shard_count],
+                                       ligand_length), ligand_length)
+  return batching.bucket_dataset(examples, batch_size, bounds, pad_to=pad_to,
+                                drop_remainder=drop_remainder, ligand_length=ligand_length)
 
 
 def make_iterator(cfg: Any, split: str, batch_size: int, seed: int, shard_index: int = 0,

@@ -4,6 +4,8 @@ indices (B, L) -> token embedding (B, L, H); sigma (B,) -> 256-dim sinusoid -> L
 -> SiLU = c (B, C); `n_blocks` adaLN-Zero blocks with rotary attention and a 4x GELU(tanh) MLP;
 final LayerNorm + modulate + Linear -> (B, L, D) log score; absorbing graphs with
 `scale_by_sigma` subtract log(expm1(sigma)) + log(D - 1); the entry at the input token is 0.
+The layers (LayerNorm, rotary, modulate, dropout, the sigma map, the head) are in
+`sedd_jax.model.layers`; here the blocks and the model.
 
 Precision: parameters are float32. Matmuls of the blocks (qkv, attention, out proj, MLP, adaLN)
 run in `cfg.dtype` (bfloat16 or float32), or FP8 with `cfg.matmul=fp8` on FP8 GPUs; the residual
@@ -29,6 +31,7 @@ from flax import nnx
 
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import fp8 as fp8_lib
+from sedd_jax.model import layers
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +51,14 @@ DEFAULTS = {
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
-# How DDiT dropout masks get their random bits (see `dropout_bits`).
-DROPOUT_RNGS = ("threefry", "rbg", "hash")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
 # The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8.fp8_matmul`) on FP8 GPUs.
 MATMULS = ("default", "fp8")
-FREQ_DIM = 256  # sinusoidal sigma embedding size
 MLP_RATIO = 4
-LN_EPS = 1e-5
-ROTARY_BASE = 10_000
+# The allowed values of the model config's keys with a fixed set of choices.
+CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat": REMAT_POLICIES,
+           "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
+           "matmul": MATMULS}
 
 
 def cfg_value(cfg: Any, key: str):
@@ -71,43 +73,11 @@ def cfg_value(cfg: Any, key: str):
   raise ValueError(f"model config has no key {key!r} (needs {REQUIRED_KEYS})")
 
 
-def timestep_embedding(sigma: jax.Array, dim: int = FREQ_DIM, max_period: float = 10_000):
-  """Sinusoidal embedding: sigma (B,) -> (B, dim) float32, [cos(args), sin(args)]."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = sigma.astype(jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-  return emb
-
-
-def rotary_cos_sin(length: int, head_dim: int, base: float = ROTARY_BASE,
-                   positions: jax.Array | None = None):
-  """cos, sin tables float32 of rotate-half rotary embeddings: (length, head_dim) at positions
-  0..length-1, or (B, L, head_dim) at `positions` (B, L) (packed rows: each residue's index
-  within its own sequence)."""
-  inv_freq = 1.0 / jnp.power(jnp.float32(base),
-                             jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  t = jnp.arange(length, dtype=jnp.float32) if positions is None else positions.astype(
-      jnp.float32)
-  freqs = t[..., None] * inv_freq
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x (B, L, H, Dh) rotated by cos/sin (L, Dh) or (B, L, Dh), in float32; returns x's dtype."""
-  xf = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads (and batch)
-  return (xf * cos + rot * sin).astype(x.dtype)
-
-
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-  """x (B, L, H) * (1 + scale) + shift, with shift/scale (B, 1, H)."""
-  return x * (1 + scale) + shift
+def check_choices(**values: str) -> None:
+  """ValueError naming `model.<key>` for each value that is not one of `CHOICES[key]`."""
+  for key, value in values.items():
+    if value not in CHOICES[key]:
+      raise ValueError(f"model.{key} {value!r}: choose one of {CHOICES[key]}")
 
 
 def check_packing(batch: int, length: int, segment_ids, positions):
@@ -124,116 +94,6 @@ def check_packing(batch: int, length: int, segment_ids, positions):
   return tuple(out)
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32.
-
-  Not nnx.LayerNorm(use_bias=False, epsilon=1e-5): that one multiplies rsqrt(var + eps) by the
-  scale before the centred input, which differs in the last bit from the reference's order.
-  """
-
-  def __init__(self, dim: int):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    return xc * jax.lax.rsqrt(var + LN_EPS) * self.scale[...]
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-  """Chris Wellons' `lowbias32` integer hash, uint32 -> uint32, elementwise."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def dropout_bits(key: jax.Array, shape: tuple[int, ...], impl: str) -> jax.Array:
-  """Random uint32 bits of `shape` from a (threefry) `key`, by `impl` (one of DROPOUT_RNGS).
-
-  threefry: `jax.random.bits` of the key itself. rbg: the key's data reused as the seed of
-  XLA's RngBitGenerator (one kernel writing the bits; the key is not split or folded as an rbg
-  key, so `unsafe_rbg` would draw the same bits). hash: counter-based, two rounds
-  of `_hash32` over the element's flat index mixed with the key's two words; pure elementwise
-  integer arithmetic that XLA fuses into the consumer (no bits in device memory). Fine for
-  dropout masks, not a cryptographic generator.
-  """
-  if impl == "threefry":
-    return jax.random.bits(key, shape, jnp.uint32)
-  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-  data = data.reshape(-1)[:2].astype(jnp.uint32)
-  if impl == "rbg":
-    seed = jnp.concatenate([data, data ^ jnp.uint32(0x5BD1E995)])
-    return jax.random.bits(jax.random.wrap_key_data(seed, impl=impl), shape, jnp.uint32)
-  if impl != "hash":
-    raise ValueError(f"dropout rng {impl!r}: choose one of {DROPOUT_RNGS}")
-  index = jnp.zeros(shape, jnp.uint32)
-  for axis in range(len(shape)):
-    index = index * jnp.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-  return _hash32(_hash32(index * jnp.uint32(0x9E3779B9) + data[0]) ^ data[1])
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array, impl: str = "threefry") -> jax.Array:
-  """Inverted dropout: x (any shape) kept with probability 1 - rate and scaled by 1/(1 - rate).
-
-  An element is kept when its `dropout_bits` are below round((1 - rate) * 2^32).
-  """
-  if rate <= 0.0:
-    return x
-  keep = 1.0 - rate
-  threshold = jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
-  mask = dropout_bits(key, x.shape, impl) < threshold
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-
-
-def _torch_linear_init(in_features: int):
-  """U(-1/sqrt(in), 1/sqrt(in)), torch.nn.Linear's default for weight and bias."""
-  bound = 1.0 / math.sqrt(in_features)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-def linear(rngs, n_in, n_out, *, bias=True, dtype=jnp.float32, zero=False,
-            dot_general=jax.lax.dot_general) -> nnx.Linear:
-  """nnx.Linear with float32 params computing in `dtype`; torch's init, or zeros.
-
-  float32 layers use Precision.HIGHEST, so that float32 is not silently TF32 on GPUs.
-  `dot_general`: e.g. `fp8.fp8_dot_general`.
-  """
-  init = nnx.initializers.zeros_init() if zero else _torch_linear_init(n_in)
-  precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-  return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                    precision=precision, kernel_init=init, bias_init=init, rngs=rngs,
-                    dot_general=dot_general)
-
-
-def score_head(out: jax.Array, sigma: jax.Array, indices: jax.Array,
-               scale_by_sigma: bool) -> jax.Array:
-  """The log-score from the output layer's `out` (B, L, D) f32: with `scale_by_sigma` (absorbing
-  graphs) minus log(expm1(sigma)) (B,) + log(D - 1); the entry at the input token (B, L) is 0."""
-  if scale_by_sigma:
-    esigm1 = jnp.where(sigma < 0.5, jnp.expm1(sigma), jnp.exp(sigma) - 1)
-    out = out - jnp.log(esigm1)[:, None, None] - math.log(out.shape[-1] - 1)
-  at_input = jnp.arange(out.shape[-1], dtype=jnp.int32)[None, None, :] == indices[..., None]
-  return jnp.where(at_input, jnp.zeros((), out.dtype), out)
-
-
-class TimestepEmbedder(nnx.Module):
-  """sigma (B,) -> sinusoid (B, 256) -> Linear -> SiLU -> Linear -> (B, C), float32."""
-
-  def __init__(self, cond_dim: int, rngs: nnx.Rngs):
-    self.mlp_in = linear(rngs, FREQ_DIM, cond_dim)
-    self.mlp_out = linear(rngs, cond_dim, cond_dim)
-
-  def __call__(self, sigma: jax.Array) -> jax.Array:
-    return self.mlp_out(jax.nn.silu(self.mlp_in(timestep_embedding(sigma))))
-
-
 def _gelu_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
   """layer(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
   return layer(jax.nn.gelu(h, approximate=True))
@@ -244,7 +104,8 @@ class DDiTBlock(nnx.Module):
 
   Dropout: with `dropout_rng` None each dropout draws from its own stream forked from `rngs`;
   otherwise the block holds no random state and the caller passes one key per call
-  (`dropout_key`), from which both dropout sites draw their bits by `dropout_bits(dropout_rng)`
+  (`dropout_key`), from which both dropout sites draw their bits by
+  `layers.dropout_bits(dropout_rng)`
   (what DDiT does, so that its blocks can run as one `lax.scan`).
   """
 
@@ -255,17 +116,17 @@ class DDiTBlock(nnx.Module):
     self.attention = attention
     self.chunk = chunk
     dot = fp8_lib.fp8_dot_general if fp8 else jax.lax.dot_general
-    self.norm1 = LayerNorm(dim)
-    self.attn_qkv = linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
-    self.attn_out = linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
+    self.norm1 = layers.LayerNorm(dim)
+    self.attn_qkv = layers.linear(rngs, dim, 3 * dim, bias=False, dtype=dtype, dot_general=dot)
+    self.attn_out = layers.linear(rngs, dim, dim, bias=False, dtype=dtype, dot_general=dot)
     drop_rngs = rngs if dropout_rng is None else None
     self.dropout_rng = dropout_rng
     self.dropout1 = nnx.Dropout(dropout, rngs=drop_rngs)
-    self.norm2 = LayerNorm(dim)
-    self.mlp_in = linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
-    self.mlp_out = linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
+    self.norm2 = layers.LayerNorm(dim)
+    self.mlp_in = layers.linear(rngs, dim, MLP_RATIO * dim, dtype=dtype, dot_general=dot)
+    self.mlp_out = layers.linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
     self.dropout2 = nnx.Dropout(dropout, rngs=drop_rngs)
-    self.adaLN_modulation = linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
+    self.adaLN_modulation = layers.linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
     self._activation_out = _gelu_out
     if remat_mlp:  # keep only the pre-activation (B, L, 4H); recompute GELU in the backward
       self._activation_out = nnx.remat(_gelu_out)
@@ -275,7 +136,7 @@ class DDiTBlock(nnx.Module):
       return layer(x)
     if layer.deterministic or layer.rate == 0.0:
       return x
-    return dropout(x, layer.rate, jax.random.fold_in(key, site), self.dropout_rng)
+    return layers.dropout(x, layer.rate, jax.random.fold_in(key, site), self.dropout_rng)
 
   def __call__(self, x, cos, sin, c, lengths=None, segment_ids=None, dropout_key=None):
     """x (B, L, H) f32 or bf16, cos/sin (L, Dh) | (B, L, Dh) f32, c (B, C) f32, lengths (B,) |
@@ -285,17 +146,17 @@ class DDiTBlock(nnx.Module):
     mods = self.adaLN_modulation(c)[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
 
-    h = modulate(self.norm1(x), shift_msa, scale_msa)
+    h = layers.modulate(self.norm1(x), shift_msa, scale_msa)
     qkv = self.attn_qkv(h).reshape(b, l, 3, self.n_heads, dim // self.n_heads)
-    q = apply_rotary(qkv[:, :, 0], cos, sin)
-    k = apply_rotary(qkv[:, :, 1], cos, sin)
+    q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
+    k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
     v = qkv[:, :, 2]
     o = attention_lib.dot_product_attention(q, k, v, lengths, segment_ids=segment_ids,
                                             backend=self.attention, chunk=self.chunk)
     o = self.attn_out(o.reshape(b, l, dim))
     x = _residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0))
 
-    h = self.mlp_in(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    h = self.mlp_in(layers.modulate(self.norm2(x), shift_mlp, scale_mlp))
     h = self._activation_out(self.mlp_out, h)
     return _residual_add(x, gate_mlp, self._drop(self.dropout2, h, dropout_key, 1))
 
@@ -309,13 +170,13 @@ class DDiTFinalLayer(nnx.Module):
   """LayerNorm + modulate + Linear, float32: (B, L, H) -> (B, L, D) float32."""
 
   def __init__(self, dim: int, out_dim: int, cond_dim: int, rngs: nnx.Rngs):
-    self.norm_final = LayerNorm(dim)
-    self.linear = linear(rngs, dim, out_dim, zero=True)
-    self.adaLN_modulation = linear(rngs, cond_dim, 2 * dim, zero=True)
+    self.norm_final = layers.LayerNorm(dim)
+    self.linear = layers.linear(rngs, dim, out_dim, zero=True)
+    self.adaLN_modulation = layers.linear(rngs, cond_dim, 2 * dim, zero=True)
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
-    return self.linear(modulate(self.norm_final(x), shift, scale))
+    return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
 
 class DDiT(nnx.Module):
@@ -327,8 +188,8 @@ class DDiT(nnx.Module):
       residual_dtype); missing optional keys take `DEFAULTS`. scan_blocks: run the blocks as one
       `lax.scan` over their parameters stacked inside the trace (one block compiled instead of
       n_blocks; the parameters keep their per-block layout `blocks.<n>.*`). dropout_rng: how
-      dropout bits are drawn (`dropout_bits`). residual_dtype: the dtype of the residual stream
-      between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
+      dropout bits are drawn (`layers.dropout_bits`). residual_dtype: the dtype of the residual
+      stream between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
       falls back to `dtype` (with a warning) elsewhere.
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
@@ -349,18 +210,8 @@ class DDiT(nnx.Module):
                        f"model.n_heads {n_heads}")
     if (hidden // n_heads) % 2:
       raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
-    if dtype_name not in DTYPES:
-      raise ValueError(f"model.dtype {dtype_name!r}: choose one of {tuple(DTYPES)}")
-    if attention not in attention_lib.BACKENDS:
-      raise ValueError(f"model.attention {attention!r}: choose one of {attention_lib.BACKENDS}")
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat {remat!r}: choose one of {REMAT_POLICIES}")
-    if dropout_rng not in DROPOUT_RNGS:
-      raise ValueError(f"model.dropout_rng {dropout_rng!r}: choose one of {DROPOUT_RNGS}")
-    if residual not in RESIDUAL_DTYPES:
-      raise ValueError(f"model.residual_dtype {residual!r}: choose one of {RESIDUAL_DTYPES}")
-    if matmul not in MATMULS:
-      raise ValueError(f"model.matmul {matmul!r}: choose one of {MATMULS}")
+    check_choices(dtype=dtype_name, attention=attention, remat=remat, dropout_rng=dropout_rng,
+                  residual_dtype=residual, matmul=matmul)
     fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
       log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,
@@ -390,7 +241,7 @@ class DDiT(nnx.Module):
     self.vocab_embed = nnx.Embed(
         vocab_size, hidden, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
         embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound))
-    self.sigma_map = TimestepEmbedder(cond_dim, rngs)
+    self.sigma_map = layers.TimestepEmbedder(cond_dim, rngs)
     self.blocks = nnx.List([
         DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
                   remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8)
@@ -427,13 +278,13 @@ class DDiT(nnx.Module):
 
     x = self.vocab_embed(indices).astype(self.residual_dtype)  # (B, L, H)
     c = jax.nn.silu(self.sigma_map(sigma))  # (B, C) f32
-    cos, sin = rotary_cos_sin(l, self.hidden_size // self.n_heads, positions=positions)
+    cos, sin = layers.rotary_cos_sin(l, self.hidden_size // self.n_heads, positions=positions)
     keys = None
     if self.dropout_stream is not None and not self.deterministic:
       keys = jax.random.split(self.dropout_stream(), len(self.blocks))
     x = self._run_blocks(x, (cos, sin, c, lengths, segment_ids), keys)
 
-    return score_head(self.output_layer(x, c), sigma, indices, self.scale_by_sigma)
+    return layers.score_head(self.output_layer(x, c), sigma, indices, self.scale_by_sigma)
 
   def _run_blocks(self, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
     """x (B, L, H) through every block: `block(x, *args, dropout_key=keys[n])`.

@@ -32,7 +32,7 @@ from flax import nnx
 
 from sedd_jax import diffusion
 from sedd_jax.data.tokenizers import residue_mask
-from sedd_jax.protein_ligand import modes
+from sedd_jax.protein_ligand import conditional
 from sedd_jax.protein_ligand.model import ProteinLigandDDiT
 from sedd_jax.protein_ligand.model import get_graphs
 from sedd_jax.sampling import sampler
@@ -110,12 +110,12 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
     return combined_score(*log_score_fn(*from_combined(x, lp, pdim, ldim), sigma))
 
   allowed = jnp.concatenate([jnp.asarray(residue_mask(pdim))[:-1],
-                             modes.allowed_tokens(ldim, modes.LIGAND_FORBIDDEN)[:-1],
+                             conditional.allowed_tokens(ldim, conditional.LIGAND_FORBIDDEN)[:-1],
                              jnp.ones((1,), bool)])
   x = sampler.sample(key, score_fn, graph, noise, (b, lp + ll), steps=steps,
                      predictor=predictor, eps=eps, allowed=allowed)
   protein, ligand = from_combined(x, lp, pdim, ldim)
-  pad = jnp.int32(modes.PAD_ID)
+  pad = jnp.int32(conditional.PAD_ID)
   protein = jnp.where(jnp.arange(lp)[None, :] < protein_lengths[:, None], protein, pad)
   ligand = jnp.where(jnp.arange(ll)[None, :] < ligand_lengths[:, None], ligand, pad)
   return protein, ligand

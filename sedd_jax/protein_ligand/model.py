@@ -47,6 +47,7 @@ from flax import nnx
 from sedd_jax import diffusion
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import ddit
+from sedd_jax.model import layers
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ class CrossAttention(nnx.Module):
     self.n_heads = n_heads
     self.attention = attention
     self.chunk = chunk
-    self.norm_q = ddit.LayerNorm(dim)
-    self.norm_kv = ddit.LayerNorm(dim)
-    linear = ddit.linear  # the DDiT's init and dtypes
+    self.norm_q = layers.LayerNorm(dim)
+    self.norm_kv = layers.LayerNorm(dim)
+    linear = layers.linear  # the DDiT's init and dtypes
     self.attn_q = linear(rngs, dim, dim, bias=False, dtype=dtype)
     self.attn_kv = linear(rngs, dim, 2 * dim, bias=False, dtype=dtype)
     self.attn_out = linear(rngs, dim, dim, bias=False, dtype=dtype)
@@ -83,7 +84,7 @@ class CrossAttention(nnx.Module):
     lk = y.shape[1]
     dh = dim // self.n_heads
     shift, scale, gate = jnp.split(self.adaLN_modulation(c)[:, None, :], 3, axis=-1)
-    q = self.attn_q(ddit.modulate(self.norm_q(x), shift, scale)).reshape(b, lq, self.n_heads, dh)
+    q = self.attn_q(layers.modulate(self.norm_q(x), shift, scale)).reshape(b, lq, self.n_heads, dh)
     kv = self.attn_kv(self.norm_kv(y)).reshape(b, lk, 2, self.n_heads, dh)
     o = attention_lib.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], kv_lengths,
                                             backend=self.attention, chunk=self.chunk)
@@ -122,12 +123,7 @@ class ProteinLigandDDiT(nnx.Module):
                        f"{n_heads} with an even head dim (rotary)")
     if n_blocks < 1:
       raise ValueError(f"model.n_blocks {n_blocks} must be >= 1")
-    if dtype_name not in ddit.DTYPES:
-      raise ValueError(f"model.dtype {dtype_name!r}: choose one of {tuple(ddit.DTYPES)}")
-    if attention not in attention_lib.BACKENDS:
-      raise ValueError(f"model.attention {attention!r}: choose one of {attention_lib.BACKENDS}")
-    if remat not in ddit.REMAT_POLICIES:
-      raise ValueError(f"model.remat {remat!r}: choose one of {ddit.REMAT_POLICIES}")
+    ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
     if protein_dim < 2 or ligand_dim < 2:
@@ -160,7 +156,7 @@ class ProteinLigandDDiT(nnx.Module):
       return nnx.List([CrossAttention(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
                                       rngs) for _ in range(n_blocks)])
 
-    self.sigma_map = ddit.TimestepEmbedder(cond_dim, rngs)
+    self.sigma_map = layers.TimestepEmbedder(cond_dim, rngs)
     self.protein_embed = embed(self.protein_dim)
     self.ligand_embed = embed(self.ligand_dim)
     self.protein_blocks = blocks()
@@ -189,9 +185,16 @@ class ProteinLigandDDiT(nnx.Module):
       lengths = lengths.astype(jnp.int32)
     return tokens.astype(jnp.int32), sigma.astype(jnp.float32), lengths
 
+  def _inputs(self, embed: nnx.Embed, tokens: Array, sigma: Array, positions: Array | None):
+    """One track's block inputs: embedded tokens (B, L, H), conditioning c = SiLU(sigma map)
+    (B, C) and the rotary (cos, sin) tables."""
+    rot = layers.rotary_cos_sin(tokens.shape[1], self.hidden_size // self.n_heads,
+                                positions=positions)
+    return embed(tokens), jax.nn.silu(self.sigma_map(sigma)), rot
+
   def _head(self, output_layer, x, c, sigma, tokens):
     """Output layer + absorbing scale_by_sigma + zero at the input token: -> (B, L, D) f32."""
-    return ddit.score_head(output_layer(x, c), sigma, tokens, self.scale_by_sigma)
+    return layers.score_head(output_layer(x, c), sigma, tokens, self.scale_by_sigma)
 
   def __call__(self, protein: Array | None, ligand: Array | None, sigma_protein: Array | None,
                sigma_ligand: Array | None, protein_lengths: Array | None = None,
@@ -216,16 +219,7 @@ class ProteinLigandDDiT(nnx.Module):
     Returns:
       (protein log score (B, Lp, D_p) f32 | None, ligand log score (B, Ll, D_l) f32 | None).
     """
-    if tracks not in TRACKS:
-      raise ValueError(f"tracks {tracks!r}: choose one of {TRACKS}")
-    run_p = tracks in ("both", "protein")
-    run_l = tracks in ("both", "ligand")
-    if heads is None:
-      heads = tuple(n for n, r in (("protein", run_p), ("ligand", run_l)) if r)
-    for h in heads:
-      if h not in ("protein", "ligand") or (h == "protein" and not run_p) or (
-          h == "ligand" and not run_l):
-        raise ValueError(f"head {h!r} is not among the tracks run ({tracks!r})")
+    run_p, run_l, heads = _tracks_and_heads(tracks, heads)
     if (protein_segment_ids is not None or protein_positions is not None) and tracks != "protein":
       raise ValueError(f"packed protein rows need tracks='protein' (got {tracks!r})")
     if run_p:
@@ -233,16 +227,12 @@ class ProteinLigandDDiT(nnx.Module):
           "protein", protein, sigma_protein, protein_lengths)
       protein_segment_ids, protein_positions = ddit.check_packing(
           *protein.shape, protein_segment_ids, protein_positions)
-      x_p = self.protein_embed(protein)  # (B, Lp, H)
-      c_p = jax.nn.silu(self.sigma_map(sigma_protein))  # (B, C)
-      rot_p = ddit.rotary_cos_sin(protein.shape[1], self.hidden_size // self.n_heads,
-                                  positions=protein_positions)
+      x_p, c_p, rot_p = self._inputs(self.protein_embed, protein, sigma_protein,
+                                     protein_positions)
     if run_l:
       ligand, sigma_ligand, ligand_lengths = self._check(
           "ligand", ligand, sigma_ligand, ligand_lengths)
-      x_l = self.ligand_embed(ligand)  # (B, Ll, H)
-      c_l = jax.nn.silu(self.sigma_map(sigma_ligand))
-      rot_l = ddit.rotary_cos_sin(ligand.shape[1], self.hidden_size // self.n_heads)
+      x_l, c_l, rot_l = self._inputs(self.ligand_embed, ligand, sigma_ligand, None)
     if run_p and run_l and protein.shape[0] != ligand.shape[0]:
       raise ValueError(f"protein {protein.shape} and ligand {ligand.shape} batches differ")
     cross = run_p and run_l and self.cross_attention
@@ -273,6 +263,22 @@ class ProteinLigandDDiT(nnx.Module):
     out_l = self._head(self.ligand_output, x_l, c_l, sigma_ligand, ligand) if (
         "ligand" in heads) else None
     return out_p, out_l
+
+
+def _tracks_and_heads(tracks: str, heads: Sequence[str] | None) -> tuple[bool, bool, tuple]:
+  """(run the protein track, run the ligand track, heads to evaluate) of a call; ValueError for
+  an unknown `tracks` or a head whose track does not run."""
+  if tracks not in TRACKS:
+    raise ValueError(f"tracks {tracks!r}: choose one of {TRACKS}")
+  run_p = tracks in ("both", "protein")
+  run_l = tracks in ("both", "ligand")
+  if heads is None:
+    heads = tuple(n for n, r in (("protein", run_p), ("ligand", run_l)) if r)
+  for h in heads:
+    if h not in ("protein", "ligand") or (h == "protein" and not run_p) or (
+        h == "ligand" and not run_l):
+      raise ValueError(f"head {h!r} is not among the tracks run ({tracks!r})")
+  return run_p, run_l, tuple(heads)
 
 
 # ----------------------------------------------------------------------------------------------

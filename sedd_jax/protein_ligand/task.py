@@ -33,6 +33,7 @@ from flax import nnx
 
 from sedd_jax.data import pipeline
 from sedd_jax.data import store as store_lib
+from sedd_jax.protein_ligand import conditional
 from sedd_jax.protein_ligand import model as model_lib
 from sedd_jax.protein_ligand import modes
 from sedd_jax.protein_ligand import smiles as smiles_lib
@@ -99,7 +100,7 @@ class ProteinLigandTask(task_lib.Task):
       pool = {k: np.concatenate([b[k] for b in batches])[:n] for k in modes.BATCH_KEYS}
       t0 = time.perf_counter()
       model = nnx.merge(built.defs.eval, state.ema, built.rest)
-      ligands = runtime.host_value(modes.sample_ligand_given_protein(
+      ligands = runtime.host_value(conditional.sample_ligand_given_protein(
         key, model, cfg, pool["tokens"], pool["lengths"], pool["ligand_lengths"]))
       if not primary:
         return

@@ -11,20 +11,12 @@ reference set (usually training or validation sequences):
   fraction of residues inside such runs, and the Shannon entropy (bits) of sliding windows of
   `window` residues (default 12, as SEG), with the fraction of windows below `entropy_threshold`
   (default 2.2 bits, SEG's trigger complexity K2);
-* diversity: distinct k-mer ratio (distinct / total k-mers, pooled over all samples) for each k,
-  and mean pairwise identity over a random subsample. Identity is UNGAPPED and positional:
-  matches at the same index / the shorter length (no alignment; cheap, and meaningful for
-  fixed-length diffusion samples, an underestimate of aligned identity otherwise);
-* novelty: for each sample the nearest reference sequence by k-mer Jaccard similarity (sets of
-  k-mers, default k = 3), reported as the max Jaccard, its mean / median, and the fraction of
-  samples whose nearest neighbour exceeds 0.5 (near copies);
-* aligned identity (parasail): semi-global alignment (end gaps free, BLOSUM62, gap open 10 /
-  extend 1), identity = identical aligned residues / length of the shorter sequence (CD-HIT's
-  definition). Novelty by alignment: for each sample the highest identity to the reference,
-  aligning with the `candidates` (default 20) references of highest k-mer Jaccard (a k-mer
-  prefilter as MMseqs2's: aligning with all of them costs N x R alignments); reported as
-  mean / median and the fractions of samples over 0.5 and 0.9 identity. Diversity by
-  alignment: the mean pairwise aligned identity over a random subsample;
+* diversity: distinct k-mer ratio per k, mean pairwise ungapped identity and mean pairwise
+  aligned identity over random subsamples (`sampling.similarity`);
+* novelty: for each sample the max k-mer Jaccard to the reference (default k = 3) and the
+  highest aligned identity among its `candidates` (default 20) best Jaccard matches
+  (`similarity.nearest_jaccard_and_identity`): mean / median, and the fractions of samples
+  over 0.5 Jaccard (near copies) and over 0.5 and 0.9 identity;
 * low-complexity samples: a residue is low-complexity if a window of `window` residues holding
   it has entropy < `entropy_threshold` bits (SEG-like) or it lies in a tandem repeat (a
   period of 1..6 residues repeated at least 3 times in a row, e.g. EKEKEK); a sequence is a
@@ -41,7 +33,8 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
-import parasail
+
+from sedd_jax.sampling import similarity
 
 logger = logging.getLogger(__name__)
 
@@ -176,150 +169,6 @@ def low_complexity(seqs: Sequence[str], run_length: int = 5, window: int = 12,
   }
 
 
-def kmers(seq: str, k: int) -> list[str]:
-  """All overlapping k-mers of `seq` (empty if shorter than k)."""
-  return [seq[i:i + k] for i in range(len(seq) - k + 1)]
-
-
-def distinct_kmer_ratio(seqs: Iterable[str], k: int) -> float:
-  """Number of distinct k-mers / number of k-mers, pooled over all sequences (nan if none)."""
-  seen = set()
-  total = 0
-  for s in seqs:
-    km = kmers(s, k)
-    seen.update(km)
-    total += len(km)
-  return len(seen) / total if total else float("nan")
-
-
-def identity(a: str, b: str) -> float:
-  """Ungapped positional identity: matches at the same index / min(len(a), len(b))."""
-  n = min(len(a), len(b))
-  if n == 0:
-    return float("nan")
-  return sum(x == y for x, y in zip(a[:n], b[:n])) / n
-
-
-def mean_pairwise_identity(seqs: Sequence[str], max_seqs: int = 200, seed: int = 0) -> float:
-  """Mean `identity` over all pairs of a random subsample of at most `max_seqs` sequences."""
-  seqs = list(seqs)
-  if len(seqs) > max_seqs:
-    idx = np.random.default_rng(seed).choice(len(seqs), max_seqs, replace=False)
-    seqs = [seqs[i] for i in sorted(idx)]
-  if len(seqs) < 2:
-    return float("nan")
-  n = max(len(s) for s in seqs)
-  codes = np.full((len(seqs), n), -1, dtype=np.int32)
-  for r, s in enumerate(seqs):
-    codes[r, :len(s)] = np.frombuffer(s.encode("ascii"), dtype=np.uint8)
-  lens = np.array([len(s) for s in seqs])
-  vals = []
-  for i in range(len(seqs) - 1):
-    m = np.minimum(lens[i], lens[i + 1:])  # (n - i - 1,)
-    cols = np.arange(n)[None, :] < m[:, None]
-    same = (codes[i + 1:] == codes[i][None, :]) & cols
-    ok = m > 0
-    vals.append(same.sum(axis=1)[ok] / m[ok])
-  vals = np.concatenate(vals)
-  return float(vals.mean()) if vals.size else float("nan")
-
-
-ALIGN_GAP_OPEN, ALIGN_GAP_EXTEND = 10, 1
-ALIGNED_IDENTITY = ("semi-global alignment (parasail, BLOSUM62, gap open 10 / extend 1, end "
-                    "gaps free); identical residues / shorter length")
-
-
-def aligned_identity(a: str, b: str) -> float:
-  """Identity of the semi-global alignment of a and b (BLOSUM62, gaps 10/1, end gaps free):
-  identical aligned residues / min(len(a), len(b)); nan if either is empty."""
-  if not a or not b:
-    return float("nan")
-  # 16-bit scores saturate at 32767 (BLOSUM62's best is 11 a residue): 32 bits beyond 2900.
-  align = parasail.sg_stats_striped_16 if max(len(a), len(b)) < 2900 else (
-      parasail.sg_stats_striped_32)
-  r = align(a, b, ALIGN_GAP_OPEN, ALIGN_GAP_EXTEND, parasail.blosum62)
-  return r.matches / min(len(a), len(b))
-
-
-def mean_pairwise_aligned_identity(seqs: Sequence[str], max_seqs: int = 100, seed: int = 0
-                                   ) -> float:
-  """Mean `aligned_identity` over all pairs of a random subsample of <= `max_seqs` sequences."""
-  seqs = [s for s in seqs if s]
-  if len(seqs) > max_seqs:
-    seqs = [seqs[i] for i in sorted(np.random.default_rng(seed).choice(len(seqs), max_seqs,
-                                                                       replace=False))]
-  vals = [aligned_identity(a, b) for i, a in enumerate(seqs) for b in seqs[i + 1:]]
-  return float(np.mean(vals)) if vals else float("nan")
-
-
-def _kmer_matrix(seqs: Sequence[str], k: int, index: dict[str, int]) -> np.ndarray:
-  """(N, V) float32 0/1 presence matrix of the k-mers in `index` (unknown k-mers are added)."""
-  rows = []
-  for s in seqs:
-    ids = set()
-    for km in kmers(s, k):
-      if km not in index:
-        index[km] = len(index)
-      ids.add(index[km])
-    rows.append(ids)
-  mat = np.zeros((len(seqs), len(index)), dtype=np.float32)
-  for r, ids in enumerate(rows):
-    if ids:
-      mat[r, list(ids)] = 1.0
-  return mat
-
-
-def _jaccard_chunks(samples: Sequence[str], reference: Sequence[str], k: int, chunk: int):
-  """Yields (lo, (n, R) k-mer-set Jaccard of samples[lo:lo + n] against every reference)."""
-  index: dict[str, int] = {}
-  ref = _kmer_matrix(reference, k, index)
-  smp = _kmer_matrix(samples, k, index)
-  ref = np.pad(ref, ((0, 0), (0, len(index) - ref.shape[1])))
-  ref_sizes = ref.sum(axis=1)
-  smp_sizes = smp.sum(axis=1)
-  for lo in range(0, len(samples), chunk):
-    inter = smp[lo:lo + chunk] @ ref.T  # (n, R)
-    union = smp_sizes[lo:lo + chunk, None] + ref_sizes[None, :] - inter
-    yield lo, np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-
-
-def nearest_jaccard(samples: Sequence[str], reference: Sequence[str], k: int = 3,
-                    chunk: int = 1024) -> np.ndarray:
-  """For each sample the max k-mer-set Jaccard similarity to any reference sequence: (N,).
-
-  Jaccard(A, B) = |A & B| / |A | B| over the sets of k-mers; 0 when both sets are empty.
-  """
-  best = np.zeros(len(samples))
-  if len(reference) == 0:
-    return best
-  for lo, jac in _jaccard_chunks(samples, reference, k, chunk):
-    best[lo:lo + len(jac)] = jac.max(axis=1)
-  return best
-
-
-def _nearest_jaccard_and_identity(samples: Sequence[str], reference: Sequence[str], k: int,
-                                  candidates: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-  """(`nearest_jaccard`, `nearest_aligned_identity`) of one pass over the Jaccard chunks."""
-  best_jac = np.zeros(len(samples))
-  best_id = np.zeros(len(samples))
-  if len(reference) == 0:
-    return best_jac, best_id
-  for lo, jac in _jaccard_chunks(samples, reference, k, chunk):
-    best_jac[lo:lo + len(jac)] = jac.max(axis=1)
-    top = np.argsort(-jac, axis=1, kind="stable")[:, :candidates]
-    for r, row in enumerate(top):
-      ids = [aligned_identity(samples[lo + r], reference[j]) for j in row]
-      best_id[lo + r] = np.nanmax(ids) if np.isfinite(ids).any() else 0.0
-  return best_jac, best_id
-
-
-def nearest_aligned_identity(samples: Sequence[str], reference: Sequence[str], k: int = 3,
-                             candidates: int = 20, chunk: int = 1024) -> np.ndarray:
-  """For each sample the highest `aligned_identity` to the `candidates` references of highest
-  k-mer Jaccard (all of them if there are fewer): (N,) in [0, 1] (0 with no reference)."""
-  return _nearest_jaccard_and_identity(samples, reference, k, candidates, chunk)[1]
-
-
 def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[int] = (1, 2, 3),
                    novelty_k: int = 3, max_reference: int = 5000, max_identity_seqs: int = 200,
                    run_length: int = 5, window: int = 12, entropy_threshold: float = 2.2,
@@ -337,8 +186,8 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
     ref = [data[i] for i in sorted(rng.choice(len(data), max_reference, replace=False))]
   comp_s = composition(samples)
   comp_d = composition(data)
-  near, ident = _nearest_jaccard_and_identity(samples, ref, novelty_k, alignment_candidates,
-                                              chunk=1024)
+  near, ident = similarity.nearest_jaccard_and_identity(samples, ref, novelty_k,
+                                                         alignment_candidates, chunk=1024)
   report = {
       "num_samples": len(samples),
       "num_reference": len(data),
@@ -349,12 +198,14 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
           "samples": low_complexity(samples, run_length, window, entropy_threshold, lc_fraction),
           "data": low_complexity(data, run_length, window, entropy_threshold, lc_fraction)},
       "diversity": {
-          "distinct_kmer_ratio": {str(k): distinct_kmer_ratio(samples, k) for k in ks},
-          "mean_pairwise_identity": mean_pairwise_identity(samples, max_identity_seqs, seed),
+          "distinct_kmer_ratio": {str(k): similarity.distinct_kmer_ratio(samples, k)
+                                  for k in ks},
+          "mean_pairwise_identity": similarity.mean_pairwise_identity(samples, max_identity_seqs,
+                                                                   seed),
           "identity": "ungapped positional",
-          "mean_pairwise_aligned_identity": mean_pairwise_aligned_identity(
+          "mean_pairwise_aligned_identity": similarity.mean_pairwise_aligned_identity(
               samples, max_aligned_identity_seqs, seed),
-          "aligned_identity": ALIGNED_IDENTITY},
+          "aligned_identity": similarity.ALIGNED_IDENTITY},
       "novelty": {
           "k": novelty_k,
           "num_reference_used": len(ref),
@@ -363,7 +214,7 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
           "frac_nearest_jaccard_over_0.5": float((near > 0.5).mean()) if near.size else 0.0,
           "nearest_jaccard": near.tolist(),
           "alignment_candidates": alignment_candidates,
-          "aligned_identity": ALIGNED_IDENTITY,
+          "aligned_identity": similarity.ALIGNED_IDENTITY,
           "nearest_identity_mean": float(ident.mean()) if ident.size else float("nan"),
           "nearest_identity_median": float(np.median(ident)) if ident.size else float("nan"),
           "frac_nearest_identity_over_0.5": float((ident > 0.5).mean()) if ident.size else 0.0,

@@ -13,53 +13,29 @@ is given to `sample`, it is called as `score_fn(x, sigma, lengths=lengths)` (`mo
 accepts that).
 
 Which tokens come out: the denoise step never emits the mask. A trained protein model puts
-(almost) no mass on `<cls> <pad> <eos> <unk> . - <null_1>` (they never occur inside training
-sequences, and padding is excluded from the loss), but a random or poorly trained model may.
-`allowed` ((D,) bool) zeroes the score of every other non-mask token, which for the absorbing
-graph is the reverse process conditioned on never unmasking to them: then every generated
-token is in `allowed`. Which protein residues may be generated is one rule,
-`sedd_jax.data.tokenizers.residue_mask` (the 20 standard amino acids; X B U Z O too with
-`allow_rare`), used by the sampling CLI, the samples drawn during training and the
-protein-ligand sampler. For the uniform graph `allowed` only removes jumps INTO disallowed
-tokens.
+(almost) no mass on `<cls> <pad> <eos> <unk> . - <null_1>`, but a random or poorly trained
+model may. `allowed` ((D,) bool) zeroes the score of every other non-mask token: for the
+absorbing graph the reverse process conditioned on never unmasking to them, so every generated
+token is in `allowed` (for the uniform graph it only removes jumps INTO disallowed tokens). The
+protein rule is `sedd_jax.data.tokenizers.residue_mask` (20 standard amino acids; X B U Z O
+too with `allow_rare`), used by the CLI, the training samples and the protein-ligand sampler.
 
-Cached variant (`cached=True`, absorbing graph only; as MDLM's cached sampler): if no token of
-the batch changed since the model was last called, the previous output is reused instead of
-calling the model, inside the loop through `lax.cond`. The output is rescaled to the new noise
-level: the absorbing score at a masked position is p(y | unmasked) / (e^sigma - 1) (what the
-DDiT's `scale_by_sigma` parametrises), so the non-mask columns are multiplied by
-expm1(sigma_old) / expm1(sigma_new) and the mask column is kept. For a score function that is
-exactly of that form (the true score, or a time-independent denoiser) the cached sampler gives
-the same tokens as the uncached one for the same key; for a DDiT, which also conditions on
-sigma, reusing its output over a step is the approximation MDLM and RADD make (a trained model
-is close to time-independent given its input). The decision is batch-wide (one changed token
-anywhere forces a model call), so caching pays off when steps >> L and batches are small.
+Cached variant (`cached=True`, absorbing graph only; as MDLM's cached sampler): while no token
+of the batch changes, the previous model output is reused (`lax.cond`), rescaled to the new
+noise level: the absorbing score at a masked position is p(y | unmasked) / (e^sigma - 1) (what
+`scale_by_sigma` parametrises), so the non-mask columns are multiplied by expm1(sigma_old) /
+expm1(sigma_new) and the mask column is kept. For a score of exactly that form (the true score,
+a time-independent denoiser) it gives the uncached sampler's tokens for the same key; for a DDiT,
+which also conditions on sigma, it is the approximation MDLM and RADD make. The decision is
+batch-wide, so caching pays off when steps >> L and batches are small.
 
-First-hitting sampler (`predictor="first_hitting"`, absorbing graph only; Zheng et al. 2024,
-"Masked diffusion models are secretly time-agnostic masked models"): under the absorbing
-forward process each token is masked independently, with probability m(t) = 1 - e^{-sigma(t)}
-at time t, so going backwards a masked token is revealed at its own time, with
-P(still masked at s | masked at t) = m(s) / m(t). With n masked tokens at time t, the next
-reveal happens at the latest of n such times: m(tau) = m(t) u^{1/n}, u ~ U(0, 1); the revealed
-position is uniform among the masked ones and its token is drawn from the model's conditional
-p(y | unmasked) (the normalised non-mask columns of the score at sigma(tau), clamped at
-sigma(eps)). Nothing else happens between reveals, so the model is called once per revealed
-token (n calls in all, whatever `steps` says) and the process has no time-discretisation error:
-with the exact score the samples follow the data distribution exactly (tests/test_sampler.py).
-Each sequence of the batch has its own clock (sigma is (B,)); the loop runs while any sequence
-has a masked position (fixed and padded positions are never masked), so the call count is the
-largest number of generated positions in the batch. Random numbers: reveal k uses
-fold_in(key, k).
+First-hitting sampler (`predictor="first_hitting"`, absorbing graph only): one model call per
+revealed token at its exact time, no time discretisation (`sedd_jax.sampling.first_hitting`).
 
-Remasking (`remask=eta > 0`, absorbing graph). Analytic predictor: ReMDM's max-capped
-schedule, `predictors.remdm_probs`: every step may mask generated tokens again (probability
-min(eta, (1 - alpha_s) / alpha_t)) while more masks are unmasked, so each position's marginals
-stay those of the forward process and a later step can revise an early token. First-hitting:
-after each reveal at sigma, each sequence with probability eta masks one generated token
-(uniform among them; never a fixed one) and redraws it from the model at the same sigma. With
-the exact score that is a Gibbs move on the revealed tokens given the mask pattern, so the
-sampler stays exact at any eta; it costs one more model call per reveal when any sequence of
-the batch remasks (`lax.cond`), so up to 2 L calls.
+Remasking (`remask=eta > 0`, absorbing graph). Analytic: ReMDM's max-capped schedule
+(`predictors.remdm_probs`): each step may mask generated tokens again (probability
+min(eta, (1 - alpha_s) / alpha_t)), keeping the forward marginals, so a later step can revise
+an early token. First-hitting: a remask-and-redraw Gibbs move after each reveal.
 
 Categorical draws: `draw="unbiased"` (default) or "reference" (the reference's float32 draw;
 see sedd_jax.diffusion.categorical; the parity fixtures use it).
@@ -81,6 +57,7 @@ from sedd_jax.diffusion import categorical as _categorical
 from sedd_jax.diffusion import predictors as _predictors
 from sedd_jax.diffusion.graph import Graph
 from sedd_jax.diffusion.noise import Noise
+from sedd_jax.sampling import first_hitting
 
 logger = logging.getLogger(__name__)
 
@@ -92,58 +69,47 @@ PREDICTOR_NAMES = ("analytic", "euler", "first_hitting")
 
 def _pad_id() -> int:
   """The `<pad>` id of the protein tokenizer (1 in the ESM-2 alphabet)."""
-  try:
-    from sedd_jax.data.tokenizers import PAD_ID
-    return int(PAD_ID)
-  except ImportError:  # pragma: no cover - the data package is part of the project
-    return 1
+  from sedd_jax.data.tokenizers import PAD_ID  # here: the sampler needs no data code otherwise
+  return int(PAD_ID)
+
+
+def check_options(graph: Graph, *, steps: int, predictor: str = "analytic", eps: float = 1e-5,
+                  cached: bool = False, draw: str = "unbiased", remask: float = 0.0) -> None:
+  """ValueError for sampler options that `sample` cannot run; each message starts with the
+  option's name. The one home of these checks: `sample` calls it, and so does the sampling CLI
+  before it loads a model (its flags are these options by name: `--` + the message).
+  """
+  if predictor not in PREDICTOR_NAMES:
+    raise ValueError(f"predictor {predictor!r} is not a predictor; choose one of "
+                     f"{PREDICTOR_NAMES}")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1; got {steps}")
+  if not 0.0 < eps < 1.0:
+    raise ValueError(f"eps must lie in (0, 1); got {eps}")
+  if draw not in _categorical.CATEGORICAL_DRAWS:
+    raise ValueError(f"draw {draw!r} is not one of {_categorical.CATEGORICAL_DRAWS}")
+  if cached and not graph.absorb:
+    raise ValueError("cached needs the absorbing graph (a uniform-graph state never stays "
+                     "unchanged)")
+  if predictor == "first_hitting" and (not graph.absorb or cached):
+    raise ValueError("predictor first_hitting needs the absorbing graph and no cache (it calls "
+                     "the model only when a token is revealed)")
+  if not 0.0 <= remask <= 1.0:
+    raise ValueError(f"remask must be in [0, 1]; got {remask}")
+  if remask > 0 and (predictor == "euler" or not graph.absorb):
+    raise ValueError(f"remask needs the analytic or first_hitting predictor and the absorbing "
+                     f"graph; got predictor {predictor!r}"
+                     f"{'' if graph.absorb else ' and the uniform graph'}")
 
 
 def _predictor(name: str, draw: str, remask: float):
-  steps = {"analytic": _predictors.analytic_step, "euler": _predictors.euler_step}
-  if name not in PREDICTOR_NAMES:
-    raise ValueError(f"predictor {name!r} is not a predictor; choose one of {PREDICTOR_NAMES}")
-  if draw not in _categorical.CATEGORICAL_DRAWS:
-    raise ValueError(f"draw {draw!r} is not one of {_categorical.CATEGORICAL_DRAWS}")
-  if not 0.0 <= remask <= 1.0:
-    raise ValueError(f"remask must be in [0, 1]; got {remask}")
+  """The predictor step `(key, graph, noise, score, x, t, step_size) -> x` of `name` (None for
+  first_hitting, which has its own loop)."""
+  if name == "first_hitting":
+    return None
   if remask > 0:
-    if name == "euler":
-      raise ValueError("remask needs the analytic or first_hitting predictor; got 'euler'")
-    if name == "analytic":
-      return functools.partial(_predictors.remdm_step, eta=remask, draw=draw)
-  return functools.partial(steps[name], draw=draw) if name in steps else None
-
-
-def _token_at(key: Array, score: Array, pos: Array, draw: str) -> Array:
-  """(B,) int32 token drawn from the non-mask columns of `score` (B, L, D) at `pos` (B,)."""
-  probs = jnp.take_along_axis(score, pos[:, None, None], axis=1)[:, 0, :-1]  # (B, D - 1)
-  return _categorical.sample_categorical(key, probs, draw)
-
-
-def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
-                         ) -> tuple[Array, Array]:
-  """What one reveal of the first-hitting sampler unmasks (see the module docstring).
-
-  Args:
-    key: PRNG key.
-    score: (B, L, D) exponentiated score at the reveal time (its last column is the mask).
-    masked: (B, L) bool, positions still to generate.
-    draw: categorical draw ("unbiased" or "reference").
-
-  Returns:
-    (position (B,) int32 uniform among the masked ones, token (B,) int32 drawn from the
-    non-mask columns of the score there). Rows without a masked position get position 0.
-  """
-  k_pos, k_tok = jax.random.split(key)
-  pos = _categorical.sample_categorical(k_pos, masked.astype(jnp.float32), draw)
-  return pos, _token_at(k_tok, score, pos, draw)
-
-
-def next_reveal_log_m(key: Array, log_m: Array, n: Array) -> Array:
-  """log m(tau) of the next reveal among n masked tokens: log m(t) + log(u) / n, (B,)."""
-  u = jax.random.uniform(key, log_m.shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
-  return log_m + jnp.log(u) / jnp.maximum(n, 1).astype(jnp.float32)
+    return functools.partial(_predictors.remdm_step, eta=remask, draw=draw)
+  return functools.partial(_predictors.PREDICTORS[name], draw=draw)
 
 
 def _check_conditioning(shape, fixed_tokens, fixed_mask, lengths):
@@ -158,6 +124,16 @@ def _check_conditioning(shape, fixed_tokens, fixed_mask, lengths):
                          f"got {jnp.shape(a)}")
   if lengths is not None and jnp.shape(lengths) != (batch,):
     raise ValueError(f"lengths must have shape (B,) = ({batch},); got {jnp.shape(lengths)}")
+
+
+def _allowed_mask(allowed, graph: Graph) -> Array | None:
+  """`allowed` as a (D,) bool array with the mask column kept (None stays None)."""
+  if allowed is None:
+    return None
+  allowed = jnp.asarray(allowed, dtype=bool)
+  if allowed.shape != (graph.dim,):
+    raise ValueError(f"allowed must have shape (D,) = ({graph.dim},); got {allowed.shape}")
+  return allowed.at[-1].set(True) if graph.absorb else allowed
 
 
 def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tuple[int, int], *,
@@ -200,155 +176,93 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
   """
   if len(shape) != 2:
     raise ValueError(f"shape must be (B, L); got {shape}")
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1; got {steps}")
-  if cached and not graph.absorb:
-    raise ValueError("cached sampling needs the absorbing graph (a uniform-graph state never "
-                     "stays unchanged)")
+  check_options(graph, steps=steps, predictor=predictor, eps=eps, cached=cached, draw=draw,
+                remask=remask)
   _check_conditioning(shape, fixed_tokens, fixed_mask, lengths)
-  step_fn = _predictor(predictor, draw, remask)
-  if predictor == "first_hitting" and (not graph.absorb or cached):
-    raise ValueError("the first_hitting predictor needs the absorbing graph and no cache (it "
-                     "calls the model only when a token is revealed)")
-  batch, length = shape
-  step_size = (1.0 - eps) / steps
+  allowed = _allowed_mask(allowed, graph)
   pad_id = _pad_id() if pad_id is None else pad_id
-
-  if allowed is not None:
-    allowed = jnp.asarray(allowed, dtype=bool)
-    if allowed.shape != (graph.dim,):
-      raise ValueError(f"allowed must have shape (D,) = ({graph.dim},); got {allowed.shape}")
-    if graph.absorb:
-      allowed = allowed.at[-1].set(True)
 
   def score_at(x, sigma):
     score = score_fn(x, sigma) if lengths is None else score_fn(x, sigma, lengths=lengths)
-    if allowed is not None:
-      score = jnp.where(allowed, score, jnp.zeros_like(score))
-    return score
+    return score if allowed is None else jnp.where(allowed, score, jnp.zeros_like(score))
 
   def proj(x):
-    if fixed_tokens is None:
-      return x
-    return _predictors.project(x, fixed_tokens, fixed_mask)
+    return x if fixed_tokens is None else _predictors.project(x, fixed_tokens, fixed_mask)
 
-  if lengths is not None:
-    valid = jnp.arange(length)[None, :] < jnp.asarray(lengths)[:, None]  # (B, L)
-  else:
-    valid = jnp.ones(shape, dtype=bool)
-
+  valid = jnp.ones(shape, dtype=bool) if lengths is None else (
+      jnp.arange(shape[1])[None, :] < jnp.asarray(lengths)[:, None])  # (B, L)
   x = graph.sample_limit(jax.random.fold_in(key, steps + 1), shape).astype(jnp.int32)
-  t_final = jnp.full((batch,), eps, dtype=jnp.float32)
-
   if predictor == "first_hitting":
     generated = valid if fixed_mask is None else valid & ~jnp.broadcast_to(
         jnp.asarray(fixed_mask, bool), shape)
-    x, nfe = _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, generated, eps,
-                                 draw, remask)
-    x = jnp.where(valid, x, jnp.int32(pad_id)).astype(jnp.int32)
-    return (x, nfe) if return_nfe else x
-
-  if not cached:
-    def body(i, carry):
-      x, nfe = carry
-      t = jnp.full((batch,), 1.0 - i * step_size, dtype=jnp.float32)
-      x = proj(x)
-      score = score_at(x, noise.total_noise(t))
-      return step_fn(jax.random.fold_in(key, i), graph, noise, score, x, t, step_size), nfe + 1
-
-    x, nfe = jax.lax.fori_loop(0, steps, body, (x, jnp.int32(0)))
-    x = proj(x)
-    score = score_at(x, noise.total_noise(t_final))
-    nfe = nfe + 1
+    x, nfe = first_hitting.first_hitting_loop(key, score_at, proj, graph, noise, x, valid,
+                                              generated, eps, draw, remask)
   else:
-    score_struct = jax.eval_shape(score_at, x, t_final)
-
-    def cached_score(x, sigma, prev_x, prev_score, prev_sigma, nfe):
-      changed = jnp.any((x != prev_x) & valid)
-
-      def fresh(_):
-        return score_at(x, sigma).astype(score_struct.dtype), nfe + 1
-
-      def reuse(_):
-        ratio = (jnp.expm1(prev_sigma) / jnp.expm1(sigma))[:, None, None]  # (B, 1, 1)
-        scaled = prev_score * ratio.astype(prev_score.dtype)
-        return scaled.at[..., -1].set(prev_score[..., -1]), nfe
-
-      return jax.lax.cond(changed, fresh, reuse, None)
-
-    def body(i, carry):
-      x, prev_x, prev_score, prev_sigma, nfe = carry
-      t = jnp.full((batch,), 1.0 - i * step_size, dtype=jnp.float32)
-      sigma = noise.total_noise(t)
-      x = proj(x)
-      score, nfe = cached_score(x, sigma, prev_x, prev_score, prev_sigma, nfe)
-      new_x = step_fn(jax.random.fold_in(key, i), graph, noise, score, x, t, step_size)
-      return new_x, x, score, sigma, nfe
-
-    init = (x, jnp.full(shape, -1, dtype=jnp.int32),
-            jnp.zeros(score_struct.shape, score_struct.dtype),
-            jnp.ones((batch,), jnp.float32), jnp.int32(0))
-    x, prev_x, prev_score, prev_sigma, nfe = jax.lax.fori_loop(0, steps, body, init)
+    loop = functools.partial(_cached_loop, valid=valid) if cached else _reverse_loop
+    step_fn = _predictor(predictor, draw, remask)
+    x, score, nfe = loop(key, score_at, proj, step_fn, graph, noise, x, steps, eps)
+    t_final = jnp.full((shape[0],), eps, dtype=jnp.float32)
+    x = _predictors.denoise_step(jax.random.fold_in(key, steps), graph, noise, score, x,
+                                 t_final, draw=draw)
     x = proj(x)
-    score, nfe = cached_score(x, noise.total_noise(t_final), prev_x, prev_score, prev_sigma, nfe)
-
-  x = _predictors.denoise_step(jax.random.fold_in(key, steps), graph, noise, score, x, t_final,
-                               draw=draw)
-  x = proj(x)
   x = jnp.where(valid, x, jnp.int32(pad_id)).astype(jnp.int32)
   return (x, nfe) if return_nfe else x
 
 
-def _first_hitting_loop(key, score_at, proj, graph, noise, x, valid, generated, eps, draw,
-                        remask):
-  """The first-hitting reveals (module docstring) under one `lax.while_loop`, each followed by
-  the remasking corrector when `remask` > 0. `generated` (B, L): positions it may remask.
-
-  Returns (x (B, L) int32 with every valid position revealed, number of model calls)."""
+def _reverse_loop(key, score_at, proj, step_fn, graph, noise, x, steps, eps):
+  """`steps` predictor steps from t = 1 under one `lax.fori_loop`, then the projected x (B, L)
+  and its score (B, L, D) at t = eps. Returns (x, score, number of score calls)."""
   batch = x.shape[0]
-  row = jnp.arange(batch)
+  step_size = (1.0 - eps) / steps
+
+  def body(i, carry):
+    x, nfe = carry
+    t = jnp.full((batch,), 1.0 - i * step_size, dtype=jnp.float32)
+    x = proj(x)
+    score = score_at(x, noise.total_noise(t))
+    return step_fn(jax.random.fold_in(key, i), graph, noise, score, x, t, step_size), nfe + 1
+
+  x, nfe = jax.lax.fori_loop(0, steps, body, (x, jnp.int32(0)))
   x = proj(x)
-  log_m = jnp.log(-jnp.expm1(-noise.total_noise(jnp.ones((batch,), jnp.float32))))
-  sigma_min = noise.total_noise(jnp.full((batch,), eps, jnp.float32))
+  score = score_at(x, noise.total_noise(jnp.full((batch,), eps, dtype=jnp.float32)))
+  return x, score, nfe + 1
 
-  def masked_of(x):
-    return (x == graph.mask) & valid
 
-  def corrector(key, x, sigma, nfe):
-    """Remask one generated token (probability `remask` per sequence) and redraw it from the
-    model at the same sigma: a Gibbs move that keeps the state's distribution."""
-    cand = generated & (x != graph.mask)
-    do = (jax.random.uniform(jax.random.fold_in(key, 0), (batch,)) < remask) & cand.any(-1)
-    pos = _categorical.sample_categorical(jax.random.fold_in(key, 1),
-                                          cand.astype(jnp.float32), draw)
+def _cached_loop(key, score_at, proj, step_fn, graph, noise, x, steps, eps, *, valid):
+  """`_reverse_loop` reusing the previous score, rescaled to the new sigma, while no token
+  changed where `valid` (B, L) (module docstring)."""
+  batch = x.shape[0]
+  step_size = (1.0 - eps) / steps
+  t_final = jnp.full((batch,), eps, dtype=jnp.float32)
+  score_struct = jax.eval_shape(score_at, x, t_final)
 
-    def call(x):
-      xm = x.at[row, pos].set(jnp.where(do, graph.mask, x[row, pos]))
-      token = _token_at(jax.random.fold_in(key, 2), score_at(xm, sigma), pos, draw)
-      return x.at[row, pos].set(jnp.where(do, token, x[row, pos])), nfe + 1
+  def cached_score(x, sigma, prev_x, prev_score, prev_sigma, nfe):
+    def fresh(_):
+      return score_at(x, sigma).astype(score_struct.dtype), nfe + 1
 
-    return jax.lax.cond(jnp.any(do), call, lambda x: (x, nfe), x)
+    def reuse(_):
+      ratio = (jnp.expm1(prev_sigma) / jnp.expm1(sigma))[:, None, None]  # (B, 1, 1)
+      scaled = prev_score * ratio.astype(prev_score.dtype)
+      return scaled.at[..., -1].set(prev_score[..., -1]), nfe
 
-  def cond(carry):
-    return jnp.any(masked_of(carry[0]))
+    return jax.lax.cond(jnp.any((x != prev_x) & valid), fresh, reuse, None)
 
-  def body(carry):
-    x, log_m, k, nfe = carry
-    masked = masked_of(x)
-    n = masked.sum(axis=-1)  # (B,)
-    key_k = jax.random.fold_in(key, k)
-    new_log_m = next_reveal_log_m(jax.random.fold_in(key_k, 0), log_m, n)
-    sigma = jnp.maximum(-jnp.log1p(-jnp.exp(new_log_m)), sigma_min)
-    pos, token = first_hitting_reveal(jax.random.fold_in(key_k, 1), score_at(x, sigma), masked,
-                                      draw)
-    active = n > 0
-    x = x.at[row, pos].set(jnp.where(active, token, x[row, pos]))
-    if remask > 0:
-      x, nfe = corrector(jax.random.fold_in(key_k, 2), x, sigma, nfe)
-    return x, jnp.where(active, new_log_m, log_m), k + 1, nfe + 1
+  def body(i, carry):
+    x, prev_x, prev_score, prev_sigma, nfe = carry
+    t = jnp.full((batch,), 1.0 - i * step_size, dtype=jnp.float32)
+    sigma = noise.total_noise(t)
+    x = proj(x)
+    score, nfe = cached_score(x, sigma, prev_x, prev_score, prev_sigma, nfe)
+    new_x = step_fn(jax.random.fold_in(key, i), graph, noise, score, x, t, step_size)
+    return new_x, x, score, sigma, nfe
 
-  x, _, _, nfe = jax.lax.while_loop(cond, body, (x, log_m, jnp.int32(0), jnp.int32(0)))
-  return x, nfe
+  init = (x, jnp.full(x.shape, -1, dtype=jnp.int32),
+          jnp.zeros(score_struct.shape, score_struct.dtype),
+          jnp.ones((batch,), jnp.float32), jnp.int32(0))
+  x, prev_x, prev_score, prev_sigma, nfe = jax.lax.fori_loop(0, steps, body, init)
+  x = proj(x)
+  score, nfe = cached_score(x, noise.total_noise(t_final), prev_x, prev_score, prev_sigma, nfe)
+  return x, score, nfe
 
 
 def model_score_fn(model, lengths: Array | None = None) -> ScoreFn:
@@ -386,10 +300,9 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
                 draw: str = "unbiased", remask: float = 0.0):
   """One compiled sampler for a fixed shape.
 
-  Exactly one of `model` (an nnx DDiT, switched to eval mode and split: its weights are inputs
-  of the compiled program, not baked-in constants) or
-  `score_fn` (compiled with `jax.jit`, closed over). `compiler_options` go to XLA (e.g.
-  {"xla_backend_optimization_level": 0} compiles 3x faster on the CPU, for tests).
+  Exactly one of `model` (an nnx DDiT in eval mode, split: its weights are inputs of the
+  compiled program, not constants) or `score_fn` (closed over). `compiler_options` go to XLA
+  (e.g. {"xla_backend_optimization_level": 0} compiles 3x faster on the CPU, for tests).
 
   Returns:
     run(key, fixed_tokens, fixed_mask, lengths, allowed) -> (B, L) int32 (and nfe if
@@ -472,9 +385,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
       a = np.asarray(a[lo:hi])
       return np.concatenate([a, np.repeat(a[-1:], batch_size - (hi - lo), axis=0)])
 
-    ft, fm = fixed_tokens, fixed_mask
-    if per_seq:
-      ft, fm = take(np.asarray(fixed_tokens)), take(np.asarray(fixed_mask))
+    ft, fm = (take(fixed_tokens), take(fixed_mask)) if per_seq else (fixed_tokens, fixed_mask)
     ln = take(lengths) if lengths is not None else None
     t0 = time.perf_counter()
     x, nfe = run(jax.random.fold_in(key, c), ft, fm, ln, allowed)

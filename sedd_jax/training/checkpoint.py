@@ -1,4 +1,4 @@
-"""Orbax checkpoints of training runs: resume, corrupt-checkpoint fallback, inference loading.
+"""The checkpoint format: its errors, validation of a step folder, reading, inference checkpoints.
 
 On-disk format (format 1). A run's checkpoints live in `<workdir>/checkpoints/<step>/`, one
 orbax composite checkpoint per step (written to a temporary folder and renamed when complete,
@@ -19,47 +19,31 @@ writes such a params-only checkpoint (e.g. for weights converted from PyTorch by
 `sedd_jax.convert`), and `load_for_inference` reads either kind. A plain `config.json` beside
 the items (or in a parent folder) is accepted when the `config` item is missing.
 
-Retention: the newest `cfg.training.keep` checkpoints, plus every step that is a multiple of
-`cfg.training.milestone_every` (milestones, kept forever; 0 = none). Saving is asynchronous;
-`wait()` blocks until everything is on disk.
-
-Resume: `restore_latest` tries the newest step first. It first compares the shapes saved in
-the checkpoint's metadata with the state the config builds: a difference (a changed model shape)
-raises `ShapeMismatch` naming the arrays and the config keys that differ from the checkpoint's,
-and nothing is read or moved. A checkpoint that is really unreadable (a missing item or file, a
-truncated file, malformed metadata: `unreadable_reason`) is reported (the file and the problem)
-and moved aside to `<workdir>/checkpoints_corrupt/<step>-<time>/` (never deleted) once an older
-one has loaded. Any other error (an I/O error, out of memory) stops the restore with that error
-and moves nothing; so does a run in which no checkpoint loads.
+The training run's checkpoints (save, retention, resume with the corrupt-checkpoint fallback)
+are `sedd_jax.training.checkpointer.Checkpointer`'s; this module is the format's reading side:
+the errors, `check_files` / `unreadable_reason` (is a checkpoint damaged, and where),
+`saved_shape_changes` (does it fit a model), `read_config`, `read_items`, and the inference
+checkpoints (`save_inference_checkpoint`, `load_for_inference`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import pathlib
-import shutil
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from sedd_jax import config as config_lib
-from sedd_jax.training import sharding
-from sedd_jax.training.state import TrainState
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
 CHECKPOINTS = "checkpoints"
-CORRUPT = "checkpoints_corrupt"
 
 
 class CheckpointError(RuntimeError):
@@ -131,7 +115,7 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _shape_changes(step_dir: pathlib.Path, item: str, tree: Any) -> list[str]:
+def saved_shape_changes(step_dir: pathlib.Path, item: str, tree: Any) -> list[str]:
   """'ITEM PATH: saved SHAPE, now SHAPE' for each array of `tree` whose shape differs from the
   one saved in item `item` of `step_dir` (read from orbax's metadata, not the arrays)."""
   saved = _shapes(ocp.StandardCheckpointHandler().metadata(step_dir / item))
@@ -140,7 +124,7 @@ def _shape_changes(step_dir: pathlib.Path, item: str, tree: Any) -> list[str]:
           for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
 
 
-def _abstract(tree: Any, shardings: Any | None = None) -> Any:
+def abstract_arrays(tree: Any, shardings: Any | None = None) -> Any:
   """ShapeDtypeStructs (with shardings when given) for every array leaf of `tree`."""
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
@@ -148,235 +132,16 @@ def _abstract(tree: Any, shardings: Any | None = None) -> Any:
                       shardings)
 
 
-def _pure(state: Any) -> dict:
+def pure_dict(state: Any) -> dict:
   """A pure nested dict of an nnx.State (or a dict unchanged)."""
   return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
 
 
-def _fill(template: nnx.State, pure: dict) -> nnx.State:
+def fill(template: nnx.State, pure: dict) -> nnx.State:
   """A copy of the nnx.State `template` with values from the pure dict `pure`."""
   out = jax.tree.map(lambda x: x, template)
   nnx.replace_by_pure_dict(out, pure)
   return out
-
-
-def encode_data_state(state: Any) -> dict:
-  """A grain iterator state (dict, bytes or None) -> JSON-able dict."""
-  if state is None:
-    return {"encoding": "none", "value": None}
-  if isinstance(state, (bytes, bytearray)):
-    return {"encoding": "utf8", "value": bytes(state).decode("utf-8")}
-  return {"encoding": "json", "value": state}
-
-
-def decode_data_state(d: dict | None) -> Any:
-  """Inverse of `encode_data_state`."""
-  if not d or d.get("encoding") == "none":
-    return None
-  if d["encoding"] == "utf8":
-    return d["value"].encode("utf-8")
-  return d["value"]
-
-
-@dataclasses.dataclass
-class Restored:
-  """What `restore_latest` returns."""
-
-  state: TrainState
-  data_state: Any
-  step: int
-  config: ml_collections.ConfigDict | None
-  path: pathlib.Path
-
-
-class Checkpointer:
-  """Saves and restores TrainStates under `<workdir>/checkpoints` (see the module docstring)."""
-
-  def __init__(self, workdir: str | os.PathLike, keep: int = 3, milestone_every: int = 0,
-               async_save: bool = True):
-    self.workdir = pathlib.Path(workdir).absolute()
-    self.directory = self.workdir / CHECKPOINTS
-    self.keep = int(keep)
-    self.milestone_every = int(milestone_every)
-    self.async_save = async_save
-    self._manager = self._make_manager()
-
-  def _make_manager(self) -> ocp.CheckpointManager:
-    policies = [ocp.checkpoint_managers.LatestN(n=self.keep)]
-    if self.milestone_every > 0:
-      policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=self.milestone_every))
-    options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=self.async_save,
-      cleanup_tmp_directories=True,
-      create=True,
-    )
-    return ocp.CheckpointManager(self.directory, options=options)
-
-  def all_steps(self) -> list[int]:
-    """Steps with a complete checkpoint, ascending."""
-    return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
-
-  def step_path(self, step: int) -> pathlib.Path:
-    return self.directory / str(step)
-
-  def save(self, state: TrainState, data_state: Any, cfg: ml_collections.ConfigDict) -> bool:
-    """Writes a checkpoint at `state.step` (asynchronously); False if that step exists."""
-    step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
-      return False
-    train_meta = {
-      "format": FORMAT,
-      "step": step,
-      "bad_steps": int(jax.device_get(state.bad_steps)),
-      "skipped": int(jax.device_get(state.skipped)),
-      "rng": [int(v) for v in np.asarray(jax.device_get(state.rng)).reshape(-1)],
-    }
-    args = ocp.args.Composite(
-      params=ocp.args.StandardSave(_pure(state.params)),
-      ema=ocp.args.StandardSave(_pure(state.ema)),
-      opt_state=ocp.args.StandardSave(state.opt_state),
-      train=ocp.args.JsonSave(train_meta),
-      data=ocp.args.JsonSave(encode_data_state(data_state)),
-      config=ocp.args.JsonSave(json.loads(config_lib.to_json(cfg))),
-    )
-    self._manager.save(step, args=args, force=True)
-    logger.debug("checkpoint: saving step %d to %s", step, self.step_path(step))
-    return True
-
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
-
-  def close(self) -> None:
-    self._manager.close()
-
-  def shape_changes(self, step: int, template: TrainState) -> list[str]:
-    """The arrays whose saved shape (the checkpoint's metadata) differs from `template`'s, as
-    'params blocks.0.attn_qkv.kernel: saved (32, 96), now (64, 192)'; [] when all match."""
-    return [c for item, tree in (("params", _pure(template.params)),
-                                 ("opt_state", template.opt_state))
-            for c in _shape_changes(self.step_path(step), item, tree)]
-
-  def check_shapes(self, step: int, template: TrainState,
-                   cfg: ml_collections.ConfigDict | None = None) -> None:
-    """Raises ShapeMismatch when step `step`'s saved shapes differ from `template`'s (arrays or
-    ShapeDtypeStructs); the message names the config keys that differ between the checkpoint's
-    config and `cfg` (when given) and what to do. Reads metadata only.
-
-    Raises:
-      UnreadableCheckpoint: a missing item folder or malformed metadata file (`check_files`).
-      ShapeMismatch: see above.
-    """
-    step_dir = self.step_path(step)
-    check_files(step_dir)
-    changes = self.shape_changes(step, template)
-    if not changes:
-      return
-    keys = ""
-    if cfg is not None:
-      differ = config_lib.diff_values(read_config(step_dir), cfg)
-      keys = (" Config keys that differ from the checkpoint's: "
-              + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differ.items()) + ".")
-    raise ShapeMismatch(
-      f"checkpoint {step_dir} holds a model of another shape than this config builds "
-      f"({len(changes)} arrays differ, e.g. {changes[0]}).{keys} To resume this run, use the "
-      "checkpoint's values; to train this config, start over with --fresh (this run's files "
-      "move to <workdir>/old-<time>/) or use another --workdir.")
-
-  def restore(self, step: int, template: TrainState, shardings: TrainState | None = None,
-              cfg: ml_collections.ConfigDict | None = None) -> Restored:
-    """Loads step `step` into the structure of `template` (placed with `shardings`), after
-    `check_shapes(step, template, cfg)` (UnreadableCheckpoint, ShapeMismatch)."""
-    step_dir = self.step_path(step)
-    self.check_shapes(step, template, cfg)
-    sh = shardings if shardings is not None else TrainState(*([None] * 7))
-    params_t = _abstract(_pure(template.params),
-                         None if sh.params is None else _pure(sh.params))
-    ema_t = _abstract(_pure(template.ema), None if sh.ema is None else _pure(sh.ema))
-    opt_t = _abstract(template.opt_state, sh.opt_state)
-    r = self._manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(params_t),
-      ema=ocp.args.StandardRestore(ema_t),
-      opt_state=ocp.args.StandardRestore(opt_t),
-      train=ocp.args.JsonRestore(),
-      data=ocp.args.JsonRestore(),
-      config=ocp.args.JsonRestore(),
-    ))
-    meta = r.train
-    if meta.get("format") != FORMAT or meta.get("step") != step:
-      raise UnreadableCheckpoint(f"{step_dir / 'train'}: {meta!r} does not match step {step} / "
-                                 f"format {FORMAT}")
-
-    def scalar(v, s):
-      a = jnp.asarray(v, jnp.int32)
-      return sharding.put_global(a, s) if s is not None else a
-
-    rng = np.asarray(meta["rng"], np.uint32).reshape(np.shape(template.rng))
-    state = TrainState(
-      step=scalar(step, sh.step),
-      params=_fill(template.params, r.params) if isinstance(template.params, nnx.State)
-      else r.params,
-      opt_state=r.opt_state,
-      ema=_fill(template.ema, r.ema) if isinstance(template.ema, nnx.State) else r.ema,
-      rng=sharding.put_global(rng, sh.rng) if sh.rng is not None else jnp.asarray(rng),
-      bad_steps=scalar(meta["bad_steps"], sh.bad_steps),
-      skipped=scalar(meta["skipped"], sh.skipped),
-    )
-    cfg = config_lib.from_dict(r.config) if r.config else None
-    return Restored(state=state, data_state=decode_data_state(r.data), step=step, config=cfg,
-                    path=self.step_path(step))
-
-  def restore_latest(self, template: TrainState, shardings: TrainState | None = None,
-                     cfg: ml_collections.ConfigDict | None = None) -> Restored | None:
-    """The newest checkpoint that loads; None if there is none. Unreadable ones are reported
-    and, once an older one has loaded, moved aside to `<workdir>/checkpoints_corrupt/`; any other
-    error (ShapeMismatch, I/O, memory) is raised at once and nothing is moved. `cfg`, the
-    config of this start, lets ShapeMismatch name the keys that differ."""
-    steps = self.all_steps()
-    if not steps:
-      return None
-    failed: list[tuple[int, str]] = []
-    for step in reversed(steps):
-      try:
-        restored = self.restore(step, template, shardings, cfg)
-      except Exception as e:
-        reason = unreadable_reason(e)
-        if reason is None:
-          raise
-        logger.error("checkpoint at step %d (%s) cannot be read: %s; trying the previous one",
-                     step, self.step_path(step), reason)
-        failed.append((step, reason))
-        continue
-      if failed:
-        self._move_aside([s for s, _ in failed])
-      return restored
-    details = "; ".join(f"step {s} ({self.step_path(s)}): {m}" for s, m in failed)
-    raise CheckpointError(f"no checkpoint in {self.directory} could be read ({details}); nothing "
-                          "was moved. Start over with --fresh (the files move to "
-                          "<workdir>/old-<time>/) or use another --workdir.")
-
-  def _move_aside(self, steps: list[int]) -> None:
-    if jax.process_index() == 0:
-      stamp = time.strftime("%Y%m%d-%H%M%S")
-      dest_root = self.workdir / CORRUPT
-      dest_root.mkdir(parents=True, exist_ok=True)
-      for step in steps:
-        src = self.step_path(step)
-        dest = dest_root / f"{step}-{stamp}"
-        shutil.move(str(src), str(dest))
-        logger.error("moved unusable checkpoint %s to %s", src, dest)
-    sharding.barrier("sedd_jax.checkpoint: unusable checkpoints moved aside")
-    self._manager.close()
-    self._manager = self._make_manager()
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference checkpoints.
 
 
 def _composite_checkpointer() -> ocp.Checkpointer:
@@ -394,8 +159,8 @@ def save_inference_checkpoint(path: str | os.PathLike, params: Any,
   ema = params if ema is None else ema
   ckpt = _composite_checkpointer()
   ckpt.save(path, args=ocp.args.Composite(
-    params=ocp.args.StandardSave(_pure(params)),
-    ema=ocp.args.StandardSave(_pure(ema)),
+    params=ocp.args.StandardSave(pure_dict(params)),
+    ema=ocp.args.StandardSave(pure_dict(ema)),
     config=ocp.args.JsonSave(json.loads(config_lib.to_json(cfg))),
   ))
 
@@ -481,7 +246,7 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       _, params_t, _ = nnx.split(model, nnx.Param, ...)
       item = "ema" if use_ema and (step_dir / "ema").is_dir() else "params"
       check_files(step_dir, (item,))
-      changes = _shape_changes(step_dir, item, nnx.to_pure_dict(params_t))
+      changes = saved_shape_changes(step_dir, item, nnx.to_pure_dict(params_t))
       if changes:
         raise ShapeMismatch(f"checkpoint {step_dir}: its {item} weights are of another model "
                             f"shape than its config builds ({len(changes)} arrays differ, e.g. "
@@ -490,10 +255,10 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       # (e.g. trained on 8 devices, sampled on 1), which orbax's saved shardings would need.
       pure = nnx.to_pure_dict(params_t)
       one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = _abstract(pure, jax.tree.map(lambda _: one, pure))
+      target = abstract_arrays(pure, jax.tree.map(lambda _: one, pure))
       restored = _composite_checkpointer().restore(
         step_dir, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
-      nnx.update(model, _fill(params_t, restored[item]))
+      nnx.update(model, fill(params_t, restored[item]))
       model.eval()
       logger.info("loaded %s weights from %s", item, step_dir)
       return model, cfg, graph, noise

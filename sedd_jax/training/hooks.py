@@ -17,6 +17,7 @@ import logging
 import jax
 import numpy as np
 
+from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training.run import Run
 
 logger = logging.getLogger("sedd_jax.train")
@@ -64,6 +65,9 @@ def log_train(run: Run) -> None:
   row = summarize(vals)
   row.update(run.meter.measure(run.step))
   row["eta_s"] = row["step_time"] * (run.total - run.step)
+  peak = metrics_lib.peak_memory_gib()
+  if peak is not None:
+    row["peak_gib"] = peak
   run.writer.train(run.step, row)
 
 

@@ -25,6 +25,7 @@ import ml_collections
 from sedd_jax import config as config_lib
 from sedd_jax.data import pipeline
 from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
 from sedd_jax.training import hooks
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import runtime
@@ -51,7 +52,7 @@ class Result:
   reason: str
 
 
-def _check_resume_shapes(ckpt: ckpt_lib.Checkpointer, latest: int | None,
+def _check_resume_shapes(ckpt: checkpointer.Checkpointer, latest: int | None,
                          cfg: ml_collections.ConfigDict, task: task_lib.Task) -> None:
   """ShapeMismatch (naming the keys) when the newest checkpoint has another model shape."""
   if latest is None:
@@ -92,7 +93,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
     runtime.prepare_workdir(workdir, fresh)
   sharding.barrier("sedd_jax.train: workdir and data ready")
   total = int(cfg.training.steps)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.training.keep,
+  ckpt = checkpointer.Checkpointer(workdir, keep=cfg.training.keep,
                                milestone_every=cfg.training.milestone_every)
   latest = ckpt.latest_step()
   if latest is not None and latest >= total:

@@ -2,10 +2,11 @@
 
 * Console (`logging`, logger `sedd_jax.train`): one line per `log_every` steps, e.g.
   `step 200/600 | loss 41.27 (2.95/tok) | lr 2.00e-03 | gnorm 3.1 | 12,345 tok/s |
-  0.21 s/step | ETA 1m24s | skipped 0`.
+  0.21 s/step | ETA 1m24s | skipped 0` (and `| peak 30.6 GiB` where devices report memory).
 * `<workdir>/metrics.jsonl`: one JSON object per line, `{"kind": "train" | "eval" | "event",
   "step": int, "time": unix seconds, ...}`; train rows hold loss, loss_per_token, lr, grad_norm,
-  tokens_per_s (padded B*L tokens per second), real_tokens_per_s, step_time, skipped; eval rows
+  tokens_per_s (padded B*L tokens per second), real_tokens_per_s, step_time, skipped, and on
+  GPUs peak_gib (the highest peak of device memory in use among the process's devices); eval rows
   hold valid_loss and valid_loss_per_token (EMA weights). A resumed run appends.
 * wandb: mode from `cfg.wandb.mode` (offline by default; `disabled` skips it; online is the
   user's choice). WANDB_MODE is set to the same value, so offline never touches the network. The
@@ -26,6 +27,7 @@ import time
 import uuid
 from typing import Any, Iterable
 
+import jax
 import ml_collections
 
 logger = logging.getLogger("sedd_jax.train")
@@ -56,7 +58,18 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
            f"{m.get('step_time', 0.0):.3f} s/step",
            f"ETA {format_duration(m.get('eta_s', float('nan')))}",
            f"skipped {int(m.get('skipped', 0))}"]
+  if "peak_gib" in m:
+    parts.append(f"peak {m['peak_gib']:.1f} GiB")
   return " | ".join(parts)
+
+
+def peak_memory_gib(devices=None) -> float | None:
+  """The highest `peak_bytes_in_use` among `devices` (default: this process's) in GiB, or None
+  where the backend reports no memory statistics (CPUs)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use")
+           for d in (jax.local_devices() if devices is None else devices)]
+  peaks = [p for p in peaks if p]
+  return max(peaks) / 2**30 if peaks else None
 
 
 class Throughput:

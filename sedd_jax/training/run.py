@@ -19,7 +19,7 @@ import numpy as np
 
 from sedd_jax import config as config_lib
 from sedd_jax.data import pipeline
-from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import runtime
 from sedd_jax.training import step as step_lib
@@ -60,7 +60,7 @@ class Run:
   workdir: pathlib.Path
   primary: bool
   built: step_lib.Setup
-  ckpt: ckpt_lib.Checkpointer
+  ckpt: checkpointer.Checkpointer
   state: Any
   step: int
   total: int
@@ -94,7 +94,7 @@ class Run:
     return jax.random.PRNGKey(int(self.cfg.seed) + 4)
 
 
-def restore(ckpt: ckpt_lib.Checkpointer, built: step_lib.Setup,
+def restore(ckpt: checkpointer.Checkpointer, built: step_lib.Setup,
             cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """(state, data state) of the newest loadable checkpoint, or the step-0 state and None."""
   restored = ckpt.restore_latest(built.state, built.shardings, cfg)
@@ -135,7 +135,7 @@ def _log_start(built: step_lib.Setup, devices: Sequence[Any], step: int, total: 
 
 
 def build_run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, primary: bool,
-              ckpt: ckpt_lib.Checkpointer, task: task_lib.Task, devices: Sequence[Any],
+              ckpt: checkpointer.Checkpointer, task: task_lib.Task, devices: Sequence[Any],
               stop_after: int | None, compiler_options: dict | None,
               cache: CompileCache) -> Run:
   """Model, restored state, data, compiled steps and writers of a job (see the module doc)."""

@@ -109,12 +109,12 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
               keys: Sequence[str] | None = None) -> dict[str, Array]:
   """The global batch `batch[k]` (B, ...) for k in `keys` (default all of `batch`'s; the
   training job passes `task.batch_keys`), the same on every process -> arrays sharded over
-  'data' on their first axis; each device receives only its rows (any number of processes)."""
-  out = {}
-  for k in batch if keys is None else keys:
-    host = np.asarray(batch[k])
-    if host.shape[0] % sharding.mesh.shape[AXIS]:
-      raise ValueError(f"batch[{k!r}] has {host.shape[0]} rows, not a multiple of the "
-                       f"{sharding.mesh.shape[AXIS]} devices of the mesh")
-    out[k] = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
-  return out
+  'data' on their first axis (`put_global`); each device receives only its rows (any number of
+  processes). ValueError naming the key when B is not a multiple of the mesh's devices."""
+  host = {k: np.asarray(batch[k]) for k in (batch if keys is None else keys)}
+  n = sharding.mesh.shape[AXIS]
+  for k, x in host.items():
+    if x.shape[0] % n:
+      raise ValueError(f"batch[{k!r}] has {x.shape[0]} rows, not a multiple of the {n} devices "
+                       "of the mesh")
+  return put_global(host, {k: sharding for k in host})

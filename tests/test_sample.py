@@ -1,14 +1,13 @@
-"""python -m sedd_jax.sample: determinism, headers, conditioning flags, report, bad input."""
+"""python -m sedd_jax.sample: determinism, headers, conditioning flags, sampler flags
+(first_hitting, draw, remask; checked by the sampler), report, bad input."""
 
 import functools
 import json
 import logging
 
 import pytest
-from flax import nnx
 
-from helpers import (MICRO_MODEL, UNIREF50, cli_fails, load_config, read_records, sample_config,
-                     save_checkpoint)
+from helpers import UNIREF50, cli_fails, read_records, sample_config, save_checkpoint
 from sedd_jax import sample as sample_cli
 from sedd_jax.data import tokenizers
 from sedd_jax.training import checkpoint as ckpt_lib
@@ -148,23 +147,22 @@ def test_help_describes_the_conditioning_flags(capsys):
     assert phrase in text, phrase
 
 
-def test_protein_ligand_flags_are_checked_before_the_model_is_loaded(tmp_path, caplog,
-                                                                      monkeypatch):
-  from sedd_jax.protein_ligand import model as pl_model
-
-  cfg = load_config("protein_ligand.py:tiny", {
-      **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "ligand.graph.tokens": 40})
-  model = pl_model.build_model(cfg, nnx.Rngs(0))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  ckpt_lib.save_inference_checkpoint(tmp_path / "pl" / "checkpoints" / "0", params, cfg)
-
-  def no_load(*args, **kwargs):
-    raise AssertionError("the model was loaded before the flags were checked")
-
-  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
-  base = ["--workdir", str(tmp_path / "pl"), "--out", str(tmp_path / "l.smi")]
-  _fails(base + ["--motif", "MKV@0"], caplog, "--motif does not apply to protein-ligand")
-  _fails(base + ["--ligand-length", "49"], caplog, "--ligand-length 49 must lie in [1, 48]")
-  _fails(base + ["--proteins", str(tmp_path / "none.fasta")], caplog, "does not exist")
-  _fails(base + ["--task", "protein_given_ligand", "--length", "65"], caplog,
-         "--length 65 must lie in [1, 64]")
+def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
+  base = ["--workdir", str(workdir), "--num", "3", "--length", "12", "--batch-size", "3"]
+  assert sample_cli.main(base + ["--predictor", "first_hitting", "--draw", "reference",
+                                 "--remask", "0.5", "--prefix", "MK",
+                                 "--out", str(tmp_path / "f.fasta")]) == 0
+  recs = read_records(tmp_path / "f.fasta")
+  assert len(recs) == 3
+  for head, seq in recs:
+    assert len(seq) == 12 and seq.startswith("MK") and set(seq) <= STANDARD
+    assert "predictor=first_hitting" in head and "draw=reference" in head
+  assert sample_cli.main(base + ["--steps", "4", "--remask", "0.2",
+                                 "--out", str(tmp_path / "r.fasta")]) == 0
+  assert all("remask=0.2" in h for h, _ in read_records(tmp_path / "r.fasta"))
+  out = ["--out", str(tmp_path / "x.fasta")]
+  _fails(base + out + ["--predictor", "euler", "--remask", "0.1"], caplog,
+         "--remask needs the analytic or first_hitting predictor")
+  _fails(base + out + ["--remask", "1.5"], caplog, "--remask must be in [0, 1]")
+  _fails(base + out + ["--predictor", "first_hitting", "--cached"], caplog,
+         "--predictor first_hitting needs the absorbing graph and no cache")

@@ -1,5 +1,6 @@
-"""python -m sedd_jax.evaluate: outputs, determinism, bad input, and (slow, not timed) a briefly
-trained tiny model whose ELBO beats the unigram baseline on held-out data."""
+"""python -m sedd_jax.evaluate: outputs, determinism, bad input, masked pseudo-perplexity and
+bits per residue, and (slow, not timed) a briefly trained tiny model whose ELBO beats the
+unigram baseline on held-out data."""
 
 import json
 import logging
@@ -194,3 +195,27 @@ def test_short_peptides_are_packed():
 
   assert padding(rows) < 0.1 < 0.3 < padding(full)
   assert len(rows["tokens"]) < len(seqs) // 5
+
+
+def test_pseudo_perplexity_and_bits(workdir, tmp_path, capsys, caplog):
+  fa = tmp_path / "e.fasta"
+  fa.write_text(">a\nMKVLAAGGSTEEKK\n>b\nMKVLSTTTAAGW\n>c\nMSTAKVLLQEGHWWRRT\n")
+  path = tmp_path / "e.json"
+  assert evaluate_cli.main(["--workdir", str(workdir), "--fasta", str(fa), "--num-samples", "2",
+                            "--pppl-samples", "8", "--batch-size", "2", "--baseline-fasta",
+                            str(fa), "--out", str(path)]) == 0
+  r = json.loads(path.read_text())
+  assert r["bits_per_residue"] == pytest.approx(r["nelbo_per_token"] / math.log(2))
+  assert r["unigram_bits_per_residue"] == pytest.approx(r["unigram_nll_per_token"] / math.log(2))
+  p = r["pseudo_perplexity"]
+  assert p["mask_frac"] == 0.15
+  # 8 draws of 43 tokens at 15%: 51.6 masked tokens expected (sd 6.6).
+  assert 25 < p["masked_tokens"] < 80
+  assert p["pseudo_perplexity"] == pytest.approx(math.exp(p["masked_nll_per_token"]))
+  assert p["masked_bits_per_residue"] == pytest.approx(p["masked_nll_per_token"] / math.log(2))
+  assert p["masked_nll_per_token"] > 0
+  out = capsys.readouterr().out
+  assert "15%-masked pseudo-perplexity" in out and "bits/residue" in out
+  _fails_eval = ["--workdir", str(workdir), "--fasta", str(fa), "--out", str(path)]
+  assert evaluate_cli.main(_fails_eval + ["--mask-frac", "1.0"]) == 2
+  assert "--mask-frac must be in (0, 1)" in caplog.text

@@ -1,0 +1,188 @@
+"""The run's Checkpointer: round trip, retention with milestones, shape check, corrupt fallback."""
+
+import errno
+import logging
+import pathlib
+import re
+
+import pytest
+from flax import nnx
+
+from helpers import assert_trees_equal, checkpoint_config, state_at
+from sedd_jax import config as config_lib
+from sedd_jax import diffusion
+from sedd_jax.training import checkpoint as ckpt_lib
+from sedd_jax.training import checkpointer
+from sedd_jax.training import state as state_lib
+
+# A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def test_roundtrip_all_contents(tmp_path, micro_state):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path, keep=3)
+  s3 = state_at(state, 3)
+  data_state = {"position": 17, "buckets": [[1, 2]], "leftovers": None}
+  assert ck.save(s3, data_state, cfg)
+  assert not ck.save(s3, data_state, cfg)  # same step: not written twice
+  ck.wait()
+  r = ck.restore_latest(state)
+  assert r.step == 3 and r.data_state == data_state
+  assert config_lib.diff(r.config, cfg) == []
+  assert_trees_equal(r.state, s3)
+  assert int(r.state.skipped) == 1
+  ck.close()
+  # Documented layout.
+  step_dir = tmp_path / "checkpoints" / "3"
+  for item in ("params", "ema", "opt_state", "train", "data", "config"):
+    assert (step_dir / item).is_dir(), item
+  raw = ckpt_lib.read_items(step_dir)
+  assert raw["train"]["step"] == 3 and raw["train"]["format"] == checkpointer.FORMAT
+  assert_trees_equal(raw["params"], nnx.to_pure_dict(s3.params))
+
+
+def test_bytes_data_state(tmp_path, micro_state):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path)
+  ck.save(state_at(state, 1), b'{"a": 1}', cfg)
+  ck.wait()
+  assert ck.restore_latest(state).data_state == b'{"a": 1}'
+  ck.close()
+
+
+def test_keep_last_n_plus_milestones(tmp_path, micro_state):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path, keep=2, milestone_every=4, async_save=False)
+  for step in range(1, 11):
+    ck.save(state_at(state, step), None, cfg)
+  ck.wait()
+  assert ck.all_steps() == [4, 8, 9, 10]
+  ck.close()
+
+
+def _corrupt(step_dir: pathlib.Path):
+  """Garbles every file of the params item (as a torn write or a bad disk would)."""
+  for f in (step_dir / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x00garbage")
+
+
+def test_corrupt_latest_falls_back(tmp_path, micro_state, caplog):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path, keep=5)
+  for step in (1, 2):
+    ck.save(state_at(state, step), {"position": step}, cfg)
+  ck.wait()
+  _corrupt(tmp_path / "checkpoints" / "2")
+  # A half-written checkpoint (orbax's temporary folder) is ignored.
+  (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234").mkdir()
+  with caplog.at_level(logging.ERROR):
+    r = ck.restore_latest(state)
+  assert r.step == 1 and r.data_state == {"position": 1}
+  assert_trees_equal(r.state, state_at(state, 1))
+  assert "step 2" in caplog.text and str(tmp_path / "checkpoints" / "2") in caplog.text
+  moved = list((tmp_path / checkpointer.CORRUPT).iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["2"]
+  assert ck.all_steps() == [1]
+  # Training goes on: step 2 can be written again.
+  assert ck.save(state_at(state, 2, seed=7), None, cfg)
+  ck.wait()
+  assert ck.restore_latest(state).step == 2
+  ck.close()
+
+
+def test_all_corrupt_raises_and_moves_nothing(tmp_path, micro_state):
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path)
+  ck.save(state_at(state, 1), None, cfg)
+  ck.wait()
+  _corrupt(tmp_path / "checkpoints" / "1")
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 1"):
+    ck.restore_latest(state)
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+  ck.close()
+
+
+def test_changed_model_shape_names_the_keys_and_moves_nothing(tmp_path, micro_state, caplog):
+  """A config of another model shape: one error naming the arrays and the config keys that
+  differ, with what to do; no restore is attempted (no error logged) and nothing is moved."""
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path)
+  ck.save(state_at(state, 1), None, cfg)
+  ck.wait()
+  other = checkpoint_config()
+  other.model.hidden_size = 64
+  other.training.steps = 7
+  graph = diffusion.get_graph(other.graph)
+  _, p2, _ = state_lib.split_model(state_lib.build_model(other, graph))
+  with caplog.at_level(logging.ERROR), pytest.raises(ckpt_lib.ShapeMismatch) as err:
+    ck.restore_latest(state_lib.init_state(other, p2), cfg=other)
+  msg = str(err.value)
+  # adaLN_modulation.bias has 6 * hidden_size entries.
+  assert "arrays differ, e.g. params blocks.0.adaLN_modulation.bias: saved (192,), now (384,))" in msg
+  assert ("differ from the checkpoint's: model.hidden_size (saved 32, now 64), "
+          "training.steps (saved 600, now 7).") in msg
+  assert "--fresh" in msg and "--workdir" in msg
+  assert caplog.records == []
+  assert ck.all_steps() == [1] and not (tmp_path / checkpointer.CORRUPT).exists()
+  ck.close()
+
+
+@pytest.mark.parametrize("error", [
+  OSError(errno.EIO, "Input/output error"),
+  MemoryError("out of memory"),
+  ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 bytes"),
+  RuntimeError("restore failed"),
+], ids=["eio", "memory", "resource_exhausted", "runtime"])
+def test_errors_other_than_unreadable_files_stop_and_move_nothing(tmp_path, micro_state, error):
+  """Only a checkpoint that is really unreadable falls back; a transient I/O error or an
+  out-of-memory while reading the newest one is raised, and no checkpoint is moved aside."""
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path, keep=5)
+  for step in (1, 2):
+    ck.save(state_at(state, step), None, cfg)
+  ck.wait()
+  real_restore = ck._manager.restore
+
+  def failing_restore(step, *args, **kwargs):
+    if step == 2:
+      try:
+        raise error
+      except Exception as e:  # as orbax wraps TensorStore's errors
+        raise Exception("Encountered error while reading array index") from e
+    return real_restore(step, *args, **kwargs)
+
+  ck._manager.restore = failing_restore
+  with pytest.raises(Exception, match="Encountered error") as err:
+    ck.restore_latest(state)
+  assert err.value.__cause__ is error
+  assert ck.all_steps() == [1, 2] and not (tmp_path / checkpointer.CORRUPT).exists()
+  ck.close()
+
+
+def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, micro_state,
+                                                                      caplog):
+  """Truncated array data and malformed metadata: the log names the file and the problem, with
+  no TensorStore repr."""
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path, keep=5)
+  for step in (1, 2, 3):
+    ck.save(state_at(state, step), None, cfg)
+  ck.wait()
+  for f in (tmp_path / "checkpoints" / "3" / "params" / "ocdbt.process_0" / "d").iterdir():
+    f.write_bytes(f.read_bytes()[:5])  # truncated
+  (tmp_path / "checkpoints" / "2" / "opt_state" / "_METADATA").write_text('{"tree_metadata": ')
+  with caplog.at_level(logging.ERROR):
+    r = ck.restore_latest(state)
+  assert r.step == 1
+  lines = [rec.getMessage() for rec in caplog.records if "cannot be read" in rec.getMessage()]
+  assert len(lines) == 2
+  assert re.search(r"step 3 .*OUT_OF_RANGE: Error reading \"blocks\.0\..*\" in OCDBT database at "
+                   rf"local file \"{tmp_path}/checkpoints/3/params/\": .*not valid", lines[0])
+  assert (f"step 2 ({tmp_path}/checkpoints/2) cannot be read: {tmp_path}/checkpoints/2/opt_state/"
+          "_METADATA is not valid JSON") in lines[1]
+  assert "TensorStore(" not in caplog.text and "bound method" not in caplog.text
+  moved = (tmp_path / checkpointer.CORRUPT).iterdir()
+  assert sorted(p.name.split("-")[0] for p in moved) == ["2", "3"]
+  ck.close()

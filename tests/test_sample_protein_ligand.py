@@ -1,0 +1,84 @@
+"""The protein-ligand half of python -m sedd_jax.sample: flag checks against the config (before
+the model is loaded), the chunked driver's keys and trimming, and the validity report file."""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import MICRO_MODEL, cli_fails, load_config
+from sedd_jax import sample as sample_cli
+from sedd_jax import sample_protein_ligand as pl_sample
+from sedd_jax.cli import CliError
+from sedd_jax.protein_ligand import model as pl_model
+from sedd_jax.training import checkpoint as ckpt_lib
+
+CFG = load_config("protein_ligand.py:tiny", {
+    **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "ligand.graph.tokens": 40})
+_fails = functools.partial(cli_fails, sample_cli.main)
+
+
+def _args(*flags):
+  return sample_cli.build_parser().parse_args(["--workdir", "w", "--out", "o", *flags])
+
+
+def test_task_and_the_flags_that_do_not_apply():
+  assert pl_sample.check_protein_ligand_args(_args(), CFG) == CFG.sampling.task
+  assert pl_sample.check_protein_ligand_args(_args("--task", "joint"), CFG) == "joint"
+  for flags, match in ((["--task", "joint", "--guidance", "2"], "not joint"),
+                       (["--task", "joint", "--proteins", "p.fa"], "joint does not take them"),
+                       (["--predictor", "first_hitting"], "are for protein checkpoints"),
+                       (["--remask", "0.5"], "are for protein checkpoints"),
+                       (["--cached"], "--cached does not apply"),
+                       (["--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["--steps", "0"], "--steps must be >= 1; got 0")):
+    with pytest.raises(CliError, match=match):
+      pl_sample.check_protein_ligand_args(_args(*flags), CFG)
+
+
+def test_run_batches_keys_chunks_and_trims():
+  seen = []
+
+  def draw(key, idx):
+    seen.append((np.asarray(jax.random.key_data(key)), idx.copy()))
+    return idx * 10, idx[:, None] + np.zeros((1, 2), int)
+
+  a, b = pl_sample.run_batches(5, 2, seed=4, t_start=0.0, draw=draw)
+  np.testing.assert_array_equal(a, np.arange(5) * 10)  # in order, the padding trimmed
+  assert b.shape == (5, 2)
+  assert [i.tolist() for _, i in seen] == [[0, 1], [2, 3], [4, 4]]  # one shape: filled up
+  for c, (k, _) in enumerate(seen):  # chunk c draws with fold_in(key(seed), c)
+    np.testing.assert_array_equal(k, jax.random.key_data(
+        jax.random.fold_in(jax.random.key(4), c)))
+
+
+def test_write_validity_records_settings_and_every_sample(tmp_path):
+  out = tmp_path / "x.smi"
+  report = pl_sample.write_validity(out, ["CCO", "C(C"], ["a", "b"], [3, 3], {"seed": 7},
+                                    "grammar", 0.0, references=["CC", "CN"])
+  saved = json.loads(out.with_suffix(".validity.json").read_text())
+  assert saved == report and saved["seed"] == 7 and saved["checker"] == "grammar"
+  assert saved["num_valid"] == 1 and saved["validity"] == 0.5
+  assert saved["samples"][1] == {"name": "b", "smiles": "C(C", "valid": False, "length": 3,
+                                 "reference": "CN"}
+
+
+def test_flags_are_checked_before_the_model_is_loaded(tmp_path, caplog, monkeypatch):
+  cfg = CFG
+  model = pl_model.build_model(cfg, nnx.Rngs(0))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  ckpt_lib.save_inference_checkpoint(tmp_path / "pl" / "checkpoints" / "0", params, cfg)
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
+  base = ["--workdir", str(tmp_path / "pl"), "--out", str(tmp_path / "l.smi")]
+  _fails(base + ["--motif", "MKV@0"], caplog, "--motif does not apply to protein-ligand")
+  _fails(base + ["--ligand-length", "49"], caplog, "--ligand-length 49 must lie in [1, 48]")
+  _fails(base + ["--proteins", str(tmp_path / "none.fasta")], caplog, "does not exist")
+  _fails(base + ["--task", "protein_given_ligand", "--length", "65"], caplog,
+         "--length 65 must lie in [1, 64]")
