@@ -270,8 +270,7 @@ def unigram_nll(cfg, train, eval_tokens) -> float | None:
   from sedd_jax.sampling import likelihood
 
   if train is None:
-    found = reference.training_sequences(cfg)
-    train = found[0] if found is not None else None
+    train = reference.training_tokens(cfg)
   if train is None:
     logger.warning("no training data for the unigram baseline (give --baseline-fasta)")
     return None

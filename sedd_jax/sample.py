@@ -189,11 +189,11 @@ def _file_plan(args, mode: str, num: int, max_length: int) -> Plan:
 def _plan_lengths(args, cfg, num: int, max_length: int, rng) -> np.ndarray:
   """(N,) int32 lengths of --length, --lengths FILE or --lengths from-data."""
   if args.lengths == "from-data":
-    data = reference.training_sequences(cfg)
-    if data is None:
+    split = reference.training_split(cfg)
+    if split is None:
       raise CliError("--lengths from-data: no prepared training data at "
                      f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
-    return np.minimum(rng.choice(data[1], num), max_length).astype(np.int32)
+    return np.minimum(rng.choice(split.lengths, num), max_length).astype(np.int32)
   if args.lengths:
     path = pathlib.Path(args.lengths)
     if not path.is_file():
@@ -345,7 +345,7 @@ def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path) -> None:
                    cfg.data.prepared)
     ref = []
   else:
-    ref = [tok.decode(a) for a in data[0]]
+    ref = [tok.decode(a) for a in data]
   report.write_report(seqs, ref, out.with_suffix(".report.json"), out.with_suffix(".report.png"))
 
 

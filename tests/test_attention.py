@@ -5,33 +5,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import qkv, real_positions
 from sedd_jax.model import attention
 
 # jit-compiled entry point: one compilation per call site instead of op-by-op dispatch
 attend = jax.jit(attention.dot_product_attention, static_argnames=("backend", "chunk"))
 
 
-def _qkv(b, l, h, d, seed=0, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  return [jax.random.normal(k, (b, l, h, d), jnp.float32).astype(dtype) for k in ks]
-
-
-def _real(lengths, l):
-  """(B, L, 1, 1) float mask of real (query) positions."""
-  return (jnp.arange(l)[None, :] < lengths[:, None]).astype(jnp.float32)[:, :, None, None]
-
-
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 def test_padded_keys_do_not_matter(backend):
   l = 24
-  q, k, v = _qkv(2, l, 2, 8)
+  q, k, v = qkv(2, l, 2, 8)
   lengths = jnp.array([l, 9], jnp.int32)
   pad = (jnp.arange(l)[None, :] >= lengths[:, None])[:, :, None, None]
   k2 = jnp.where(pad, 1e3, k)
   v2 = jnp.where(pad, -7e2, v)
   a = attend(q, k, v, lengths, backend=backend, chunk=8)
   b = attend(q, k2, v2, lengths, backend=backend, chunk=8)
-  real = _real(lengths, l)
+  real = real_positions(lengths, l)
   np.testing.assert_allclose(a * real, b * real, atol=1e-6, rtol=0)
   # and equal to attending over the real prefix alone
   short = attend(q[1:, :9], k[1:, :9], v[1:, :9], None,
@@ -41,7 +32,7 @@ def test_padded_keys_do_not_matter(backend):
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 def test_no_lengths_is_full_length_and_empty_rows_are_zero(backend):
-  q, k, v = _qkv(2, 12, 2, 4)
+  q, k, v = qkv(2, 12, 2, 4)
   full = attend(q, k, v, None, backend=backend, chunk=5)
   same = attend(q, k, v, jnp.array([12, 12]), backend=backend, chunk=5)
   np.testing.assert_allclose(full, same, atol=1e-6, rtol=0)
@@ -51,7 +42,7 @@ def test_no_lengths_is_full_length_and_empty_rows_are_zero(backend):
 
 
 def test_matches_jax_reference_attention():
-  q, k, v = _qkv(2, 16, 2, 8)
+  q, k, v = qkv(2, 16, 2, 8)
   lengths = jnp.array([16, 11], jnp.int32)
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
     want = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
@@ -62,7 +53,7 @@ def test_matches_jax_reference_attention():
 
 
 def test_bf16_inputs_keep_dtype():
-  q, k, v = _qkv(1, 20, 2, 8, dtype=jnp.bfloat16)
+  q, k, v = qkv(1, 20, 2, 8, dtype=jnp.bfloat16)
   for backend in ("xla", "chunked", "cudnn"):  # cudnn falls back on CPU
     out = attend(q, k, v, None, backend=backend, chunk=8)
     assert out.dtype == jnp.bfloat16, backend
@@ -80,7 +71,7 @@ def test_backend_selection_on_cpu():
 
 
 def test_shape_errors_name_the_shapes():
-  q, k, v = _qkv(2, 8, 2, 4)
+  q, k, v = qkv(2, 8, 2, 4)
   with pytest.raises(ValueError, match=r"\(2, 8, 8\)"):
     attention.dot_product_attention(q.reshape(2, 8, 8), k, v, None, backend="xla")
   with pytest.raises(ValueError, match=r"lengths must be \(B,\)"):
@@ -103,7 +94,7 @@ def _packed_row(lens, width):
 def test_segments_isolate_sequences_forward_and_grad(backend):
   lens, width = (7, 12, 3), 26  # 4 padding positions at the end
   seg = _packed_row(lens, width)
-  q, k, v = _qkv(1, width, 2, 8, seed=3)
+  q, k, v = qkv(1, width, 2, 8, seed=3)
   w = jax.random.normal(jax.random.key(9), q.shape) * (seg != 0)[..., None, None]
 
   def f(q, k, v):
@@ -138,6 +129,6 @@ def test_segment_offsets_describe_contiguous_segments():
 
 
 def test_segment_ids_shape_is_checked():
-  q, k, v = _qkv(2, 8, 2, 4)
+  q, k, v = qkv(2, 8, 2, 4)
   with pytest.raises(ValueError, match=r"segment_ids must be \(B, L\)"):
     attention.dot_product_attention(q, k, v, segment_ids=jnp.ones((2, 7), jnp.int32))

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
+from helpers import pipeline_config
 from sedd_jax.data import batching, pipeline, store
-from test_pipeline import _cfg  # noqa: E402  (tests/ is on sys.path)
-from test_pipeline import root  # noqa: E402, F401  (fixture)
 
 
 class _Stream:
@@ -75,8 +74,8 @@ def test_a_restored_state_yields_the_same_remaining_batches():
     _batches(stream, (4, 12), "bucket", state=state)
 
 
-def test_bucket_widths_and_lower_padding(root):
-  cfg = _cfg(root, length=512)
+def test_bucket_widths_and_lower_padding(faa_store):
+  cfg = pipeline_config(faa_store, length=512)
   it = pipeline.make_iterator(cfg, "train", 4, seed=0, pad_to="bucket")
   bounds = batching.default_boundaries(512)
   assert bounds == (64, 128, 256, 384, 512)
@@ -91,12 +90,12 @@ def test_bucket_widths_and_lower_padding(root):
   assert len(widths) > 1
 
 
-def test_measured_padding_over_one_pass_matches_the_formula(root):
+def test_measured_padding_over_one_pass_matches_the_formula(faa_store):
   """One pass over the split: width L for every row gives exactly `padding_fraction(lengths, L)`;
   buckets give what the emitted batches hold, at least the formula's (the leftovers at the end
   of the pass are padded to their longest row's bucket) and less than width L."""
-  cfg = _cfg(root, length=512)
-  lengths = np.minimum(store.open_store(root, "train").lengths, 512)  # longer ones are cropped
+  cfg = pipeline_config(faa_store, length=512)
+  lengths = np.minimum(store.open_store(faa_store, "train").lengths, 512)  # longer ones are cropped
   assert lengths.min() < 64 < lengths.max() == 512  # several buckets and crops in use
   full = pipeline.make_iterator(cfg, "train", 4, seed=0, num_epochs=1)
   rows = sum(b["tokens"].shape[0] for b in full)

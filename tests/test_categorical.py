@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from helpers import rkey
 from sedd_jax import diffusion
-
-
-def rkey(seed):
-  """A PRNG key. The functions under test work with any key implementation; `rbg` keys compile
-  their draws ~10x faster than threefry on the CPU, which keeps these tests quick."""
-  return jax.random.key(seed, impl="rbg")
 
 
 def test_closed_form_example():

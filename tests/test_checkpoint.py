@@ -11,20 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import state_at
 from sedd_jax import config as config_lib
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import checkpointer
-from test_checkpointer import _at  # noqa: E402  (tests/ is on sys.path)
-from test_checkpointer import setup  # noqa: E402, F401  (fixture)
 
 # A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def test_load_for_inference_uses_ema(tmp_path, setup):
-  cfg, state = setup
+def test_load_for_inference_uses_ema(tmp_path, micro_state):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path)
-  s = _at(state, 5)
+  s = state_at(state, 5)
   s = s.replace(ema=jax.tree.map(lambda x: x * 0 + 0.5, s.ema))
   ck.save(s, None, cfg)
   ck.wait()
@@ -40,9 +39,9 @@ def test_load_for_inference_uses_ema(tmp_path, setup):
   assert not np.allclose(np.asarray(model.vocab_embed.embedding[...]), 0.5)
 
 
-def test_params_only_checkpoint(tmp_path, setup):
+def test_params_only_checkpoint(tmp_path, micro_state):
   """The format sedd_jax.convert writes: items params/ema + config (or a config.json)."""
-  cfg, state = setup
+  cfg, state = micro_state
   ckpt_lib.save_inference_checkpoint(tmp_path / "converted" / "checkpoints" / "0", state.params,
                                      cfg)
   model, cfg2, _, _ = ckpt_lib.load_for_inference(tmp_path / "converted")
@@ -56,11 +55,11 @@ def test_params_only_checkpoint(tmp_path, setup):
   assert cfg3.model.hidden_size == 32
 
 
-def test_load_for_inference_skips_corrupt(tmp_path, setup, caplog):
-  cfg, state = setup
+def test_load_for_inference_skips_corrupt(tmp_path, micro_state, caplog):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), None, cfg)
-  ck.save(_at(state, 2), None, cfg)
+  ck.save(state_at(state, 1), None, cfg)
+  ck.save(state_at(state, 2), None, cfg)
   ck.wait()
   ck.close()
   for f in (tmp_path / "checkpoints" / "2" / "ema").rglob("*"):
@@ -104,8 +103,8 @@ def test_check_files_names_the_missing_item_and_the_malformed_file(tmp_path):
     ckpt_lib.check_files(step, ("params", "config"))
 
 
-def test_saved_shapes_step_folders_and_config_lookup(tmp_path, setup):
-  cfg, state = setup
+def test_saved_shapes_step_folders_and_config_lookup(tmp_path, micro_state):
+  cfg, state = micro_state
   step = tmp_path / "run" / "checkpoints" / "4"
   ckpt_lib.save_inference_checkpoint(step, state.params, cfg)
   (tmp_path / "run" / "checkpoints" / "2" / "ema").mkdir(parents=True)

@@ -5,57 +5,24 @@ import logging
 import pathlib
 import re
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import assert_trees_equal, checkpoint_config, state_at
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import checkpointer
 from sedd_jax.training import state as state_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def micro_config():
-  return config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), {
-    "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-    "model.length": 32, "training.batch_size": 8})
-
-
-@pytest.fixture(scope="module")
-def setup():
-  cfg = micro_config()
-  graph = diffusion.get_graph(cfg.graph)
-  model = state_lib.build_model(cfg, graph)
-  _, params, _ = state_lib.split_model(model)
-  state = state_lib.init_state(cfg, params)
-  return cfg, state
-
-
-def _at(state, step, seed=0):
-  """`state` at `step` with parameters/EMA/moments shifted so that steps are distinguishable."""
-  bump = lambda t: jax.tree.map(lambda x: x + jnp.asarray(step + seed, x.dtype), t)
-  return state.replace(step=jnp.int32(step), params=bump(state.params), ema=bump(state.ema),
-                       opt_state=bump(state.opt_state), skipped=jnp.int32(1))
-
-
-def _leaves_equal(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_roundtrip_all_contents(tmp_path, setup):
-  cfg, state = setup
+def test_roundtrip_all_contents(tmp_path, micro_state):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path, keep=3)
-  s3 = _at(state, 3)
+  s3 = state_at(state, 3)
   data_state = {"position": 17, "buckets": [[1, 2]], "leftovers": None}
   assert ck.save(s3, data_state, cfg)
   assert not ck.save(s3, data_state, cfg)  # same step: not written twice
@@ -63,7 +30,7 @@ def test_roundtrip_all_contents(tmp_path, setup):
   r = ck.restore_latest(state)
   assert r.step == 3 and r.data_state == data_state
   assert config_lib.diff(r.config, cfg) == []
-  _leaves_equal(r.state, s3)
+  assert_trees_equal(r.state, s3)
   assert int(r.state.skipped) == 1
   ck.close()
   # Documented layout.
@@ -72,23 +39,23 @@ def test_roundtrip_all_contents(tmp_path, setup):
     assert (step_dir / item).is_dir(), item
   raw = ckpt_lib.read_items(step_dir)
   assert raw["train"]["step"] == 3 and raw["train"]["format"] == checkpointer.FORMAT
-  _leaves_equal(raw["params"], nnx.to_pure_dict(s3.params))
+  assert_trees_equal(raw["params"], nnx.to_pure_dict(s3.params))
 
 
-def test_bytes_data_state(tmp_path, setup):
-  cfg, state = setup
+def test_bytes_data_state(tmp_path, micro_state):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), b'{"a": 1}', cfg)
+  ck.save(state_at(state, 1), b'{"a": 1}', cfg)
   ck.wait()
   assert ck.restore_latest(state).data_state == b'{"a": 1}'
   ck.close()
 
 
-def test_keep_last_n_plus_milestones(tmp_path, setup):
-  cfg, state = setup
+def test_keep_last_n_plus_milestones(tmp_path, micro_state):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path, keep=2, milestone_every=4, async_save=False)
   for step in range(1, 11):
-    ck.save(_at(state, step), None, cfg)
+    ck.save(state_at(state, step), None, cfg)
   ck.wait()
   assert ck.all_steps() == [4, 8, 9, 10]
   ck.close()
@@ -101,11 +68,11 @@ def _corrupt(step_dir: pathlib.Path):
       f.write_bytes(b"\x00garbage")
 
 
-def test_corrupt_latest_falls_back(tmp_path, setup, caplog):
-  cfg, state = setup
+def test_corrupt_latest_falls_back(tmp_path, micro_state, caplog):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path, keep=5)
   for step in (1, 2):
-    ck.save(_at(state, step), {"position": step}, cfg)
+    ck.save(state_at(state, step), {"position": step}, cfg)
   ck.wait()
   _corrupt(tmp_path / "checkpoints" / "2")
   # A half-written checkpoint (orbax's temporary folder) is ignored.
@@ -113,22 +80,22 @@ def test_corrupt_latest_falls_back(tmp_path, setup, caplog):
   with caplog.at_level(logging.ERROR):
     r = ck.restore_latest(state)
   assert r.step == 1 and r.data_state == {"position": 1}
-  _leaves_equal(r.state, _at(state, 1))
+  assert_trees_equal(r.state, state_at(state, 1))
   assert "step 2" in caplog.text and str(tmp_path / "checkpoints" / "2") in caplog.text
   moved = list((tmp_path / checkpointer.CORRUPT).iterdir())
   assert [p.name.split("-")[0] for p in moved] == ["2"]
   assert ck.all_steps() == [1]
   # Training goes on: step 2 can be written again.
-  assert ck.save(_at(state, 2, seed=7), None, cfg)
+  assert ck.save(state_at(state, 2, seed=7), None, cfg)
   ck.wait()
   assert ck.restore_latest(state).step == 2
   ck.close()
 
 
-def test_all_corrupt_raises_and_moves_nothing(tmp_path, setup):
-  cfg, state = setup
+def test_all_corrupt_raises_and_moves_nothing(tmp_path, micro_state):
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), None, cfg)
+  ck.save(state_at(state, 1), None, cfg)
   ck.wait()
   _corrupt(tmp_path / "checkpoints" / "1")
   with pytest.raises(ckpt_lib.CheckpointError, match="step 1"):
@@ -137,14 +104,14 @@ def test_all_corrupt_raises_and_moves_nothing(tmp_path, setup):
   ck.close()
 
 
-def test_changed_model_shape_names_the_keys_and_moves_nothing(tmp_path, setup, caplog):
+def test_changed_model_shape_names_the_keys_and_moves_nothing(tmp_path, micro_state, caplog):
   """A config of another model shape: one error naming the arrays and the config keys that
   differ, with what to do; no restore is attempted (no error logged) and nothing is moved."""
-  cfg, state = setup
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path)
-  ck.save(_at(state, 1), None, cfg)
+  ck.save(state_at(state, 1), None, cfg)
   ck.wait()
-  other = micro_config()
+  other = checkpoint_config()
   other.model.hidden_size = 64
   other.training.steps = 7
   graph = diffusion.get_graph(other.graph)
@@ -168,13 +135,13 @@ def test_changed_model_shape_names_the_keys_and_moves_nothing(tmp_path, setup, c
   ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 bytes"),
   RuntimeError("restore failed"),
 ], ids=["eio", "memory", "resource_exhausted", "runtime"])
-def test_errors_other_than_unreadable_files_stop_and_move_nothing(tmp_path, setup, error):
+def test_errors_other_than_unreadable_files_stop_and_move_nothing(tmp_path, micro_state, error):
   """Only a checkpoint that is really unreadable falls back; a transient I/O error or an
   out-of-memory while reading the newest one is raised, and no checkpoint is moved aside."""
-  cfg, state = setup
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path, keep=5)
   for step in (1, 2):
-    ck.save(_at(state, step), None, cfg)
+    ck.save(state_at(state, step), None, cfg)
   ck.wait()
   real_restore = ck._manager.restore
 
@@ -194,13 +161,14 @@ def test_errors_other_than_unreadable_files_stop_and_move_nothing(tmp_path, setu
   ck.close()
 
 
-def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, setup, caplog):
+def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, micro_state,
+                                                                      caplog):
   """Truncated array data and malformed metadata: the log names the file and the problem, with
   no TensorStore repr."""
-  cfg, state = setup
+  cfg, state = micro_state
   ck = checkpointer.Checkpointer(tmp_path, keep=5)
   for step in (1, 2, 3):
-    ck.save(_at(state, step), None, cfg)
+    ck.save(state_at(state, step), None, cfg)
   ck.wait()
   for f in (tmp_path / "checkpoints" / "3" / "params" / "ocdbt.process_0" / "d").iterdir():
     f.write_bytes(f.read_bytes()[:5])  # truncated

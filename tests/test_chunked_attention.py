@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import qkv, real_positions
 from sedd_jax.model import attention
 from sedd_jax.model import chunked_attention
-from test_attention import _qkv  # noqa: E402  (tests/ is on sys.path)
-from test_attention import _real  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +18,9 @@ log = logging.getLogger(__name__)
 @pytest.mark.parametrize("length,chunk", [(64, 16), (50, 16), (37, 64), (40, 7)],
                          ids=["multiple", "not-multiple", "one-chunk", "odd-chunk"])
 def test_chunked_matches_xla_forward_and_grad(length, chunk):
-  q, k, v = _qkv(2, length, 3, 8)
+  q, k, v = qkv(2, length, 3, 8)
   lengths = jnp.array([length, length - 13], jnp.int32)
-  real = _real(lengths, length)
+  real = real_positions(lengths, length)
   w = jax.random.normal(jax.random.key(7), q.shape) * real
 
   def loss(backend):

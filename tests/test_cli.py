@@ -2,14 +2,11 @@
 
 import argparse
 import logging
-import pathlib
 
 import pytest
 
 from sedd_jax import cli
 from sedd_jax.data import store as store_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("error", [cli.CliError("bad flag"), store_lib.StoreError("bad store")])

@@ -1,27 +1,24 @@
 """Config loading, overrides and validation: errors name the key, before anything compiles."""
 
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from helpers import ROOT, UNIREF50, subprocess_env
 from sedd_jax import config as config_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "uniref50.py")
 
 
 def test_variants_load_and_validate():
   for variant in ("tiny", "small", "medium", "protlig_stable"):
-    cfg = config_lib.load_config(f"{CONFIG}:{variant}")
+    cfg = config_lib.load_config(f"{UNIREF50}:{variant}")
     assert cfg.variant == variant
-  assert config_lib.load_config(CONFIG).variant == "tiny"  # get_config() default
+  assert config_lib.load_config(str(UNIREF50)).variant == "tiny"  # get_config() default
 
 
 def test_overrides_are_typed():
-  cfg = config_lib.load_config(f"{CONFIG}:tiny", ["optim.lr=1e-4", "training.batch_size=16",
+  cfg = config_lib.load_config(f"{UNIREF50}:tiny", ["optim.lr=1e-4", "training.batch_size=16",
                                                   "training.fsdp=true", "model.attention=xla",
                                                   "data.bucket_boundaries=(16, 32)"])
   assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
@@ -29,7 +26,7 @@ def test_overrides_are_typed():
   assert cfg.training.fsdp is True
   assert cfg.model.attention == "xla"
   assert cfg.data.bucket_boundaries == (16, 32)
-  cfg = config_lib.load_config(f"{CONFIG}:tiny", {"model.dropout": 0.2})
+  cfg = config_lib.load_config(f"{UNIREF50}:tiny", {"model.dropout": 0.2})
   assert cfg.model.dropout == 0.2
 
 
@@ -53,13 +50,13 @@ def test_overrides_are_typed():
 ])
 def test_errors_name_the_key(overrides, key, words):
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.load_config(f"{CONFIG}:tiny", overrides)
+    config_lib.load_config(f"{UNIREF50}:tiny", overrides)
   assert e.value.key == key
   assert repr(key) in str(e.value) and words in str(e.value)
 
 
 def test_batch_must_divide_by_devices():
-  cfg = config_lib.load_config(f"{CONFIG}:tiny", {"training.batch_size": 12})
+  cfg = config_lib.load_config(f"{UNIREF50}:tiny", {"training.batch_size": 12})
   config_lib.validate(cfg, n_devices=4)
   with pytest.raises(config_lib.ConfigError, match="training.batch_size.*8 devices"):
     config_lib.validate(cfg, n_devices=8)
@@ -70,13 +67,13 @@ def test_batch_must_divide_by_devices():
 
 def test_unknown_variant_and_file():
   with pytest.raises(ValueError, match="huge"):
-    config_lib.load_config(f"{CONFIG}:huge")
+    config_lib.load_config(f"{UNIREF50}:huge")
   with pytest.raises(FileNotFoundError):
     config_lib.load_config("configs/nope.py")
 
 
 def test_json_roundtrip_and_diff():
-  cfg = config_lib.load_config(f"{CONFIG}:tiny")
+  cfg = config_lib.load_config(f"{UNIREF50}:tiny")
   back = config_lib.from_dict(__import__("json").loads(config_lib.to_json(cfg)))
   assert config_lib.diff(cfg, back) == []
   back.optim.lr = 1.0
@@ -85,10 +82,10 @@ def test_json_roundtrip_and_diff():
 
 def test_cli_errors_name_the_key(tmp_path):
   """The CLI exits 2 with a one-line error naming the key, before importing the model."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   for extra, key in (("--config.model.atention=xla", "model.atention"),
                      ("--config.graph.type=foo", "graph.type")):
-    p = subprocess.run([sys.executable, "-m", "sedd_jax.train", f"--config={CONFIG}:tiny",
+    p = subprocess.run([sys.executable, "-m", "sedd_jax.train", f"--config={UNIREF50}:tiny",
                         f"--workdir={tmp_path / 'run'}", extra], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
@@ -100,12 +97,12 @@ def test_cli_errors_name_the_key(tmp_path):
 def test_cli_config_file_errors_are_one_line_and_help_exits_0(tmp_path):
   """A missing config file and an unknown variant: exit 2 with one line saying so (no
   traceback, no workdir); --help prints the usage and exits 0."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   run = lambda *args: subprocess.run([sys.executable, "-m", "sedd_jax.train", *args], cwd=ROOT,
                                      env=env, capture_output=True, text=True, timeout=120)
   for spec, line in ((str(ROOT / "configs/nope.py"),
                       f"error: config file '{ROOT / 'configs/nope.py'}' does not exist"),
-                     (f"{CONFIG}:huge", "error: unknown variant 'huge' of configs/uniref50.py; "
+                     (f"{UNIREF50}:huge", "error: unknown variant 'huge' of configs/uniref50.py; "
                       "choose one of ('tiny', 'small', 'medium', 'protlig_stable')")):
     p = run(f"--config={spec}", f"--workdir={tmp_path / 'run'}")
     assert (p.returncode, p.stderr.splitlines()) == (2, [line]), p.stderr[-2000:]

@@ -2,8 +2,6 @@
 
 import argparse
 import collections
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -11,13 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_cases import cases
+from helpers import ROOT, UNIREF50, cases, subprocess_env
 from sedd_jax import config as config_lib
 from sedd_jax import convert, parity
 from sedd_jax.model import torch_import
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "uniref50.py")
 
 
 def _fixture():
@@ -42,7 +38,7 @@ def _reference_state_dict(fx, torch, scale=1.0):
 
 def _cfg(fx):
   meta = fx.meta["model"]
-  return config_lib.load_config(f"{CONFIG}:tiny", [
+  return config_lib.load_config(f"{UNIREF50}:tiny", [
       f"model.n_heads={meta['n_heads']}", "model.attention=xla", "model.dtype=float32",
       f"graph.type={fx.meta['graph']}", f"model.scale_by_sigma={meta['scale_by_sigma']}"])
 
@@ -77,10 +73,10 @@ def test_convert_reference_checkpoint(tmp_path):
 
   # the EMA weights, through the command line
   cmd = [sys.executable, "-m", "sedd_jax.convert", "--input", str(pth), "--output",
-         str(tmp_path / "ema"), "--config", f"{CONFIG}:tiny",
+         str(tmp_path / "ema"), "--config", f"{UNIREF50}:tiny",
          f"--config.model.n_heads={fx.meta['model']['n_heads']}", "--use-ema"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   model, _, _, _ = checkpoint.load_for_inference(tmp_path / "ema")
   got = torch_import.export_state_dict(model)
@@ -157,8 +153,7 @@ def test_files_that_are_no_torch_checkpoint_are_named(tmp_path):
 
 
 def test_help_exits_0():
-  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
   res = subprocess.run([sys.executable, "-m", "sedd_jax.convert", "--help"], capture_output=True,
-                       text=True, env=env, timeout=120)
+                       text=True, env=subprocess_env(PYTHONPATH=str(ROOT)), timeout=120)
   assert res.returncode == 0, res.stderr
   assert "--input" in res.stdout and "PyTorch checkpoint" in res.stdout

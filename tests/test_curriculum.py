@@ -1,9 +1,7 @@
 """Curricula: ramp factors and time-bias exponents against closed forms, per-sequence sigma
 broadcasting, time sampling, configuration, jit with a traced step."""
 
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from helpers import config_module, rkey
 from sedd_jax import diffusion
 
-
-def rkey(seed):
-  """A PRNG key. The functions under test work with any key implementation; `rbg` keys compile
-  their draws ~10x faster than threefry on the CPU, which keeps these tests quick."""
-  return jax.random.key(seed, impl="rbg")
 
 RAMPS = ["linear", "exponential", "cosine"]
 P = [0.0, 0.5, 1.0]
@@ -142,18 +136,11 @@ def test_sigma_scales_modes():
       diffusion.Curriculum(kind="sigma_scale", preschool_time=0).sigma_scales(0), (1.0, 1.0))
 
 
-def _load_config(variant):
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "uniref50.py"
-  spec = importlib.util.spec_from_file_location("uniref50_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 def test_config():
-  assert diffusion.get_curriculum(_load_config("protlig_stable").curriculum) == (
+  uniref50 = config_module("uniref50")
+  assert diffusion.get_curriculum(uniref50.get_config("protlig_stable").curriculum) == (
       diffusion.Curriculum(kind="time_bias", ramp="linear", preschool_time=20_000))
-  assert diffusion.get_curriculum(_load_config("small").curriculum).kind == "none"
+  assert diffusion.get_curriculum(uniref50.get_config("small").curriculum).kind == "none"
   for key, bad in (("kind", "warmup"), ("ramp", "step"), ("preschool_time", -1),
                    ("sigma_scale_mode", "both")):
     cfg = ml_collections.ConfigDict(dict(kind="time_bias", ramp="linear", preschool_time=10))

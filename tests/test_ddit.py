@@ -4,25 +4,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from parity_cases import cases
+from helpers import cases, randomize
+from helpers import ddit_config as model_cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
 from sedd_jax.model import ddit as ddit_lib
 from sedd_jax.model import fp8 as fp8_lib
 from sedd_jax.model import layers
-
-
-def model_cfg(**kw) -> ml_collections.ConfigDict:
-  base = dict(hidden_size=16, n_heads=2, n_blocks=2, cond_dim=8, dropout=0.0,
-              scale_by_sigma=True, length=16, attention="xla", attention_chunk=0,
-              dtype="float32", remat="none")
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
 
 
 def fixture_model(fx, **kw):
@@ -41,16 +33,6 @@ def fixture_model(fx, **kw):
 @nnx.jit
 def apply(model, indices, sigma, lengths=None):
   return model(indices, sigma, lengths)
-
-
-def randomize(model, seed=0, scale=0.3):
-  """Replaces every parameter with random values (the zero inits hide most of the network)."""
-  rng = np.random.default_rng(seed)
-  for _, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      v = var.get_value()
-      var.set_value(jnp.asarray(scale * rng.standard_normal(v.shape), v.dtype))
-  return model
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])

@@ -19,7 +19,6 @@ A command of any other kind fails the test: teach this file about it.
 """
 
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -29,7 +28,8 @@ import tomllib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, subprocess_env
+
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK_RE = re.compile(r"^```bash[ \t]*\n(.*?)^```", re.S | re.M)
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -215,13 +215,9 @@ PYTHON_COMMANDS = [c for c in COMMANDS if c.python_target[0] is not None
 
 
 def _env(extra=None):
-  env = dict(os.environ)
   # One CPU device (conftest simulates 8 for the mesh tests), compiled without optimisation
-  # passes (the same XLA option as `compiler_options` in the tests: 2-3x faster compiles).
-  env.update({"XLA_FLAGS": "--xla_backend_optimization_level=0", "WANDB_MODE": "disabled",
-              "JAX_PLATFORMS": "cpu"})
-  env.update(extra or {})
-  return env
+  # passes (helpers.FAST_XLA_FLAG: 2-3x faster compiles).
+  return subprocess_env(fast=True, WANDB_MODE="disabled", **(extra or {}))
 
 
 def test_docs_have_commands():

@@ -10,15 +10,13 @@ import pathlib
 import numpy as np
 import pytest
 
+from helpers import config_module, sample_config, save_checkpoint
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax.data import pipeline
 from sedd_jax.data import store as store_lib
 from sedd_jax.data import tokenizers
 from sedd_jax.training import checkpoint as ckpt_lib
 
-from test_sample import save_checkpoint  # noqa: E402  (tests/ is on sys.path)
-from test_sample import tiny_config  # noqa: E402
-from test_sample import uniref50  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def workdir(tmp_path_factory):
   uniform over the 32 non-mask tokens, so the expected negative ELBO per token is
   log(32) (1 - e^-sigma(1)) in closed form."""
   tmp = tmp_path_factory.mktemp("evaluate_cli")
-  cfg = tiny_config(tmp)
+  cfg = sample_config(tmp)
   assert cfg.model.scale_by_sigma and cfg.graph.type == "absorb"
   pipeline.ensure_prepared(cfg)
   return save_checkpoint(tmp / "run", cfg, random_output=False)
@@ -80,7 +78,7 @@ def test_fasta_and_split(workdir, tmp_path, capsys):
   expected = math.log(32) * (1 - s["terminal_unmasked_prob"])
   assert abs(s["nelbo_per_token"] - expected) < 4 * s["se_per_token"], s
   assert 0 < s["se_per_token"] < 1
-  cfg = tiny_config(workdir.parent)
+  cfg = sample_config(workdir.parent)
   train = store_lib.Store(cfg.data.prepared, "train")
   test = store_lib.Store(cfg.data.prepared, "test")
   evaluated = [np.asarray(test[i])[:48] for i in range(s["num_sequences"])]  # cropped
@@ -123,8 +121,8 @@ def test_bad_input(workdir, tmp_path, caplog, monkeypatch):
                                  + extra) == 2
       assert match.format(fa=fa) in caplog.text, (extra, caplog.text)
       assert "on-error" not in caplog.text  # evaluate has no such option
-  bad = save_checkpoint(tmp_path / "bad", tiny_config(tmp_path),
-                        stored_cfg=tiny_config(tmp_path, hidden=64))
+  bad = save_checkpoint(tmp_path / "bad", sample_config(tmp_path),
+                        stored_cfg=sample_config(tmp_path, hidden=64))
   caplog.clear()
   with caplog.at_level(logging.ERROR):
     assert evaluate_cli.main(["--workdir", str(bad), "--fasta", str(good),
@@ -146,7 +144,7 @@ def test_trained_tiny_model_beats_unigram(tmp_path):
     m, n, off = motifs[rng.integers(3)], int(rng.integers(30, 48)), int(rng.integers(6))
     lines.append(f">s{i}\n{(m * 10)[off:off + n]}\n")
   (tmp_path / "d.fasta").write_text("".join(lines))
-  cfg = uniref50.get_config("tiny")
+  cfg = config_module("uniref50").get_config("tiny")
   cfg.model.update(hidden_size=32, n_heads=2, n_blocks=1, cond_dim=16, length=32)
   cfg.data.update(fasta=str(tmp_path / "d.fasta"), prepared=str(tmp_path / "prep"),
                   min_length=30, max_length=64, valid_fraction=0.1, test_fraction=0.1)
@@ -173,7 +171,7 @@ def test_checkpoint_without_config_item(workdir, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(workdir, run)
   shutil.rmtree(run / "checkpoints" / "0" / "config")
-  (run / "config.json").write_text(config_lib.to_json(tiny_config(workdir.parent)))
+  (run / "config.json").write_text(config_lib.to_json(sample_config(workdir.parent)))
   fa = tmp_path / "e.fasta"
   fa.write_text(">a\nMKVLAAGGST\n")
   assert evaluate_cli.main(["--workdir", str(run), "--fasta", str(fa), "--num-samples", "2",

@@ -2,20 +2,12 @@
 
 import gzip
 import json
-import pathlib
 
 import pytest
 
+from helpers import FAA, write_text
 from sedd_jax.data import fasta
 from sedd_jax.data.fasta import DataError, Skips
-
-DATA = pathlib.Path(__file__).parent / "data"
-FAA = DATA / "pyhmmer_938293_first200.faa"
-
-
-def _write(path, text):
-  path.write_text(text)
-  return path
 
 
 def test_reads_fixture_with_stop_codons():
@@ -28,7 +20,7 @@ def test_reads_fixture_with_stop_codons():
 
 def test_multiline_blank_lines_and_gzip_equal(tmp_path):
   text = ">a desc\nMKV\nLLA\n\n>b\r\nmkv*\r\n"
-  plain = _write(tmp_path / "x.fasta", text)
+  plain = write_text(tmp_path / "x.fasta", text)
   gz = tmp_path / "x.fa.gz"
   gz.write_bytes(gzip.compress(text.encode()))
   for p in (plain, gz):
@@ -57,20 +49,20 @@ def test_truncated_gzip_names_file_and_line(tmp_path):
 
 
 def test_non_fasta_names_file_and_line(tmp_path):
-  p = _write(tmp_path / "notes.txt", "\nhello world\n>x\nMKV\n")
+  p = write_text(tmp_path / "notes.txt", "\nhello world\n>x\nMKV\n")
   with pytest.raises(DataError, match=r"notes\.txt:2: not a FASTA file"):
     list(fasta.read_fasta(p))
 
 
 def test_empty_file(tmp_path):
-  p = _write(tmp_path / "empty.fasta", "\n\n")
+  p = write_text(tmp_path / "empty.fasta", "\n\n")
   with pytest.raises(DataError, match=r"empty\.fasta: empty file"):
     list(fasta.read_fasta(p))
 
 
 @pytest.mark.parametrize("bad,what", [("MK3V", "digit '3'"), ("MKJV", "character 'J'")])
 def test_bad_sequence_line_named(tmp_path, bad, what):
-  p = _write(tmp_path / "bad.fasta", f">a\nMKV\n>b\nMKV\n{bad}\n>c\nMKV\n")
+  p = write_text(tmp_path / "bad.fasta", f">a\nMKV\n>b\nMKV\n{bad}\n>c\nMKV\n")
   with pytest.raises(DataError) as e:
     list(fasta.read_fasta(p))
   assert f"bad.fasta:5: invalid {what} at column 3 in sequence 'b'" in str(e.value)
@@ -80,10 +72,10 @@ def test_bad_sequence_line_named(tmp_path, bad, what):
 
 
 def test_inner_stop_and_empty_sequence(tmp_path):
-  p = _write(tmp_path / "s.fasta", ">a\nMKV\nM*K\n>b\n>c\nMK\n")
+  p = write_text(tmp_path / "s.fasta", ">a\nMKV\nM*K\n>b\n>c\nMK\n")
   with pytest.raises(DataError, match=r"s\.fasta:3: stop '\*' inside sequence 'a'"):
     list(fasta.read_fasta(p))
-  p = _write(tmp_path / "e.fasta", ">a\nMKV\n>b\n>c\nMK\n")
+  p = write_text(tmp_path / "e.fasta", ">a\nMKV\n>b\n>c\nMK\n")
   with pytest.raises(DataError, match=r"e\.fasta:3: record 'b' has an empty sequence"):
     list(fasta.read_fasta(p))
   skips = Skips("skip")
@@ -99,7 +91,7 @@ def test_missing_file_and_bad_policy(tmp_path):
 
 
 def test_peers_layout(tmp_path):
-  _write(tmp_path / "consensus.fasta", ">u0\nMKV\n>u1\nMKL\n>u2\nMKA\n>u3\nMKG\n")
+  write_text(tmp_path / "consensus.fasta", ">u0\nMKV\n>u1\nMKL\n>u2\nMKA\n>u3\nMKG\n")
   (tmp_path / "splits.json").write_text(json.dumps({"train": [0, 3], "valid": [1], "rtest": [2]}))
   path, split_of = fasta.peers_layout(tmp_path)
   assert path.name == "consensus.fasta"

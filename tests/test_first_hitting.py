@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from helpers import TOY_GRAPH as GRAPH, TOY_L as L, TOY_NOISE as NOISE
+from helpers import run_sampler
 from sedd_jax import diffusion
 from sedd_jax.sampling import first_hitting
-from test_sampler import _run, GRAPH, L, NOISE  # noqa: E402  (tests/ is on sys.path)
 
 
 def test_next_reveal_is_the_latest_of_n_uniform_times():
@@ -72,7 +73,8 @@ def test_first_hitting_clock():
     return jnp.broadcast_to(hot, (*x.shape, GRAPH.dim))
 
   n = 8000
-  x, nfe = _run(clock_fn, (n, L), seed=21, steps=1, predictor="first_hitting", return_nfe=True)
+  x, nfe = run_sampler(clock_fn, (n, L), seed=21, steps=1, predictor="first_hitting",
+                       return_nfe=True)
   assert int(nfe) == L and set(np.unique(x)) <= {0, 1}
   m1 = -np.expm1(-float(NOISE.total_noise(jnp.float32(1.0))))
   q = -np.expm1(-s0) / m1
@@ -82,10 +84,10 @@ def test_first_hitting_clock():
   p = stats.chisquare(np.bincount(codes, minlength=8), expected).pvalue
   assert p > 1e-4, (p, np.bincount(codes, minlength=8), expected)
   fixed = np.array([2, 0, 0], np.int32)
-  y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
-                fixed_tokens=fixed, fixed_mask=fixed > 0)
+  y, nfe = run_sampler(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting",
+                       return_nfe=True, fixed_tokens=fixed, fixed_mask=fixed > 0)
   assert int(nfe) == L - 1 and (y[:, 0] == 2).all()
   # Remasking with eta = 1: a corrector call after every reveal, never on the fixed position.
-  y, nfe = _run(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting", return_nfe=True,
-                fixed_tokens=fixed, fixed_mask=fixed > 0, remask=1.0)
+  y, nfe = run_sampler(clock_fn, (4, L), seed=2, steps=1, predictor="first_hitting",
+                       return_nfe=True, fixed_tokens=fixed, fixed_mask=fixed > 0, remask=1.0)
   assert int(nfe) == 2 * (L - 1) and (y[:, 0] == 2).all()

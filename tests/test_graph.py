@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from parity_cases import cases
+from helpers import cases, graph_from_meta, rkey
 from sedd_jax import diffusion
 from sedd_jax import parity
 
 
-def rkey(seed):
-  """A PRNG key. The functions under test work with any key implementation; `rbg` keys compile
-  their draws ~10x faster than threefry on the CPU, which keeps these tests quick."""
-  return jax.random.key(seed, impl="rbg")
-
 TOKENS = 5  # tiny vocabulary for the brute-force tests
-
-
-def graph_from_meta(meta):
-  return diffusion.get_graph(dict(type=meta["graph"], tokens=meta["tokens"]))
 
 
 def _ints(a):

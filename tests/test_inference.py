@@ -1,23 +1,17 @@
 """Loading a trained model for sample/evaluate: a saved checkpoint round trip, the config read
 ahead of the load, model-shape checks naming every differing key, and clear errors."""
 
-import pathlib
-
 import numpy as np
 import pytest
 from flax import nnx
 
 from sedd_jax import cli
-from sedd_jax import config as config_lib
+from helpers import UNIREF50, load_config, sample_config, save_checkpoint
 from sedd_jax import inference
-from test_sample import save_checkpoint  # noqa: E402  (tests/ is on sys.path)
-from test_sample import tiny_config  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_load_model_round_trip_and_read_config(tmp_path):
-  cfg = tiny_config(tmp_path)
+  cfg = sample_config(tmp_path)
   run = save_checkpoint(tmp_path / "run", cfg, seed=3)
   peeked = inference.read_config(str(run))
   assert peeked.to_dict() == cfg.to_dict()
@@ -27,7 +21,7 @@ def test_load_model_round_trip_and_read_config(tmp_path):
   want = np.random.default_rng(3).normal(size=kernel.shape).astype(np.float32)
   np.testing.assert_array_equal(kernel, want)  # the saved weights, not a fresh init
   assert isinstance(model, nnx.Module) and not inference.is_protein_ligand(loaded)
-  wider = str(ROOT / "configs/uniref50.py:tiny")
+  wider = f"{UNIREF50}:tiny"
   with pytest.raises(cli.CliError, match="another model shape than --config"):
     inference.load_model(str(run), config_spec=wider)
 
@@ -41,15 +35,14 @@ def test_missing_or_empty_paths_are_clear_errors(tmp_path):
 
 
 def test_is_protein_ligand_reads_the_task():
-  cfg = config_lib.load_config(str(ROOT / "configs/protein_ligand.py:tiny"))
+  cfg = load_config("protein_ligand.py:tiny")
   assert inference.is_protein_ligand(cfg)
 
 
 def test_check_same_shape_names_every_differing_key():
-  a = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"))
-  b = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"),
-                             {"model.n_blocks": a.model.n_blocks + 1, "graph.type": "uniform",
-                              "model.scale_by_sigma": False})
+  a = load_config()
+  b = load_config(overrides={"model.n_blocks": a.model.n_blocks + 1, "graph.type": "uniform",
+                             "model.scale_by_sigma": False})
   inference.check_same_shape(a, a, "ck", "spec")  # same shape: no error
   with pytest.raises(cli.CliError) as e:
     inference.check_same_shape(a, b, "ck", "spec")

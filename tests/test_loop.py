@@ -1,7 +1,6 @@
 """`sedd_jax.training.loop.train` end to end on the micro config: resume, the finished run,
 --fresh, bad data inputs, the non-finite stop, the lagged metric read, stop reasons."""
 
-import pathlib
 import time
 import types
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sedd_jax import config as config_lib
+from helpers import FAST, assert_trees_equal, train_config
 from sedd_jax import diffusion
 from sedd_jax.data.fasta import DataError
 from sedd_jax.training import checkpoint as ckpt_lib
@@ -22,44 +21,10 @@ from sedd_jax.training import run as run_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import state as state_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FASTA = ROOT / "tests" / "data" / "pyhmmer_938293_first200.faa"
-FAST = {"xla_backend_optimization_level": 0}
-MICRO = {
-  "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-  "model.length": 32, "model.dropout": 0.1, "training.batch_size": 8, "training.steps": 6,
-  "training.log_every": 1, "training.eval_every": 0, "training.sample_every": 0,
-  "training.ckpt_every": 100, "training.eval_batches": 2, "training.num_samples": 2,
-  "sampling.steps": 4, "optim.warmup": 2, "data.valid_fraction": 0.1, "wandb.mode": "disabled",
-}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-  from sedd_jax.data import pipeline
-  path = tmp_path_factory.mktemp("store") / "pyhmmer"
-  cfg = micro_config(path)
-  pipeline.ensure_prepared(cfg)
-  return path
-
-
-def micro_config(store_path, **over):
-  cfg = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), MICRO)
-  config_lib.apply_overrides(cfg, {"data.fasta": str(FASTA), "data.prepared": str(store_path)})
-  config_lib.apply_overrides(cfg, over)
-  return cfg
-
-
-def _equal(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb) and la
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
 
 def test_resume_is_bit_identical(tmp_path, store):
   """6 steps in one go == 3 steps, stop, resume, 3 steps (params, EMA, data state exactly)."""
-  cfg = micro_config(store, **{"training.eval_every": 3, "training.sample_every": 3})
+  cfg = train_config(store, **{"training.eval_every": 3, "training.sample_every": 3})
   a = loop.train(cfg, tmp_path / "a", compiler_options=FAST)
   assert (a.code, a.step, a.reason) == (0, 6, "finished")
   b1 = loop.train(cfg, tmp_path / "b", stop_after=3, compiler_options=FAST)
@@ -69,8 +34,8 @@ def test_resume_is_bit_identical(tmp_path, store):
   assert (b2.code, b2.step) == (0, 6)
   ra = ckpt_lib.read_items(tmp_path / "a" / "checkpoints" / "6")
   rb = ckpt_lib.read_items(tmp_path / "b" / "checkpoints" / "6")
-  _equal(ra["params"], rb["params"])
-  _equal(ra["ema"], rb["ema"])
+  assert_trees_equal(ra["params"], rb["params"])
+  assert_trees_equal(ra["ema"], rb["ema"])
   assert ra["data"] == rb["data"] and ra["train"] == rb["train"]
   # The parameters did move, and the EMA differs from them.
   r3 = ckpt_lib.read_items(tmp_path / "b" / "checkpoints" / "3")
@@ -94,7 +59,7 @@ def test_resume_is_bit_identical(tmp_path, store):
 
 
 def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
-  cfg = micro_config(store, **{"training.steps": 2})
+  cfg = train_config(store, **{"training.steps": 2})
   assert loop.train(cfg, tmp_path, compiler_options=FAST).step == 2
   t0 = time.perf_counter()
   again = loop.train(cfg, tmp_path, compiler_options=FAST)
@@ -109,7 +74,7 @@ def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
 
 
 def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
-  cfg = micro_config(tmp_path / "nostore", **{"data.fasta": str(tmp_path / "nonexistent.fa")})
+  cfg = train_config(tmp_path / "nostore", **{"data.fasta": str(tmp_path / "nonexistent.fa")})
   with pytest.raises(DataError, match="nonexistent.fa does not exist"):
     loop.train(cfg, tmp_path / "run", compiler_options=FAST)
   assert sorted(tmp_path.iterdir()) == []  # no workdir, no store
@@ -123,7 +88,7 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
       tokens, jnp.ones((tokens.shape[0],)), None).sum()
 
   monkeypatch.setattr(sedd_task_lib, "sequence_losses", nan_losses)
-  cfg = micro_config(store, **{"training.steps": 20, "training.max_bad_steps": 3})
+  cfg = train_config(store, **{"training.steps": 20, "training.max_bad_steps": 3})
   with caplog.at_level("ERROR"):
     r = loop.train(cfg, tmp_path, compiler_options=FAST, cache=run_lib.CompileCache())
   assert (r.code, r.step, r.reason) == (loop.EXIT_NONFINITE, 3, "non-finite")
@@ -132,7 +97,7 @@ def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):
   assert items["train"]["skipped"] == 3 and items["train"]["bad_steps"] == 3
   graph = diffusion.get_graph(cfg.graph)
   _, params, _ = state_lib.split_model(state_lib.build_model(cfg, graph))
-  _equal(items["params"], nnx.to_pure_dict(params))
+  assert_trees_equal(items["params"], nnx.to_pure_dict(params))
   rows = [r for r in metrics_lib.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
   assert rows[-1]["skipped"] == 3
 
@@ -155,7 +120,7 @@ def test_loop_reads_no_metric_of_the_step_just_queued(tmp_path, store, monkeypat
 
   device_get = jax.device_get
   monkeypatch.setattr(jax, "device_get", lambda x: events.append(("read", id(x))) or device_get(x))
-  cfg = micro_config(store, **{"training.steps": 5, "training.log_every": 100})
+  cfg = train_config(store, **{"training.steps": 5, "training.log_every": 100})
   assert loop.train(cfg, tmp_path, compiler_options=FAST, cache=Recording()).step == 5
   queued = [i for kind, i in events if kind == "queued"]
   assert len(queued) == 5

@@ -3,18 +3,16 @@
 import builtins
 import json
 import logging
-import pathlib
 
 import pytest
 
-from sedd_jax import config as config_lib
+from helpers import load_config
 from sedd_jax.training import metrics as metrics_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _cfg(mode="disabled"):
-  return config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), {"wandb.mode": mode})
+  return load_config(overrides={"wandb.mode": mode})
 
 
 def test_format_duration():

@@ -7,14 +7,12 @@ the test fails with the tails of their logs (a dead peer otherwise leaves the su
 a collective).
 """
 
-import os
 import pathlib
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,16 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import FAST, ROOT, subprocess_env, train_command, train_config
 from sedd_jax import train as train_lib
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
-from test_loop import FAST  # noqa: E402  (tests/ is on sys.path)
-from test_loop import FASTA  # noqa: E402
-from test_loop import MICRO  # noqa: E402
-from test_loop import ROOT  # noqa: E402
-from test_loop import micro_config  # noqa: E402
-from test_loop import store  # noqa: E402, F401  (fixture)
 
 STEPS = 6
 SAMPLES = {"training.sample_every": 3, "training.ckpt_every": 3}  # samples and checkpoints at 3
@@ -50,23 +43,18 @@ class Pair:
 
   def __init__(self, workdir: pathlib.Path, store_path: pathlib.Path, logs: pathlib.Path,
                steps: int, fresh: bool = False, **config):
-    over = dict(MICRO, **{"training.steps": steps, "data.fasta": str(FASTA),
-                          "data.prepared": str(store_path)}, **config)
-    args = [sys.executable, "-m", "sedd_jax.train",
-            f"--config={ROOT / 'configs/uniref50.py'}:tiny", f"--workdir={workdir}"]
-    args += [f"--config.{k}={v}" for k, v in over.items()] + (["--fresh"] if fresh else [])
+    args = train_command(workdir, store_path, **{"training.steps": steps, **config})
+    args += ["--fresh"] if fresh else []
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     self.logs = [logs / f"p{i}.log" for i in range(2)]
     self.procs = []
     for i in range(2):
-      env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                 JAX_COMPILATION_CACHE_DIR=str(logs.parent / "jax_cache"),  # shared by runs
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(i),
-                 XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                           "--xla_backend_optimization_level=0")
+      env = subprocess_env(devices=1, fast=True, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                           JAX_COMPILATION_CACHE_DIR=str(logs.parent / "jax_cache"),  # shared
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                           JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                           JAX_PROCESS_ID=str(i))
       with open(self.logs[i], "w") as log:
         self.procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log,
                                            stderr=subprocess.STDOUT))
@@ -121,17 +109,17 @@ def assert_same_losses(run: pathlib.Path, reference: pathlib.Path, steps: list[i
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, store):  # noqa: F811
+def one_process(tmp_path_factory, store):
   """The reference: one process, 2 devices, STEPS steps of the same global batch (8 sequences),
   checkpoints at 3 and 6, samples at 3."""
   workdir = tmp_path_factory.mktemp("one") / "run"
-  cfg = micro_config(store, **{"training.steps": STEPS, **SAMPLES})
+  cfg = train_config(store, **{"training.steps": STEPS, **SAMPLES})
   r = train_lib.train(cfg, workdir, devices=jax.devices()[:2], compiler_options=FAST)
   assert (r.code, r.step) == (0, STEPS)
   return workdir
 
 
-def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):  # noqa: F811
+def test_two_processes_fresh_resume_sigterm(tmp_path, store, one_process):
   """Two processes on a copy of the finished reference run:
   1. `--fresh`, 3 steps: the old run (checkpoints included) is moved aside, training starts at
      step 0 and ends with a checkpoint at 3 equal to the reference's (parameters, EMA to 1e-5;

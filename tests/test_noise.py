@@ -1,8 +1,6 @@
 """Noise schedules: parity with the reference, closed forms, config, jit/vmap."""
 
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from parity_cases import cases
+from helpers import cases, config_module, noise_from_meta
 from sedd_jax import diffusion
 from sedd_jax import parity
-
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "uniref50.py"
-
-
-def noise_from_meta(meta):
-  """The schedule a fixture's meta describes."""
-  return diffusion.get_noise(dict(type=meta["noise"], eps=meta.get("eps", 1e-3),
-                                  sigma_min=meta.get("sigma_min", 1e-4),
-                                  sigma_max=meta.get("sigma_max", 1.0)))
-
 
 @pytest.mark.parametrize("path,output", cases("noise"))
 def test_noise_parity(path, output):
@@ -80,16 +68,11 @@ def test_elementwise_any_shape():
     assert float(noise.total_noise(0.3)) == pytest.approx(float(sigma[0, 0, 0]))
 
 
-def _load_config(variant):
-  spec = importlib.util.spec_from_file_location("uniref50_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 def test_get_noise_from_config():
-  assert diffusion.get_noise(_load_config("small").noise) == diffusion.LogLinear(eps=1e-3)
-  assert diffusion.get_noise(_load_config("protlig_stable").noise) == diffusion.Cosine(1e-4, 0.5)
+  uniref50 = config_module("uniref50")
+  assert diffusion.get_noise(uniref50.get_config("small").noise) == diffusion.LogLinear(eps=1e-3)
+  assert diffusion.get_noise(uniref50.get_config("protlig_stable").noise) == (
+      diffusion.Cosine(1e-4, 0.5))
   cfg = ml_collections.ConfigDict(dict(type="geometric", eps=1e-3, sigma_min=1e-4, sigma_max=20.0))
   assert diffusion.get_noise(cfg) == diffusion.Geometric(1e-4, 20.0)
 

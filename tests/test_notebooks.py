@@ -2,8 +2,6 @@
 outputs, and matches its jupytext-paired percent-format .py file."""
 
 import json
-import os
-import pathlib
 
 import pytest
 
@@ -11,9 +9,9 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 jupytext = pytest.importorskip("jupytext")
 
+from helpers import FAST_XLA_FLAG, ROOT  # noqa: E402
 from sedd_jax import parity  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
@@ -65,7 +63,7 @@ def test_notebook_runs(path, notebook_workdir, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "disabled")
   # One CPU device in the kernel, as on a laptop (conftest simulates 8 for the mesh tests);
   # no XLA optimisation passes: 2-3x faster compiles of these small programs.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  monkeypatch.setenv("XLA_FLAGS", FAST_XLA_FLAG)
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})

@@ -1,15 +1,12 @@
 """Tests of sedd_jax.data.pairs: the protein-ligand CSV/TSV reader and its file:line errors."""
 
 import gzip
-import pathlib
 
 import pytest
 
+from helpers import PAIRS, write_text
 from sedd_jax.data import pairs
 from sedd_jax.data.fasta import DataError, Skips
-from test_fasta import _write  # noqa: E402  (tests/ is on sys.path)
-
-PAIRS = pathlib.Path(__file__).parent / "data" / "pairs_first60.csv"
 
 
 def test_read_pairs_detects_columns():
@@ -33,19 +30,19 @@ def test_read_pairs_tsv_explicit_columns_and_gzip(tmp_path):
     ("sequence,smiles", {"protein_column": "prot"}, "no protein sequence column 'prot'"),
 ])
 def test_csv_without_needed_columns(tmp_path, header, kwargs, message):
-  p = _write(tmp_path / "p.csv", f"{header}\nMKV,CCO\n")
+  p = write_text(tmp_path / "p.csv", f"{header}\nMKV,CCO\n")
   with pytest.raises(DataError) as e:
     list(pairs.read_pairs(p, **kwargs))
   assert str(e.value).startswith(f"{p}:1: {message}") and e.value.line == 1
 
 
 def test_csv_short_row_and_empty_field(tmp_path):
-  p = _write(tmp_path / "p.csv", "sequence,smiles\nMKV,CCO\nMKV\n,CC\n")
+  p = write_text(tmp_path / "p.csv", "sequence,smiles\nMKV,CCO\nMKV\n,CC\n")
   with pytest.raises(DataError, match=r"p\.csv:3: row has 1 fields, needs 2"):
     list(pairs.read_pairs(p))
   skips = Skips("skip")
   assert len(list(pairs.read_pairs(p, skips=skips))) == 1
   assert skips.summary() == {"empty_field": 1, "short_row": 1}
-  p = _write(tmp_path / "empty.csv", "")
+  p = write_text(tmp_path / "empty.csv", "")
   with pytest.raises(DataError, match=r"empty\.csv: empty file"):
     list(pairs.read_pairs(p))

@@ -1,38 +1,13 @@
 """Tests of sedd_jax.data.pipeline: shapes, padding, crops, buckets, sharding, resuming."""
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import FAA, PAIRS, ROOT, pipeline_config
 from sedd_jax.data import batching, pipeline, prepare, store, tokenizers
 from sedd_jax.data.fasta import DataError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import uniref50  # noqa: E402
-
-DATA = pathlib.Path(__file__).parent / "data"
-FAA = DATA / "pyhmmer_938293_first200.faa"
-PAIRS = DATA / "pairs_first60.csv"
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-  out = tmp_path_factory.mktemp("pipe") / "faa"
-  prepare.prepare(FAA, out, valid_fraction=0.1, test_fraction=0.1)
-  return out
-
-
-def _cfg(root, length=64, **data):
-  cfg = uniref50.get_config("tiny")
-  cfg.model.length = length
-  cfg.data.fasta = str(FAA)
-  cfg.data.prepared = str(root)
-  cfg.data.update(data)
-  return cfg
 
 
 def _is_substring(row, seq):
@@ -40,9 +15,9 @@ def _is_substring(row, seq):
   return any(np.array_equal(seq[s:s + n], row) for s in range(seq.size - n + 1))
 
 
-def test_batch_shapes_padding_and_crops(root):
-  cfg = _cfg(root)
-  st = store.open_store(root, "train")
+def test_batch_shapes_padding_and_crops(faa_store):
+  cfg = pipeline_config(faa_store)
+  st = store.open_store(faa_store, "train")
   contents = [np.asarray(st[i]) for i in range(len(st))]
   it = pipeline.make_iterator(cfg, "train", batch_size=8, seed=0)
   for _ in range(5):
@@ -57,8 +32,8 @@ def test_batch_shapes_padding_and_crops(root):
       assert any(_is_substring(row[:n], c) for c in contents if c.size >= n)
 
 
-def test_same_seed_same_batches_other_seed_differs(root):
-  cfg = _cfg(root)
+def test_same_seed_same_batches_other_seed_differs(faa_store):
+  cfg = pipeline_config(faa_store)
   a = [next(it)["tokens"] for it in [pipeline.make_iterator(cfg, "train", 8, 3)] for _ in range(6)]
   it = pipeline.make_iterator(cfg, "train", 8, 3)
   b = [next(it)["tokens"] for _ in range(6)]
@@ -68,8 +43,8 @@ def test_same_seed_same_batches_other_seed_differs(root):
   assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-def test_crops_deterministic_per_record_and_vary_by_epoch(root):
-  st = store.open_store(root, "train")
+def test_crops_deterministic_per_record_and_vary_by_epoch(faa_store):
+  st = store.open_store(faa_store, "train")
   ex = pipeline.Examples(st, seed=0, shard_index=0, shard_count=1, shuffle=True,
                           num_epochs=None, length=32)
   n = ex.shard_size
@@ -81,8 +56,9 @@ def test_crops_deterministic_per_record_and_vary_by_epoch(root):
 
 
 @pytest.mark.parametrize("pad_to", ["full", "bucket", "pack"])
-def test_resume_from_state_yields_same_batches(root, pad_to):
-  cfg = _cfg(root, length=128, pack_bins=12)  # pack: several packing rounds in 19 batches
+def test_resume_from_state_yields_same_batches(faa_store, pad_to):
+  # pack: several packing rounds in 19 batches
+  cfg = pipeline_config(faa_store, length=128, pack_bins=12)
   it = pipeline.make_iterator(cfg, "train", 8, seed=1, pad_to=pad_to)
   for _ in range(7):
     next(it)
@@ -97,9 +73,9 @@ def test_resume_from_state_yields_same_batches(root, pad_to):
       np.testing.assert_array_equal(e[k], g[k])
 
 
-def test_one_pass_and_disjoint_shards(root):
-  cfg = _cfg(root, length=1024)
-  st = store.open_store(root, "valid")
+def test_one_pass_and_disjoint_shards(faa_store):
+  cfg = pipeline_config(faa_store, length=1024)
+  st = store.open_store(faa_store, "valid")
   everything = sorted(np.asarray(st[i]).tobytes() for i in range(len(st)))
   seen = []
   for shard in range(2):
@@ -116,7 +92,7 @@ def test_one_pass_and_disjoint_shards(root):
 
 
 def test_ensure_prepared_prepares_once(tmp_path):
-  cfg = _cfg(tmp_path / "prep" / "x")
+  cfg = pipeline_config(tmp_path / "prep" / "x")
   out = pipeline.ensure_prepared(cfg)
   assert out == tmp_path / "prep" / "x" and store.is_prepared(out)
   stamp = (out / "manifest.json").stat().st_mtime_ns
@@ -126,10 +102,10 @@ def test_ensure_prepared_prepares_once(tmp_path):
   assert next(it)["tokens"].shape == (2, 64)
 
 
-def test_ensure_prepared_uses_only_a_store_of_data_fasta(root, tmp_path):
+def test_ensure_prepared_uses_only_a_store_of_data_fasta(faa_store, tmp_path):
   """A missing source is an error; a store prepared from another source is refused (never used
   silently); a copy of the same source elsewhere is recognised by its sha256."""
-  cfg = _cfg(root)
+  cfg = pipeline_config(faa_store)
   cfg.data.fasta = str(tmp_path / "nonexistent.fa")
   with pytest.raises(DataError, match=r"data.fasta = .*nonexistent.fa does not exist"):
     pipeline.ensure_prepared(cfg)
@@ -140,11 +116,11 @@ def test_ensure_prepared_uses_only_a_store_of_data_fasta(root, tmp_path):
     (tmp_path / name).write_text(text)
     cfg.data.fasta = str(tmp_path / name)
     with pytest.raises(store.StoreError, match=rf"prepared from {FAA}, not from data.fasta = "
-                       rf"{tmp_path / name}.*--input {tmp_path / name} --output {root} "):
+                       rf"{tmp_path / name}.*--input {tmp_path / name} --output {faa_store} "):
       pipeline.ensure_prepared(cfg)
   (tmp_path / FAA.name).write_bytes(FAA.read_bytes())
   cfg.data.fasta = str(tmp_path / FAA.name)
-  assert pipeline.ensure_prepared(cfg) == root
+  assert pipeline.ensure_prepared(cfg) == faa_store
 
 
 def test_relative_paths_cwd_first_then_repo_root(tmp_path, monkeypatch):
@@ -160,7 +136,7 @@ def test_relative_paths_cwd_first_then_repo_root(tmp_path, monkeypatch):
 def test_protein_ligand_batches(tmp_path):
   out = tmp_path / "pl"
   prepare.prepare(PAIRS, out, max_length=5000, valid_fraction=0.1, test_fraction=0.1)
-  cfg = _cfg(out, length=256)
+  cfg = pipeline_config(out, length=256)
   cfg.data.fasta = str(PAIRS)  # the store's source
   it = pipeline.make_iterator(cfg, "train", 4, seed=0)
   b = next(it)
@@ -177,9 +153,9 @@ def test_protein_ligand_batches(tmp_path):
     pipeline.make_iterator(cfg, "train", 4, seed=0)
 
 
-def test_packed_rows_hold_whole_crops_with_segments_and_positions(root):
-  cfg = _cfg(root, length=256, pack_bins=16)
-  st = store.open_store(root, "train")
+def test_packed_rows_hold_whole_crops_with_segments_and_positions(faa_store):
+  cfg = pipeline_config(faa_store, length=256, pack_bins=16)
+  st = store.open_store(faa_store, "train")
   contents = [np.asarray(st[i]) for i in range(len(st))]
   it = pipeline.make_iterator(cfg, "train", 8, seed=0, pad_to="pack")
   real = total = 0
@@ -206,11 +182,12 @@ def test_packed_rows_hold_whole_crops_with_segments_and_positions(root):
   assert 1 - real / total < crop_free / 3  # 5% against 22% here (1.9% / 64% bundled, L 1024)
 
 
-def test_pack_settings_are_checked(root):
+def test_pack_settings_are_checked(faa_store):
   with pytest.raises(ValueError, match="pad_to must be one of"):
-    pipeline.make_iterator(_cfg(root), "train", 4, seed=0, pad_to="packed")
+    pipeline.make_iterator(pipeline_config(faa_store), "train", 4, seed=0, pad_to="packed")
   with pytest.raises(ValueError, match="pack_bins"):
-    pipeline.make_iterator(_cfg(root, pack_bins=0), "train", 4, seed=0, pad_to="pack")
+    pipeline.make_iterator(pipeline_config(faa_store, pack_bins=0), "train", 4, seed=0,
+                           pad_to="pack")
 
 
 def test_max_segments_agree_with_the_cudnn_layout():

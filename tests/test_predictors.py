@@ -6,15 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_cases import cases
+from helpers import cases, graph_from_meta, noise_from_meta, rkey
 from sedd_jax import diffusion
 from sedd_jax import parity
 
-
-def rkey(seed):
-  """A PRNG key. The functions under test work with any key implementation; `rbg` keys compile
-  their draws ~10x faster than threefry on the CPU, which keeps these tests quick."""
-  return jax.random.key(seed, impl="rbg")
 
 PROBS = {"euler": diffusion.euler_probs, "analytic": diffusion.analytic_probs,
          "denoise": diffusion.denoise_probs}
@@ -22,16 +17,10 @@ STEPS = {"euler": diffusion.euler_step, "analytic": diffusion.analytic_step,
          "denoise": diffusion.denoise_step}
 
 
-def noise_from_meta(meta):
-  return diffusion.get_noise(dict(type=meta["noise"], eps=meta.get("eps", 1e-3),
-                                  sigma_min=meta.get("sigma_min", 1e-4),
-                                  sigma_max=meta.get("sigma_max", 1.0)))
-
-
 @pytest.mark.parametrize("path,output", cases("sampling"))
 def test_sampling_parity(path, output):
   fx = parity.load_fixture(path)
-  graph = diffusion.get_graph(dict(type=fx.meta["graph"], tokens=fx.meta["tokens"]))
+  graph = graph_from_meta(fx.meta)
   noise = noise_from_meta(fx.meta)
   inp = fx.inputs
   kind, what = output.split("/")

@@ -2,30 +2,16 @@
 
 import gzip
 import json
-import pathlib
 import time
 
 import numpy as np
 import pytest
 
+from helpers import FAA, PAIRS, ROOT, random_fasta
 from sedd_jax.data import prepare, store, store_writer, tokenizers
 from sedd_jax.data.fasta import DataError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = pathlib.Path(__file__).parent / "data"
-FAA = DATA / "pyhmmer_938293_first200.faa"
-PAIRS = DATA / "pairs_first60.csv"
 TOK = tokenizers.ProteinTokenizer()
-
-
-def _random_fasta(path, n=400, seed=0, lines=True):
-  rng = np.random.default_rng(seed)
-  seqs = ["".join(rng.choice(list(tokenizers.STANDARD_RESIDUES), rng.integers(30, 200)))
-          for _ in range(n)]
-  text = "".join(f">s{i} n=1 Tax=x\n" + (s[:60] + "\n" + s[60:] if lines else s) + "\n"
-                 for i, s in enumerate(seqs))
-  path.write_text(text)
-  return seqs
 
 
 def _all_sequences(root):
@@ -37,7 +23,7 @@ def _all_sequences(root):
 
 
 def test_prepare_plain_fasta(tmp_path):
-  seqs = _random_fasta(tmp_path / "in.fasta")
+  seqs = random_fasta(tmp_path / "in.fasta")
   m = prepare.prepare(tmp_path / "in.fasta", tmp_path / "out", valid_fraction=0.1,
                       test_fraction=0.1)
   assert m["records_read"] == 400 and m["kept"] == 400 and m["skipped"] == {}
@@ -55,7 +41,7 @@ def test_prepare_plain_fasta(tmp_path):
 
 
 def test_prepare_gzip_equals_plain(tmp_path):
-  _random_fasta(tmp_path / "in.fasta")
+  random_fasta(tmp_path / "in.fasta")
   (tmp_path / "in.fasta.gz").write_bytes(gzip.compress((tmp_path / "in.fasta").read_bytes()))
   prepare.prepare(tmp_path / "in.fasta", tmp_path / "a")
   prepare.prepare(tmp_path / "in.fasta.gz", tmp_path / "b")
@@ -65,7 +51,7 @@ def test_prepare_gzip_equals_plain(tmp_path):
 
 
 def test_bad_input_truncated_gzip(tmp_path):
-  _random_fasta(tmp_path / "in.fasta", n=3000)
+  random_fasta(tmp_path / "in.fasta", n=3000)
   data = gzip.compress((tmp_path / "in.fasta").read_bytes())
   (tmp_path / "cut.fasta.gz").write_bytes(data[:len(data) // 2])
   with pytest.raises(DataError, match=r"cut\.fasta\.gz:\d+: truncated or corrupt gzip"):
@@ -121,7 +107,7 @@ def test_never_silently_empty(tmp_path):
 
 
 def test_existing_store_kept_on_failure_and_overwrite(tmp_path):
-  _random_fasta(tmp_path / "in.fasta")
+  random_fasta(tmp_path / "in.fasta")
   prepare.prepare(tmp_path / "in.fasta", tmp_path / "out")
   before = (tmp_path / "out" / "train" / "tokens.npy").read_bytes()
   stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
@@ -191,7 +177,7 @@ def test_protein_ligand_csv(tmp_path):
 
 
 def test_peers_layout_keeps_splits(tmp_path):
-  seqs = _random_fasta(tmp_path / "consensus.fasta", n=10)
+  seqs = random_fasta(tmp_path / "consensus.fasta", n=10)
   (tmp_path / "splits.json").write_text(json.dumps({"train": [0, 1, 2, 3, 4, 5], "valid": [6, 7],
                                                     "test": [8]}))
   m = prepare.prepare(tmp_path, tmp_path / "out")

@@ -5,29 +5,21 @@ scores, the configs that train both scores)."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import LIGAND_TOKENS, PL_B as B, PL_LL as LL, PL_LP as LP  # the test sizes
+from helpers import protein_ligand_batch as make_batch
+from helpers import protein_ligand_config as tiny_cfg
+from helpers import protein_ligand_model as make_model
+from helpers import protein_ligand_sampling
 from sedd_jax import diffusion
 from sedd_jax.data.tokenizers import residue_mask
 from sedd_jax.protein_ligand import conditional
 from sedd_jax.sampling import sampler
-from test_protein_ligand_modes import B, LIGAND_TOKENS, LL, LP, make_batch, make_model
-from test_protein_ligand_modes import tiny_cfg
 
-
-def one_block_cfg(mode="all"):
-  """The modes tests' tiny config with one block (half the compile time)."""
-  cfg = tiny_cfg(mode, frozen=False)
-  cfg.model.n_blocks = 1
-  return ml_collections.FrozenConfigDict(cfg)
-
-
-CFG = one_block_cfg()
-PGRAPH, LGRAPH = diffusion.Absorbing(32), diffusion.Absorbing(LIGAND_TOKENS)
-NOISE = diffusion.get_noise(CFG.noise)
+CFG, PGRAPH, LGRAPH, NOISE = protein_ligand_sampling()  # one block, every mode
 STEPS = int(CFG.sampling.steps)
 
 

@@ -6,11 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import LIGAND_TOKENS, PL_B as B, PL_LL as LL, PL_LP as LP  # the test sizes
+from helpers import protein_ligand_model, protein_ligand_sampling
 from sedd_jax import diffusion
 from sedd_jax.protein_ligand import joint
-from test_protein_ligand_conditional import CFG, LGRAPH, NOISE, PGRAPH  # noqa: E402
-from test_protein_ligand_conditional import model  # noqa: E402, F401  (module-scoped fixture)
-from test_protein_ligand_modes import B, LIGAND_TOKENS, LL, LP  # noqa: E402
+
+CFG, PGRAPH, LGRAPH, NOISE = protein_ligand_sampling()  # one block, every mode
+
+
+@pytest.fixture(scope="module")
+def model():
+  return protein_ligand_model(CFG)
 
 
 def test_combined_vocabulary_round_trip():

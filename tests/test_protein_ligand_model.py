@@ -1,7 +1,6 @@
 """The dual-track protein-ligand DDiT: shapes, padding masks, batch independence, the config."""
 
-import importlib.util
-import pathlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,45 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import LIGAND_TOKENS, PL_B as B, PL_LL as LL, PL_LP as LP  # the test sizes
+from helpers import ROOT, config_module
+from helpers import protein_ligand_config, protein_ligand_model as make_model
 from sedd_jax.data.tokenizers import SmilesTokenizer
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.protein_ligand import model as pl_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-B, LP, LL = 4, 16, 10
-LIGAND_TOKENS = 40  # ligand D = 41
 
-
-def load_config(variant="tiny"):
-  spec = importlib.util.spec_from_file_location("protein_ligand_config",
-                                                ROOT / "configs" / "protein_ligand.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod, mod.get_config(variant)
-
-
-def tiny_cfg():
-  _, cfg = load_config("tiny")
-  cfg.model.update(hidden_size=32, n_heads=2, n_blocks=2, cond_dim=16, dropout=0.0,
-                   dtype="float32", attention="xla")
-  cfg.ligand.graph.tokens = LIGAND_TOKENS
-  return cfg
-
-
-def randomize(model, seed=1, scale=0.3):
-  """Adds noise to every parameter, so that zero-initialised gates and heads are live."""
-  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
-  rng = np.random.default_rng(seed)
-  new = [jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype)
-         for x in leaves]
-  nnx.update(model, jax.tree.unflatten(treedef, new))
-  return model
-
-
-def make_model(cfg=None, seed=0, random=True):
-  cfg = cfg or tiny_cfg()
-  model = pl_model.build_model(cfg, nnx.Rngs(seed))
-  return randomize(model) if random else model
+tiny_cfg = functools.partial(protein_ligand_config, frozen=False)  # the tests edit it
 
 
 def inputs(seed=0):
@@ -210,7 +179,8 @@ def test_remat_gives_the_same_output():
 
 
 def test_config_variants():
-  mod, cfg = load_config("tiny")
+  mod = config_module("protein_ligand")
+  cfg = mod.get_config("tiny")
   assert cfg.task == "protein_ligand" and cfg.mode in mod.MODES
   assert cfg.ligand.length == 128 and cfg.graph.tokens == 32
   assert cfg.data.fasta.endswith("protein_ligand_pairs.csv.gz")
@@ -226,7 +196,7 @@ def test_config_variants():
 def test_ligand_vocab_resolved_from_prepared_data(tmp_path):
   tok = SmilesTokenizer.build(["CCO", "c1ccccc1", "CC(=O)N", "[Na+].[Cl-]"])
   tok.save(tmp_path / "smiles_vocab.json")
-  _, cfg = load_config("tiny")
+  cfg = config_module("protein_ligand").get_config("tiny")
   cfg.model.update(hidden_size=32, n_heads=2, n_blocks=1, cond_dim=16)
   cfg.data.prepared = str(tmp_path)
   with pytest.raises(ValueError, match="resolve_ligand_vocab"):

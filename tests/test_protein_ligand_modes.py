@@ -1,60 +1,23 @@
 """Protein-ligand training modes: losses and masks per mode, which parameters each mode trains,
 and a few optimizer steps per mode."""
 
-import importlib.util
 import logging
-import pathlib
 
 import jax
-import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from helpers import LIGAND_TOKENS, PL_LL as LL, PL_LP as LP  # the test sizes
+from helpers import protein_ligand_config as tiny_cfg
+from helpers import protein_ligand_batch as make_batch
+from helpers import protein_ligand_model as make_model
 from sedd_jax.protein_ligand import model as pl_model
 from sedd_jax.protein_ligand import modes
-from test_protein_ligand_model import randomize
 
 log = logging.getLogger(__name__)
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-B, LP, LL = 4, 16, 10
-LIGAND_TOKENS = 40  # ligand D = 41; ids 0..3 are specials, 4..39 SMILES tokens
-
-
-def tiny_cfg(mode="joint", frozen=True):
-  """The tiny config at test sizes; frozen (hashable, a static jit argument) unless asked."""
-  spec = importlib.util.spec_from_file_location("protein_ligand_config",
-                                                ROOT / "configs" / "protein_ligand.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("tiny")
-  cfg.model.update(hidden_size=32, n_heads=2, n_blocks=2, cond_dim=16, dropout=0.0,
-                   dtype="float32", attention="xla")
-  cfg.ligand.graph.tokens = LIGAND_TOKENS
-  cfg.mode = mode
-  cfg.sampling.steps = 8
-  return ml_collections.FrozenConfigDict(cfg) if frozen else cfg
-
-
-def make_model(cfg, seed=0, random=True):
-  model = pl_model.build_model(cfg, nnx.Rngs(seed))
-  return randomize(model) if random else model
-
-
-def make_batch(seed=0):
-  """A fixed batch with padding on both tracks: numpy arrays as the pipeline yields them."""
-  rng = np.random.default_rng(seed)
-  plen = np.array([LP, 9, 5, 12], np.int32)
-  llen = np.array([LL, 3, 7, 6], np.int32)
-  p = rng.integers(4, 29, (B, LP)).astype(np.int32)
-  lig = rng.integers(4, LIGAND_TOKENS, (B, LL)).astype(np.int32)
-  p[np.arange(LP) >= plen[:, None]] = 1
-  lig[np.arange(LL) >= llen[:, None]] = 1
-  return {"tokens": p, "lengths": plen, "ligand_tokens": lig, "ligand_lengths": llen}
-
 
 # One compiled program per function for every mode: the mode is a traced index (the `all`
 # mode's switch); the fixed-mode path (`cfg.mode = <mode>`) is covered by `_loss_per_mode`.
@@ -212,7 +175,7 @@ def test_mode_weights_and_bad_modes():
   bad = make_batch()
   del bad["ligand_lengths"]
   with pytest.raises(ValueError, match="ligand_lengths"):
-    modes.loss_fn(None, bad, jax.random.PRNGKey(0), 0, tiny_cfg())
+    modes.loss_fn(None, bad, jax.random.PRNGKey(0), 0, tiny_cfg("joint"))
 
 
 @nnx.jit

@@ -4,14 +4,12 @@ checker choice (RDKit when installed, the grammar fallback otherwise)."""
 import csv
 import gzip
 import io
-import pathlib
 import sys
 
 import pytest
 
+from helpers import ROOT
 from sedd_jax.protein_ligand import smiles as smiles_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 VALID = ["CCO", "c1ccccc1", "CC(=O)Oc1ccccc1C(=O)O", "C[C@H](N)C(=O)O", "[Na+].[Cl-]",
          "C1CC2CCC1C2", "O=C(O)C%10CC%10", "F/C=C/F", "C#N", "[13CH4]", "c1ccc2c(c1)[nH]cc2",

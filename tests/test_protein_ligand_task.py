@@ -9,9 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import PL_B as B  # the test batch's rows
+from helpers import protein_ligand_batch as make_batch
+from helpers import protein_ligand_config as tiny_cfg
+from helpers import protein_ligand_model as make_model
 from sedd_jax.protein_ligand import modes
 from sedd_jax.protein_ligand.task import ProteinLigandTask
-from test_protein_ligand_modes import B, make_batch, make_model, tiny_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")

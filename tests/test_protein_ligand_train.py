@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import FAST, MICRO_MODEL, load_config
 from sedd_jax import config as config_lib
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax import sample as sample_cli
@@ -19,31 +20,27 @@ from sedd_jax.training import checkpointer
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import task as task_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FAST = {"xla_backend_optimization_level": 0}  # faster CPU compilation; same semantics
 MICRO = {
-  "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-  "model.length": 64, "ligand.length": 48, "training.batch_size": 4, "training.steps": 4,
-  "training.log_every": 1, "training.eval_every": 2, "training.eval_batches": 1,
-  "training.sample_every": 4, "training.num_samples": 2, "training.ckpt_every": 100,
+  **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "training.batch_size": 4,
+  "training.steps": 4, "training.log_every": 1, "training.eval_every": 2,
+  "training.eval_batches": 1, "training.sample_every": 4, "training.num_samples": 2, "training.ckpt_every": 100,
   "sampling.steps": 4, "optim.warmup": 1, "wandb.mode": "disabled",
 }
 
 
 def micro_config(store: pathlib.Path):
-  cfg = config_lib.load_config(str(ROOT / "configs/protein_ligand.py:tiny"), MICRO)
-  config_lib.apply_overrides(cfg, {"data.prepared": str(store)})
-  return cfg
+  return config_lib.apply_overrides(load_config("protein_ligand.py:tiny", MICRO),
+                                    {"data.prepared": str(store)})
 
 
 def test_unknown_task_is_a_config_error():
-  cfg = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"))
+  cfg = load_config()
   with cfg.unlocked():
     cfg.task = "protein_ligand_v2"
   with pytest.raises(config_lib.ConfigError, match="'task'"):
     config_lib.validate(cfg)
   with pytest.raises(config_lib.ConfigError, match="'mode'"):
-    config_lib.load_config(str(ROOT / "configs/protein_ligand.py:tiny"), {"mode": "jiont"})
+    load_config("protein_ligand.py:tiny", {"mode": "jiont"})
 
 
 def test_train_resume_sample_evaluate(tmp_path, monkeypatch):

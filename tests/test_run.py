@@ -6,17 +6,16 @@ import types
 import jax
 import numpy as np
 
+from helpers import train_config
 from sedd_jax.training import checkpointer
 from sedd_jax.training import run as run_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import sharding
-from test_loop import micro_config  # noqa: E402  (tests/ is on sys.path)
-from test_loop import store  # noqa: E402, F401  (fixture)
 
 
 def test_compile_cache_builds_once_per_kind_config_mesh_and_options(tmp_path):
   cache, built = run_lib.CompileCache(), []
-  cfg = micro_config(tmp_path)
+  cfg = train_config(tmp_path)
   one, two = sharding.make_mesh(jax.devices()[:1]), sharding.make_mesh(jax.devices()[:2])
 
   def get(kind, c, mesh, options):
@@ -26,8 +25,8 @@ def test_compile_cache_builds_once_per_kind_config_mesh_and_options(tmp_path):
   assert get("eval", cfg, one, {}) == 2
   assert get("train", cfg, two, {}) == 3
   assert get("train", cfg, one, {"xla_backend_optimization_level": 0}) == 4
-  assert get("train", micro_config(tmp_path, **{"model.dropout": 0.0}), one, {}) == 5
-  assert get("train", micro_config(tmp_path), one, {}) == 1  # an equal config: the same entry
+  assert get("train", train_config(tmp_path, **{"model.dropout": 0.0}), one, {}) == 5
+  assert get("train", train_config(tmp_path), one, {}) == 1  # an equal config: the same entry
   assert len(built) == 5
 
 
@@ -42,12 +41,12 @@ class _Ckpt:
 
 def test_restore_is_the_step_0_state_or_the_newest_checkpoint_with_its_data_state(tmp_path,
                                                                                   caplog):
-  cfg = micro_config(tmp_path)
+  cfg = train_config(tmp_path)
   built = types.SimpleNamespace(state="state0", shardings="shardings")
   ckpt = _Ckpt(None)
   assert run_lib.restore(ckpt, built, cfg) == ("state0", None)
   assert ckpt.calls == [("state0", "shardings", cfg)]
-  saved = micro_config(tmp_path, **{"optim.lr": 1e-2})
+  saved = train_config(tmp_path, **{"optim.lr": 1e-2})
   restored = checkpointer.Restored(state="state7", data_state={"position": 9}, step=7,
                                    config=saved, path=tmp_path / "7")
   with caplog.at_level(logging.WARNING):
@@ -56,7 +55,7 @@ def test_restore_is_the_step_0_state_or_the_newest_checkpoint_with_its_data_stat
 
 
 def test_validation_batches_are_fixed_rows_of_the_task_keys(store, tmp_path):  # noqa: F811
-  cfg = micro_config(store, **{"training.eval_every": 2, "training.accum": 2,
+  cfg = train_config(store, **{"training.eval_every": 2, "training.accum": 2,
                                "training.eval_batches": 3})
   task = sedd_task_lib.SeddTask.from_config(cfg)
   batches = run_lib.validation_batches(cfg, task)
@@ -67,5 +66,5 @@ def test_validation_batches_are_fixed_rows_of_the_task_keys(store, tmp_path):  #
   again = run_lib.validation_batches(cfg, task)
   for a, b in zip(batches, again):
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
-  off = micro_config(store, **{"training.eval_every": 0, "training.sample_every": 0})
+  off = train_config(store, **{"training.eval_every": 0, "training.sample_every": 0})
   assert run_lib.validation_batches(off, task) == []

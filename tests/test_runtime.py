@@ -74,3 +74,14 @@ def test_stop_flag_is_set_by_sigterm_and_uninstalls():
   finally:
     flag.uninstall()
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_flag_keeps_one_record_of_the_signal_and_a_second_ctrl_c_aborts():
+  flag = runtime.StopFlag()
+  assert (flag.signum, flag.reason, bool(flag)) == (0, None, False)
+  flag._handler(signal.SIGINT, None)
+  assert (flag.signum, flag.reason, bool(flag)) == (signal.SIGINT, "SIGINT", True)
+  flag.signum = int(signal.SIGTERM)  # the name follows the number: one source of truth
+  assert flag.reason == "SIGTERM" and flag.agreed() == "SIGTERM"
+  with pytest.raises(KeyboardInterrupt):
+    flag._handler(signal.SIGINT, None)

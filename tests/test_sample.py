@@ -1,64 +1,19 @@
 """python -m sedd_jax.sample: determinism, headers, conditioning flags, sampler flags
 (first_hitting, draw, remask; checked by the sampler), report, bad input."""
 
+import functools
 import json
 import logging
-import pathlib
-import sys
 
-import numpy as np
 import pytest
-from flax import nnx
 
-from sedd_jax import diffusion
+from helpers import UNIREF50, cli_fails, read_records, sample_config, save_checkpoint
 from sedd_jax import sample as sample_cli
-from sedd_jax.data import pipeline
+from sedd_jax.data import tokenizers
 from sedd_jax.training import checkpoint as ckpt_lib
-from sedd_jax.training import state as state_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import uniref50  # noqa: E402
-
-FAA = ROOT / "tests" / "data" / "pyhmmer_938293_first200.faa"
-STANDARD = set("ACDEFGHIKLMNPQRSTVWY")
-
-
-def tiny_config(tmp: pathlib.Path, hidden: int = 32):
-  cfg = uniref50.get_config("tiny")
-  cfg.model.update(hidden_size=hidden, n_heads=2, n_blocks=1, cond_dim=16, length=48)
-  cfg.data.update(fasta=str(FAA), prepared=str(tmp / "prep"))
-  cfg.sampling.steps = 6
-  return cfg
-
-
-def save_checkpoint(path: pathlib.Path, cfg, stored_cfg=None, seed=0, random_output=True):
-  """A checkpoint of a fresh model; its output weights are random unless `random_output` is
-  False (then zero, as initialised: a uniform prediction over the non-mask tokens)."""
-  graph = diffusion.get_graph(cfg.graph)
-  model = state_lib.build_model(cfg, graph, seed=seed)
-  if random_output:  # so that the samples depend on the seed and the weights
-    model.output_layer.linear.kernel[...] = np.random.default_rng(seed).normal(
-        size=model.output_layer.linear.kernel.shape).astype(np.float32)
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  ckpt_lib.save_inference_checkpoint(path / "checkpoints" / "0", params, stored_cfg or cfg)
-  return path
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("sample_cli")
-  cfg = tiny_config(tmp)
-  pipeline.ensure_prepared(cfg)
-  return save_checkpoint(tmp / "run", cfg)
-
-
-def read_fasta(path):
-  recs = []
-  for block in pathlib.Path(path).read_text().split(">")[1:]:
-    head, seq = block.strip().split("\n")
-    recs.append((head, seq))
-  return recs
+STANDARD = set(tokenizers.STANDARD_RESIDUES)
+_fails = functools.partial(cli_fails, sample_cli.main)
 
 
 def test_same_seed_same_output_and_headers(workdir, tmp_path):
@@ -66,7 +21,7 @@ def test_same_seed_same_output_and_headers(workdir, tmp_path):
           "--batch-size", "4", "--seed", "3"]
   assert sample_cli.main(args + ["--out", str(tmp_path / "a.fasta"), "--report"]) == 0
   assert sample_cli.main(args + ["--out", str(tmp_path / "b.fasta")]) == 0
-  a, b = read_fasta(tmp_path / "a.fasta"), read_fasta(tmp_path / "b.fasta")
+  a, b = read_records(tmp_path / "a.fasta"), read_records(tmp_path / "b.fasta")
   assert [s for _, s in a] == [s for _, s in b]
   assert len(a) == 5
   for head, seq in a:
@@ -85,14 +40,14 @@ def test_conditioning_flags(workdir, tmp_path):
   assert sample_cli.main(["--workdir", str(workdir), "--num", "3", "--length", "24",
                           "--prefix", "MKV", "--suffix", "GG", "--motif", "WWW@10", "HH",
                           "--out", str(out), "--cached", "--predictor", "euler"]) == 0
-  for head, seq in read_fasta(out):
+  for head, seq in read_records(out):
     assert seq.startswith("MKV") and seq.endswith("GG") and seq[10:13] == "WWW"
     assert "HH" in seq[3:22] and "cond=prefix+suffix+motif" in head and "cached=1" in head
   tpl = tmp_path / "t.fasta"
   tpl.write_text(">t1\nMA__G<mask>K\n>t2\nW_W\n")
   assert sample_cli.main(["--workdir", str(workdir), "--num", "2", "--template", str(tpl),
                           "--out", str(out)]) == 0
-  recs = read_fasta(out)
+  recs = read_records(out)
   assert len(recs) == 4
   for head, seq in recs[:2]:
     assert len(seq) == 7 and seq[:2] == "MA" and seq[4] == "G" and seq[6] == "K"
@@ -102,7 +57,7 @@ def test_conditioning_flags(workdir, tmp_path):
   inf.write_text(">p1 spans=2:5,8:9\nMKVLAAGGST\n")
   assert sample_cli.main(["--workdir", str(workdir), "--num", "2", "--infill", str(inf),
                           "--out", str(out)]) == 0
-  for _, seq in read_fasta(out):
+  for _, seq in read_records(out):
     assert seq[:2] == "MK" and seq[5:8] == "AGG" and seq[9] == "T"
 
 
@@ -112,17 +67,10 @@ def test_lengths_file_and_from_data(workdir, tmp_path):
   out = tmp_path / "l.fasta"
   assert sample_cli.main(["--workdir", str(workdir), "--lengths", str(lens), "--out", str(out),
                           "--steps", "4"]) == 0
-  assert [len(s) for _, s in read_fasta(out)] == [5, 12, 9]
+  assert [len(s) for _, s in read_records(out)] == [5, 12, 9]
   assert sample_cli.main(["--workdir", str(workdir), "--lengths", "from-data", "--num", "4",
                           "--out", str(out), "--steps", "4"]) == 0
-  assert all(0 < len(s) <= 48 for _, s in read_fasta(out))
-
-
-def _fails(args, caplog, match):
-  caplog.clear()
-  with caplog.at_level(logging.ERROR):
-    assert sample_cli.main(args) == 2
-  assert match in caplog.text, caplog.text
+  assert all(0 < len(s) <= 48 for _, s in read_records(out))
 
 
 def test_bad_input_clear_errors(workdir, tmp_path, caplog):
@@ -138,12 +86,12 @@ def test_bad_input_clear_errors(workdir, tmp_path, caplog):
   _fails(base + ["--length", "10", "--prefix", "MK#"], caplog, "invalid character")
   _fails(["--workdir", str(tmp_path / "nothing"), "--out", out], caplog, "does not exist")
   # A checkpoint whose weights are of another model shape than its config says.
-  cfg = tiny_config(tmp_path)
-  bad_cfg = tiny_config(tmp_path, hidden=64)
+  cfg = sample_config(tmp_path)
+  bad_cfg = sample_config(tmp_path, hidden=64)
   bad = save_checkpoint(tmp_path / "bad", cfg, stored_cfg=bad_cfg)
   _fails(["--workdir", str(bad), "--out", out], caplog, "another model shape")
   # --config naming another model shape than the checkpoint.
-  _fails(base + ["--config", str(ROOT / "configs" / "uniref50.py:small")], caplog,
+  _fails(base + ["--config", f"{UNIREF50}:small"], caplog,
          "model.hidden_size: checkpoint 32, config 768")
 
 
@@ -176,7 +124,7 @@ def test_rare_fixed_residues_need_allow_rare(workdir, tmp_path, caplog):
   caplog.clear()
   with caplog.at_level(logging.INFO):
     assert sample_cli.main(base + ["--motif", "XYZ@5", "--allow-rare", "--verbose"]) == 0
-  for _, seq in read_fasta(tmp_path / "r.fasta"):
+  for _, seq in read_records(tmp_path / "r.fasta"):
     assert seq[5:8] == "XYZ" and set(seq[:5] + seq[8:]) <= STANDARD | set("XBUZO")
   # --verbose shows the INFO lines of orbax (through absl); by default they are hidden.
   assert any(r.name == "absl" and r.levelno == logging.INFO for r in caplog.records)
@@ -204,14 +152,14 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   assert sample_cli.main(base + ["--predictor", "first_hitting", "--draw", "reference",
                                  "--remask", "0.5", "--prefix", "MK",
                                  "--out", str(tmp_path / "f.fasta")]) == 0
-  recs = read_fasta(tmp_path / "f.fasta")
+  recs = read_records(tmp_path / "f.fasta")
   assert len(recs) == 3
   for head, seq in recs:
     assert len(seq) == 12 and seq.startswith("MK") and set(seq) <= STANDARD
     assert "predictor=first_hitting" in head and "draw=reference" in head
   assert sample_cli.main(base + ["--steps", "4", "--remask", "0.2",
                                  "--out", str(tmp_path / "r.fasta")]) == 0
-  assert all("remask=0.2" in h for h, _ in read_fasta(tmp_path / "r.fasta"))
+  assert all("remask=0.2" in h for h, _ in read_records(tmp_path / "r.fasta"))
   out = ["--out", str(tmp_path / "x.fasta")]
   _fails(base + out + ["--predictor", "euler", "--remask", "0.1"], caplog,
          "--remask needs the analytic or first_hitting predictor")

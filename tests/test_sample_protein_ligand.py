@@ -1,26 +1,24 @@
 """The protein-ligand half of python -m sedd_jax.sample: flag checks against the config (before
 the model is loaded), the chunked driver's keys and trimming, and the validity report file."""
 
+import functools
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from sedd_jax import config as config_lib
+from helpers import MICRO_MODEL, cli_fails, load_config
 from sedd_jax import sample as sample_cli
 from sedd_jax import sample_protein_ligand as pl_sample
 from sedd_jax.cli import CliError
 from sedd_jax.protein_ligand import model as pl_model
 from sedd_jax.training import checkpoint as ckpt_lib
-from test_sample import _fails  # noqa: E402  (tests/ is on sys.path)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CFG = config_lib.load_config(str(ROOT / "configs/protein_ligand.py:tiny"), {
-    "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-    "model.length": 64, "ligand.length": 48, "ligand.graph.tokens": 40})
+CFG = load_config("protein_ligand.py:tiny", {
+    **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "ligand.graph.tokens": 40})
+_fails = functools.partial(cli_fails, sample_cli.main)
 
 
 def _args(*flags):

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from helpers import TOY_GRAPH as GRAPH, TOY_L as L, TOY_NOISE as NOISE, TOY_V as V
+from helpers import FAST, compiled_sampler, run_sampler
 from sedd_jax import diffusion
 from sedd_jax.sampling import likelihood
 from sedd_jax.sampling import sampler
 
-V, L = 3, 3  # toy vocabulary and length: 27 sequences
 SEQS = np.array(list(itertools.product(range(V), repeat=L)), dtype=np.int32)
 PROBS = np.random.default_rng(0).dirichlet(np.full(len(SEQS), 0.8))
-GRAPH = diffusion.Absorbing(V)
-NOISE = diffusion.LogLinear(eps=1e-3)
 
 
 def exact_score_fn(graph=GRAPH):
@@ -38,21 +37,6 @@ def random_score_fn(graph, seed=0):
   return fn
 
 
-FAST = {"xla_backend_optimization_level": 0}  # 3x faster CPU compiles for these tiny programs
-
-
-def _sampler(score_fn, shape, graph=GRAPH, noise=NOISE, **kw):
-  """A compiled run(key, fixed_tokens, fixed_mask, lengths, allowed) for a fixed setting."""
-  return sampler.jit_sampler(graph, noise, shape, score_fn=score_fn, compiler_options=FAST, **kw)
-
-
-def _run(score_fn, shape, seed=0, graph=GRAPH, noise=NOISE, fixed_tokens=None, fixed_mask=None,
-         lengths=None, allowed=None, **kw):
-  run = _sampler(score_fn, shape, graph, noise, **kw)
-  out = run(jax.random.key(seed), fixed_tokens, fixed_mask, lengths, allowed)
-  return jax.tree.map(np.asarray, out)
-
-
 def _codes(x):
   return (x * np.array([V ** (L - 1 - i) for i in range(L)])).sum(-1)
 
@@ -60,7 +44,7 @@ def _codes(x):
 @pytest.mark.parametrize("predictor", ["analytic", "euler", "first_hitting"])
 def test_determinism_and_valid_tokens(predictor):
   graph = diffusion.Absorbing(32)
-  run = _sampler(random_score_fn(graph), (4, 16), graph=graph, steps=8, predictor=predictor)
+  run = compiled_sampler(random_score_fn(graph), (4, 16), graph=graph, steps=8, predictor=predictor)
   a, b, c = (np.asarray(run(jax.random.key(s), None, None, None, None)) for s in (3, 3, 4))
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
@@ -70,7 +54,7 @@ def test_determinism_and_valid_tokens(predictor):
 
 def test_allowed_tokens_only_residues():
   graph = diffusion.Absorbing(32)
-  run = _sampler(random_score_fn(graph, 1), (8, 32), graph=graph, steps=6)
+  run = compiled_sampler(random_score_fn(graph, 1), (8, 32), graph=graph, steps=6)
   allowed = np.zeros(graph.dim, bool)
   allowed[4:29] = True  # the 25 ESM-2 residue letters
   x = np.asarray(run(jax.random.key(0), None, None, None, allowed))
@@ -90,8 +74,8 @@ def test_projector_keeps_fixed_positions(graph):
   mask[:5] = True
   fixed[-3:] = [9, 10, 11]
   mask[-3:] = True
-  run = _sampler(random_score_fn(graph, 2), (6, length), graph=graph, steps=10,
-                 predictor="euler")
+  run = compiled_sampler(random_score_fn(graph, 2), (6, length), graph=graph, steps=10,
+                         predictor="euler")
   x = np.asarray(run(jax.random.key(0), fixed, mask, None, None))
   np.testing.assert_array_equal(x[:, mask], np.broadcast_to(fixed[mask], (6, mask.sum())))
   # Per-sequence conditioning (B, L).
@@ -110,13 +94,13 @@ def test_lengths_give_pad():
     seen["lengths"] = lengths
     return random_score_fn(graph)(x, sigma)
 
-  x = _run(fn, (3, 16), graph=graph, steps=4, lengths=lengths)
+  x = run_sampler(fn, (3, 16), graph=graph, steps=4, lengths=lengths)
   assert seen["lengths"] is not None
   for row, n in zip(x, lengths):
     assert (row[n:] == 1).all() and (row[:n] != 32).all()
   # First-hitting: padded positions are never revealed, so max(lengths) calls in all.
-  x, nfe = _run(fn, (3, 16), graph=graph, steps=1, lengths=lengths, predictor="first_hitting",
-                return_nfe=True)
+  x, nfe = run_sampler(fn, (3, 16), graph=graph, steps=1, lengths=lengths,
+                       predictor="first_hitting", return_nfe=True)
   assert int(nfe) == lengths.max()
   for row, n in zip(x, lengths):
     assert (row[n:] == 1).all() and (row[:n] != 32).all()
@@ -199,10 +183,10 @@ def test_remask_keeps_one_position_exact(eta):
   log_fn = likelihood.exact_absorbing_log_score_fn(graph, np.arange(3)[:, None], P1)
   fn = lambda x, sigma: jnp.exp(log_fn(x, sigma))  # noqa: E731
   n = 20000
-  x = _run(fn, (n, 1), seed=31, graph=graph, steps=16, remask=eta)
+  x = run_sampler(fn, (n, 1), seed=31, graph=graph, steps=16, remask=eta)
   counts = np.bincount(x[:, 0], minlength=3)
   assert stats.chisquare(counts, P1 * n).pvalue > 1e-4, counts
-  plain = _run(fn, (n, 1), seed=31, graph=graph, steps=16)
+  plain = run_sampler(fn, (n, 1), seed=31, graph=graph, steps=16)
   assert (plain != x).any()
 
 
@@ -213,13 +197,13 @@ def test_cached_equals_uncached_given_same_draws():
   """For a score of the exact form p(y | unmasked) / (e^sigma - 1), reusing the rescaled
   output is exact: same key, same tokens (and fewer model calls)."""
   fn = exact_score_fn()
-  xu, nu = _run(fn, (64, L), seed=5, steps=128, return_nfe=True)
-  xc, nc = _run(fn, (64, L), seed=5, steps=128, cached=True, return_nfe=True)
+  xu, nu = run_sampler(fn, (64, L), seed=5, steps=128, return_nfe=True)
+  xc, nc = run_sampler(fn, (64, L), seed=5, steps=128, cached=True, return_nfe=True)
   np.testing.assert_array_equal(xu, xc)
   assert int(nu) == 129
   assert int(nc) < 129  # 64 x 3 tokens unmask over 128 steps: some steps change nothing
   # One sequence: at most one call per unmasking event, plus the first and the denoise call.
-  _, n1 = _run(fn, (1, L), seed=0, steps=128, cached=True, return_nfe=True)
+  _, n1 = run_sampler(fn, (1, L), seed=0, steps=128, cached=True, return_nfe=True)
   assert int(n1) <= L + 2
 
 

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import FAST, STEP_B as B, STEP_L as L  # the train step's batch
+from helpers import randomize
+from helpers import step_batch as host_batch
+from helpers import step_config as micro_config
 from sedd_jax import diffusion
 from sedd_jax.data import tokenizers
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
-from test_ddit import randomize  # noqa: E402  (tests/ is on sys.path)
-from test_step import FAST, B, L, host_batch, micro_config  # noqa: E402
 
 SIGMA_SCALE = {"curriculum.kind": "sigma_scale", "curriculum.preschool_time": 10}
 

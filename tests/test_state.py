@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_config
 from sedd_jax import config as config_lib
 from sedd_jax.training import state as state_lib
 
 
 def _cfg(**over):
-  cfg = config_lib.load_config("configs/uniref50.py:tiny")
+  cfg = load_config()
   config_lib.apply_overrides(cfg, over)
   return cfg
 

@@ -1,40 +1,18 @@
 """The jitted train step: 8 devices == 1 device, accumulation == one big batch, NaN skipping."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sedd_jax import config as config_lib
+from helpers import FAST, STEP_B as B, STEP_L as L  # the batch's rows and width
+from helpers import step_batch as host_batch
+from helpers import step_config as micro_config
 from sedd_jax import diffusion
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import sharding as sharding_lib
 from sedd_jax.training import step as step_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-B, L = 8, 32
-FAST = {"xla_backend_optimization_level": 0}  # 3x faster CPU compilation; same semantics
-
-
-def micro_config(**over):
-  cfg = config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), {
-    "model.hidden_size": 32, "model.n_heads": 2, "model.n_blocks": 1, "model.cond_dim": 16,
-    "model.length": L, "model.dropout": 0.0, "training.batch_size": B, "optim.warmup": 0,
-    "optim.lr": 1e-3})
-  config_lib.apply_overrides(cfg, over)
-  return cfg
-
-
-def host_batch(seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, 24, size=(B, L)).astype(np.int32)
-  lengths = rng.integers(8, L + 1, size=(B,)).astype(np.int32)
-  for i in range(B):
-    tokens[i, lengths[i]:] = 1
-  return {"tokens": tokens, "lengths": lengths}
 
 
 class Setup:

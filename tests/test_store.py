@@ -1,26 +1,16 @@
 """Tests of sedd_jax.data.store: opening a prepared store, and clear errors for bad ones."""
 
-import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
-from sedd_jax.data import prepare, store, tokenizers
+from sedd_jax.data import store, tokenizers
 from sedd_jax.data.store import StoreError
 
-FAA = pathlib.Path(__file__).parent / "data" / "pyhmmer_938293_first200.faa"
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  out = tmp_path_factory.mktemp("store") / "s"
-  prepare.prepare(FAA, out, valid_fraction=0.1, test_fraction=0.1)
-  return out
-
-
-def test_open_len_getitem_lengths(prepared):
-  st = store.open_store(prepared, "train")
+def test_open_len_getitem_lengths(faa_store):
+  st = store.open_store(faa_store, "train")
   m = st.manifest
   assert len(st) == m["splits"]["train"]["sequences"] == st.split_manifest["sequences"]
   assert st.tracks == ("protein",)
@@ -31,7 +21,7 @@ def test_open_len_getitem_lengths(prepared):
   assert tokenizers.ProteinTokenizer().decode(st[0]).isalpha()
   with pytest.raises(IndexError):
     st[len(st)]
-  assert store.is_prepared(prepared)
+  assert store.is_prepared(faa_store)
 
 
 def test_missing_store_named(tmp_path):
@@ -45,9 +35,9 @@ def test_missing_store_named(tmp_path):
     store.open_store(tmp_path, "dev")
 
 
-def test_corrupt_store_named(prepared, tmp_path):
+def test_corrupt_store_named(faa_store, tmp_path):
   bad = tmp_path / "bad"
-  shutil.copytree(prepared, bad)
+  shutil.copytree(faa_store, bad)
   (bad / "valid" / "offsets.npy").unlink()
   with pytest.raises(StoreError, match=r"valid/offsets\.npy is missing"):
     store.open_store(bad, "valid")

@@ -5,8 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 
+from helpers import random_fasta
 from sedd_jax.data import store_writer, tokenizers
-from test_prepare import _random_fasta  # noqa: E402  (tests/ is on sys.path)
 
 TOK = tokenizers.ProteinTokenizer()
 OPTS = store_writer.PrepareOptions(valid_fraction=0.1, test_fraction=0.1)
@@ -73,7 +73,7 @@ def test_options_are_checked_naming_the_setting():
 
 
 def test_split_deterministic_disjoint_and_order_independent(tmp_path):
-  seqs = _random_fasta(tmp_path / "in.fasta", n=600, lines=False)
+  seqs = random_fasta(tmp_path / "in.fasta", n=600, lines=False)
   rev = "".join(f">r{i}\n{s}\n" for i, s in enumerate(reversed(seqs)))
   (tmp_path / "rev.fasta").write_text(rev)
   _, a = _write(tmp_path, "a", tmp_path / "in.fasta")

@@ -2,26 +2,20 @@
 
 import dataclasses
 import importlib
-import pathlib
 
 import numpy as np
 import optax
 import pytest
 
-from sedd_jax import config as config_lib
+from helpers import load_config
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import task as task_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 REQUIRED = ("build_model", "draw", "loss", "eval_loss")  # what a task must implement
 
 
-def _cfg(**over):
-  return config_lib.load_config(str(ROOT / "configs/uniref50.py:tiny"), over)
-
-
 def test_the_base_task_requires_the_model_the_draw_and_the_losses():
-  task = task_lib.Task(_cfg())
+  task = task_lib.Task(load_config())
   calls = {"build_model": (), "draw": (None, {}, 0), "loss": (None, {}, None, None, 0),
            "eval_loss": (None, {}, None)}
   assert set(calls) == set(REQUIRED)
@@ -40,8 +34,8 @@ def test_count_tokens_is_padded_size_and_real_length_sum_over_the_tracks():
   batch = {"tokens": np.ones((3, 8), np.int32), "lengths": np.array([8, 5, 1], np.int32),
            "ligand_tokens": np.ones((3, 4), np.int32),
            "ligand_lengths": np.array([4, 2, 0], np.int32)}
-  assert task_lib.Task(_cfg()).count_tokens(batch) == (24, 14.0)
-  two = task_lib.Task(_cfg(), length_keys=("lengths", "ligand_lengths"),
+  assert task_lib.Task(load_config()).count_tokens(batch) == (24, 14.0)
+  two = task_lib.Task(load_config(), length_keys=("lengths", "ligand_lengths"),
                       token_keys=("tokens", "ligand_tokens"))
   assert two.count_tokens(batch) == (36, 20.0)
 
@@ -56,12 +50,13 @@ def test_every_registered_task_implements_the_protocol(name):
 
 
 def test_task_name_and_get_task():
-  cfg = _cfg()
+  cfg = load_config()
   assert task_lib.task_name(cfg) == "sedd"
   task = task_lib.get_task(cfg)
   assert type(task) is sedd_task_lib.SeddTask and task.graph.dim == 33
   assert task_lib.packing_keys(cfg) == ()
-  assert task_lib.packing_keys(_cfg(**{"data.pad_to": "pack"})) == ("segment_ids", "positions")
+  packed = load_config(overrides={"data.pad_to": "pack"})
+  assert task_lib.packing_keys(packed) == ("segment_ids", "positions")
   cfg.task = "nope"
   with pytest.raises(ValueError, match=r"task 'nope' is unknown; choose one of \('sedd', "
                                        r"'protein_ligand'\)"):

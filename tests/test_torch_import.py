@@ -1,22 +1,14 @@
 """PyTorch state_dict <-> DDiT: round trip, name mapping, errors naming the weights."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from parity_cases import cases
+from helpers import cases
+from helpers import ddit_config as cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, torch_import
-
-
-def cfg(**kw):
-  base = dict(hidden_size=16, n_heads=2, n_blocks=2, cond_dim=8, dropout=0.0,
-              scale_by_sigma=True, length=16, attention="xla", attention_chunk=0,
-              dtype="float32", remat="none")
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
 
 
 def random_state_dict(model, seed=0):

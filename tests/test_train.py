@@ -1,42 +1,32 @@
 """The training CLI (`python -m sedd_jax.train`) in a subprocess: a changed model shape, SIGTERM."""
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 
 import jax.numpy as jnp
 
+from helpers import ROOT, subprocess_env, train_command, train_config
 from sedd_jax import diffusion
 from sedd_jax import train as train_lib
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import checkpointer
 from sedd_jax.training import state as state_lib
-from test_loop import FASTA  # noqa: E402  (tests/ is on sys.path)
-from test_loop import MICRO  # noqa: E402
-from test_loop import ROOT  # noqa: E402
-from test_loop import micro_config  # noqa: E402
-from test_loop import store  # noqa: E402, F401  (fixture)
 
 
 def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
   """The CLI on a workdir whose checkpoint has another model shape: exit 2 with one error line
   naming the config key and what to do; the checkpoint and config.json stay as they were."""
-  cfg = micro_config(store)
+  cfg = train_config(store)
   graph = diffusion.get_graph(cfg.graph)
   _, params, _ = state_lib.split_model(state_lib.build_model(cfg, graph))
   ck = checkpointer.Checkpointer(tmp_path / "run")
   ck.save(state_lib.init_state(cfg, params).replace(step=jnp.int32(2)), None, cfg)
   ck.close()
   (tmp_path / "run" / "config.json").write_text("{}")
-  args = [sys.executable, "-m", "sedd_jax.train", f"--config={ROOT / 'configs/uniref50.py'}:tiny",
-          f"--workdir={tmp_path / 'run'}"]
-  over = dict(MICRO, **{"data.fasta": str(FASTA), "data.prepared": str(store),
-                        "model.hidden_size": 64})
-  args += [f"--config.{k}={v}" for k, v in over.items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  args = train_command(tmp_path / "run", store, **{"model.hidden_size": 64})
+  p = subprocess.run(args, cwd=ROOT, env=subprocess_env(devices=1), capture_output=True,
+                     text=True, timeout=240)
   assert p.returncode == train_lib.EXIT_CONFIG, p.stderr[-3000:]
   errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -51,15 +41,10 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, store):
 
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path, store):
   """The CLI in a subprocess: SIGTERM after the first logged step -> checkpoint, exit 0."""
-  args = [sys.executable, "-m", "sedd_jax.train", f"--config={ROOT / 'configs/uniref50.py'}:tiny",
-          f"--workdir={tmp_path / 'run'}"]
-  over = dict(MICRO, **{"training.steps": 100000, "data.fasta": str(FASTA),
-                        "data.prepared": str(store)})
-  args += [f"--config.{k}={v}" for k, v in over.items()]
+  args = train_command(tmp_path / "run", store, **{"training.steps": 100000})
   # 2 simulated devices and XLA's quick CPU compilation keep this test short.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-             "--xla_backend_optimization_level=0")
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(devices=2, fast=True),
+                          stderr=subprocess.PIPE, text=True)
   watchdog = threading.Timer(240, proc.kill)
   watchdog.start()
   log = []

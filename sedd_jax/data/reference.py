@@ -1,6 +1,8 @@
 """Reference data of a trained model's config, for sampling reports and evaluation.
 
-- `training_sequences(cfg)`: the training split of `cfg.data.prepared` (protein stores).
+- `training_split(cfg)`: the training split of `cfg.data.prepared` (protein stores), memory-mapped;
+  `training_sequences(cfg, limit)`: a sample of its sequences; `training_tokens(cfg)`: all its
+  tokens in chunks (the unigram baseline), one chunk in memory at a time.
 - `reference_pairs(cfg, split)`: a protein-ligand store's split and its SMILES tokenizer.
 - `pad_tokens(seqs, width)`: id arrays -> a padded (N, width) batch and its lengths.
 """
@@ -8,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import numpy as np
 
@@ -18,21 +21,40 @@ from sedd_jax.data import tokenizers
 logger = logging.getLogger("sedd_jax.data.reference")
 
 
-def training_sequences(cfg, limit: int | None = None, seed: int = 0):
-  """The training split of cfg.data.prepared as (list of id arrays, (N,) lengths), or None
-  when there is none; `limit` sequences drawn without replacement (by `seed`), in store order."""
+def training_split(cfg) -> store_lib.Store | None:
+  """The training split of cfg.data.prepared, memory-mapped (nothing is read until used), or
+  None when there is none."""
   try:
     root = pipeline.resolve_path(cfg.data.prepared)
     if not store_lib.is_prepared(root):
       return None
-    st = store_lib.Store(root, "train")
+    return store_lib.Store(root, "train")
   except (OSError, ValueError) as e:
     logger.warning("training data unavailable (%s)", e)
     return None
-  idx = np.arange(len(st))
-  if limit is not None and len(st) > limit:
-    idx = np.sort(np.random.default_rng(seed).choice(len(st), limit, replace=False))
-  return [np.asarray(st[int(i)]) for i in idx], np.asarray(st.lengths)
+
+
+def training_sequences(cfg, limit: int, seed: int = 0) -> list[np.ndarray] | None:
+  """At most `limit` sequences of the training split, drawn without replacement (by `seed`),
+  in store order, or None when there is no training split."""
+  split = training_split(cfg)
+  if split is None:
+    return None
+  idx = np.arange(len(split))
+  if len(split) > limit:
+    idx = np.sort(np.random.default_rng(seed).choice(len(split), limit, replace=False))
+  return [np.asarray(split[int(i)]) for i in idx]
+
+
+def training_tokens(cfg, chunk: int = 1 << 24) -> Iterator[np.ndarray] | None:
+  """Every token of the training split, the sequences end to end, as consecutive `(<= chunk,)`
+  slices of the memory map (one chunk read at a time), or None when there is no training
+  split."""
+  split = training_split(cfg)
+  if split is None:
+    return None
+  tokens = split.track("protein").tokens
+  return (tokens[i:i + chunk] for i in range(0, tokens.size, chunk))
 
 
 def reference_pairs(cfg, split: str):

@@ -319,29 +319,33 @@ def unigram_baseline(train_tokens: Iterable, eval_tokens: Iterable, vocab: Itera
 
   Args:
     train_tokens, eval_tokens: iterables of sequences (strings or 1-D integer arrays, without
-      padding).
+      padding); `train_tokens` is read one item at a time (chunks of a token stream do too).
     vocab: the symbols that get the +1 (default: every symbol seen in either set); symbols of
       `eval_tokens` outside `vocab` raise ValueError.
 
   Returns:
     mean over eval tokens of -log p(token), p(a) = (count_a + 1) / (N + |vocab|).
   """
-  def flat(seqs):
-    parts = [np.asarray(list(s)) if isinstance(s, str) else np.asarray(s).reshape(-1)
-             for s in seqs]
-    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+  def as_array(s):
+    return np.asarray(list(s)) if isinstance(s, str) else np.asarray(s).reshape(-1)
 
-  train = flat(train_tokens)
-  ev = flat(eval_tokens)
+  seen: dict = {}  # symbol -> count, one sequence (or chunk) of `train_tokens` at a time
+  for s in train_tokens:
+    values, n = np.unique(as_array(s), return_counts=True)
+    for v, c in zip(values.tolist(), n.tolist()):
+      seen[v] = seen.get(v, 0) + c
+  parts = [as_array(s) for s in eval_tokens]
+  ev = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
   if ev.size == 0:
     raise ValueError("eval_tokens hold no tokens")
-  symbols = np.unique(np.concatenate([train, ev])) if vocab is None else np.unique(
-      np.asarray(list(vocab)))
+  if vocab is None:
+    symbols = np.unique(np.concatenate([np.asarray(list(seen)) if seen else ev[:0], ev]))
+  else:
+    symbols = np.unique(np.asarray(list(vocab)))
   missing = np.setdiff1d(np.unique(ev), symbols)
   if missing.size:
     raise ValueError(f"eval tokens {missing.tolist()[:10]} are not in vocab")
-  idx_train = np.searchsorted(symbols, train[np.isin(train, symbols)])
-  counts = np.bincount(idx_train, minlength=symbols.size).astype(np.float64) + 1.0
+  counts = np.array([seen.get(v, 0) for v in symbols.tolist()], np.float64) + 1.0
   logp = np.log(counts) - np.log(counts.sum())
   return float(-logp[np.searchsorted(symbols, ev)].mean())
 

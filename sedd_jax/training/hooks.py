@@ -89,10 +89,13 @@ def evaluate(run: Run) -> None:
 
 def read_bad_steps(run: Run, m: dict) -> int:
   """The consecutive non-finite step count. No per-step device-to-host stall: the previous
-  step's bad_steps is read once this step is queued; during a bad streak (or with max_bad_steps
-  1) this step's is read at once, so the non-finite stop lands on the exact step."""
+  step's bad_steps is read once this step is queued; during a bad streak this step's is read at
+  once, so the non-finite stop lands on the exact step. With max_bad_steps 1 every step's own
+  count is read at once (and nothing else)."""
+  if run.cfg.training.max_bad_steps <= 1:
+    return int(jax.device_get(m["bad_steps"]))
   bad = int(jax.device_get(run.late["bad_steps"])) if run.late is not None else 0
-  if bad or run.cfg.training.max_bad_steps <= 1:
+  if bad:
     bad = int(jax.device_get(m["bad_steps"]))
   run.late = m
   return bad

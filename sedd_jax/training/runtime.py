@@ -61,18 +61,27 @@ def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
   logger.info("--fresh: moved the previous content of %s to %s", workdir, dest)
 
 
+def _signal_name(signum: int) -> str | None:
+  """"SIGTERM" for signal.SIGTERM, ...; None for 0 (no signal)."""
+  return signal.Signals(signum).name if signum else None
+
+
 class StopFlag:
   """Set by SIGTERM / SIGINT; the training loop asks `agreed(step)` between steps."""
 
   CHECK_EVERY = 10  # steps between the processes' collective comparisons of their flags
 
   def __init__(self):
-    self.reason: str | None = None
-    self.signum = 0
+    self.signum = 0  # the signal received (0: none)
     self._previous: dict[int, Any] = {}
 
+  @property
+  def reason(self) -> str | None:
+    """The received signal's name (e.g. "SIGTERM"), None before one."""
+    return _signal_name(self.signum)
+
   def __bool__(self) -> bool:
-    return self.reason is not None
+    return self.signum != 0
 
   def agreed(self, step: int = 0) -> str | None:
     """The signal's name if this or ANY other process received one, else None.
@@ -92,15 +101,14 @@ class StopFlag:
     if step % self.CHECK_EVERY:
       return None
     signum = int(multihost_utils.process_allgather(np.int32(self.signum)).max())
-    return signal.Signals(signum).name if signum else None
+    return _signal_name(signum)
 
   def _handler(self, signum, frame):
-    name = signal.Signals(signum).name
-    if self.reason is not None and signum == signal.SIGINT:
+    if self and signum == signal.SIGINT:
       raise KeyboardInterrupt  # second Ctrl-C: abort at once
-    self.reason, self.signum = name, int(signum)
+    self.signum = int(signum)
     logger.warning("%s received: finishing the current step, then checkpointing and stopping "
-                   "(Ctrl-C again aborts without a checkpoint)", name)
+                   "(Ctrl-C again aborts without a checkpoint)", self.reason)
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
