@@ -75,7 +75,7 @@ def main(argv=None) -> None:
                    remat=args.remat)
   cfg.training.batch_size = batch
   cfg.data.pad_to = "full"  # random tokens, one sequence per row
-  s = step_lib.setup(cfg, fsdp=False)
+  s = step_lib.setup(cfg)
   state, rest = s.state, s.rest
   train_step = s.train_step()
   rng = np.random.default_rng(0)

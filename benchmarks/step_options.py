@@ -92,7 +92,7 @@ def run(config: str, length: int, batch: int, variant: str, attention: str, drop
   cfg.model.update(length=length, attention=attention, dropout=dropout, dtype="bfloat16", **model)
   cfg.training.batch_size = batch
   cfg.data.pad_to = "full"  # random tokens, one sequence per row
-  s = step_lib.setup(cfg, fsdp=False)
+  s = step_lib.setup(cfg)
   state = s.state
   rng = np.random.default_rng(0)
   data = s.put_batch({"tokens": rng.integers(4, 29, (batch, length), dtype=np.int32),

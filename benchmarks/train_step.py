@@ -64,7 +64,7 @@ def run_case(length: int, batch: int, attention: str, dropout: float, remat: str
   cfg.model.update(length=length, attention=attention, dropout=dropout, remat=remat, dtype=dtype)
   cfg.training.batch_size = batch
   cfg.data.pad_to = "full"  # random tokens, one sequence per row
-  s = step_lib.setup(cfg, fsdp=False)
+  s = step_lib.setup(cfg)
   state, n_params = s.state, s.n_params
   train_step = s.train_step()
   rng = np.random.default_rng(0)

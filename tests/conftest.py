@@ -11,6 +11,11 @@ import helpers  # noqa: E402  (tests/ is on sys.path)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The trainer turns on jax's persistent compilation cache (training.compile_cache); the tests
+# neither read nor write one (hermetic, and compiling as CI always has), except where a test
+# turns it on for itself (tests/test_run.py).
+jax.config.update("jax_enable_compilation_cache", False)
+
 
 def has_gpu() -> bool:
   try:

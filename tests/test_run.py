@@ -1,10 +1,14 @@
-"""Tests of sedd_jax.training.run: the compile cache, the restore of a job, validation batches."""
+"""Tests of sedd_jax.training.run: the compile caches (in-process and persistent), the restore of a
+job, validation batches."""
 
 import logging
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from helpers import train_config
 from sedd_jax.training import checkpointer
@@ -68,3 +72,35 @@ def test_validation_batches_are_fixed_rows_of_the_task_keys(store, tmp_path):  #
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
   off = train_config(store, **{"training.eval_every": 0, "training.sample_every": 0})
   assert run_lib.validation_batches(off, task) == []
+
+
+@pytest.fixture
+def jax_cache_settings():
+  """Restores jax's persistent-cache settings (conftest turns the cache off) after a test."""
+  names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+           "jax_persistent_cache_min_compile_time_secs")
+  saved = {n: getattr(jax.config, n) for n in names}
+  yield
+  for n, v in saved.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+
+
+def test_persistent_cache_writes_compiled_programs_and_an_existing_folder_wins(
+    tmp_path, monkeypatch, jax_cache_settings):
+  assert run_lib.use_persistent_cache(str(tmp_path / "off")) is None  # disabled (conftest)
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", None)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  assert run_lib.use_persistent_cache("") is None
+  assert jax.config.jax_compilation_cache_dir is None
+  monkeypatch.setenv("HOME", str(tmp_path))
+  folder = run_lib.use_persistent_cache("~/xla")
+  assert folder == str(tmp_path / "xla") == jax.config.jax_compilation_cache_dir
+  compilation_cache.reset_cache()
+  x = jnp.arange(7.0)
+  np.testing.assert_allclose(jax.jit(lambda a: jnp.sin(a) * 3.0 + 1.25)(x), np.sin(x) * 3 + 1.25,
+                             rtol=1e-6)
+  assert [p.name for p in (tmp_path / "xla").iterdir() if p.name.startswith("jit_")]
+  assert run_lib.use_persistent_cache(str(tmp_path / "other")) == folder  # jax's folder wins
+  assert not (tmp_path / "other").exists()

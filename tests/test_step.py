@@ -54,7 +54,10 @@ class Setup:
     if key not in self._steps:
       mesh = self.mesh(n)
       sh = sharding_lib.state_shardings(mesh, self.state0, fsdp)
-      fn = step_lib.make_train_step(self.cfg, self.task, self.defs, self.opt, mesh, sh, self.rest,
+      # training.fsdp: the step also gathers the sharded parameters for the compute
+      cfg = micro_config(**{"training.fsdp": fsdp})
+      task = sedd_task_lib.SeddTask(cfg, graph=self.graph, noise=self.noise)
+      fn = step_lib.make_train_step(cfg, task, self.defs, self.opt, mesh, sh, self.rest,
                                     compiler_options=FAST)
       self._steps[key] = (fn, sh, sharding_lib.batch_sharding(mesh))
     return self._steps[key]

@@ -32,8 +32,11 @@ logger = logging.getLogger("sedd_jax.train")
 def use_persistent_cache(path: str) -> str | None:
   """Turns on jax's persistent compilation cache in `path` (`~` expanded), unless `path` is ""
   or jax already has a cache folder (JAX_COMPILATION_CACHE_DIR, or set by the caller, which
-  wins). Returns the folder in use, or None. Later processes with the same shapes, options
-  and jax version load the compiled steps from there instead of compiling them."""
+  wins). Returns the folder in use, or None (also when jax_enable_compilation_cache is off).
+  Later processes with the same shapes, options and jax version load the compiled steps from
+  there instead of compiling them."""
+  if not jax.config.jax_enable_compilation_cache:
+    return None
   current = jax.config.jax_compilation_cache_dir
   if current or not path:
     return current or None

@@ -301,19 +301,16 @@ class Setup:
 
 
 def setup(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None,
-          task: task_lib.Task | None = None, fsdp: bool | None = None) -> Setup:
-  """Task, model, optimizer, mesh over `devices` (default all) and the sharded step-0 state.
-
-  `task` defaults to `task.get_task(cfg)`; `fsdp` to cfg.training.fsdp.
-  """
+          task: task_lib.Task | None = None) -> Setup:
+  """Task, model, optimizer, mesh over `devices` (default all) and the sharded step-0 state
+  (fsdp-style where cfg.training.fsdp). `task` defaults to `task.get_task(cfg)`."""
   task = task if task is not None else task_lib.get_task(cfg)
   defs, params, rest = state_lib.split_model(task.build_model())
   n_params = state_lib.param_count(params)
   optimizer = task.wrap_optimizer(state_lib.make_optimizer(cfg))
   mesh = sharding.make_mesh(devices)
   state = state_lib.init_state(cfg, params, optimizer)
-  fsdp = bool(cfg.training.fsdp if fsdp is None else fsdp)
-  shardings = sharding.state_shardings(mesh, state, fsdp)
+  shardings = sharding.state_shardings(mesh, state, bool(cfg.training.fsdp))
   state = sharding.put_global(state, shardings)
   rest = sharding.put_global(rest, sharding.replicated(mesh, rest))
   return Setup(cfg=cfg, task=task, defs=defs, rest=rest, n_params=n_params, optimizer=optimizer,
