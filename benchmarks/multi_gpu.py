@@ -115,6 +115,9 @@ def emit(record: dict) -> None:
 
 CASES = {"1gpu": (1, 1, False), "2gpu_dp": (2, 1, False), "2gpu_fsdp": (2, 1, True),
          "2proc_dp": (2, 2, False), "2proc_fsdp": (2, 2, True)}
+# The config keys each case sets itself (not for --set).
+CASE_KEYS = ("training.steps", "training.batch_size", "training.log_every", "training.fsdp",
+             "training.ckpt_every")
 
 
 def run_case(args, root: pathlib.Path, variant: str, case: str, batch_per_gpu: int, steps: int,
@@ -122,9 +125,8 @@ def run_case(args, root: pathlib.Path, variant: str, case: str, batch_per_gpu: i
   """One real-loop job of CASES[case]: the median tokens/s and residues/s of the logged windows
   after the first, and the highest device-memory peak process 0 logged."""
   gpus, procs, fsdp = CASES[case]
-  over = dict(QUIET, **{"training.steps": steps, "training.batch_size": batch_per_gpu * gpus,
-                        "training.log_every": args.log_every, "training.fsdp": fsdp,
-                        "training.ckpt_every": 10 * steps}, **extra)
+  own = dict(zip(CASE_KEYS, (steps, batch_per_gpu * gpus, args.log_every, fsdp, 10 * steps)))
+  over = dict(QUIET, **own, **extra)
   r = train(f"{variant}_{case}", root, variant, gpus, procs, over, args.timeout, cpu=args.cpu)
   rows = train_rows(r["workdir"])
   later = rows[1:] or rows
@@ -221,16 +223,27 @@ def main() -> None:
   parser.add_argument("--timeout", type=float, default=300, help="seconds per training job")
   parser.add_argument("--root", default="/tmp/sedd_multi_gpu", help="logs and workdirs")
   parser.add_argument("--cpu", action="store_true", help="simulated CPU devices (a dry run)")
-  parser.add_argument("--cases", default="", help=f"scaling/processes cases, of {list(CASES)}")
+  parser.add_argument("--cases", default="",
+                      help=f"comma-separated cases of scaling/processes or big, of {list(CASES)}")
   parser.add_argument("--base-tokens-per-s", type=float, default=0.0,
                       help="1-GPU tokens/s for the efficiency when --cases has no 1gpu")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override of every run, e.g. model.scan_blocks=true")
+                      help="config override of the scaling, processes and big runs, e.g. "
+                      "model.scan_blocks=true")
   parser.add_argument("--big-shape", default="2048x25x16", help="hidden x blocks x heads")
   parser.add_argument("--big-batch-per-gpu", type=int, default=16)
   parser.add_argument("--big-steps", type=int, default=30)
   args = parser.parse_args()
+  unknown = [c for c in args.cases.split(",") if c and c not in CASES]
+  if unknown:
+    parser.error(f"--cases {','.join(unknown)}: choose from {list(CASES)}")
+  if any("=" not in kv for kv in args.set):
+    parser.error(f"--set takes KEY=VALUE; got {[kv for kv in args.set if '=' not in kv]}")
   args.extra = dict(kv.split("=", 1) for kv in args.set)
+  own = [k for k in args.extra if k in CASE_KEYS]
+  if own:
+    parser.error(f"--set {own[0]}: each case sets it (use --steps, --batch-per-gpu, "
+                 "--log-every or --cases)")
   parts = set(args.only or ("scaling", "processes", "restore"))
   root = pathlib.Path(args.root)
   shutil.rmtree(root, ignore_errors=True)

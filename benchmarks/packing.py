@@ -222,7 +222,7 @@ def part_loop(args) -> None:
       emit({"part": "loop", "pad_to": pad_to, "layout": layout, "steps": args.loop_steps,
             "residues_per_s": round(real), "tokens_per_s": round(tok),
             "padding": round(1 - real / tok, 4), "wall_s": round(wall, 1),
-            "peak_gib": max((r.get("peak_gib", 0.0) for r in rows), default=None)})
+            "peak_gib": max((r["peak_gib"] for r in rows if "peak_gib" in r), default=None)})
 
 
 def attention_default() -> str:

@@ -6,13 +6,13 @@
 
 Reads each `<workdir>/metrics.jsonl` (eval rows: the EMA weights' validation loss per residue,
 the score-entropy negative ELBO estimate at random t). Minutes count training time only: the
-time from a run's first row, less the gap from each end event ("stopped by SIGTERM", "finished", ...) to
-the first row of the resumed process (the restart and its compilation; the steps of that first
-logged window are dropped with it, at most `log_every` steps). Writes a PNG (one curve per run;
-default `<workdir>/curve.png` for one run, `--out` for several) and a CSV beside it (run,
-minutes, step, valid_loss_per_token, unigram). One JSON
-line per eval row on stdout. The unigram baseline is the add-one-smoothed residue frequencies of
-the training split scored on the validation split (nats per residue).
+time from a run's first row, less the gap from each end event ("stopped by SIGTERM",
+"finished", ...) to the first row of the resumed process (the restart and its compilation; the
+steps of that first logged window are dropped with it, at most `log_every` steps). Writes a PNG
+(one curve per run; default `<workdir>/curve.png` for one run, `--out` for several) and a CSV
+beside it (run, minutes, step, valid_loss_per_token, unigram). One JSON line per eval row on
+stdout. The unigram baseline is the add-one-smoothed residue frequencies of the training split
+scored on the validation split (nats per residue).
 """
 
 from __future__ import annotations

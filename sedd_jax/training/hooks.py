@@ -59,7 +59,8 @@ def summarize(vals: list[dict]) -> dict[str, float]:
 
 
 def log_train(run: Run) -> None:
-  """Writes the train row of the pending steps (with throughput and ETA)."""
+  """Writes the train row of the pending steps (with throughput, ETA and, where the devices
+  report memory, peak_gib)."""
   vals = jax.device_get(run.pending)
   run.pending.clear()
   row = summarize(vals)

@@ -3,7 +3,8 @@
 `build_run` is everything between the checks of `loop.train` and the first step: the task's
 set-up (`step.setup`), the restore of the newest checkpoint with its data state, `config.json`,
 the train iterator, the fixed validation batches, the compiled steps (from a `CompileCache`),
-the metrics writer, the task's sample writer, the stop flag and the prefetcher.
+the metrics writer, the task's sample writer, the stop flag and the prefetcher. Compiled steps:
+`CompileCache` within a process, `use_persistent_cache` (training.compile_cache) across them.
 """
 
 from __future__ import annotations
