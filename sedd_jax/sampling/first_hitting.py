@@ -36,7 +36,7 @@ from sedd_jax.diffusion.noise import Noise
 Array = jax.Array
 
 
-def token_at(key: Array, score: Array, pos: Array, draw: str) -> Array:
+def _token_at(key: Array, score: Array, pos: Array, draw: str) -> Array:
   """(B,) int32 token drawn from the non-mask columns of `score` (B, L, D) at `pos` (B,)."""
   probs = jnp.take_along_axis(score, pos[:, None, None], axis=1)[:, 0, :-1]  # (B, D - 1)
   return _categorical.sample_categorical(key, probs, draw)
@@ -58,7 +58,7 @@ def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
   """
   k_pos, k_tok = jax.random.split(key)
   pos = _categorical.sample_categorical(k_pos, masked.astype(jnp.float32), draw)
-  return pos, token_at(k_tok, score, pos, draw)
+  return pos, _token_at(k_tok, score, pos, draw)
 
 
 def next_reveal_log_m(key: Array, log_m: Array, n: Array) -> Array:
@@ -82,7 +82,7 @@ def remask_and_redraw(key: Array, score_at: Callable[[Array, Array], Array], gra
 
   def call(x):
     xm = x.at[row, pos].set(jnp.where(do, graph.mask, x[row, pos]))
-    token = token_at(jax.random.fold_in(key, 2), score_at(xm, sigma), pos, draw)
+    token = _token_at(jax.random.fold_in(key, 2), score_at(xm, sigma), pos, draw)
     return x.at[row, pos].set(jnp.where(do, token, x[row, pos])), nfe + 1
 
   return jax.lax.cond(jnp.any(do), call, lambda x: (x, nfe), x)

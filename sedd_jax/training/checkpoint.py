@@ -22,8 +22,9 @@ the items (or in a parent folder) is accepted when the `config` item is missing.
 The training run's checkpoints (save, retention, resume with the corrupt-checkpoint fallback)
 are `sedd_jax.training.checkpointer.Checkpointer`'s; this module is the format's reading side:
 the errors, `check_files` / `unreadable_reason` (is a checkpoint damaged, and where),
-`saved_shape_changes` (does it fit a model), `read_config`, `read_items`, and the inference
-checkpoints (`save_inference_checkpoint`, `load_for_inference`).
+`saved_shape_changes` (does it fit a model), `read_config`, `read_items`, the inference
+checkpoints (`save_inference_checkpoint`, `load_for_inference`), and the tree helpers both
+sides use (`pure_dict`, `fill`, `abstract_arrays`).
 """
 
 from __future__ import annotations
