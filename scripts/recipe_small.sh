@@ -17,6 +17,10 @@ BATCH=${BATCH:-128}
 LENGTH=${LENGTH:-512}
 NUM=${NUM:-256}
 STAGE=${STAGE:-all}
+case "$STAGE" in
+  all|train|post) ;;
+  *) echo "STAGE=$STAGE: choose all, train or post" >&2; exit 2 ;;
+esac
 
 if [ "$STAGE" != post ]; then
   timeout "${MINUTES}m" python -m sedd_jax.train --config=configs/uniref50.py:small \
