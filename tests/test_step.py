@@ -1,4 +1,7 @@
-"""The jitted train step: 8 devices == 1 device, accumulation == one big batch, NaN skipping."""
+"""The jitted train step: 8 devices == 1 device, accumulation == one big batch, NaN skipping;
+fsdp's parameter gather in the train and eval steps."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +193,19 @@ def test_packed_loss_is_the_mean_over_all_sequences_for_any_accum():
   np.testing.assert_allclose(s2, s1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_eval_step_computes_with_gathered_parameters_as_the_train_step():
+  """training.fsdp: the eval step, like the train step, constrains every sharded parameter to
+  replicated for the compute (XLA could otherwise shard q/k/v on the head axis, which cuDNN's
+  partitioner rejects for a bias); without fsdp there is no constraint."""
+  key = jax.random.PRNGKey(0)
+  for fsdp in (False, True):
+    s = step_lib.setup(micro_config(**{"training.fsdp": fsdp}))
+    batch = s.put_batch(host_batch())
+    ev = s.eval_step(FAST).lower(s.state.ema, s.rest, batch, key).as_text()
+    tr = s.train_step(FAST).lower(s.state, s.rest, batch).as_text()
+    ev_count, tr_count = (len(re.findall(r"sdy\.sharding_constraint|@Sharding", t))
+                          for t in (ev, tr))
+    n = len(jax.tree.leaves(s.state.ema)) if fsdp else 0  # (the train step: + the gradients')
+    assert ev_count == n and (tr_count >= n if fsdp else tr_count == 0), (ev_count, tr_count)

@@ -11,10 +11,11 @@ Devices (mesh, shardings and placement in `sedd_jax.training.sharding`): one 1-D
 `data` on their first axis; parameters, EMA and optimizer moments are replicated, or with
 `cfg.training.fsdp` sharded fsdp-style (each array's largest axis divisible by the device count
 is split over `data`; arrays with none stay replicated) and gathered for the compute: the loss
-sees replicated parameters (a sharding constraint), so activations stay sharded on the batch
-only. Without it XLA may shard q/k/v on the head axis after the sharded qkv matmul, which cuDNN
-attention with a (B, 1, L, L) bias rejects ("Query and bias should have same sharding on batch
-and num_head dim", seen with FSDP on 2 H200s). XLA inserts the collectives; no pmap.
+and the eval step see replicated parameters (a sharding constraint), so activations stay
+sharded on the batch only. Without it XLA may shard q/k/v on the head axis after the sharded
+qkv matmul, which cuDNN attention with a (B, 1, L, L) bias rejects ("Query and bias should have
+same sharding on batch and num_head dim", seen with FSDP on 2 H200s). XLA inserts the
+collectives; no pmap.
 Several processes (`jax.distributed`): the mesh spans the devices of all of them; every process
 builds the same step-0 state from the seed and the same host batch (the GLOBAL batch), and
 `put_global` / `put_batch` hand each local device its part (`jax.make_array_from_callback`), so
@@ -85,6 +86,15 @@ def _micro_batches(x: Array, accum: int) -> Array:
 # Train step.
 
 
+def _gather_fn(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
+  """params -> params for the compute: with cfg.training.fsdp on several devices constrained to
+  replicated (sharded storage, replicated compute; module docstring), else unchanged."""
+  if not (bool(cfg.training.fsdp) and mesh.size > 1):
+    return lambda params: params
+  replicated = NamedSharding(mesh, P())
+  return lambda params: jax.lax.with_sharding_constraint(params, replicated)
+
+
 def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: ModelDefs,
                        mesh: jax.sharding.Mesh) -> Callable:
   """The pure `loss_and_grads(params, rest, batch, step, rng) -> (loss, aux, grads)`.
@@ -105,11 +115,10 @@ def _loss_and_grads_fn(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs
     nnx.reseed(model, dropout=drop_key)
     return nnx.split(model, nnx.Param, ...)[2]
 
-  gathered = NamedSharding(mesh, P()) if bool(cfg.training.fsdp) and mesh.size > 1 else None
+  gather = _gather_fn(cfg, mesh)
 
   def loss_fn(params, rest, rows, shared, key, step):
-    if gathered is not None:  # fsdp: sharded storage, replicated compute (module docstring)
-      params = jax.lax.with_sharding_constraint(params, gathered)
+    params = gather(params)
     # Fresh Variables at this trace level (dropout advances its RngCount while running).
     rest = jax.tree.map(lambda x: x, rest)
     model = nnx.merge(defs.train, params, rest)
@@ -247,8 +256,10 @@ def make_eval_step(cfg: ml_collections.ConfigDict, task: task_lib.Task, defs: Mo
   validation loss is comparable across steps. Use it with the EMA parameters.
   """
 
+  gather = _gather_fn(cfg, mesh)
+
   def eval_fn(params, rest, batch, key):
-    return task.eval_loss(nnx.merge(defs.eval, params, rest), batch, key)
+    return task.eval_loss(nnx.merge(defs.eval, gather(params), rest), batch, key)
 
   rep = NamedSharding(mesh, P())
   bs = sharding.batch_sharding(mesh)
