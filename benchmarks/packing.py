@@ -202,8 +202,8 @@ def part_loop(args) -> None:
                "--config.training.eval_every=0", "--config.training.sample_every=0",
                f"--config.training.ckpt_every={10 * args.loop_steps}", "--config.wandb.mode=disabled"]
       # the layout is a module constant (not a config key): set it in the job's process
-      launch = ("import runpy, sys; from sedd_jax.model import attention; "
-                f"attention.CUDNN_SEGMENT_LAYOUT = {layout or attention_default()!r}; "
+      choose = f"attention.CUDNN_SEGMENT_LAYOUT = {layout!r}; " if layout else ""
+      launch = ("import runpy, sys; from sedd_jax.model import attention; " + choose +
                 f"sys.argv = ['sedd_jax.train'] + {flags!r}; "
                 "runpy.run_module('sedd_jax.train', run_name='__main__')")
       t0 = time.perf_counter()
@@ -223,11 +223,6 @@ def part_loop(args) -> None:
             "residues_per_s": round(real), "tokens_per_s": round(tok),
             "padding": round(1 - real / tok, 4), "wall_s": round(wall, 1),
             "peak_gib": max((r["peak_gib"] for r in rows if "peak_gib" in r), default=None)})
-
-
-def attention_default() -> str:
-  from sedd_jax.model import attention
-  return attention.CUDNN_SEGMENT_LAYOUT
 
 
 def part_variance(args) -> None:
