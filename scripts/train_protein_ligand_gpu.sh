@@ -11,7 +11,10 @@
 # writes a checkpoint), NUM (samples per run, default 64), RDKIT_WHEEL (a wheel file to install
 # when rdkit is missing and PyPI is out of reach), CONFIG (default configs/protein_ligand.py:small;
 # `:tiny` for a CPU smoke test), STAGE (all | train | sample; default all: about 28 minutes on
-# one H200). Under a 10-minute limit per command, start the training in its own session
+# one H200), EXTRA (more `--config.*` overrides of the training, e.g.
+# EXTRA='--config.mode_weights=(0.1,0.2,0.4,0.1,0.2)'), SAMPLES (the sampling runs of
+# STAGE=sample, default `w1 w2 joint`). Under a 10-minute limit per command, start the training
+# in its own session
 # (`STAGE=train setsid nohup bash scripts/train_protein_ligand_gpu.sh RUN > train.log 2>&1 &`)
 # and run `STAGE=sample` once it has written RUN/train_seconds.
 # The first run on an H200 (400 s) spent 272 s compiling (validation 97 s, first step 175 s) and
@@ -44,7 +47,7 @@ if [ "$STAGE" != sample ]; then
     --config.training.ema=0.999 --config.optim.warmup=500 --config.model.dropout=0.0 \
     --config.training.eval_every=1000 --config.training.sample_every=1000 \
     --config.training.num_samples=64 \
-    --config.training.ckpt_every=1000 --config.wandb.mode=disabled
+    --config.training.ckpt_every=1000 --config.wandb.mode=disabled ${EXTRA:-}
   echo $(( $(date +%s) - start )) > "$RUN/train_seconds"
 fi
 [ "$STAGE" = train ] && exit 0
@@ -52,11 +55,17 @@ fi
 sample() {  # sample.py with the run's newest checkpoint, RDKit as the checker
   python -m sedd_jax.sample --workdir "$RUN" --num "$NUM" --batch-size "$NUM" --checker rdkit "$@"
 }
-sample --task ligand_given_protein --split test --guidance 1 --out "$RUN/ligands_w1.smi"
-sample --task ligand_given_protein --split test --guidance 2 --out "$RUN/ligands_w2.smi"
-sample --task joint --split test --out "$RUN/pairs.fasta"
+SAMPLES=${SAMPLES:-w1 w2 joint}
+for name in $SAMPLES; do
+  case $name in
+    w1) sample --task ligand_given_protein --split test --guidance 1 --out "$RUN/ligands_w1.smi" ;;
+    w2) sample --task ligand_given_protein --split test --guidance 2 --out "$RUN/ligands_w2.smi" ;;
+    joint) sample --task joint --split test --out "$RUN/pairs.fasta" ;;
+    *) echo "SAMPLES: unknown run '$name' (choose from w1 w2 joint)" >&2; exit 2 ;;
+  esac
+done
 
-python - "$RUN" "$(cat "$RUN/train_seconds")" <<'EOF'
+python - "$RUN" "$(cat "$RUN/train_seconds")" $SAMPLES <<'EOF'
 import json, pathlib, sys
 
 import jax
@@ -64,15 +73,16 @@ import jax
 from sedd_jax.data import pipeline, store as store_lib
 from sedd_jax.training import checkpointer, metrics
 
-run, train_seconds = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+run, train_seconds, names = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 cfg = json.loads((run / "config.json").read_text())
 store = store_lib.Store(pipeline.resolve_path(cfg["data"]["prepared"]), "train")
 tok = store.smiles_tokenizer()
 train_smiles = {tok.decode(store.get(i, "ligand")) for i in range(len(store))}
 rows = metrics.read_metrics(run / metrics.METRICS_FILE)
 last_eval = [r for r in rows if r["kind"] == "eval"][-1]
-for name in ("ligands_w1", "ligands_w2", "pairs"):
-  rep = json.loads((run / f"{name}.validity.json").read_text())
+files = {"w1": "ligands_w1", "w2": "ligands_w2", "joint": "pairs"}
+for name in names:
+  rep = json.loads((run / f"{files[name]}.validity.json").read_text())
   samples = rep["samples"]
   valid = [s["smiles"] for s in samples if s["valid"]]
   print(json.dumps({
