@@ -1,0 +1,221 @@
+"""Training curves of speed options against the PyTorch reference's (issue 17's curve rule).
+
+A change that alters numerics (a dropout RNG, a bf16 residual stream, a fused kernel, FP8) may
+become a default only if its training curve stays on the reference's: within the spread of
+reference seeds (`../shared/bench/README.md`, "Training curves"). This script runs, as fresh
+processes spread over the GPUs (one job per GPU at a time):
+
+* the reference, `.bench/torch_reference_curve.py STORE L B STEPS`, once per `--ref-seeds` seed
+  (the script seeds torch and numpy with 0; seed s shifts both by s: see `_REF_WRAPPER`);
+* sedd_jax (`python -m sedd_jax.train`, `configs/uniref50.py:small`) once per `--variants`
+  entry: '+'-joined tokens of `TOKENS` (model keys), `default` = the config as it is;
+
+all `small` at L = 256, B = 128, lr 3e-4, warmup 300, on the bundled UniProt sequences of at
+least L residues (random L-windows, no padding), mean loss per residue per 100 steps. It prints
+one JSON line per run (`curve`: step -> loss per residue; `mean_tail`: the mean over the last
+third of the steps), then a table of each variant's tail mean against the reference seeds'
+range, and writes a PNG of the curves.
+
+  python benchmarks/curve_check.py                                   # GPU: 2 ref seeds + 3 variants
+  python benchmarks/curve_check.py --variants default,hash --ref-seeds 0,1 --gpus 0,1
+  python benchmarks/curve_check.py --config configs/uniref50.py:tiny --length 64 --batch 4 \
+    --steps 200 --ref-seeds '' --variants default,hash --gpus cpu --store /tmp/u64   # CPU dry run
+
+The store (`data/prepared/u256`, sequences >= 256) is prepared first, once, before any job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+log = logging.getLogger("curve_check")
+
+TOKENS = {
+  "hash": {"model.dropout_rng": "hash"},
+  "rbg": {"model.dropout_rng": "rbg"},
+  "bf16res": {"model.residual_dtype": "bfloat16"},
+  "fp8": {"model.matmul": "fp8"},
+}
+# The reference with its two seeds shifted by SEED (the script hard-codes 0 for both).
+_REF_WRAPPER = """
+import os, sys, runpy
+import numpy as np, torch
+seed = int(os.environ["SEED"])
+_manual_seed, _default_rng = torch.manual_seed, np.random.default_rng
+torch.manual_seed = lambda s: _manual_seed(s + seed)
+np.random.default_rng = lambda s=None: _default_rng(None if s is None else s + seed)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def variant_overrides(variant: str) -> dict[str, str]:
+  """'+'-joined TOKENS (or `default`) -> config overrides."""
+  if variant == "default":
+    return {}
+  out: dict[str, str] = {}
+  for tok in variant.split("+"):
+    if tok not in TOKENS:
+      raise SystemExit(f"variant {variant!r}: unknown token {tok!r}; choose from {sorted(TOKENS)}")
+    out.update(TOKENS[tok])
+  return out
+
+
+def base_overrides(args) -> dict[str, str]:
+  """The README's sedd_jax side of the reference comparison."""
+  return {"model.length": str(args.length), "training.batch_size": str(args.batch),
+          "data.min_length": str(args.length), "data.prepared": args.store,
+          "data.pad_to": "full", "optim.warmup": "300", "optim.lr": "3e-4",
+          "training.steps": str(args.steps), "training.log_every": "100",
+          "training.eval_every": "0", "training.sample_every": "0",
+          "training.ckpt_every": str(args.steps), "training.milestone_every": "0",
+          "wandb.mode": "disabled"}
+
+
+def prepare(args) -> None:
+  """Prepares the store of sequences >= L once (jobs would race to write it)."""
+  sys.path.insert(0, str(ROOT))
+  from sedd_jax import config as config_lib
+  from sedd_jax.data import pipeline
+  cfg = config_lib.load_config(args.config)
+  cfg.data.min_length = args.length
+  cfg.data.prepared = args.store
+  pipeline.ensure_prepared(cfg)
+
+
+def jobs(args) -> list[tuple[str, list[str], dict[str, str]]]:
+  """(name, command, extra environment) of every run."""
+  out = []
+  for seed in [int(s) for s in args.ref_seeds.split(",") if s]:
+    cmd = [sys.executable, "-c", _REF_WRAPPER, args.reference, args.store, str(args.length),
+           str(args.batch), str(args.steps)]
+    out.append((f"ref_seed{seed}", cmd, {"SEED": str(seed)}))
+  for variant in [v for v in args.variants.split(",") if v]:
+    over = {**base_overrides(args), **variant_overrides(variant)}
+    cmd = [sys.executable, "-m", "sedd_jax.train", f"--config={args.config}",
+           "--workdir", str(pathlib.Path(args.root) / variant), "--fresh"]
+    cmd += [f"--config.{k}={v}" for k, v in over.items()]
+    out.append((variant, cmd, {}))
+  return out
+
+
+def read_curve(name: str, logfile: pathlib.Path, workdir: pathlib.Path) -> dict[int, float]:
+  """step -> mean loss per residue of the 100 steps before it."""
+  if name.startswith("ref_"):
+    rows = [json.loads(l) for l in logfile.read_text().splitlines() if l.startswith("{")]
+    return {r["step"]: r["loss_per_token"] for r in rows if r.get("impl") == "torch-ref"}
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss_per_token"] for r in rows if r["kind"] == "train"}
+
+
+def run_all(args) -> dict[str, dict[int, float]]:
+  """Runs the jobs, one per GPU at a time; returns each finished run's curve."""
+  root = pathlib.Path(args.root)
+  root.mkdir(parents=True, exist_ok=True)
+  todo, running, curves = jobs(args), {}, {}
+  gpus = args.gpus.split(",")
+  while todo or running:
+    for gpu in [g for g in gpus if g not in running]:
+      if not todo:
+        break
+      name, cmd, env = todo.pop(0)
+      logfile = root / f"{name}.log"
+      full_env = {**os.environ, **env, "CUDA_VISIBLE_DEVICES": gpu}
+      proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=logfile.open("w"),
+                              stderr=subprocess.STDOUT)
+      running[gpu] = (name, proc, logfile, time.perf_counter())
+      log.info("GPU %s: %s", gpu, name)
+    time.sleep(2)
+    for gpu, (name, proc, logfile, t0) in list(running.items()):
+      if proc.poll() is None and time.perf_counter() - t0 < args.timeout:
+        continue
+      if proc.poll() is None:
+        proc.kill()
+      del running[gpu]
+      wall = time.perf_counter() - t0
+      curve = read_curve(name, logfile, root / name) if proc.returncode == 0 else {}
+      if not curve:
+        tail = logfile.read_text()[-1500:]
+        print(json.dumps({"run": name, "failed": f"rc {proc.returncode}", "wall_s": round(wall, 1),
+                          "log_tail": tail}), flush=True)
+        continue
+      curves[name] = curve
+      print(json.dumps({"run": name, "wall_s": round(wall, 1), "mean_tail": mean_tail(curve),
+                        "curve": curve}), flush=True)
+  return curves
+
+
+def mean_tail(curve: dict[int, float]) -> float:
+  """Mean loss per residue over the last third of the logged steps."""
+  steps = sorted(curve)
+  tail = [curve[s] for s in steps if s > steps[-1] * 2 // 3]
+  return round(float(np.mean(tail)), 4)
+
+
+def report(curves: dict[str, dict[int, float]], png: pathlib.Path) -> None:
+  """The table against the reference seeds' range, and the PNG."""
+  refs = {k: mean_tail(c) for k, c in curves.items() if k.startswith("ref_")}
+  lo, hi = (min(refs.values()), max(refs.values())) if refs else (float("nan"),) * 2
+  print(f"| run | mean loss/residue, last third | vs reference seeds [{lo}, {hi}] |")
+  print("|---|---|---|")
+  for name, curve in curves.items():
+    m = mean_tail(curve)
+    if not refs:
+      where = "no reference run"
+    elif lo <= m <= hi:
+      where = "inside"
+    else:
+      where = f"{m - (hi if m > hi else lo):+.4f} outside"
+    print(f"| {name} | {m} | {'(reference)' if name in refs else where} |")
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7, 4.2), dpi=110)
+  ax = fig.subplots()
+  for name, curve in curves.items():
+    steps = sorted(curve)
+    ax.plot(steps, [curve[s] for s in steps], label=name,
+            ls="--" if name.startswith("ref_") else "-")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss per residue (mean of 100 steps)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(png)
+  print(f"plot: {png}")
+
+
+def main() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--variants", default="default,hash,hash+bf16res",
+                 help=f"comma-separated; '+'-joined tokens of {sorted(TOKENS)}, or default")
+  p.add_argument("--ref-seeds", default="0,1", help="reference seeds ('' = no reference)")
+  p.add_argument("--reference", default=".bench/torch_reference_curve.py")
+  p.add_argument("--gpus", default="0,1", help="CUDA_VISIBLE_DEVICES of the job slots")
+  p.add_argument("--config", default="configs/uniref50.py:small",
+                 help="sedd_jax side (the reference is always SEDD-small)")
+  p.add_argument("--length", type=int, default=256)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--store", default="data/prepared/u256")
+  p.add_argument("--root", default="runs/curve_check")
+  p.add_argument("--timeout", type=float, default=600, help="seconds per run")
+  p.add_argument("--png", default="runs/curve_check/curves.png")
+  args = p.parse_args()
+  for v in args.variants.split(","):
+    variant_overrides(v)  # unknown tokens fail before any job starts
+  prepare(args)
+  curves = run_all(args)
+  report(curves, pathlib.Path(args.png))
+
+
+if __name__ == "__main__":
+  main()
