@@ -64,6 +64,7 @@ import numpy as np
 from sedd_jax import inference
 from sedd_jax.cli import CliError
 from sedd_jax.cli import run_cli
+from sedd_jax.cli import sampler_options
 from sedd_jax.data import reference
 from sedd_jax import sample_protein_ligand as pl_sample
 
@@ -251,21 +252,12 @@ def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
 def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
   flags against the config (CliError on bad input)."""
-  from sedd_jax import diffusion
-  from sedd_jax.sampling import sampler
-
   for flag in ("task", "proteins", "ligand_length", "guidance", "checker"):
     if getattr(args, flag) is not None:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
-  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  try:  # the sampler's own checks; each message starts with the option, the flag's name
-    sampler.check_options(diffusion.get_graph(cfg.graph), steps=steps, predictor=predictor,
-                          eps=eps, cached=args.cached, draw=args.draw, remask=args.remask)
-  except ValueError as e:
-    raise CliError(f"--{e}") from None
+  steps, predictor, eps = sampler_options(args, cfg, cached=args.cached, draw=args.draw,
+                                          remask=args.remask)
   return plan, steps, predictor, eps
 
 
