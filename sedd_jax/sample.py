@@ -44,7 +44,8 @@ given the other track, clean:
                          `<out stem>.validity.json`.
 `--guidance W` (conditional tasks): classifier-free guidance, log s = W log s(target | given) +
 (1 - W) log s(target alone) (sedd_jax.protein_ligand.conditional.guided_log_score); W = 1
-(default) is plain conditional sampling. `--checker` picks the SMILES checker of the validity
+(default) is plain conditional sampling. `--predictor first_hitting` applies to all three tasks
+(one token per model call; `--remask` and `--draw` are for protein checkpoints). `--checker` picks the SMILES checker of the validity
 report (default auto: RDKit if installed, else grammar; the report names the one used).
 """
 
