@@ -34,22 +34,19 @@ def load_config(spec: str):
 
 
 def sampler_options(args, cfg, **extra) -> tuple[int, str, float]:
-  """(steps, predictor, eps) of the reverse process: the flags, else `cfg.sampling`'s; checked
-  with `extra` (cached=, draw=, remask=) on the graph of `cfg.graph` (a protein-ligand config's
-  ligand graph has the same type) by `sampler.check_options`, whose messages start with the
-  option's name, the flag's name: CliError `--<message>`."""
+  """(steps, predictor, eps) of the reverse process: the flags, else `cfg.sampling`'s
+  (`sampler.resolve_options` with `extra`, on the graph of `cfg.graph`; a protein-ligand
+  config's ligand graph has the same type). The check's messages start with the option's name,
+  the flag's name: CliError `--<message>`."""
   from sedd_jax import diffusion  # noqa: PLC0415
   from sedd_jax.sampling import sampler  # noqa: PLC0415
 
-  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
   try:
-    sampler.check_options(diffusion.get_graph(cfg.graph), steps=steps, predictor=predictor,
-                          eps=eps, **extra)
+    return sampler.resolve_options(diffusion.get_graph(cfg.graph), cfg.sampling,
+                                   steps=args.steps, predictor=args.predictor, eps=args.eps,
+                                   **extra)
   except ValueError as e:
     raise CliError(f"--{e}") from None
-  return steps, predictor, eps
 
 
 def json_safe(obj):

@@ -329,8 +329,7 @@ def _check_sampler(cfg: ml_collections.ConfigDict) -> None:
 
   graph = get_graph(cfg.graph)
   try:
-    sampler.check_options(graph, steps=cfg.sampling.steps, predictor=cfg.sampling.predictor,
-                          eps=cfg.sampling.eps)
+    sampler.resolve_options(graph, cfg.sampling)
   except ValueError as e:
     where = "" if graph.absorb else f" (graph.type = {cfg.graph.type!r})"
     raise ConfigError(f"sampling.{str(e).split()[0]}", f"{e}{where}") from None

@@ -169,8 +169,8 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
   Args:
     key: PRNG key.
     model: the dual-track model (switched to eval mode here).
-    cfg: the protein-ligand config (sampling.steps/predictor/eps are the defaults; the options
-      are checked by `sampler.check_options`).
+    cfg: the protein-ligand config (sampling.steps/predictor/eps are the defaults;
+      `sampler.resolve_options`).
     task: `ligand_given_protein` or `protein_given_ligand`.
     given_tokens: (B, Lg) int clean tokens of the given track (padded after `given_lengths`).
     given_lengths: (B,) int lengths of the given sequences.
@@ -196,11 +196,9 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
     target_length = int(cfg.ligand.length if task == "ligand_given_protein" else cfg.model.length)
   pgraph, lgraph = get_graphs(cfg)
   noise = diffusion.get_noise(cfg.noise)
-  predictor = predictor or cfg.sampling.predictor
-  steps = int(cfg.sampling.steps if steps is None else steps)
-  eps = float(eps if eps is not None else cfg.sampling.eps)
-  sampler.check_options(lgraph if task == "ligand_given_protein" else pgraph, steps=steps,
-                        predictor=predictor, eps=eps)
+  steps, predictor, eps = sampler.resolve_options(
+      lgraph if task == "ligand_given_protein" else pgraph, cfg.sampling, steps=steps,
+      predictor=predictor, eps=eps)
   if int(jnp.max(target_lengths)) > target_length or int(jnp.min(target_lengths)) < 1:
     raise ValueError(f"target_lengths must lie in [1, target_length = {target_length}]")
   guidance = _check_guidance(cfg, task, guidance)

@@ -165,11 +165,9 @@ def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Arr
                        f"{lengths.shape}")
     if lengths.size and (int(jnp.min(lengths)) < 1 or int(jnp.max(lengths)) > top):
       raise ValueError(f"{name} must lie in [1, {top}]; got {np.asarray(lengths).tolist()}")
-  predictor = predictor or cfg.sampling.predictor
-  steps = int(cfg.sampling.steps if steps is None else steps)
-  eps = float(eps if eps is not None else cfg.sampling.eps)
   pgraph, lgraph = get_graphs(cfg)
-  sampler.check_options(combined_graph(pgraph, lgraph), steps=steps, predictor=predictor, eps=eps)
+  steps, predictor, eps = sampler.resolve_options(combined_graph(pgraph, lgraph), cfg.sampling,
+                                                  steps=steps, predictor=predictor, eps=eps)
   model.eval()
   return _sample_joint_jit(model, key, protein_lengths, ligand_lengths, lp=lp, ll=ll,
                            steps=steps, predictor=predictor, eps=eps, pgraph=pgraph,
