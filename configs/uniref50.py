@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = 128
-  c.sampling.predictor = "analytic"  # analytic | euler
+  c.sampling.predictor = "analytic"  # analytic | euler | first_hitting (absorbing graph)
   c.sampling.eps = 1e-5
 
   c.wandb = ml_collections.ConfigDict()

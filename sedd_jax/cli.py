@@ -4,6 +4,8 @@
 - `run_cli(parser, run_fn, argv)`: parses, sets up logging (`--verbose`), runs, maps errors.
 - `load_config(spec)`: a `--config FILE.py[:VARIANT]` flag's config (CliError if unreadable).
 - `json_safe(obj)`: NaN / inf -> None in a JSON-able dict or list (strict JSON output).
+- `sampler_options(args, cfg, **extra)`: the sample CLI's --steps/--predictor/--eps (defaults
+  `cfg.sampling`), checked by `sampler.check_options` (CliError naming the flag).
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ def load_config(spec: str):
     return config_lib.load_config(spec)
   except (OSError, ValueError) as e:
     raise CliError(f"--config {spec}: {e}") from None
+
+
+def sampler_options(args, cfg, **extra) -> tuple[int, str, float]:
+  """(steps, predictor, eps) of the reverse process: the flags, else `cfg.sampling`'s
+  (`sampler.resolve_options` with `extra`, on the graph of `cfg.graph`; a protein-ligand
+  config's ligand graph has the same type). The check's messages start with the option's name,
+  the flag's name: CliError `--<message>`."""
+  from sedd_jax import diffusion  # noqa: PLC0415
+  from sedd_jax.sampling import sampler  # noqa: PLC0415
+
+  try:
+    return sampler.resolve_options(diffusion.get_graph(cfg.graph), cfg.sampling,
+                                   steps=args.steps, predictor=args.predictor, eps=args.eps,
+                                   **extra)
+  except ValueError as e:
+    raise CliError(f"--{e}") from None
 
 
 def json_safe(obj):

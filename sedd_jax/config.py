@@ -8,7 +8,8 @@ Configs are `ml_collections` files with a `get_config(variant)` function (see
 * `check_keys(cfg, keys)` raises `ConfigError` for the first dotted key that does not exist,
   with a spelling suggestion ("did you mean ...").
 * `validate(cfg, n_devices=None)` checks values (choices, ranges, divisibility) and raises
-  `ConfigError` naming the key. Nothing here imports the model or compiles anything.
+  `ConfigError` naming the key; the `sampling.*` options go through the sampler's own checks
+  (`sampler.check_options`, imported when a config is validated). Nothing here compiles.
 
 The command line (`sedd_jax.train`) uses `ml_collections.config_flags` for the same syntax
 (`--config=file.py:variant --config.optim.lr=1e-4`); it calls `check_override_args` first so that
@@ -40,7 +41,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.residual_dtype": ("float32", "bfloat16"),
   "model.matmul": ("default", "fp8"),
   "optim.schedule": ("constant", "cosine"),
-  "sampling.predictor": ("analytic", "euler"),
   "wandb.mode": ("offline", "online", "disabled"),
 }
 
@@ -312,11 +312,27 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
 
   _positive_int(cfg, "sampling.steps")
   _number(cfg, "sampling.eps", 0.0, 1.0, lo_open=True, hi_open=True)
+  _check_sampler(cfg)
 
   task = cfg.get("task", "sedd")
   _need(task in TASKS, "task", f"must be one of {TASKS}, got {task!r}")
   if task == "protein_ligand":
     _validate_protein_ligand(cfg)
+
+
+def _check_sampler(cfg: ml_collections.ConfigDict) -> None:
+  """`sampling.*` (predictor, steps, eps) through the sampler's own checks
+  (`sedd_jax.sampling.sampler.check_options`, whose messages start with the option's name): a
+  ConfigError naming `sampling.<option>`, e.g. predictor first_hitting with a uniform graph."""
+  from sedd_jax.diffusion.graph import get_graph  # here: jax only once a config is validated
+  from sedd_jax.sampling import sampler
+
+  graph = get_graph(cfg.graph)
+  try:
+    sampler.resolve_options(graph, cfg.sampling)
+  except ValueError as e:
+    where = "" if graph.absorb else f" (graph.type = {cfg.graph.type!r})"
+    raise ConfigError(f"sampling.{str(e).split()[0]}", f"{e}{where}") from None
 
 
 def _validate_protein_ligand(cfg: ml_collections.ConfigDict) -> None:

@@ -44,7 +44,8 @@ given the other track, clean:
                          `<out stem>.validity.json`.
 `--guidance W` (conditional tasks): classifier-free guidance, log s = W log s(target | given) +
 (1 - W) log s(target alone) (sedd_jax.protein_ligand.conditional.guided_log_score); W = 1
-(default) is plain conditional sampling. `--checker` picks the SMILES checker of the validity
+(default) is plain conditional sampling. `--predictor first_hitting` applies to all three tasks
+(one token per model call; `--remask` and `--draw` are for protein checkpoints). `--checker` picks the SMILES checker of the validity
 report (default auto: RDKit if installed, else grammar; the report names the one used).
 """
 
@@ -64,6 +65,7 @@ import numpy as np
 from sedd_jax import inference
 from sedd_jax.cli import CliError
 from sedd_jax.cli import run_cli
+from sedd_jax.cli import sampler_options
 from sedd_jax.data import reference
 from sedd_jax import sample_protein_ligand as pl_sample
 
@@ -251,21 +253,12 @@ def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
 def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   """(plan, steps, predictor, eps) for a protein checkpoint of config `cfg`: every check of the
   flags against the config (CliError on bad input)."""
-  from sedd_jax import diffusion
-  from sedd_jax.sampling import sampler
-
   for flag in ("task", "proteins", "ligand_length", "guidance", "checker"):
     if getattr(args, flag) is not None:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
-  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
-  try:  # the sampler's own checks; each message starts with the option, the flag's name
-    sampler.check_options(diffusion.get_graph(cfg.graph), steps=steps, predictor=predictor,
-                          eps=eps, cached=args.cached, draw=args.draw, remask=args.remask)
-  except ValueError as e:
-    raise CliError(f"--{e}") from None
+  steps, predictor, eps = sampler_options(args, cfg, cached=args.cached, draw=args.draw,
+                                          remask=args.remask)
   return plan, steps, predictor, eps
 
 

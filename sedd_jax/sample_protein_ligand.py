@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from sedd_jax.cli import CliError
+from sedd_jax.cli import sampler_options
 from sedd_jax.data import reference
 
 logger = logging.getLogger("sedd_jax.sample")
@@ -42,13 +43,11 @@ def check_protein_ligand_args(args, cfg) -> str:
     raise CliError(f"--proteins {args.proteins} does not exist")
   if task == "joint" and args.guidance is not None:
     raise CliError("--guidance applies to the conditional tasks, not joint")
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  if predictor == "first_hitting" or args.remask or args.draw != "unbiased":
-    raise CliError("--predictor first_hitting, --remask and --draw are for protein checkpoints")
+  if args.remask or args.draw != "unbiased":
+    raise CliError("--remask and --draw are for protein checkpoints")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-  if args.steps is not None and args.steps < 1:  # the protein path: sampler.check_options
-    raise CliError(f"--steps must be >= 1; got {args.steps}")
+  sampler_options(args, cfg)
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   for flag, value, top in (("--ligand-length", args.ligand_length, l_len),
                            ("--length", args.length, p_len)):
@@ -73,9 +72,7 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   store, smiles_tok = reference.reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
-  steps = int(cfg.sampling.steps if args.steps is None else args.steps)
-  predictor = args.predictor or str(cfg.sampling.predictor)
-  eps = float(args.eps if args.eps is not None else cfg.sampling.eps)
+  steps, predictor, eps = sampler_options(args, cfg)
   if task == "joint":
     return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
 

@@ -139,6 +139,21 @@ def run_sampler(score_fn, shape, seed=0, graph=TOY_GRAPH, noise=TOY_NOISE, fixed
   return jax.tree.map(np.asarray, out)
 
 
+def spy_predictors(monkeypatch) -> list[str]:
+  """The `predictor` of every `sampler.sample` trace from now on (in order); the spy runs the
+  real sampler."""
+  from sedd_jax.sampling import sampler  # noqa: PLC0415
+
+  seen, real = [], sampler.sample
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("predictor", "analytic"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(sampler, "sample", spy)
+  return seen
+
+
 # ---- parity fixtures (shared/parity, $SEDD_PARITY_FIXTURES) ----
 
 def cases(kind: str) -> list:

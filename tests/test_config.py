@@ -47,12 +47,27 @@ def test_overrides_are_typed():
   (["optim.schedule=linear"], "optim.schedule", "must be one of"),
   (["wandb.mode=cloud"], "wandb.mode", "must be one of"),
   (["training.steps=0"], "training.steps", "positive"),
+  (["sampling.predictor=leapfrog"], "sampling.predictor", "is not a predictor"),
+  # first_hitting reveals masked tokens: the uniform graph has none (sampler.check_options).
+  (["sampling.predictor=first_hitting", "graph.type=uniform", "model.scale_by_sigma=false"],
+   "sampling.predictor", "needs the absorbing graph"),
 ])
 def test_errors_name_the_key(overrides, key, words):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.load_config(f"{UNIREF50}:tiny", overrides)
   assert e.value.key == key
   assert repr(key) in str(e.value) and words in str(e.value)
+
+
+def test_sampling_predictor_first_hitting_is_accepted():
+  """Issue 19: the in-training samples (sedd_task, protein_ligand.task) may use it."""
+  for spec in (f"{UNIREF50}:tiny", str(ROOT / "configs" / "protein_ligand.py:tiny")):
+    cfg = config_lib.load_config(spec, ["sampling.predictor=first_hitting"])
+    assert cfg.sampling.predictor == "first_hitting"
+  with pytest.raises(config_lib.ConfigError, match="graph.type = 'uniform'"):
+    config_lib.load_config(str(ROOT / "configs" / "protein_ligand.py:tiny"), [
+        "sampling.predictor=first_hitting", "graph.type=uniform", "ligand.graph.type=uniform",
+        "model.scale_by_sigma=false"])
 
 
 def test_batch_must_divide_by_devices():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import FAST, assert_trees_equal, train_config
+from helpers import FAST, assert_trees_equal, spy_predictors, train_config
 from sedd_jax import diffusion
 from sedd_jax.data.fasta import DataError
 from sedd_jax.training import checkpoint as ckpt_lib
@@ -22,9 +22,11 @@ from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import state as state_lib
 
 
-def test_resume_is_bit_identical(tmp_path, store):
+def test_resume_is_bit_identical(tmp_path, store, monkeypatch):
   """6 steps in one go == 3 steps, stop, resume, 3 steps (params, EMA, data state exactly)."""
-  cfg = train_config(store, **{"training.eval_every": 3, "training.sample_every": 3})
+  cfg = train_config(store, **{"training.eval_every": 3, "training.sample_every": 3,
+                               "sampling.predictor": "first_hitting"})
+  predictors = spy_predictors(monkeypatch)  # the samples use the config's predictor
   a = loop.train(cfg, tmp_path / "a", compiler_options=FAST)
   assert (a.code, a.step, a.reason) == (0, 6, "finished")
   b1 = loop.train(cfg, tmp_path / "b", stop_after=3, compiler_options=FAST)
@@ -51,6 +53,7 @@ def test_resume_is_bit_identical(tmp_path, store):
   assert (tmp_path / "a" / metrics_lib.LOSS_CURVE_FILE).stat().st_size > 1000
   fasta = (tmp_path / "a" / "samples" / "step_6.fasta").read_text().splitlines()
   assert len(fasta) == 4 and fasta[0].startswith(">sample_0 step=6")
+  assert predictors and set(predictors) == {"first_hitting"}
   assert set(fasta[1]) <= set("LAGVSERTIDPKQNFYMHWC")
   # The rows of the resumed run are the same as the continuous run's.
   rows_b = [r for r in metrics_lib.read_metrics(tmp_path / "b" / metrics_lib.METRICS_FILE)

@@ -181,3 +181,65 @@ def test_protein_given_ligand_sampling(model):
   standard = np.flatnonzero(residue_mask(33))
   assert np.isin(prot[real], standard).all(), prot
   assert np.all(prot[~real] == 1)
+
+
+# A memorised conditional: every ligand is one token repeated, MODE_TOKENS[k] with probability
+# w_k (per protein below; the ligand-alone law is uniform over the four). The exact score at a
+# masked position: the posterior over the modes that fit the revealed tokens, / expm1(sigma).
+MODE_TOKENS = np.array([4, 5, 6, 7])
+W_GIVEN = {5: (0.7, 0.3, 0.0, 0.0), 9: (0.3, 0.7, 0.0, 0.0)}  # protein's first residue -> w
+W_ALONE = (0.25, 0.25, 0.25, 0.25)
+LOG_ZERO = -1e4  # log of a zero probability (finite, so that guided_log_score stays finite)
+
+
+def _modes_log_score(x, sigma, lengths, weights):
+  """(B, L) ligands, (B,), (B,), (B, 4) mode weights -> (B, L, D) exact log score."""
+  mask = LGRAPH.mask
+  revealed = (x != mask) & (jnp.arange(x.shape[1])[None, :] < lengths[:, None])
+  tokens = jnp.asarray(MODE_TOKENS)
+  fits = jnp.all(~revealed[:, :, None] | (x[:, :, None] == tokens), axis=1)  # (B, 4)
+  post = weights * fits
+  post = post / post.sum(-1, keepdims=True)
+  p = jnp.zeros((x.shape[0], LGRAPH.dim)).at[:, tokens].set(post)  # (B, D)
+  cols = jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-30)), LOG_ZERO)
+  cols = (cols - jnp.log(jnp.expm1(sigma))[:, None]).at[:, mask].set(0.0)
+  return jnp.where((x == mask)[..., None], cols[:, None, :], 0.0)
+
+
+class _ModesModel(nnx.Module):
+  """Stands in for ProteinLigandDDiT in the conditional sampler: the exact ligand log scores,
+  given the protein (its first residue picks W_GIVEN) or alone (W_ALONE)."""
+
+  def __call__(self, protein, ligand, sigma_p, sigma_l, plen, llen, *, tracks="both",
+               heads=None):
+    if protein is None:
+      weights = jnp.broadcast_to(jnp.asarray(W_ALONE), (ligand.shape[0], 4))
+    else:
+      weights = jnp.where((protein[:, :1] == 5), jnp.asarray(W_GIVEN[5]), jnp.asarray(W_GIVEN[9]))
+    return None, _modes_log_score(ligand, sigma_l, llen, weights)
+
+
+def test_first_hitting_draws_whole_memorised_ligands_with_guided_shares():
+  """Issue 19: the analytic predictor reveals several tokens per step, each from the mixture of
+  the modes, so its ligands are chimeras of memorised ones; first_hitting reveals one token per
+  model call: only whole memorised ligands, mode k of protein c with probability
+  w_ck^W u_k^(1-W) / Z (W = 1: the conditional law; W = 2: 0.49 / 0.58 = 0.845)."""
+  n, length = 2000, 6
+  protein = np.full((n, LP), 9, np.int32)
+  protein[: n // 2, 0] = 5
+  plen, llen = np.full((n,), LP, np.int32), np.full((n,), length, np.int32)
+  model = _ModesModel()
+  for w in (1.0, 2.0):
+    x = np.asarray(conditional.sample_ligand_given_protein(
+        jax.random.PRNGKey(int(w)), model, CFG, protein, plen, llen, target_length=length,
+        predictor="first_hitting", guidance=w))
+    assert np.all(x == x[:, :1]), x[np.any(x != x[:, :1], axis=1)][:3]  # no chimera
+    for rows, first in ((slice(0, n // 2), 5), (slice(n // 2, n), 9)):
+      want = np.asarray(W_GIVEN[first]) ** w * np.asarray(W_ALONE) ** (1 - w)
+      freq = np.bincount(x[rows, 0], minlength=8)[MODE_TOKENS] / (n // 2)
+      np.testing.assert_allclose(freq, want / want.sum(), atol=4.5 * np.sqrt(0.25 / (n // 2)),
+                                 err_msg=f"W={w} protein {first}")
+  x = np.asarray(conditional.sample_ligand_given_protein(
+      jax.random.PRNGKey(0), model, CFG, protein, plen, llen, target_length=length,
+      predictor="analytic", steps=2))
+  assert np.mean(np.any(x != x[:, :1], axis=1)) > 0.3  # the analytic sampler's chimeras

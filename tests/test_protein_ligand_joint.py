@@ -63,17 +63,20 @@ def _exact_pair_log_score(xp, xl, sigma):
   return log_p[:, None, :], log_l[:, None, :]
 
 
-def test_joint_sampler_draws_the_exact_pair_law():
+@pytest.mark.parametrize("predictor", ["analytic", "first_hitting"])
+def test_joint_sampler_draws_the_exact_pair_law(predictor):
   n = 2000
   ones = jnp.ones((n,), jnp.int32)
   run = jax.jit(lambda key: joint.sample_joint_scores(
-      key, _exact_pair_log_score, PGRAPH, LGRAPH, NOISE, ones, ones, 1, 1, steps=64))
+      key, _exact_pair_log_score, PGRAPH, LGRAPH, NOISE, ones, ones, 1, 1, steps=64,
+      predictor=predictor))
   p, lig = (np.asarray(a)[:, 0] for a in run(jax.random.PRNGKey(0)))
   assert set(p) <= set(RESIDUES.tolist())
-  # Pairs agree unless both tracks unmask in the same step (then each is drawn from its
-  # marginal): about 1/64 of the pairs times 3/4.
+  # analytic: pairs agree unless both tracks unmask in the same step (then each is drawn from
+  # its marginal): about 1/64 of the pairs times 3/4. first_hitting reveals one token of the
+  # pair per model call (one clock for both tracks): always the exact law.
   agree = np.mean([LIGAND_OF[a] == b for a, b in zip(p, lig)])
-  assert agree > 0.97, agree
+  assert agree == 1.0 if predictor == "first_hitting" else 0.97 < agree < 1.0, agree
   np.testing.assert_allclose(np.bincount(p, minlength=33)[RESIDUES] / n, 0.25, atol=0.045)
 
 
@@ -90,5 +93,11 @@ def test_joint_sampling_with_the_model(model):
   again = joint.sample_joint(key, model, CFG, plen, llen, protein_length=LP, ligand_length=LL)
   np.testing.assert_array_equal(np.asarray(again[0]), p)
   np.testing.assert_array_equal(np.asarray(again[1]), lig)
+  # first_hitting: the same token and padding rules.
+  p, lig = (np.asarray(a) for a in joint.sample_joint(
+      key, model, CFG, plen, llen, protein_length=LP, ligand_length=LL,
+      predictor="first_hitting"))
+  assert np.all((p[real_p] >= 4) & (p[real_p] <= 28)) and np.all(p[~real_p] == 1)
+  assert np.all((lig[real_l] >= 4) & (lig[real_l] < LIGAND_TOKENS)) and np.all(lig[~real_l] == 1)
   with pytest.raises(ValueError, match=r"ligand_lengths must lie in \[1, 10\]"):
     joint.sample_joint(key, model, CFG, plen, llen + 5, protein_length=LP, ligand_length=LL)

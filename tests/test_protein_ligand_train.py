@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import FAST, MICRO_MODEL, load_config
+from helpers import FAST, MICRO_MODEL, load_config, spy_predictors
 from sedd_jax import config as config_lib
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax import sample as sample_cli
@@ -24,7 +24,8 @@ MICRO = {
   **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "training.batch_size": 4,
   "training.steps": 4, "training.log_every": 1, "training.eval_every": 2,
   "training.eval_batches": 1, "training.sample_every": 4, "training.num_samples": 2, "training.ckpt_every": 100,
-  "sampling.steps": 4, "optim.warmup": 1, "wandb.mode": "disabled",
+  "sampling.steps": 4, "sampling.predictor": "first_hitting", "optim.warmup": 1,
+  "wandb.mode": "disabled",
 }
 
 
@@ -49,6 +50,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert cfg.ligand.graph.tokens == 0  # resolved from the prepared data by the task
   work = tmp_path / "run"
   devices = jax.devices()[:2]
+  predictors = spy_predictors(monkeypatch)  # the config's first_hitting reaches the sampler
   first = train_lib.train(cfg, work, stop_after=2, devices=devices, compiler_options=FAST)
   assert (first.code, first.step) == (0, 2)
   saved = json.loads((work / "config.json").read_text())
@@ -70,6 +72,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert all(np.isfinite(evals[-1][f"valid_loss/{m}"]) for m in modes.MODES)
   sample_rows = [r for r in rows if r["kind"] == "sample"]
   assert [r["step"] for r in sample_rows] == [4]
+  assert predictors == ["first_hitting"]  # the in-training ligands (traced once)
   smi = (work / "samples" / "step_4.smi").read_text().splitlines()
   assert len(smi) == 2 and all("\tvalid_protein_" in line for line in smi)
   # The logged validity is the share of the written SMILES that the checker accepts.
@@ -89,6 +92,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   assert [line.split("\t")[1] for line in lines] == ["test_0", "test_1", "test_2"]
   report = json.loads(out.with_suffix(".validity.json").read_text())
   assert report["task"] == "ligand_given_protein" and report["num"] == 3
+  assert report["predictor"] == "first_hitting"  # cfg.sampling.predictor
   assert report["checker"] == smiles_lib.validity_checker()[0]
   assert [s["smiles"] for s in report["samples"]] == [line.split("\t")[0] for line in lines]
   valid = [bool(is_valid(s["smiles"])) for s in report["samples"]]
@@ -105,6 +109,7 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   smi = pairs.with_suffix(".smi").read_text().splitlines()
   report = json.loads(pairs.with_suffix(".validity.json").read_text())
   assert len(records) == 3 and report["task"] == "joint" and report["checker"] == "grammar"
+  assert report["predictor"] == "first_hitting"
   for i, (rec, line, sample) in enumerate(zip(records, smi, report["samples"])):
     head, seq = rec.strip().split("\n")
     smiles = line.split("\t")[0]
@@ -114,9 +119,9 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   # Guidance (the config trains both scores: mode `all`); joint takes none.
   guided = tmp_path / "guided.smi"
   assert sample_cli.main(["--workdir", str(work), "--out", str(guided), "--num", "2",
-                          "--steps", "4", "--guidance", "2.5"]) == 0
+                          "--steps", "4", "--guidance", "2.5", "--predictor", "analytic"]) == 0
   report = json.loads(guided.with_suffix(".validity.json").read_text())
-  assert report["guidance"] == 2.5 and report["num"] == 2
+  assert report["guidance"] == 2.5 and report["num"] == 2 and report["predictor"] == "analytic"
   assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--task", "joint",
                           "--guidance", "2"]) == 2
   # Ligands for the proteins of a FASTA (--num each), and proteins for the split's ligands.
@@ -132,7 +137,8 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
                           "4", "--task", "protein_given_ligand", "--length", "7"]) == 0
   records = [r.strip().split("\n") for r in prot.read_text().split(">")[1:]]
   assert [h.split(" ref=")[1].split(" ")[0] for h, _ in records] == ["test_0", "test_1"]
-  assert all(len(seq) == 7 and "task=protein_given_ligand" in h for h, seq in records)
+  assert all(len(seq) == 7 and "task=protein_given_ligand" in h and "predictor=first_hitting" in h
+             for h, seq in records)
 
   ev = tmp_path / "eval.json"
   assert evaluate_cli.main(["--workdir", str(work), "--split", "test", "--out", str(ev),

@@ -28,9 +28,18 @@ def _args(*flags):
 def test_task_and_the_flags_that_do_not_apply():
   assert pl_sample.check_protein_ligand_args(_args(), CFG) == CFG.sampling.task
   assert pl_sample.check_protein_ligand_args(_args("--task", "joint"), CFG) == "joint"
+  for task in pl_sample.PL_TASKS:  # issue 19: every task, with guidance where it applies
+    guidance = [] if task == "joint" else ["--guidance", "2"]
+    assert pl_sample.check_protein_ligand_args(
+        _args("--task", task, "--predictor", "first_hitting", *guidance), CFG) == task
+  uniform = load_config("protein_ligand.py:tiny", {
+      **MICRO_MODEL, "graph.type": "uniform", "ligand.graph.type": "uniform",
+      "model.scale_by_sigma": False})
+  with pytest.raises(CliError, match="--predictor first_hitting needs the absorbing graph"):
+    pl_sample.check_protein_ligand_args(_args("--predictor", "first_hitting"), uniform)
   for flags, match in ((["--task", "joint", "--guidance", "2"], "not joint"),
                        (["--task", "joint", "--proteins", "p.fa"], "joint does not take them"),
-                       (["--predictor", "first_hitting"], "are for protein checkpoints"),
+                       (["--draw", "reference"], "are for protein checkpoints"),
                        (["--remask", "0.5"], "are for protein checkpoints"),
                        (["--cached"], "--cached does not apply"),
                        (["--batch-size", "0"], "--batch-size must be >= 1"),

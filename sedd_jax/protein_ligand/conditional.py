@@ -153,19 +153,24 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
                        target_length: int | None = None, steps: int | None = None,
                        predictor: str | None = None, eps: float | None = None,
                        guidance: float = 1.0) -> Array:
-  """Samples one track given the other (clean, sigma 0) with `sedd_jax.sampling.sampler.sample`
-  (the predictors of `sedd_jax.diffusion` in one `lax.fori_loop`, final denoise step).
+  """Samples one track given the other (clean, sigma 0) with `sedd_jax.sampling.sampler.sample`:
+  `analytic` / `euler` steps in one `lax.fori_loop` and a final denoise step, or `first_hitting`
+  (absorbing graph): one model call per revealed token, so tokens revealed together never come
+  from different modes of a sharply multimodal (memorised) conditional.
 
   With `guidance` W != 1, classifier-free guidance: every step mixes the conditional log score
   with the unconditional one (the track alone, as its `*_only` mode trains it) by
   `guided_log_score`, before exponentiation; two model calls per step. W = 1 (the default) is
   the plain conditional sampler: one call per step, the same draws for the same key. W != 1
-  needs a config that trained both scores (`context_drop` strictly between 0 and 1).
+  needs a config that trained both scores (`context_drop` strictly between 0 and 1). With
+  `first_hitting` the guided score only picks the revealed token (the reveal times do not depend
+  on the model): p(j | context)^W p(j)^(1 - W) / Z for exact scores, the analytic closed form.
 
   Args:
     key: PRNG key.
     model: the dual-track model (switched to eval mode here).
-    cfg: the protein-ligand config (sampling.steps/predictor/eps are the defaults).
+    cfg: the protein-ligand config (sampling.steps/predictor/eps are the defaults;
+      `sampler.resolve_options`).
     task: `ligand_given_protein` or `protein_given_ligand`.
     given_tokens: (B, Lg) int clean tokens of the given track (padded after `given_lengths`).
     given_lengths: (B,) int lengths of the given sequences.
@@ -191,18 +196,17 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
     target_length = int(cfg.ligand.length if task == "ligand_given_protein" else cfg.model.length)
   pgraph, lgraph = get_graphs(cfg)
   noise = diffusion.get_noise(cfg.noise)
-  predictor = predictor or cfg.sampling.predictor
-  if predictor not in diffusion.PREDICTORS:
-    raise ValueError(f"predictor {predictor!r}; choose one of {tuple(diffusion.PREDICTORS)}")
+  steps, predictor, eps = sampler.resolve_options(
+      lgraph if task == "ligand_given_protein" else pgraph, cfg.sampling, steps=steps,
+      predictor=predictor, eps=eps)
   if int(jnp.max(target_lengths)) > target_length or int(jnp.min(target_lengths)) < 1:
     raise ValueError(f"target_lengths must lie in [1, target_length = {target_length}]")
   guidance = _check_guidance(cfg, task, guidance)
   model.eval()
   return _sample_jit(model, key, given_tokens, given_lengths, target_lengths,
                      jnp.float32(guidance), task=task, target_length=int(target_length),
-                     steps=int(steps or cfg.sampling.steps), predictor=predictor,
-                     eps=float(eps if eps is not None else cfg.sampling.eps), pgraph=pgraph,
-                     lgraph=lgraph, noise=noise, guided=guidance != 1.0)
+                     steps=steps, predictor=predictor, eps=eps, pgraph=pgraph, lgraph=lgraph,
+                     noise=noise, guided=guidance != 1.0)
 
 
 def sample_ligand_given_protein(key: Array, model: ProteinLigandDDiT, cfg, protein_tokens: Array,

@@ -14,8 +14,12 @@ Both tracks start fully masked and are denoised together by the protein sampler
   the two tracks' reverse processes run in lockstep, each with its own graph and its own sigma
   input to the model. The `joint` mode trains both tracks at one t per example under the
   shared `cfg.noise`, so the two sigma inputs are sigma(t) of that one schedule.
-- Padding: positions past a track's length are set to `<pad>` at the end (the model never
-  attends to them: keys past `*_lengths` are masked).
+- Padding: positions past a track's length are fixed to `<pad>` (`fixed_mask` of the sampler;
+  the model never attends to them: keys past `*_lengths` are masked).
+- `first_hitting` is exact here too: both tracks are masked at one sigma(t), so every masked
+  position of the pair has the same reveal clock; the next reveal is uniform among the masked
+  positions of both tracks and one model call serves both (max over the batch of the protein
+  length plus the ligand length calls).
 
 Only absorbing graphs (a uniform graph's limit would mix the two vocabularies).
 """
@@ -92,7 +96,7 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
     noise: the shared noise schedule.
     protein_lengths, ligand_lengths: (B,) int real lengths (>= 1).
     lp, ll: padded widths of the tracks.
-    steps, predictor, eps: as `sampler.sample`.
+    steps, predictor, eps: as `sampler.sample` (predictor analytic, euler or first_hitting).
 
   Returns:
     ((B, Lp) protein ids, (B, Ll) ligand ids), int32: residues 4..28 and SMILES tokens (no
@@ -112,13 +116,14 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
   allowed = jnp.concatenate([jnp.asarray(residue_mask(pdim))[:-1],
                              conditional.allowed_tokens(ldim, conditional.LIGAND_FORBIDDEN)[:-1],
                              jnp.ones((1,), bool)])
+  padded = jnp.concatenate([jnp.arange(lp)[None, :] >= protein_lengths[:, None],
+                            jnp.arange(ll)[None, :] >= ligand_lengths[:, None]], axis=1)
+  pad = jnp.full((b, lp + ll), conditional.PAD_ID, jnp.int32)
   x = sampler.sample(key, score_fn, graph, noise, (b, lp + ll), steps=steps,
-                     predictor=predictor, eps=eps, allowed=allowed)
-  protein, ligand = from_combined(x, lp, pdim, ldim)
-  pad = jnp.int32(conditional.PAD_ID)
-  protein = jnp.where(jnp.arange(lp)[None, :] < protein_lengths[:, None], protein, pad)
-  ligand = jnp.where(jnp.arange(ll)[None, :] < ligand_lengths[:, None], ligand, pad)
-  return protein, ligand
+                     predictor=predictor, eps=eps, allowed=allowed,
+                     fixed_tokens=to_combined(pad[:, :lp], pad[:, lp:], pdim, ldim),
+                     fixed_mask=padded)
+  return from_combined(x, lp, pdim, ldim)
 
 
 @functools.partial(nnx.jit, static_argnames=("lp", "ll", "steps", "predictor", "eps", "pgraph",
@@ -160,12 +165,10 @@ def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Arr
                        f"{lengths.shape}")
     if lengths.size and (int(jnp.min(lengths)) < 1 or int(jnp.max(lengths)) > top):
       raise ValueError(f"{name} must lie in [1, {top}]; got {np.asarray(lengths).tolist()}")
-  predictor = predictor or cfg.sampling.predictor
-  if predictor not in diffusion.PREDICTORS:
-    raise ValueError(f"predictor {predictor!r}; choose one of {tuple(diffusion.PREDICTORS)}")
   pgraph, lgraph = get_graphs(cfg)
+  steps, predictor, eps = sampler.resolve_options(combined_graph(pgraph, lgraph), cfg.sampling,
+                                                  steps=steps, predictor=predictor, eps=eps)
   model.eval()
   return _sample_joint_jit(model, key, protein_lengths, ligand_lengths, lp=lp, ll=ll,
-                           steps=int(steps or cfg.sampling.steps), predictor=predictor,
-                           eps=float(eps if eps is not None else cfg.sampling.eps),
-                           pgraph=pgraph, lgraph=lgraph, noise=diffusion.get_noise(cfg.noise))
+                           steps=steps, predictor=predictor, eps=eps, pgraph=pgraph,
+                           lgraph=lgraph, noise=diffusion.get_noise(cfg.noise))

@@ -102,6 +102,18 @@ def check_options(graph: Graph, *, steps: int, predictor: str = "analytic", eps:
                      f"{'' if graph.absorb else ' and the uniform graph'}")
 
 
+def resolve_options(graph: Graph, sampling, *, steps: int | None = None,
+                    predictor: str | None = None, eps: float | None = None,
+                    **extra) -> tuple[int, str, float]:
+  """(steps, predictor, eps): the given values, else those of `sampling` (a config's `sampling`
+  block), checked with `extra` (cached=, draw=, remask=) by `check_options` (its ValueError)."""
+  steps = int(sampling.steps if steps is None else steps)
+  predictor = str(predictor or sampling.predictor)
+  eps = float(sampling.eps if eps is None else eps)
+  check_options(graph, steps=steps, predictor=predictor, eps=eps, **extra)
+  return steps, predictor, eps
+
+
 def _predictor(name: str, draw: str, remask: float):
   """The predictor step `(key, graph, noise, score, x, t, step_size) -> x` of `name` (None for
   first_hitting, which has its own loop)."""
