@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.dropout_rng": ("threefry", "rbg", "hash"),
   "model.residual_dtype": ("float32", "bfloat16"),
   "model.matmul": ("default", "fp8"),
+  "model.norm_impl": ("reference", "xla", "pallas"),
   "optim.schedule": ("constant", "cosine"),
   "sampling.predictor": ("analytic", "euler"),
   "wandb.mode": ("offline", "online", "disabled"),
