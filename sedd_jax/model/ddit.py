@@ -152,7 +152,8 @@ class DDiTBlock(nnx.Module):
     mods = self.adaLN_modulation(c)[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
 
-    h = norm_lib.modulated_norm(self.norm1, x, shift_msa, scale_msa, self.norm_impl, self.dtype)
+    h = norm_lib.norm_modulate(x, self.norm1.scale[...], shift_msa, scale_msa,
+                               impl=self.norm_impl, out_dtype=self.dtype)
     qkv = self.attn_qkv(h).reshape(b, l, 3, self.n_heads, dim // self.n_heads)
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
@@ -162,8 +163,8 @@ class DDiTBlock(nnx.Module):
     o = self.attn_out(o.reshape(b, l, dim))
     x = _residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0))
 
-    h = self.mlp_in(norm_lib.modulated_norm(self.norm2, x, shift_mlp, scale_mlp, self.norm_impl,
-                                            self.dtype))
+    h = self.mlp_in(norm_lib.norm_modulate(x, self.norm2.scale[...], shift_mlp, scale_mlp,
+                                           impl=self.norm_impl, out_dtype=self.dtype))
     h = self._activation_out(self.mlp_out, h)
     return _residual_add(x, gate_mlp, self._drop(self.dropout2, h, dropout_key, 1))
 
@@ -185,7 +186,8 @@ class DDiTFinalLayer(nnx.Module):
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
-    return self.linear(norm_lib.modulated_norm(self.norm_final, x, shift, scale, self.norm_impl))
+    return self.linear(norm_lib.norm_modulate(x, self.norm_final.scale[...], shift, scale,
+                                              impl=self.norm_impl))
 
 
 class DDiT(nnx.Module):

@@ -19,8 +19,8 @@ forward and the row-wise part of the backward (dx and P, G summed over each prog
 jnp sums those partial sums. Rows are padded to the next power of two (768 -> 1024) with masked
 loads and stores, as Triton blocks must be powers of two. "pallas" needs a GPU (or
 `interpret=True`, the tests' Pallas interpreter); `resolve_impl` maps it to "xla" elsewhere.
-"reference" is `layers.LayerNorm` then `layers.modulate` (autodiff; the parity-tested path),
-dispatched by `modulated_norm`.
+"reference" is `layers.layer_norm` then `layers.modulate`, differentiated by autodiff (the
+parity-tested path; the model's default).
 """
 
 from __future__ import annotations
@@ -74,15 +74,6 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def modulated_norm(norm: layers.LayerNorm, x: jax.Array, shift: jax.Array, scale: jax.Array,
-                   impl: str, out_dtype=jnp.float32) -> jax.Array:
-  """modulate(norm(x), shift, scale) by `impl`: "reference" = `norm` then `layers.modulate`
-  (float32 out, whatever `out_dtype`), else `norm_modulate` with norm's weight."""
-  if impl == "reference":
-    return layers.modulate(norm(x), shift, scale)
-  return norm_modulate(x, norm.scale[...], shift, scale, impl=impl, out_dtype=out_dtype)
-
-
 def norm_modulate(x: jax.Array, w: jax.Array, shift: jax.Array, scale: jax.Array, *, impl: str,
                   out_dtype=jnp.float32, interpret: bool = False,
                   tiling: Tiling = Tiling()) -> jax.Array:
@@ -92,15 +83,15 @@ def norm_modulate(x: jax.Array, w: jax.Array, shift: jax.Array, scale: jax.Array
     x: (B, L, H) float, the residual stream (float32 or bfloat16).
     w: (H,) the LayerNorm weight.
     shift, scale: (B, 1, H) (one modulation per row) or (B, L, H) (per token), same shape.
-    impl: "xla" or "pallas".
+    impl: one of IMPLS.
     out_dtype: the result's dtype (the computation is float32 either way).
     interpret: run the Pallas kernels in the Pallas interpreter (any backend; for tests).
     tiling: the Pallas kernels' `Tiling`.
   Returns:
     (B, L, H) in `out_dtype`.
   """
-  if impl not in ("xla", "pallas"):
-    raise ValueError(f"norm_modulate impl {impl!r}: choose 'xla' or 'pallas'")
+  if impl not in IMPLS:
+    raise ValueError(f"norm_modulate impl {impl!r}: choose one of {IMPLS}")
   if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
     raise ValueError(f"norm_modulate impl 'pallas' needs a GPU (backend "
                      f"{jax.default_backend()!r}); pick the impl with resolve_impl")
@@ -112,6 +103,8 @@ def norm_modulate(x: jax.Array, w: jax.Array, shift: jax.Array, scale: jax.Array
   if shift.shape != scale.shape or scale.shape not in ((b, 1, h), (b, l, h)):
     raise ValueError(f"shift and scale must both be (B, 1, H) = ({b}, 1, {h}) or (B, L, H) = "
                      f"{x.shape}; got {shift.shape} and {scale.shape}")
+  if impl == "reference":
+    return layers.modulate(layers.layer_norm(x, w), shift, scale).astype(out_dtype)
   return _norm_modulate(x, w, shift, scale,
                         _Options(impl, np.dtype(out_dtype), bool(interpret), tiling))
 

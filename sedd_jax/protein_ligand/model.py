@@ -87,8 +87,9 @@ class CrossAttention(nnx.Module):
     lk = y.shape[1]
     dh = dim // self.n_heads
     shift, scale, gate = jnp.split(self.adaLN_modulation(c)[:, None, :], 3, axis=-1)
-    q = self.attn_q(norm_lib.modulated_norm(self.norm_q, x, shift, scale, self.norm_impl,
-                                            self.dtype)).reshape(b, lq, self.n_heads, dh)
+    q = self.attn_q(norm_lib.norm_modulate(x, self.norm_q.scale[...], shift, scale,
+                                           impl=self.norm_impl, out_dtype=self.dtype))
+    q = q.reshape(b, lq, self.n_heads, dh)
     kv = self.attn_kv(self.norm_kv(y)).reshape(b, lk, 2, self.n_heads, dh)
     o = attention_lib.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], kv_lengths,
                                             backend=self.attention, chunk=self.chunk)
