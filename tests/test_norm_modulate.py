@@ -155,3 +155,19 @@ def test_pallas_on_the_gpu_equals_the_reference(per_token):
   want = value_and_vjp(REFERENCE, *args)
   for a, b in zip(got, want):
     close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_row", "per_token"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_kernels_lower_to_triton(monkeypatch, per_token, dtype):
+  """Forward and backward lower to Triton kernels for a CUDA device on any machine (jax runs
+  the Pallas-to-Triton lowering here; compiling Triton to PTX needs the GPU): power-of-two
+  blocks, supported primitives and dtypes at an odd width with an odd per-row length."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  x, w, shift, scale, g = (jax.ShapeDtypeStruct(a.shape, a.dtype if a.ndim == 1 else dtype)
+                           for a in inputs(2, 6, 48, per_token))
+  fn = functools.partial(nm.norm_modulate, impl="pallas", out_dtype=jnp.bfloat16)
+  step = jax.jit(lambda *a: jax.vjp(fn, *a[:4])[1](a[4]))
+  g = jax.ShapeDtypeStruct(g.shape, jnp.bfloat16)
+  text = step.trace(x, w, shift, scale, g).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 2  # the forward and the backward kernel

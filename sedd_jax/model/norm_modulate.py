@@ -172,10 +172,29 @@ def _divisor(length: int, rows: int) -> int:
   return math.gcd(length, 1 << (max(rows, 1).bit_length() - 1))
 
 
+def _mask(rows, in_row):
+  """(len(rows), HP) bool: the entries within the row's H (masks are built at full shape)."""
+  return jnp.broadcast_to(in_row[None, :], (rows.shape[0], in_row.shape[0]))
+
+
 def _tile(ref, rows, cols, in_row, dtype=jnp.float32):
   """ref[rows, cols] as (len(rows), len(cols)) `dtype`, 0 beyond the row's H entries."""
-  v = plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=in_row[None, :], other=0)
+  v = plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=_mask(rows, in_row), other=0.0)
   return v.astype(dtype)
+
+
+def _put(ref, rows, cols, in_row, value):
+  """ref[rows, cols] = value (len(rows), len(cols)) in ref's dtype, within the rows' H."""
+  plgpu.store(ref.at[rows[:, None], cols[None, :]], value.astype(ref.dtype),
+              mask=_mask(rows, in_row))
+
+
+def _mod_rows(first, rows, per_row: int):
+  """The modulation rows of data rows `rows` starting at `first`: one, (first // per_row,), for
+  per-row modulation (the rows share a batch element), else `rows` itself (per token)."""
+  if per_row == 1:
+    return rows
+  return jax.lax.div(first, per_row) + jnp.zeros((1,), jnp.int32)
 
 
 def _forward_kernel(x_ref, w_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_ref, *, rows: int,
@@ -185,15 +204,14 @@ def _forward_kernel(x_ref, w_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_re
   r = first + jnp.arange(rows)
   cols = jnp.arange(pl.next_power_of_2(h))
   in_row = cols < h
-  m = first // per_row + jnp.zeros((1,), jnp.int32) if per_row > 1 else r
+  m = _mod_rows(first, r, per_row)
   x = _tile(x_ref, r, cols, in_row)
   mean = jnp.sum(x, axis=1, keepdims=True) / h
   xc = jnp.where(in_row[None, :], x - mean, 0.0)
   rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / h + layers.LN_EPS)
-  w = plgpu.load(w_ref.at[cols], mask=in_row, other=0).astype(jnp.float32)
+  w = plgpu.load(w_ref.at[cols], mask=in_row, other=0.0).astype(jnp.float32)
   a = (1 + _tile(scale_ref, m, cols, in_row, scale_ref.dtype)).astype(jnp.float32)
-  y = xc * rstd * w[None, :] * a + _tile(shift_ref, m, cols, in_row)
-  plgpu.store(y_ref.at[r[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=in_row[None, :])
+  _put(y_ref, r, cols, in_row, xc * rstd * w[None, :] * a + _tile(shift_ref, m, cols, in_row))
   plgpu.store(mean_ref.at[r], mean[:, 0])
   plgpu.store(rstd_ref.at[r], rstd[:, 0])
 
@@ -206,24 +224,22 @@ def _backward_kernel(x_ref, w_ref, scale_ref, mean_ref, rstd_ref, g_ref, dx_ref,
   pid = pl.program_id(0)
   cols = jnp.arange(pl.next_power_of_2(h))
   in_row = cols < h
-  w = plgpu.load(w_ref.at[cols], mask=in_row, other=0).astype(jnp.float32)[None, :]
+  w = plgpu.load(w_ref.at[cols], mask=in_row, other=0.0).astype(jnp.float32)[None, :]
 
   def chunk(i, sums):
     first = (pid * chunks + i) * rows
     r = first + jnp.arange(rows)
-    m = first // per_row + jnp.zeros((1,), jnp.int32) if per_row > 1 else r
-    xhat = (_tile(x_ref, r, cols, in_row) - plgpu.load(mean_ref.at[r])[:, None]) * plgpu.load(
-        rstd_ref.at[r])[:, None]
-    xhat = jnp.where(in_row[None, :], xhat, 0.0)
+    m = _mod_rows(first, r, per_row)
+    rstd = plgpu.load(rstd_ref.at[r])[:, None]
+    xc = _tile(x_ref, r, cols, in_row) - plgpu.load(mean_ref.at[r])[:, None]
+    xhat = jnp.where(in_row[None, :], xc * rstd, 0.0)
     g = _tile(g_ref, r, cols, in_row)
     dxhat = g * w * (1 + _tile(scale_ref, m, cols, in_row, scale_ref.dtype)).astype(jnp.float32)
     c1 = jnp.sum(dxhat * xhat, axis=1, keepdims=True) / h
     c2 = jnp.sum(dxhat, axis=1, keepdims=True) / h
-    dx = plgpu.load(rstd_ref.at[r])[:, None] * (dxhat - c2 - xhat * c1)
-    plgpu.store(dx_ref.at[r[:, None], cols[None, :]], dx.astype(dx_ref.dtype),
-                mask=in_row[None, :])
+    _put(dx_ref, r, cols, in_row, rstd * (dxhat - c2 - xhat * c1))
     if per_row == 1:
-      plgpu.store(p_ref.at[r[:, None], cols[None, :]], g * xhat, mask=in_row[None, :])
+      _put(p_ref, r, cols, in_row, g * xhat)
       return sums
     return (sums[0] + jnp.sum(g * xhat, axis=0, keepdims=True),
             sums[1] + jnp.sum(g, axis=0, keepdims=True))
@@ -232,8 +248,8 @@ def _backward_kernel(x_ref, w_ref, scale_ref, mean_ref, rstd_ref, g_ref, dx_ref,
   p, g_sum = jax.lax.fori_loop(0, chunks, chunk, (zeros, zeros))
   if per_row > 1:
     out = pid + jnp.zeros((1,), jnp.int32)
-    plgpu.store(p_ref.at[out[:, None], cols[None, :]], p, mask=in_row[None, :])
-    plgpu.store(g_sum_ref.at[out[:, None], cols[None, :]], g_sum, mask=in_row[None, :])
+    _put(p_ref, out, cols, in_row, p)
+    _put(g_sum_ref, out, cols, in_row, g_sum)
 
 
 def _pallas_forward(x, w, shift, scale, opts: _Options):
