@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from conftest import has_gpu
 from helpers import ddit_config as model_cfg
 from helpers import grads_and_out, protein_ligand_config, protein_ligand_model, randomize
 from sedd_jax.model import DDiT
 from sedd_jax.model import norm_modulate as nm
+from sedd_jax.training import sharding
 
 # Small row blocks, so that the tests run several programs and backward chunks per program.
 SMALL = nm.Tiling(fwd_rows=2, bwd_rows=2, bwd_chunks=2)
@@ -100,6 +103,25 @@ def test_pallas_needs_a_gpu_or_the_interpreter(caplog):
   assert "norm_impl=pallas" in caplog.text and "using xla" in caplog.text
   with pytest.raises(ValueError, match="model.norm_impl 'triton'"):
     nm.resolve_impl("triton")
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_row", "per_token"])
+def test_pallas_keeps_a_batch_sharding(per_token):
+  """On a 4-device mesh with the batch sharded (data parallel): the kernels run on each
+  device's rows (x, y, dx, dshift, dscale stay sharded, nothing is gathered, one all-reduce
+  sums dw) with the reference's values; without the partitioning rule everything came back
+  replicated."""
+  mesh = sharding.make_mesh(jax.devices()[:4])
+  rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  x, w, shift, scale, g = inputs(4, 6, 48, per_token)
+  args = [jax.device_put(a, replicated if a.ndim == 1 else rows) for a in (x, w, shift, scale, g)]
+  step = jax.jit(functools.partial(value_and_vjp, IMPLS["pallas"]))
+  hlo = step.lower(*args).compile().as_text()
+  assert "all-gather" not in hlo and hlo.count("all-reduce(") == 1
+  got = step(*args)
+  assert [a.sharding.spec for a in got] == [P("data"), P("data"), P(), P("data"), P("data")]
+  for a, b in zip(got, value_and_vjp(REFERENCE, x, w, shift, scale, g)):
+    close(a, b, 1e-5)
 
 
 def test_ddit_with_the_xla_norm_equals_the_reference():

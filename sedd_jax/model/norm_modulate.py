@@ -34,7 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sedd_jax.model import layers
 
@@ -252,6 +255,37 @@ def _backward_kernel(x_ref, w_ref, scale_ref, mean_ref, rstd_ref, g_ref, dx_ref,
     _put(g_sum_ref, out, cols, in_row, g_sum)
 
 
+def _batch_partitioned(rule: str):
+  """`custom_partitioning` of fn(*arrays, opts) whose rows are independent: under a sharded
+  jit every (B, ...) operand and result keeps the sharding of x's batch axis (no all-gather of
+  the activations; the kernels run on each device's rows), the others are replicated. `rule`:
+  Shardy's einsum-like rule with `b` the batch factor. On one device it is fn itself."""
+  # every factor but b, in order of appearance (Shardy wants them sorted)
+  factors = tuple(f for f in dict.fromkeys(rule.replace(",", " ").replace("->", " ").split())
+                  if f != "b")
+
+  def shardings(mesh, arg_shapes, shapes):
+    x_spec = arg_shapes[0].sharding
+    batch = x_spec.spec[0] if isinstance(x_spec, NamedSharding) and x_spec.spec else None
+    return jax.tree.map(lambda a: NamedSharding(mesh, P(batch) if a.shape and len(a.shape) == 3
+                                                 else P()), shapes)
+
+  def wrap(fn):
+    part = custom_partitioning(fn, static_argnums=(len(rule.split("->")[0].split(",")),))
+
+    def partition(opts, mesh, arg_shapes, result_shape):
+      return (mesh, lambda *a: fn(*a, opts), shardings(mesh, arg_shapes, result_shape),
+              shardings(mesh, arg_shapes, arg_shapes))
+
+    part.def_partition(
+        partition=partition, sharding_rule=rule, need_replication_factors=factors,
+        infer_sharding_from_operands=lambda opts, mesh, args, result: shardings(
+            mesh, args, result))
+    return part
+  return wrap
+
+
+@_batch_partitioned("b l h, h, b m h, b m h -> b l h, b l k, b l k")
 def _pallas_forward(x, w, shift, scale, opts: _Options):
   b, l, h = x.shape
   n = b * l
@@ -268,6 +302,7 @@ def _pallas_forward(x, w, shift, scale, opts: _Options):
   return y.reshape(b, l, h), mean.reshape(b, l, 1), rstd.reshape(b, l, 1)
 
 
+@_batch_partitioned("b l h, h, b m h, b l k, b l k, b l h -> b l h, b m h, b m h")
 def _pallas_backward(x, w, scale, mean, rstd, g, opts: _Options):
   b, l, h = x.shape
   n = b * l
