@@ -204,8 +204,9 @@ class DDiT(nnx.Module):
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
       falls back to `dtype` (with a warning) elsewhere. norm_impl: how LayerNorm + modulate
       run (`norm_modulate`): "reference" (LayerNorm then modulate, autodiff), "xla" or
-      "pallas" (one fused function with a hand-written backward; the blocks' result comes out
-      in `dtype`; "pallas" falls back to "xla", with a warning, off GPUs).
+      "pallas" (one function with a hand-written backward; "pallas" falls back to "xla",
+      with a warning, off GPUs); in the blocks the result is cast to `dtype` right away (the
+      next matmul's input dtype).
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.

@@ -17,8 +17,10 @@ gradient, a = 1 + scale and dx_hat = g * w * a:
 impl "xla": this math in jnp (XLA fuses it). impl "pallas": two Pallas (Triton) kernels, the
 forward and the row-wise part of the backward (dx and P, G summed over each program's rows);
 jnp sums those partial sums. Rows are padded to the next power of two (768 -> 1024) with masked
-loads and stores, as Triton blocks must be powers of two. "pallas" needs a GPU (or
-`interpret=True`, the tests' Pallas interpreter); `resolve_impl` maps it to "xla" elsewhere.
+loads and stores, as Triton blocks must be powers of two. Under a jit sharded over the batch
+(data parallel) both kernels run on each device's rows (`custom_partitioning`; an opaque
+kernel would otherwise be fed the gathered batch). "pallas" needs a GPU (or `interpret=True`,
+the tests' Pallas interpreter); `resolve_impl` maps it to "xla" elsewhere.
 "reference" is `layers.layer_norm` then `layers.modulate`, differentiated by autodiff (the
 parity-tested path; the model's default).
 """
