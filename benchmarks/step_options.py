@@ -4,7 +4,8 @@ SEDD-small (configs/uniref50.py:small), dropout 0.1, EMA, AdamW, clip, bf16 comp
 tokens at full length, as benchmarks/train_step.py. Each variant is '+'-joined option tokens
 (`TOKENS`): `loop` = today's Python loop over the blocks (model.scan_blocks=False), `scan` =
 the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
-model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp;
+model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp,
+`normxla` / `normpallas` = model.norm_impl=xla / pallas (fused LayerNorm + modulate);
 `nounroll` = XLA's GPU while-loop unrolling off (`COMPILER_TOKENS`).
 
 For every case and variant: compile time of the step (trace + lower, and in all with XLA's
@@ -16,6 +17,7 @@ process: the largest variant's), and the median over `--repeats` of `--steps` st
   python benchmarks/step_options.py                      # GPU defaults: both cases, all variants
   python benchmarks/step_options.py --case 128x2 --variants loop,scan --steps 1 --repeats 1
   python benchmarks/step_options.py --variant-set compile --case 128x2 --configs tiny,small
+  python benchmarks/step_options.py --case 1024x64 --variants loop,loop+normxla,loop+normpallas
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ TOKENS = {
   "bf16res": {"residual_dtype": "bfloat16"},
   "fp8": {"matmul": "fp8"},
   "remat_mlp": {"remat": "mlp"},
+  "normxla": {"norm_impl": "xla"},
+  "normpallas": {"norm_impl": "pallas"},
 }
 # Tokens that set XLA options of the compiled step instead of model keys.
 COMPILER_TOKENS = {

@@ -95,6 +95,15 @@ def randomize(model, seed: int = 0, scale: float = 0.3):
   return model
 
 
+@nnx.jit
+def grads_and_out(model, idx, sigma, lengths):
+  """A DDiT's (d/dparams sum(tanh(log score)), log score)."""
+  def loss(m):
+    out = m(idx, sigma, lengths)
+    return jnp.sum(jnp.tanh(out)), out
+  return nnx.grad(loss, has_aux=True)(model)
+
+
 def assert_trees_equal(a, b) -> None:
   """Two non-empty pytrees with the same number of leaves, equal leaf by leaf (exactly)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import cases, randomize
+from helpers import cases, grads_and_out, randomize
 from helpers import ddit_config as model_cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
@@ -107,6 +107,7 @@ def test_shapes_are_checked():
     (dict(dropout_rng="philox"), "model.dropout_rng"),
     (dict(residual_dtype="float16"), "model.residual_dtype"),
     (dict(matmul="int8"), "model.matmul"),
+    (dict(norm_impl="triton"), "model.norm_impl"),
     (dict(hidden_size=15), "n_heads"),
 ])
 def test_bad_config_is_named(kw, match):
@@ -163,15 +164,6 @@ def test_bfloat16_compute_is_close_to_float32():
   assert b.dtype == jnp.float32
   assert not np.array_equal(a, b)  # bf16 really is used
   assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
-
-
-@nnx.jit
-def grads_and_out(model, idx, sigma, lengths):
-  """(d/dparams sum(tanh(log score)), log score)."""
-  def loss(m):
-    out = m(idx, sigma, lengths)
-    return jnp.sum(jnp.tanh(out)), out
-  return nnx.grad(loss, has_aux=True)(model)
 
 
 def test_remat_policies_give_the_same_gradients():

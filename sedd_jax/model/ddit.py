@@ -12,7 +12,9 @@ run in `cfg.dtype` (bfloat16 or float32), or FP8 with `cfg.matmul=fp8` on FP8 GP
 stream (stored in `cfg.residual_dtype`, float32 by default, added in float32), LayerNorms, rotary,
 the sigma map, the output layer (logits) and the sigma scaling are float32, so the output is
 float32.
-float32 matmuls use Precision.HIGHEST (no TF32 on GPUs).
+float32 matmuls use Precision.HIGHEST (no TF32 on GPUs). `model.norm_impl` picks how each
+LayerNorm + modulate runs (`sedd_jax.model.norm_modulate`); the numbers agree to float32
+rounding.
 
 State names mirror the PyTorch state_dict (see `torch_import`): `vocab_embed.embedding`,
 `sigma_map.{mlp_in,mlp_out}`, `blocks.<n>.{norm1,attn_qkv,attn_out,norm2,mlp_in,mlp_out,
@@ -32,6 +34,7 @@ from flax import nnx
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import fp8 as fp8_lib
 from sedd_jax.model import layers
+from sedd_jax.model import norm_modulate as norm_lib
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ DEFAULTS = {
     "dropout_rng": "threefry",
     "residual_dtype": "float32",
     "matmul": "default",
+    "norm_impl": "reference",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
@@ -58,7 +62,7 @@ MLP_RATIO = 4
 # The allowed values of the model config's keys with a fixed set of choices.
 CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat": REMAT_POLICIES,
            "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
-           "matmul": MATMULS}
+           "matmul": MATMULS, "norm_impl": norm_lib.IMPLS}
 
 
 def cfg_value(cfg: Any, key: str):
@@ -111,8 +115,10 @@ class DDiTBlock(nnx.Module):
 
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
                attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False,
-               dropout_rng: str | None = None, fp8: bool = False):
+               dropout_rng: str | None = None, fp8: bool = False, norm_impl: str = "reference"):
     self.n_heads = n_heads
+    self.norm_impl = norm_impl
+    self.dtype = dtype
     self.attention = attention
     self.chunk = chunk
     dot = fp8_lib.fp8_dot_general if fp8 else jax.lax.dot_general
@@ -146,7 +152,8 @@ class DDiTBlock(nnx.Module):
     mods = self.adaLN_modulation(c)[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
 
-    h = layers.modulate(self.norm1(x), shift_msa, scale_msa)
+    h = norm_lib.norm_modulate(x, self.norm1.scale[...], shift_msa, scale_msa,
+                               impl=self.norm_impl, out_dtype=self.dtype)
     qkv = self.attn_qkv(h).reshape(b, l, 3, self.n_heads, dim // self.n_heads)
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
@@ -156,7 +163,8 @@ class DDiTBlock(nnx.Module):
     o = self.attn_out(o.reshape(b, l, dim))
     x = _residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0))
 
-    h = self.mlp_in(layers.modulate(self.norm2(x), shift_mlp, scale_mlp))
+    h = self.mlp_in(norm_lib.norm_modulate(x, self.norm2.scale[...], shift_mlp, scale_mlp,
+                                           impl=self.norm_impl, out_dtype=self.dtype))
     h = self._activation_out(self.mlp_out, h)
     return _residual_add(x, gate_mlp, self._drop(self.dropout2, h, dropout_key, 1))
 
@@ -169,14 +177,17 @@ def _residual_add(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
 class DDiTFinalLayer(nnx.Module):
   """LayerNorm + modulate + Linear, float32: (B, L, H) -> (B, L, D) float32."""
 
-  def __init__(self, dim: int, out_dim: int, cond_dim: int, rngs: nnx.Rngs):
+  def __init__(self, dim: int, out_dim: int, cond_dim: int, rngs: nnx.Rngs,
+               norm_impl: str = "reference"):
+    self.norm_impl = norm_impl
     self.norm_final = layers.LayerNorm(dim)
     self.linear = layers.linear(rngs, dim, out_dim, zero=True)
     self.adaLN_modulation = layers.linear(rngs, cond_dim, 2 * dim, zero=True)
 
   def __call__(self, x, c):
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
-    return self.linear(layers.modulate(self.norm_final(x), shift, scale))
+    return self.linear(norm_lib.norm_modulate(x, self.norm_final.scale[...], shift, scale,
+                                              impl=self.norm_impl))
 
 
 class DDiT(nnx.Module):
@@ -191,7 +202,11 @@ class DDiT(nnx.Module):
       dropout bits are drawn (`layers.dropout_bits`). residual_dtype: the dtype of the residual
       stream between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
-      falls back to `dtype` (with a warning) elsewhere.
+      falls back to `dtype` (with a warning) elsewhere. norm_impl: how LayerNorm + modulate
+      run (`norm_modulate`): "reference" (LayerNorm then modulate, autodiff), "xla" or
+      "pallas" (one function with a hand-written backward; "pallas" falls back to "xla",
+      with a warning, off GPUs); in the blocks the result is cast to `dtype` right away (the
+      next matmul's input dtype).
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
@@ -202,16 +217,17 @@ class DDiT(nnx.Module):
     hidden, n_heads, n_blocks, cond_dim, chunk = (
         int(get(k)) for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "attention_chunk"))
     dropout = float(get("dropout"))
-    dtype_name, attention, remat, dropout_rng, residual, matmul = (
+    dtype_name, attention, remat, dropout_rng, residual, matmul, norm_impl = (
         str(get(k)) for k in ("dtype", "attention", "remat", "dropout_rng", "residual_dtype",
-                              "matmul"))
+                              "matmul", "norm_impl"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
     if (hidden // n_heads) % 2:
       raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
     check_choices(dtype=dtype_name, attention=attention, remat=remat, dropout_rng=dropout_rng,
-                  residual_dtype=residual, matmul=matmul)
+                  residual_dtype=residual, matmul=matmul, norm_impl=norm_impl)
+    norm_impl = norm_lib.resolve_impl(norm_impl)
     fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
       log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,
@@ -244,9 +260,9 @@ class DDiT(nnx.Module):
     self.sigma_map = layers.TimestepEmbedder(cond_dim, rngs)
     self.blocks = nnx.List([
         DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
-                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8)
+                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8, norm_impl=norm_impl)
         for _ in range(n_blocks)])
-    self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs)
+    self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs, norm_impl)
 
   def __call__(self, indices: jax.Array, sigma: jax.Array, lengths: jax.Array | None = None, *,
                segment_ids: jax.Array | None = None,

@@ -1,10 +1,10 @@
 """The layers of the DDiT (and of the protein-ligand model's two tracks), in Flax NNX.
 
 The sigma embedding (`timestep_embedding`, `TimestepEmbedder`), rotate-half rotary embeddings
-(`rotary_cos_sin`, `apply_rotary`), adaLN's `modulate`, the bias-free float32 `LayerNorm`,
-torch-initialised `linear` layers, dropout with three bit generators (`dropout_bits`) and the
-output head `score_head` (the `scale_by_sigma` parametrisation of absorbing graphs). Numerically
-the reference's (`SEDD`'s) layers.
+(`rotary_cos_sin`, `apply_rotary`), adaLN's `modulate`, the bias-free float32 `layer_norm` and
+its `LayerNorm` module, torch-initialised `linear` layers, dropout with three bit generators
+(`dropout_bits`) and the output head `score_head` (the `scale_by_sigma` parametrisation of
+absorbing graphs). Numerically the reference's (`SEDD`'s) layers.
 """
 
 from __future__ import annotations
@@ -61,22 +61,28 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale) + shift
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm without bias, eps 1e-5, always in float32: (..., H) -> (..., H) float32.
+def layer_norm(x: jax.Array, w: jax.Array) -> jax.Array:
+  """LayerNorm without bias, eps 1e-5, in float32: x (..., H), weight w (H,) -> (..., H) float32.
 
-  Not nnx.LayerNorm(use_bias=False, epsilon=1e-5): that one multiplies rsqrt(var + eps) by the
-  scale before the centred input, which differs in the last bit from the reference's order.
+  (x - mean) * rsqrt(var + eps) * w in this order. Not nnx.LayerNorm(use_bias=False,
+  epsilon=1e-5): that one multiplies rsqrt(var + eps) by the scale before the centred input,
+  which differs in the last bit from the reference's order.
   """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mean
+  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+  return xc * jax.lax.rsqrt(var + LN_EPS) * w
+
+
+class LayerNorm(nnx.Module):
+  """`layer_norm` with its weight `scale` (H,) float32, initialised to ones."""
 
   def __init__(self, dim: int):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    return xc * jax.lax.rsqrt(var + LN_EPS) * self.scale[...]
+    return layer_norm(x, self.scale[...])
 
 
 def _hash32(x: jax.Array) -> jax.Array:

@@ -48,6 +48,7 @@ from sedd_jax import diffusion
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import ddit
 from sedd_jax.model import layers
+from sedd_jax.model import norm_modulate as norm_lib
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ class CrossAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
-               attention: str, chunk: int, rngs: nnx.Rngs):
+               attention: str, chunk: int, rngs: nnx.Rngs, norm_impl: str = "reference"):
     self.n_heads = n_heads
+    self.norm_impl = norm_impl
+    self.dtype = dtype
     self.attention = attention
     self.chunk = chunk
     self.norm_q = layers.LayerNorm(dim)
@@ -84,7 +87,9 @@ class CrossAttention(nnx.Module):
     lk = y.shape[1]
     dh = dim // self.n_heads
     shift, scale, gate = jnp.split(self.adaLN_modulation(c)[:, None, :], 3, axis=-1)
-    q = self.attn_q(layers.modulate(self.norm_q(x), shift, scale)).reshape(b, lq, self.n_heads, dh)
+    q = self.attn_q(norm_lib.norm_modulate(x, self.norm_q.scale[...], shift, scale,
+                                           impl=self.norm_impl, out_dtype=self.dtype))
+    q = q.reshape(b, lq, self.n_heads, dh)
     kv = self.attn_kv(self.norm_kv(y)).reshape(b, lk, 2, self.n_heads, dh)
     o = attention_lib.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], kv_lengths,
                                             backend=self.attention, chunk=self.chunk)
@@ -97,8 +102,8 @@ class ProteinLigandDDiT(nnx.Module):
 
   Args:
     cfg_model: the `model` sub-config (hidden_size, n_heads, n_blocks, cond_dim, dropout,
-      scale_by_sigma, attention, attention_chunk, dtype, remat, cross_attention); shared by the
-      two tracks.
+      scale_by_sigma, attention, attention_chunk, dtype, remat, norm_impl, cross_attention);
+      shared by the two tracks.
     protein_dim: D_p = protein graph dim (33 for absorbing ESM-2).
     ligand_dim: D_l = ligand graph dim (SMILES tokens + 1 for absorbing).
     absorb: whether both graphs are absorbing (needed by scale_by_sigma).
@@ -117,13 +122,15 @@ class ProteinLigandDDiT(nnx.Module):
     attention = str(get("attention"))
     chunk = int(get("attention_chunk"))
     remat = str(get("remat"))
+    norm_impl = str(get("norm_impl"))
     cross = bool(cfg_model.get("cross_attention", True))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads or (hidden // n_heads) % 2:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of model.n_heads "
                        f"{n_heads} with an even head dim (rotary)")
     if n_blocks < 1:
       raise ValueError(f"model.n_blocks {n_blocks} must be >= 1")
-    ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat)
+    ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat, norm_impl=norm_impl)
+    norm_impl = norm_lib.resolve_impl(norm_impl)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
     if protein_dim < 2 or ligand_dim < 2:
@@ -150,11 +157,12 @@ class ProteinLigandDDiT(nnx.Module):
 
     def blocks():
       return nnx.List([ddit.DDiTBlock(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
-                                      rngs, remat_mlp=remat == "mlp") for _ in range(n_blocks)])
+                                      rngs, remat_mlp=remat == "mlp", norm_impl=norm_impl)
+                         for _ in range(n_blocks)])
 
     def crosses():
       return nnx.List([CrossAttention(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
-                                      rngs) for _ in range(n_blocks)])
+                                      rngs, norm_impl) for _ in range(n_blocks)])
 
     self.sigma_map = layers.TimestepEmbedder(cond_dim, rngs)
     self.protein_embed = embed(self.protein_dim)
@@ -163,8 +171,8 @@ class ProteinLigandDDiT(nnx.Module):
     self.ligand_blocks = blocks()
     self.protein_cross = crosses() if cross else None
     self.ligand_cross = crosses() if cross else None
-    self.protein_output = ddit.DDiTFinalLayer(hidden, self.protein_dim, cond_dim, rngs)
-    self.ligand_output = ddit.DDiTFinalLayer(hidden, self.ligand_dim, cond_dim, rngs)
+    self.protein_output = ddit.DDiTFinalLayer(hidden, self.protein_dim, cond_dim, rngs, norm_impl)
+    self.ligand_output = ddit.DDiTFinalLayer(hidden, self.ligand_dim, cond_dim, rngs, norm_impl)
 
   # --------------------------------------------------------------------------------------------
 
