@@ -6,7 +6,8 @@ tokens at full length, as benchmarks/train_step.py. Each variant is '+'-joined o
 the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
 model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp,
 `normxla` / `normpallas` = model.norm_impl=xla / pallas (fused LayerNorm + modulate);
-`nounroll` = XLA's GPU while-loop unrolling off (`COMPILER_TOKENS`).
+`nounroll` = XLA's GPU while-loop unrolling off, `cublaslt` = XLA's cuBLASLt GEMMs (bias + GELU
+epilogues) (`COMPILER_TOKENS`).
 
 For every case and variant: compile time of the step (trace + lower, and in all with XLA's
 compilation; nothing cached), XLA's memory estimate of the compiled step (arguments +
@@ -56,6 +57,8 @@ TOKENS = {
 COMPILER_TOKENS = {
   # does XLA's GPU while-loop unroller undo the scan's compile-time gain?
   "nounroll": {"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_NO_UNROLL"},
+  # cuBLASLt GEMMs, whose epilogues can take the MLP's bias + GELU (the profile's 11.7 ms GELU)
+  "cublaslt": {"xla_gpu_enable_cublaslt": True},
 }
 # Most telling first: rows print as they finish, so a run cut short keeps these.
 GPU_VARIANTS = ("loop", "scan", "scan+hash", "scan+bf16res", "scan+rbg", "scan+fp8",
