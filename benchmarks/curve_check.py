@@ -45,6 +45,8 @@ TOKENS = {
   "rbg": {"model.dropout_rng": "rbg"},
   "bf16res": {"model.residual_dtype": "bfloat16"},
   "fp8": {"model.matmul": "fp8"},
+  "normxla": {"model.norm_impl": "xla"},
+  "normpallas": {"model.norm_impl": "pallas"},
 }
 # The reference with its two seeds shifted by SEED (the script hard-codes 0 for both).
 _REF_WRAPPER = """
