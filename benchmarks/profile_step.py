@@ -7,6 +7,7 @@ cutlass / nvjet GEMMs), attention (cuDNN fused attention), elementwise/reduction
 top kernels, plus one JSON line.
 
   python benchmarks/profile_step.py --case 1024x64 --attention cudnn
+  python benchmarks/profile_step.py --model norm_impl=pallas --model dropout_rng=hash
 """
 
 from __future__ import annotations
@@ -67,12 +68,21 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--variant", default="small")
+  p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                 help="more model keys (repeatable), e.g. norm_impl=pallas (strings)")
   args = p.parse_args(argv)
+  bad = [kv for kv in args.model if "=" not in kv]
+  if bad:
+    p.error(f"--model {bad[0]!r}: expected KEY=VALUE")
+  extra = dict(kv.split("=", 1) for kv in args.model)
   length, batch = (int(v) for v in args.case.split("x"))
 
   cfg = uniref50.get_config(args.variant)
+  unknown = sorted(set(extra) - set(cfg.model))
+  if unknown:
+    p.error(f"--model {unknown[0]}: not a key of model ({sorted(cfg.model)})")
   cfg.model.update(length=length, attention=args.attention, dropout=args.dropout,
-                   remat=args.remat)
+                   remat=args.remat, **extra)
   cfg.training.batch_size = batch
   cfg.data.pad_to = "full"  # random tokens, one sequence per row
   s = step_lib.setup(cfg)
@@ -110,7 +120,8 @@ def main(argv=None) -> None:
     print(f"no device events found; trace processes: {names}")
   steps = args.steps
   print(f"device kernel time per step: {total / steps / 1e3:.2f} ms "
-        f"({args.case}, {args.attention}, dropout {args.dropout}, remat {args.remat})")
+        f"({args.case}, {args.attention}, dropout {args.dropout}, remat {args.remat}"
+        f"{''.join(f', {k} {v}' for k, v in extra.items())})")
   for cls, us in by_class.most_common():
     print(f"  {cls:<20} {us / steps / 1e3:9.2f} ms  {100 * us / max(total, 1):5.1f}%")
   print(f"top {args.top} kernels (ms per step):")
@@ -118,7 +129,7 @@ def main(argv=None) -> None:
     print(f"  {us / steps / 1e3:8.3f}  {classify(name):<18} {name[:90]}  {str(hlo_of[name])[:60]}")
   print("JSON " + json.dumps({"bench": "profile_step", "case": args.case,
                               "attention": args.attention, "dropout": args.dropout,
-                              "ms_per_step": {k: round(v / steps / 1e3, 3)
+                              "model": extra, "ms_per_step": {k: round(v / steps / 1e3, 3)
                                               for k, v in by_class.items()},
                               "total_ms": round(total / steps / 1e3, 3)}))
 
