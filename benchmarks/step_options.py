@@ -7,7 +7,7 @@ the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
 model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp,
 `normxla` / `normpallas` = model.norm_impl=xla / pallas (fused LayerNorm + modulate);
 `nounroll` = XLA's GPU while-loop unrolling off, `cublaslt` = XLA's cuBLASLt GEMMs (bias + GELU
-epilogues) (`COMPILER_TOKENS`).
+epilogues), `noautotune` = no XLA autotuning (`COMPILER_TOKENS`).
 
 For every case and variant: compile time of the step (trace + lower, and in all with XLA's
 compilation; nothing cached), XLA's memory estimate of the compiled step (arguments +
@@ -59,6 +59,8 @@ COMPILER_TOKENS = {
   "nounroll": {"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_NO_UNROLL"},
   # cuBLASLt GEMMs, whose epilogues can take the MLP's bias + GELU (the profile's 11.7 ms GELU)
   "cublaslt": {"xla_gpu_enable_cublaslt": True},
+  # no GEMM/fusion autotuning: how much of the ~30 s compile is autotuning, at what step cost
+  "noautotune": {"xla_gpu_autotune_level": 0},
 }
 # Most telling first: rows print as they finish, so a run cut short keeps these.
 GPU_VARIANTS = ("loop", "scan", "scan+hash", "scan+bf16res", "scan+rbg", "scan+fp8",
