@@ -8,7 +8,8 @@ processes spread over the GPUs (one job per GPU at a time):
 * the reference, `.bench/torch_reference_curve.py STORE L B STEPS`, once per `--ref-seeds` seed
   (the script seeds torch and numpy with 0; seed s shifts both by s: see `_REF_WRAPPER`);
 * sedd_jax (`python -m sedd_jax.train`, `configs/uniref50.py:small`) once per `--variants`
-  entry: '+'-joined tokens of `TOKENS` (model keys), `default` = the config as it is;
+  entry: '+'-joined model tokens of benchmarks/step_options.py (`TOKENS`: hash, normpallas,
+  bf16res, ...), `default` = the config as it is;
 
 all `small` at L = 256, B = 128, lr 3e-4, warmup 300, on the bundled UniProt sequences of at
 least L residues (random L-windows, no padding), mean loss per residue per 100 steps. It prints
@@ -40,14 +41,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 log = logging.getLogger("curve_check")
 
-TOKENS = {
-  "hash": {"model.dropout_rng": "hash"},
-  "rbg": {"model.dropout_rng": "rbg"},
-  "bf16res": {"model.residual_dtype": "bfloat16"},
-  "fp8": {"model.matmul": "fp8"},
-  "normxla": {"model.norm_impl": "xla"},
-  "normpallas": {"model.norm_impl": "pallas"},
-}
 # The reference with its two seeds shifted by SEED (the script hard-codes 0 for both).
 _REF_WRAPPER = """
 import os, sys, runpy
@@ -62,14 +55,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def variant_overrides(variant: str) -> dict[str, str]:
-  """'+'-joined TOKENS (or `default`) -> config overrides."""
+  """'+'-joined model tokens of benchmarks/step_options.py (`TOKENS`), or `default`, -> config
+  overrides `model.<key>`."""
   if variant == "default":
     return {}
+  from step_options import TOKENS  # beside this script; the same names in both benchmarks
   out: dict[str, str] = {}
   for tok in variant.split("+"):
     if tok not in TOKENS:
       raise SystemExit(f"variant {variant!r}: unknown token {tok!r}; choose from {sorted(TOKENS)}")
-    out.update(TOKENS[tok])
+    out.update({f"model.{k}": str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in TOKENS[tok].items()})
   return out
 
 
@@ -168,7 +164,8 @@ def report(curves: dict[str, dict[int, float]], png: pathlib.Path) -> None:
   """The table against the reference seeds' range, and the PNG."""
   refs = {k: mean_tail(c) for k, c in curves.items() if k.startswith("ref_")}
   lo, hi = (min(refs.values()), max(refs.values())) if refs else (float("nan"),) * 2
-  print(f"| run | mean loss/residue, last third | vs reference seeds [{lo}, {hi}] |")
+  span = f" [{lo}, {hi}]" if refs else ""
+  print(f"| run | mean loss/residue, last third | vs reference seeds{span} |")
   print("|---|---|---|")
   for name, curve in curves.items():
     m = mean_tail(curve)
@@ -198,7 +195,7 @@ def main() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--variants", default="default,hash,hash+bf16res",
-                 help=f"comma-separated; '+'-joined tokens of {sorted(TOKENS)}, or default")
+                 help="comma-separated; '+'-joined tokens of step_options.TOKENS, or default")
   p.add_argument("--ref-seeds", default="0,1", help="reference seeds ('' = no reference)")
   p.add_argument("--reference", default=".bench/torch_reference_curve.py")
   p.add_argument("--gpus", default="0,1", help="CUDA_VISIBLE_DEVICES of the job slots")
