@@ -5,7 +5,9 @@ tokens at full length, as benchmarks/train_step.py. Each variant is '+'-joined o
 (`TOKENS`): `loop` = today's Python loop over the blocks (model.scan_blocks=False), `scan` =
 the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
 model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp,
-`normxla` / `normpallas` = model.norm_impl=xla / pallas (fused LayerNorm + modulate);
+`normref` / `normxla` / `normpallas` = model.norm_impl=reference / xla / pallas (LayerNorm +
+modulate; the config's `auto` is `pallas` on Ampere-or-later GPUs, so `loop` has the Pallas norm
+there and `loop+normref` is the step before it became the default);
 `nounroll` = XLA's GPU while-loop unrolling off, `cublaslt` = XLA's cuBLASLt GEMMs (bias + GELU
 epilogues), `noautotune` = no XLA autotuning (`COMPILER_TOKENS`).
 
@@ -50,6 +52,7 @@ TOKENS = {
   "bf16res": {"residual_dtype": "bfloat16"},
   "fp8": {"matmul": "fp8"},
   "remat_mlp": {"remat": "mlp"},
+  "normref": {"norm_impl": "reference"},
   "normxla": {"norm_impl": "xla"},
   "normpallas": {"norm_impl": "pallas"},
 }

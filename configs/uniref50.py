@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rng = "threefry"  # threefry | rbg | hash: dropout bits (BENCHMARKS.md)
   c.model.residual_dtype = "float32"  # float32 | bfloat16: the residual stream between blocks
   c.model.matmul = "default"  # default (in model.dtype) | fp8 (FP8 GPUs; else the default)
-  c.model.norm_impl = "reference"  # reference | xla | pallas: LayerNorm + modulate (fused)
+  # LayerNorm + modulate: auto (pallas in bf16 on Ampere+ GPUs, else reference) | reference |
+  # xla | pallas (fused, hand-written backward; BENCHMARKS.md)
+  c.model.norm_impl = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/uniprot_mmseqs2_example.fasta.gz"  # source, prepared on first use

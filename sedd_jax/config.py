@@ -40,7 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.dropout_rng": ("threefry", "rbg", "hash"),
   "model.residual_dtype": ("float32", "bfloat16"),
   "model.matmul": ("default", "fp8"),
-  "model.norm_impl": ("reference", "xla", "pallas"),
+  "model.norm_impl": ("auto", "reference", "xla", "pallas"),
   "optim.schedule": ("constant", "cosine"),
   "wandb.mode": ("offline", "online", "disabled"),
 }

@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import has_gpu
 from helpers import ddit_config as model_cfg
-from helpers import grads_and_out, protein_ligand_config, protein_ligand_model, randomize
+from helpers import (grads_and_out, load_config, protein_ligand_config, protein_ligand_model,
+                     randomize)
 from sedd_jax.model import DDiT
 from sedd_jax.model import norm_modulate as nm
 from sedd_jax.training import sharding
@@ -105,6 +106,38 @@ def test_pallas_needs_a_gpu_or_the_interpreter(caplog):
     nm.resolve_impl("triton")
 
 
+class _Device:
+  def __init__(self, capability):
+    self.compute_capability, self.device_kind = capability, f"sm {capability}"
+
+
+@pytest.mark.parametrize("backend, capability, dtype, want_auto, want_pallas", [
+    ("cpu", None, jnp.bfloat16, "reference", "xla"),
+    ("gpu", "9.0", jnp.bfloat16, "pallas", "pallas"),  # Hopper
+    ("gpu", "8.0", jnp.bfloat16, "pallas", "pallas"),  # Ampere
+    ("gpu", "9.0", jnp.float32, "reference", "pallas"),  # float32: the parity tests' arithmetic
+    ("gpu", "7.0", jnp.bfloat16, "reference", "xla"),  # V100: no Pallas Triton kernels
+])
+def test_auto_picks_the_impl_by_device_and_dtype(monkeypatch, caplog, backend, capability, dtype,
+                                                 want_auto, want_pallas):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Device(capability)])
+  assert nm.resolve_impl("auto", dtype) == want_auto
+  with caplog.at_level("WARNING"):
+    assert nm.resolve_impl("pallas", dtype) == want_pallas
+  assert ("using xla" in caplog.text) == (want_pallas == "xla")
+  for impl in ("reference", "xla"):
+    assert nm.resolve_impl(impl, dtype) == impl
+
+
+@pytest.mark.skipif(has_gpu(), reason="the GPU runs Triton")
+def test_the_default_config_keeps_the_reference_norm_on_cpus():
+  """`auto` is the configs' default; on this machine it is the parity-tested reference."""
+  assert load_config("uniref50.py:small").model.norm_impl == "auto"
+  model = DDiT(model_cfg(norm_impl="auto", dtype="bfloat16"), 9, True, nnx.Rngs(0))
+  assert {b.norm_impl for b in model.blocks} == {"reference"}
+
+
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (the CPU simulates 8)")
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_row", "per_token"])
 def test_pallas_keeps_a_batch_sharding(per_token):
@@ -172,7 +205,9 @@ def test_protein_ligand_model_with_the_xla_norm_equals_the_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_row", "per_token"])
 def test_pallas_on_the_gpu_equals_the_reference(per_token):
-  """The Triton-compiled kernels (default tiling) at DDiT-small's width."""
+  """The Triton-compiled kernels (default tiling) at DDiT-small's width, which `auto` picks on
+  this GPU (the test GPUs are Ampere or later)."""
+  assert nm.resolve_impl("auto", jnp.bfloat16) == "pallas"
   args = inputs(4, 64, 768, per_token)
   got = value_and_vjp(functools.partial(nm.norm_modulate, impl="pallas"), *args)
   want = value_and_vjp(REFERENCE, *args)

@@ -51,7 +51,7 @@ DEFAULTS = {
     "dropout_rng": "threefry",
     "residual_dtype": "float32",
     "matmul": "default",
-    "norm_impl": "reference",
+    "norm_impl": "auto",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
@@ -62,7 +62,7 @@ MLP_RATIO = 4
 # The allowed values of the model config's keys with a fixed set of choices.
 CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat": REMAT_POLICIES,
            "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
-           "matmul": MATMULS, "norm_impl": norm_lib.IMPLS}
+           "matmul": MATMULS, "norm_impl": norm_lib.CHOICES}
 
 
 def cfg_value(cfg: Any, key: str):
@@ -203,9 +203,10 @@ class DDiT(nnx.Module):
       stream between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
       falls back to `dtype` (with a warning) elsewhere. norm_impl: how LayerNorm + modulate
-      run (`norm_modulate`): "reference" (LayerNorm then modulate, autodiff), "xla" or
-      "pallas" (one function with a hand-written backward; "pallas" falls back to "xla",
-      with a warning, off GPUs); in the blocks the result is cast to `dtype` right away (the
+      run (`norm_modulate`): "auto" (`norm_modulate.resolve_impl`: "pallas" in bfloat16 on
+      Ampere-or-later GPUs, else "reference"), "reference" (LayerNorm then modulate, autodiff),
+      "xla" or "pallas" (one function with a hand-written backward; "pallas" falls back to
+      "xla", with a warning, off such GPUs); in the blocks the result is cast to `dtype` right away (the
       next matmul's input dtype).
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
@@ -227,7 +228,7 @@ class DDiT(nnx.Module):
       raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
     check_choices(dtype=dtype_name, attention=attention, remat=remat, dropout_rng=dropout_rng,
                   residual_dtype=residual, matmul=matmul, norm_impl=norm_impl)
-    norm_impl = norm_lib.resolve_impl(norm_impl)
+    norm_impl = norm_lib.resolve_impl(norm_impl, DTYPES[dtype_name])
     fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
       log.warning("model.matmul=fp8: %s has no FP8 matmuls; using %s", jax.devices()[0].device_kind,

@@ -22,7 +22,8 @@ loads and stores, as Triton blocks must be powers of two. Under a jit sharded ov
 kernel would otherwise be fed the gathered batch). "pallas" needs a GPU (or `interpret=True`,
 the tests' Pallas interpreter); `resolve_impl` maps it to "xla" elsewhere.
 "reference" is `layers.layer_norm` then `layers.modulate`, differentiated by autodiff (the
-parity-tested path; the model's default).
+parity-tested path). `model.norm_impl = "auto"` (the configs' default) runs "pallas" in bfloat16
+on Ampere-or-later GPUs and "reference" everywhere else (`resolve_impl`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from sedd_jax.model import layers
 log = logging.getLogger(__name__)
 
 IMPLS = ("reference", "xla", "pallas")
+CHOICES = ("auto",) + IMPLS  # `model.norm_impl`; `resolve_impl` maps "auto" to one of IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +70,33 @@ class _Options:
   tiling: Tiling
 
 
-def resolve_impl(impl: str) -> str:
-  """`impl` (one of IMPLS), or "xla" with a logged warning for "pallas" off GPUs."""
-  if impl not in IMPLS:
-    raise ValueError(f"model.norm_impl {impl!r}: choose one of {IMPLS}")
-  if impl == "pallas" and jax.default_backend() != "gpu":
-    log.warning("model.norm_impl=pallas: the %s backend has no Triton; using xla",
-                jax.default_backend())
+def triton_gpu() -> bool:
+  """Whether the default device is a CUDA GPU that runs the Pallas Triton kernels (compute
+  capability >= 8.0: Ampere and later, native bf16; a V100 is 7.0)."""
+  if jax.default_backend() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return capability is not None and float(capability) >= 8.0
+  except ValueError:
+    return False
+
+
+def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
+  """The impl that `model.norm_impl` (one of CHOICES) runs for compute `dtype` on this machine.
+
+  "auto": "pallas" on a `triton_gpu()` in bfloat16 (the curve and speed of BENCHMARKS.md), else
+  "reference" (CPUs, older GPUs, and float32, where the parity tests pin the reference's
+  arithmetic). "pallas" without a `triton_gpu()`: "xla", with a logged warning.
+  """
+  if impl not in CHOICES:
+    raise ValueError(f"model.norm_impl {impl!r}: choose one of {CHOICES}")
+  if impl == "auto":
+    return "pallas" if triton_gpu() and jnp.dtype(dtype) == jnp.bfloat16 else "reference"
+  if impl == "pallas" and not triton_gpu():
+    device = jax.devices()[0]
+    log.warning("model.norm_impl=pallas: %s (%s backend) runs no Pallas Triton kernels; using xla",
+                device.device_kind, jax.default_backend())
     return "xla"
   return impl
 

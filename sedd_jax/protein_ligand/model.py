@@ -130,7 +130,7 @@ class ProteinLigandDDiT(nnx.Module):
     if n_blocks < 1:
       raise ValueError(f"model.n_blocks {n_blocks} must be >= 1")
     ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat, norm_impl=norm_impl)
-    norm_impl = norm_lib.resolve_impl(norm_impl)
+    norm_impl = norm_lib.resolve_impl(norm_impl, ddit.DTYPES[dtype_name])
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
     if protein_dim < 2 or ligand_dim < 2:
