@@ -108,6 +108,7 @@ def test_pallas_needs_a_gpu_or_the_interpreter(caplog):
 
 class _Device:
   def __init__(self, capability):
+    self.platform = "cpu" if capability is None else "gpu"
     self.compute_capability, self.device_kind = capability, f"sm {capability}"
 
 

@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import layers
 
 log = logging.getLogger(__name__)
@@ -73,13 +74,8 @@ class _Options:
 def triton_gpu() -> bool:
   """Whether the default device is a CUDA GPU that runs the Pallas Triton kernels (compute
   capability >= 8.0: Ampere and later, native bf16; a V100 is 7.0)."""
-  if jax.default_backend() != "gpu":
-    return False
-  capability = getattr(jax.devices()[0], "compute_capability", None)
-  try:
-    return capability is not None and float(capability) >= 8.0
-  except ValueError:
-    return False
+  capability = attention_lib.cuda_capability()
+  return capability is not None and capability >= (8, 0)
 
 
 def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
