@@ -131,6 +131,16 @@ def test_auto_picks_the_impl_by_device_and_dtype(monkeypatch, caplog, backend, c
     assert nm.resolve_impl(impl, dtype) == impl
 
 
+def test_auto_falls_back_without_the_pallas_triton_backend(monkeypatch):
+  """jax deprecates Pallas' Triton backend (0.11): once it is gone, `auto` is the reference."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Device("9.0")])
+  assert nm.resolve_impl("auto", jnp.bfloat16) == "pallas"
+  monkeypatch.setattr(nm, "plgpu", None)
+  assert nm.resolve_impl("auto", jnp.bfloat16) == "reference"
+  assert nm.resolve_impl("pallas", jnp.bfloat16) == "xla"
+
+
 @pytest.mark.skipif(has_gpu(), reason="the GPU runs Triton")
 def test_the_default_config_keeps_the_reference_norm_on_cpus():
   """`auto` is the configs' default; on this machine it is the parity-tested reference."""

@@ -38,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.experimental.pallas import triton as plgpu
+try:  # deprecated in jax 0.11 (Mosaic GPU is its successor); `auto` falls back once it is gone
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # (present in the jax versions we pin)
+  plgpu = None
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -73,7 +76,10 @@ class _Options:
 
 def triton_gpu() -> bool:
   """Whether the default device is a CUDA GPU that runs the Pallas Triton kernels (compute
-  capability >= 8.0: Ampere and later, native bf16; a V100 is 7.0)."""
+  capability >= 8.0: Ampere and later, native bf16; a V100 is 7.0) with jax's Pallas Triton
+  backend still installed."""
+  if plgpu is None:
+    return False
   capability = attention_lib.cuda_capability()
   return capability is not None and capability >= (8, 0)
 
