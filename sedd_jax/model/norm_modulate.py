@@ -38,15 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
-try:  # deprecated in jax 0.11 (Mosaic GPU is its successor); `auto` falls back once it is gone
-  from jax.experimental.pallas import triton as plgpu
-except ImportError:  # (present in the jax versions we pin)
-  plgpu = None
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import layers
+
+try:  # deprecated in jax 0.11 (Mosaic GPU is its successor); `auto` falls back once it is gone
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # (present in the jax versions we pin)
+  plgpu = None
 
 log = logging.getLogger(__name__)
 
