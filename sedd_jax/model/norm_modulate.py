@@ -46,7 +46,7 @@ from sedd_jax.model import layers
 
 try:  # deprecated in jax 0.11 (Mosaic GPU is its successor); `auto` falls back once it is gone
   from jax.experimental.pallas import triton as plgpu
-except ImportError:  # (present in the jax versions we pin)
+except ImportError:  # still there in jax 0.11
   plgpu = None
 
 log = logging.getLogger(__name__)
