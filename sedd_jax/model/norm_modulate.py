@@ -44,9 +44,14 @@ from jax.sharding import PartitionSpec as P
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import layers
 
-try:  # deprecated in jax 0.11 (Mosaic GPU is its successor); `auto` falls back once it is gone
+# Pallas' Triton backend: deprecated in jax 0.11 (Mosaic GPU is its successor), and older jax
+# (the package allows >= 0.4.35) names its API otherwise; without the names used here, `auto`
+# runs the reference and `pallas` the xla impl.
+try:
   from jax.experimental.pallas import triton as plgpu
-except ImportError:  # still there in jax 0.11
+except ImportError:
+  plgpu = None
+if plgpu is not None and not all(hasattr(plgpu, n) for n in ("CompilerParams", "load", "store")):
   plgpu = None
 
 log = logging.getLogger(__name__)
