@@ -7,7 +7,8 @@ the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
 model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp,
 `normref` / `normxla` / `normpallas` = model.norm_impl=reference / xla / pallas (LayerNorm +
 modulate; the config's `auto` is `pallas` on Ampere-or-later GPUs, so `loop` has the Pallas norm
-there and `loop+normref` is the step before it became the default);
+there and `loop+normref` is the step before it became the default); `gelusaved` =
+model.gelu_impl=saved_input (the GELU keeps only its input for the backward pass);
 `nounroll` = XLA's GPU while-loop unrolling off, `cublaslt` = XLA's cuBLASLt GEMMs (bias + GELU
 epilogues), `noautotune` = no XLA autotuning (`COMPILER_TOKENS`).
 
@@ -52,6 +53,7 @@ TOKENS = {
   "bf16res": {"residual_dtype": "bfloat16"},
   "fp8": {"matmul": "fp8"},
   "remat_mlp": {"remat": "mlp"},
+  "gelusaved": {"gelu_impl": "saved_input"},
   "normref": {"norm_impl": "reference"},
   "normxla": {"norm_impl": "xla"},
   "normpallas": {"norm_impl": "pallas"},

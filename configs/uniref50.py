@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   # LayerNorm + modulate: auto (pallas in bf16 on Ampere+ GPUs, else reference) | reference |
   # xla | pallas (fused, hand-written backward; BENCHMARKS.md)
   c.model.norm_impl = "auto"
+  # GELU backward: reference (autodiff) | saved_input (keeps only its input, as torch does)
+  c.model.gelu_impl = "reference"
 
   c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/uniprot_mmseqs2_example.fasta.gz"  # source, prepared on first use

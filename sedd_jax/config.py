@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.residual_dtype": ("float32", "bfloat16"),
   "model.matmul": ("default", "fp8"),
   "model.norm_impl": ("auto", "reference", "xla", "pallas"),
+  "model.gelu_impl": ("reference", "saved_input"),
   "optim.schedule": ("constant", "cosine"),
   "wandb.mode": ("offline", "online", "disabled"),
 }

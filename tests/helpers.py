@@ -104,6 +104,18 @@ def grads_and_out(model, idx, sigma, lengths):
   return nnx.grad(loss, has_aux=True)(model)
 
 
+def ddit_out_and_grads(**kw) -> tuple[jax.Array, list[jax.Array]]:
+  """(log score, parameter gradients) of a randomized `ddit_config(**kw)` DDiT (vocabulary 9,
+  absorbing) in eval mode, on one fixed small batch (2 rows of 8, one padded): for comparing
+  model options that must not change the numbers."""
+  from sedd_jax.model import DDiT
+  model = randomize(DDiT(ddit_config(**kw), 9, True, nnx.Rngs(0)))
+  model.eval()
+  idx = jax.random.randint(jax.random.key(2), (2, 8), 0, 9)
+  grads, out = grads_and_out(model, idx, jnp.array([0.4, 1.9]), jnp.array([8, 6], jnp.int32))
+  return out, jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+
 def assert_trees_equal(a, b) -> None:
   """Two non-empty pytrees with the same number of leaves, equal leaf by leaf (exactly)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import cases, grads_and_out, randomize
+from helpers import cases, ddit_out_and_grads, grads_and_out, randomize
 from helpers import ddit_config as model_cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
@@ -108,6 +108,7 @@ def test_shapes_are_checked():
     (dict(residual_dtype="float16"), "model.residual_dtype"),
     (dict(matmul="int8"), "model.matmul"),
     (dict(norm_impl="triton"), "model.norm_impl"),
+    (dict(gelu_impl="erf"), "model.gelu_impl"),
     (dict(hidden_size=15), "n_heads"),
 ])
 def test_bad_config_is_named(kw, match):
@@ -302,3 +303,14 @@ def test_packing_inputs_are_checked():
     model(idx, jnp.ones((2,)), segment_ids=jnp.ones((2, 7), jnp.int32))
   with pytest.raises(ValueError, match="positions must be"):
     model(idx, jnp.ones((2,)), positions=jnp.ones((2, 8)))
+
+
+def test_the_saved_input_gelu_keeps_the_model_outputs_and_gradients():
+  """model.gelu_impl=saved_input: the same forward, bit for bit, and the same parameter
+  gradients to float32 rounding (its GELU' is computed in float32 from the closed form)."""
+  out_ref, g_ref = ddit_out_and_grads(gelu_impl="reference", n_blocks=2)
+  out_new, g_new = ddit_out_and_grads(gelu_impl="saved_input", n_blocks=2)
+  np.testing.assert_array_equal(np.asarray(out_new), np.asarray(out_ref))
+  assert len(g_ref) == len(g_new) > 0
+  for a, b in zip(g_new, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from sedd_jax.model import layers
 
@@ -116,3 +117,44 @@ def test_rotary_positions_restart_per_sequence():
     np.testing.assert_array_equal(sin[0, start:start + n], ref_sin[:n])
   # closed form: angle(p, i) = p * 10000^(-2i/Dh) for the first half
   np.testing.assert_allclose(cos[0, 2, 1], np.cos(2 * 10000 ** (-2 / 8)), rtol=1e-6)
+
+
+def _gelu_tanh_grad_f64(h: np.ndarray) -> np.ndarray:
+  """d/dh of 0.5 h (1 + tanh(c (h + 0.044715 h^3))), c = sqrt(2 / pi), in float64."""
+  c, a = math.sqrt(2 / math.pi), 0.044715
+  t = np.tanh(c * (h + a * h ** 3))
+  return 0.5 * (1 + t) + 0.5 * h * (1 - t ** 2) * c * (1 + 3 * a * h ** 2)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_gelu_saved_input_is_the_reference_forward_with_the_closed_form_gradient(dtype, tol):
+  """The forward is jax.nn.gelu's bit for bit; the gradient is the float64 closed form's to the
+  dtype's rounding (absolute: GELU' cancels to ~0 for h << 0), as autodiff's is."""
+  h = (jax.random.normal(jax.random.key(0), (4, 257)) * 3).astype(dtype)
+  ref = layers.gelu(h, "reference")
+  got = layers.gelu(h, "saved_input")
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+  g = jax.random.normal(jax.random.key(1), h.shape).astype(dtype)
+  dh = jax.vjp(lambda x: layers.gelu(x, "saved_input"), h)[1](g)[0]
+  want = np.asarray(g, np.float64) * _gelu_tanh_grad_f64(np.asarray(h, np.float64))
+  np.testing.assert_allclose(np.asarray(dh, np.float64), want, rtol=tol, atol=tol)
+  auto = jax.vjp(lambda x: layers.gelu(x, "reference"), h)[1](g)[0]
+  err = lambda x: np.max(np.abs(np.asarray(x, np.float64) - want))  # noqa: E731
+  assert err(dh) <= err(auto) * 1.01 + 1e-7  # no less accurate than autodiff
+  assert float(jax.grad(lambda x: layers.gelu(x, "saved_input"))(jnp.float32(0.0))) == 0.5
+
+
+def test_gelu_saved_input_keeps_only_its_input_for_the_backward_pass(capsys):
+  h = jax.random.normal(jax.random.key(0), (2, 8, 64), jnp.bfloat16)
+
+  def kept(impl):  # the (2, 8, 64) arrays autodiff keeps between the forward and backward pass
+    capsys.readouterr()
+    print_saved_residuals(lambda x: jnp.sum(layers.gelu(x, impl) * x), h)
+    return [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("bf16[2,8,64]")]
+
+  assert len(kept("saved_input")) == 2  # h (for the GELU) and GELU(h) (for the product)
+  assert len(kept("reference")) >= 4  # h and the tanh formula's intermediates
+  with pytest.raises(ValueError, match="model.gelu_impl 'erf'"):
+    layers.gelu(h, "erf")

@@ -14,8 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import has_gpu
 from helpers import ddit_config as model_cfg
-from helpers import (grads_and_out, load_config, protein_ligand_config, protein_ligand_model,
-                     randomize)
+from helpers import ddit_out_and_grads, load_config, protein_ligand_config, protein_ligand_model
 from sedd_jax.model import DDiT
 from sedd_jax.model import norm_modulate as nm
 from sedd_jax.training import sharding
@@ -170,16 +169,8 @@ def test_pallas_keeps_a_batch_sharding(per_token):
 
 
 def test_ddit_with_the_xla_norm_equals_the_reference():
-  idx = jax.random.randint(jax.random.key(2), (2, 8), 0, 9)
-  sigma = jnp.array([0.4, 1.9])
-  lengths = jnp.array([8, 6], jnp.int32)
-  results = []
-  for impl in ("reference", "xla"):
-    model = randomize(DDiT(model_cfg(norm_impl=impl, n_blocks=1), 9, True, nnx.Rngs(0)))
-    model.eval()
-    grads, out = grads_and_out(model, idx, sigma, lengths)
-    results.append((out, jax.tree.leaves(nnx.state(grads, nnx.Param))))
-  (out_ref, g_ref), (out_xla, g_xla) = results
+  out_ref, g_ref = ddit_out_and_grads(norm_impl="reference", n_blocks=1)
+  out_xla, g_xla = ddit_out_and_grads(norm_impl="xla", n_blocks=1)
   close(out_xla, out_ref, 1e-5)
   assert len(g_ref) == len(g_xla) > 0
   for a, b in zip(g_xla, g_ref):

@@ -52,6 +52,7 @@ DEFAULTS = {
     "residual_dtype": "float32",
     "matmul": "default",
     "norm_impl": "auto",
+    "gelu_impl": "reference",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
@@ -62,7 +63,7 @@ MLP_RATIO = 4
 # The allowed values of the model config's keys with a fixed set of choices.
 CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat": REMAT_POLICIES,
            "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
-           "matmul": MATMULS, "norm_impl": norm_lib.CHOICES}
+           "matmul": MATMULS, "norm_impl": norm_lib.CHOICES, "gelu_impl": layers.GELU_IMPLS}
 
 
 def cfg_value(cfg: Any, key: str):
@@ -100,7 +101,16 @@ def check_packing(batch: int, length: int, segment_ids, positions):
 
 def _gelu_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
   """layer(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
-  return layer(jax.nn.gelu(h, approximate=True))
+  return layer(layers.gelu(h, "reference"))
+
+
+def _gelu_saved_input_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
+  """`_gelu_out` with the GELU that keeps only its input for the backward pass."""
+  return layer(layers.gelu(h, "saved_input"))
+
+
+# model.gelu_impl -> the MLP's second half (module-level functions: equal in every block)
+_GELU_OUT = {"reference": _gelu_out, "saved_input": _gelu_saved_input_out}
 
 
 class DDiTBlock(nnx.Module):
@@ -115,7 +125,8 @@ class DDiTBlock(nnx.Module):
 
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
                attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False,
-               dropout_rng: str | None = None, fp8: bool = False, norm_impl: str = "reference"):
+               dropout_rng: str | None = None, fp8: bool = False, norm_impl: str = "reference",
+               gelu_impl: str = "reference"):
     self.n_heads = n_heads
     self.norm_impl = norm_impl
     self.dtype = dtype
@@ -133,9 +144,9 @@ class DDiTBlock(nnx.Module):
     self.mlp_out = layers.linear(rngs, MLP_RATIO * dim, dim, dtype=dtype, dot_general=dot)
     self.dropout2 = nnx.Dropout(dropout, rngs=drop_rngs)
     self.adaLN_modulation = layers.linear(rngs, cond_dim, 6 * dim, dtype=dtype, zero=True)
-    self._activation_out = _gelu_out
+    self._activation_out = _GELU_OUT[gelu_impl]
     if remat_mlp:  # keep only the pre-activation (B, L, 4H); recompute GELU in the backward
-      self._activation_out = nnx.remat(_gelu_out)
+      self._activation_out = nnx.remat(self._activation_out)
 
   def _drop(self, layer: nnx.Dropout, x: jax.Array, key, site: int) -> jax.Array:
     if key is None:
@@ -206,8 +217,9 @@ class DDiT(nnx.Module):
       run (`norm_modulate`): "auto" (`norm_modulate.resolve_impl`: "pallas" in bfloat16 on
       Ampere-or-later GPUs, else "reference"), "reference" (LayerNorm then modulate, autodiff),
       "xla" or "pallas" (one function with a hand-written backward; "pallas" falls back to
-      "xla", with a warning, off such GPUs); in the blocks the result is cast to `dtype` right away (the
-      next matmul's input dtype).
+      "xla", with a warning, off such GPUs); in the blocks the result is cast to `dtype` right
+      away (the next matmul's input dtype). gelu_impl: the MLP's GELU backward (`layers.gelu`):
+      "reference" (autodiff) or "saved_input" (keeps only the GELU's input).
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
@@ -218,16 +230,17 @@ class DDiT(nnx.Module):
     hidden, n_heads, n_blocks, cond_dim, chunk = (
         int(get(k)) for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "attention_chunk"))
     dropout = float(get("dropout"))
-    dtype_name, attention, remat, dropout_rng, residual, matmul, norm_impl = (
+    dtype_name, attention, remat, dropout_rng, residual, matmul, norm_impl, gelu_impl = (
         str(get(k)) for k in ("dtype", "attention", "remat", "dropout_rng", "residual_dtype",
-                              "matmul", "norm_impl"))
+                              "matmul", "norm_impl", "gelu_impl"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
     if (hidden // n_heads) % 2:
       raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
     check_choices(dtype=dtype_name, attention=attention, remat=remat, dropout_rng=dropout_rng,
-                  residual_dtype=residual, matmul=matmul, norm_impl=norm_impl)
+                  residual_dtype=residual, matmul=matmul, norm_impl=norm_impl,
+                  gelu_impl=gelu_impl)
     norm_impl = norm_lib.resolve_impl(norm_impl, DTYPES[dtype_name])
     fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
@@ -261,7 +274,8 @@ class DDiT(nnx.Module):
     self.sigma_map = layers.TimestepEmbedder(cond_dim, rngs)
     self.blocks = nnx.List([
         DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
-                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8, norm_impl=norm_impl)
+                  remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8, norm_impl=norm_impl,
+                  gelu_impl=gelu_impl)
         for _ in range(n_blocks)])
     self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs, norm_impl)
 

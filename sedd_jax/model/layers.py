@@ -61,6 +61,46 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale) + shift
 
 
+GELU_IMPLS = ("reference", "saved_input")
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def gelu(h: jax.Array, impl: str = "reference") -> jax.Array:
+  """GELU, tanh approximation (the reference's), of h (any shape) in h's dtype.
+
+  impl "reference": `jax.nn.gelu(approximate=True)`, differentiated by autodiff, which keeps
+  the intermediates of the tanh formula (several arrays the size of h) for the backward pass.
+  impl "saved_input": the same forward (bit-identical); a `custom_vjp` keeps only h and computes
+  GELU'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) c (1 + 3 a h^2), t = tanh(c (h + a h^3)), in
+  float32 in the backward pass, as torch's GELU does: one array kept instead of several.
+  """
+  if impl == "reference":
+    return jax.nn.gelu(h, approximate=True)
+  if impl != "saved_input":
+    raise ValueError(f"model.gelu_impl {impl!r}: choose one of {GELU_IMPLS}")
+  return _gelu_saved_input(h)
+
+
+@jax.custom_vjp
+def _gelu_saved_input(h):
+  return jax.nn.gelu(h, approximate=True)
+
+
+def _gelu_fwd(h):
+  return jax.nn.gelu(h, approximate=True), h
+
+
+def _gelu_bwd(h, g):
+  x = h.astype(jnp.float32)
+  t = jnp.tanh(_GELU_C * (x + _GELU_A * x * x * x))
+  d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x * x)
+  return ((g.astype(jnp.float32) * d).astype(h.dtype),)
+
+
+_gelu_saved_input.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def layer_norm(x: jax.Array, w: jax.Array) -> jax.Array:
   """LayerNorm without bias, eps 1e-5, in float32: x (..., H), weight w (H,) -> (..., H) float32.
 

@@ -102,7 +102,8 @@ class ProteinLigandDDiT(nnx.Module):
 
   Args:
     cfg_model: the `model` sub-config (hidden_size, n_heads, n_blocks, cond_dim, dropout,
-      scale_by_sigma, attention, attention_chunk, dtype, remat, norm_impl, cross_attention);
+      scale_by_sigma, attention, attention_chunk, dtype, remat, norm_impl, gelu_impl,
+      cross_attention);
       shared by the two tracks.
     protein_dim: D_p = protein graph dim (33 for absorbing ESM-2).
     ligand_dim: D_l = ligand graph dim (SMILES tokens + 1 for absorbing).
@@ -123,13 +124,15 @@ class ProteinLigandDDiT(nnx.Module):
     chunk = int(get("attention_chunk"))
     remat = str(get("remat"))
     norm_impl = str(get("norm_impl"))
+    gelu_impl = str(get("gelu_impl"))
     cross = bool(cfg_model.get("cross_attention", True))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads or (hidden // n_heads) % 2:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of model.n_heads "
                        f"{n_heads} with an even head dim (rotary)")
     if n_blocks < 1:
       raise ValueError(f"model.n_blocks {n_blocks} must be >= 1")
-    ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat, norm_impl=norm_impl)
+    ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat, norm_impl=norm_impl,
+                       gelu_impl=gelu_impl)
     norm_impl = norm_lib.resolve_impl(norm_impl, ddit.DTYPES[dtype_name])
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
@@ -157,7 +160,8 @@ class ProteinLigandDDiT(nnx.Module):
 
     def blocks():
       return nnx.List([ddit.DDiTBlock(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
-                                      rngs, remat_mlp=remat == "mlp", norm_impl=norm_impl)
+                                      rngs, remat_mlp=remat == "mlp", norm_impl=norm_impl,
+                                      gelu_impl=gelu_impl)
                          for _ in range(n_blocks)])
 
     def crosses():
