@@ -23,6 +23,7 @@ adaLN_modulation}`, `output_layer.{norm_final,linear,adaLN_modulation}`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -99,18 +100,15 @@ def check_packing(batch: int, length: int, segment_ids, positions):
   return tuple(out)
 
 
-def _gelu_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
-  """layer(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H)."""
-  return layer(layers.gelu(h, "reference"))
+def _gelu_out(impl: str, layer: nnx.Linear, h: jax.Array) -> jax.Array:
+  """layer(GELU_tanh(h)): the MLP's second half, h (B, L, 4H) -> (B, L, H); `impl` as
+  `layers.gelu`."""
+  return layer(layers.gelu(h, impl))
 
 
-def _gelu_saved_input_out(layer: nnx.Linear, h: jax.Array) -> jax.Array:
-  """`_gelu_out` with the GELU that keeps only its input for the backward pass."""
-  return layer(layers.gelu(h, "saved_input"))
-
-
-# model.gelu_impl -> the MLP's second half (module-level functions: equal in every block)
-_GELU_OUT = {"reference": _gelu_out, "saved_input": _gelu_saved_input_out}
+# model.gelu_impl -> the MLP's second half (made once here: the same object in every block;
+# `impl` bound by position, as nnx.remat resolves no keyword arguments)
+_GELU_OUT = {impl: functools.partial(_gelu_out, impl) for impl in layers.GELU_IMPLS}
 
 
 class DDiTBlock(nnx.Module):
