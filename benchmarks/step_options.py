@@ -3,12 +3,13 @@
 SEDD-small (configs/uniref50.py:small), dropout 0.1, EMA, AdamW, clip, bf16 compute, random
 tokens at full length, as benchmarks/train_step.py. Each variant is '+'-joined option tokens
 (`TOKENS`): `loop` = today's Python loop over the blocks (model.scan_blocks=False), `scan` =
-the blocks as one lax.scan, `rbg` / `hash` = model.dropout_rng, `bf16res` =
-model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` = model.remat=mlp,
-`normref` / `normxla` / `normpallas` = model.norm_impl=reference / xla / pallas (LayerNorm +
-modulate; the config's `auto` is `pallas` on Ampere-or-later GPUs, so `loop` has the Pallas norm
-there and `loop+normref` is the step before it became the default); `gelusaved` =
-model.gelu_impl=saved_input (the GELU keeps only its input for the backward pass);
+the blocks as one lax.scan, `threefry` / `rbg` / `hash` = model.dropout_rng (`hash` the
+default), `bf16res` = model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` =
+model.remat=mlp, `normref` / `normxla` / `normpallas` = model.norm_impl=reference / xla / pallas
+(LayerNorm + modulate; the config's `auto` is `pallas` on Ampere-or-later GPUs, so `loop` has
+the Pallas norm there); `geluref` / `gelusaved` = model.gelu_impl=reference / saved_input (the
+default: the GELU keeps only its input for the backward pass). So `loop` is the default step
+and `loop+threefry+normref+geluref` the default before issue 17's options;
 `nounroll` = XLA's GPU while-loop unrolling off, `cublaslt` = XLA's cuBLASLt GEMMs (bias + GELU
 epilogues), `noautotune` = no XLA autotuning (`COMPILER_TOKENS`).
 
@@ -48,11 +49,13 @@ log = logging.getLogger("step_options")
 TOKENS = {
   "loop": {"scan_blocks": False},
   "scan": {"scan_blocks": True},
+  "threefry": {"dropout_rng": "threefry"},
   "rbg": {"dropout_rng": "rbg"},
   "hash": {"dropout_rng": "hash"},
   "bf16res": {"residual_dtype": "bfloat16"},
   "fp8": {"matmul": "fp8"},
   "remat_mlp": {"remat": "mlp"},
+  "geluref": {"gelu_impl": "reference"},
   "gelusaved": {"gelu_impl": "saved_input"},
   "normref": {"norm_impl": "reference"},
   "normxla": {"norm_impl": "xla"},
@@ -68,8 +71,8 @@ COMPILER_TOKENS = {
   "noautotune": {"xla_gpu_autotune_level": 0},
 }
 # Most telling first: rows print as they finish, so a run cut short keeps these.
-GPU_VARIANTS = ("loop", "scan", "scan+hash", "scan+bf16res", "scan+rbg", "scan+fp8",
-                "scan+hash+bf16res+fp8", "scan+nounroll")
+GPU_VARIANTS = ("loop", "loop+threefry+normref+geluref", "loop+bf16res", "loop+remat_mlp",
+                "loop+fp8", "scan")
 
 
 def parse_variant(variant: str) -> tuple[dict, dict]:

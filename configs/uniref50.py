@@ -51,14 +51,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype: bfloat16 | float32 (parameters stay float32)
   c.model.remat = "none"  # none | mlp (recompute GELU) | block | block_save_dots
   c.model.scan_blocks = False  # True: blocks as one lax.scan (compiles 3x faster, steps 1.4x slower on an H200)
-  c.model.dropout_rng = "threefry"  # threefry | rbg | hash: dropout bits (BENCHMARKS.md)
+  c.model.dropout_rng = "hash"  # hash | threefry | rbg: dropout bits (BENCHMARKS.md)
   c.model.residual_dtype = "float32"  # float32 | bfloat16: the residual stream between blocks
   c.model.matmul = "default"  # default (in model.dtype) | fp8 (FP8 GPUs; else the default)
   # LayerNorm + modulate: auto (pallas in bf16 on Ampere+ GPUs, else reference) | reference |
   # xla | pallas (fused, hand-written backward; BENCHMARKS.md)
   c.model.norm_impl = "auto"
-  # GELU backward: reference (autodiff) | saved_input (keeps only its input, as torch does)
-  c.model.gelu_impl = "reference"
+  # GELU backward: saved_input (keeps only its input, as torch does) | reference (autodiff)
+  c.model.gelu_impl = "saved_input"
 
   c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/uniprot_mmseqs2_example.fasta.gz"  # source, prepared on first use

@@ -49,11 +49,11 @@ DEFAULTS = {
     "dtype": "bfloat16",
     "remat": "none",
     "scan_blocks": False,
-    "dropout_rng": "threefry",
+    "dropout_rng": "hash",
     "residual_dtype": "float32",
     "matmul": "default",
     "norm_impl": "auto",
-    "gelu_impl": "reference",
+    "gelu_impl": "saved_input",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
@@ -208,7 +208,7 @@ class DDiT(nnx.Module):
       residual_dtype); missing optional keys take `DEFAULTS`. scan_blocks: run the blocks as one
       `lax.scan` over their parameters stacked inside the trace (one block compiled instead of
       n_blocks; the parameters keep their per-block layout `blocks.<n>.*`). dropout_rng: how
-      dropout bits are drawn (`layers.dropout_bits`). residual_dtype: the dtype of the residual
+      dropout bits are drawn (`layers.dropout_bits`; "hash" by default). residual_dtype: the dtype of the residual
       stream between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
       falls back to `dtype` (with a warning) elsewhere. norm_impl: how LayerNorm + modulate
@@ -217,7 +217,7 @@ class DDiT(nnx.Module):
       "xla" or "pallas" (one function with a hand-written backward; "pallas" falls back to
       "xla", with a warning, off such GPUs); in the blocks the result is cast to `dtype` right
       away (the next matmul's input dtype). gelu_impl: the MLP's GELU backward (`layers.gelu`):
-      "reference" (autodiff) or "saved_input" (keeps only the GELU's input).
+      "saved_input" (the default: keeps only the GELU's input) or "reference" (autodiff).
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
