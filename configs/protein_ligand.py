@@ -74,6 +74,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_ligand_length = c.ligand.get_ref("length")  # longer SMILES are dropped by prepare
   c.data.ligand_length = c.ligand.get_ref("length")  # ligand batch width
   c.data.pad_to = "full"
+  # Unpaired ligands (sedd_jax.data.ligand_corpus): a SMILES file (CSV with a SMILES column, or
+  # .smi) whose molecules the `ligand_only` mode trains on: each example's ligand is drawn from it
+  # with probability ligand_corpus_fraction, else it is the pair's own. '' = none. The bundled
+  # data/moses_smiles_every8.csv.gz holds 198,083 drug-like molecules (MOSES); the pairs hold 458
+  # distinct ligands. The unconditional ligand score of classifier-free guidance then models
+  # that mixture.
+  c.data.ligand_corpus = ""
+  c.data.ligand_corpus_fraction = 0.75
 
   c.training.update(steps=200_000, eval_every=2000, ckpt_every=2000, milestone_every=50_000)
   # What `sample` generates for this task: ligand_given_protein | protein_given_ligand | joint.

@@ -1,7 +1,7 @@
 """Rebuilds the bundled data files (data/*.gz) and the test fixtures (tests/data/) from packages.
 
   apt-get install -y mmseqs2-examples            # UniProt sequences (CC BY 4.0)
-  python scripts/build_bundled_data.py           # downloads the two wheels with pip --no-deps
+  python scripts/build_bundled_data.py           # downloads the three wheels with pip --no-deps
 
 Sources:
   * /usr/share/doc/mmseqs2/example-data/DB.fasta.gz (Debian package mmseqs2-examples): 20,000
@@ -13,6 +13,9 @@ Sources:
   * pyhmmer wheel, pyhmmer/tests/data/seqs/938293.PRJEB85.HG003687.faa (MIT): its first 200
     proteins -> tests/data/pyhmmer_938293_first200.faa; the first 60 rows of the pydebiaseddta
     test.csv -> tests/data/pairs_first60.csv.
+  * molsets 0.3.1 wheel (MOSES benchmark), moses/dataset/data/train.csv.gz (MIT): every 8th of
+    its 1,584,663 drug-like SMILES (data rows 0, 8, 16, ...) -> data/moses_smiles_every8.csv.gz,
+    198,083 SMILES under the header `SMILES`.
 
 The outputs are deterministic (gzip without a timestamp), so a rebuild gives identical bytes.
 """
@@ -37,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEBIAN_DB = pathlib.Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")
 PAIRS_MEMBER = "pydebiaseddta/data/dta/dta_sample_data/{}.csv"
 FAA_MEMBER = "pyhmmer/tests/data/seqs/938293.PRJEB85.HG003687.faa"
+MOSES_MEMBER = "moses/dataset/data/train.csv.gz"
 
 
 def _gzip_bytes(data: bytes) -> bytes:
@@ -124,12 +128,25 @@ def build_faa_fixture(wheel: pathlib.Path, out: pathlib.Path, count: int = 200) 
   log.info("%s: %d of %d records", out, min(count, len(records)), len(records))
 
 
+def build_moses(wheel: pathlib.Path, out: pathlib.Path, every: int = 8) -> None:
+  with zipfile.ZipFile(wheel) as z:
+    text = gzip.decompress(z.read(MOSES_MEMBER)).decode("ascii")
+  lines = text.rstrip("\n").split("\n")
+  if lines[0] != "SMILES":
+    raise ValueError(f"{MOSES_MEMBER} header {lines[0]!r}, expected 'SMILES'")
+  kept = lines[1::every]
+  out.write_bytes(_gzip_bytes("\n".join([lines[0]] + kept).encode("ascii") + b"\n"))
+  log.info("%s: %d of %d SMILES (every %d), %d bytes", out, len(kept), len(lines) - 1, every,
+           out.stat().st_size)
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--db", type=pathlib.Path, default=DEBIAN_DB)
   p.add_argument("--wheels", type=pathlib.Path, default=None,
-                 help="folder holding (or receiving) the pydebiaseddta and pyhmmer wheels")
+                 help="folder holding (or receiving) the pydebiaseddta, pyhmmer and molsets "
+                 "wheels")
   a = p.parse_args()
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   (ROOT / "data").mkdir(exist_ok=True)
@@ -141,6 +158,7 @@ def main() -> int:
                 ROOT / "tests" / "data" / "pairs_first60.csv")
     build_faa_fixture(_find_wheel(wheels, "pyhmmer"),
                       ROOT / "tests" / "data" / "pyhmmer_938293_first200.faa")
+    build_moses(_find_wheel(wheels, "molsets"), ROOT / "data" / "moses_smiles_every8.csv.gz")
   return 0
 
 

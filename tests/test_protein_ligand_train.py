@@ -29,9 +29,13 @@ MICRO = {
 }
 
 
-def micro_config(store: pathlib.Path):
+# Unpaired ligands for the ligand_only steps: the bundled MOSES subset (sedd_jax.data.ligand_corpus).
+CORPUS = {"data.ligand_corpus": "data/moses_smiles_every8.csv.gz"}
+
+
+def micro_config(store: pathlib.Path, overrides: dict | None = None):
   return config_lib.apply_overrides(load_config("protein_ligand.py:tiny", MICRO),
-                                    {"data.prepared": str(store)})
+                                    {"data.prepared": str(store), **(overrides or {})})
 
 
 def test_unknown_task_is_a_config_error():
@@ -46,7 +50,7 @@ def test_unknown_task_is_a_config_error():
 
 def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   store = tmp_path / "store"
-  cfg = micro_config(store)
+  cfg = micro_config(store, CORPUS)
   assert cfg.ligand.graph.tokens == 0  # resolved from the prepared data by the task
   work = tmp_path / "run"
   devices = jax.devices()[:2]
@@ -56,7 +60,8 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   saved = json.loads((work / "config.json").read_text())
   assert saved["task"] == "protein_ligand" and saved["ligand"]["graph"]["tokens"] > 0
   assert checkpointer.Checkpointer(work).all_steps() == [2]
-  again = train_lib.train(micro_config(store), work, devices=devices, compiler_options=FAST)
+  again = train_lib.train(micro_config(store, CORPUS), work, devices=devices,
+                          compiler_options=FAST)
   assert (again.code, again.step, again.reason) == (0, 4, "finished")
   assert checkpointer.Checkpointer(work).all_steps() == [2, 4]
 

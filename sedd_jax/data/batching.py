@@ -147,14 +147,16 @@ class BucketBatchIterator:  # mixed with grain.DatasetIterator in _grain_classes
     batch = {"tokens": tokens, "lengths": lengths}
     self._real += int(lengths.sum())
     self._total += tokens.size
-    if self._ex.ligand:
-      lig = np.full((len(items), self._ligand_length), tokenizers.SmilesTokenizer.pad_id, np.int32)
-      lig_len = np.zeros((len(items),), np.int32)
-      for i, item in enumerate(items):
-        t = item["ligand_tokens"][:self._ligand_length]
-        lig[i, :t.size] = t
-        lig_len[i] = t.size
-      batch["ligand_tokens"], batch["ligand_lengths"] = lig, lig_len
+    for prefix in ("", "corpus_"):  # the pairs' ligands; the unpaired ligands of a corpus
+      if f"{prefix}ligand_tokens" in items[0]:
+        lig = np.full((len(items), self._ligand_length), tokenizers.SmilesTokenizer.pad_id,
+                      np.int32)
+        lig_len = np.zeros((len(items),), np.int32)
+        for i, item in enumerate(items):
+          t = item[f"{prefix}ligand_tokens"][:self._ligand_length]
+          lig[i, :t.size] = t
+          lig_len[i] = t.size
+        batch[f"{prefix}ligand_tokens"], batch[f"{prefix}ligand_lengths"] = lig, lig_len
     return batch
 
   def padding_fraction(self) -> float:

@@ -8,12 +8,13 @@ malformed CSV) raise `DataError`; a short row or an empty field goes through the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
 import io
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sedd_jax.data.fasta import DataError, PathLike, Skips, location, open_binary
 
@@ -64,42 +65,58 @@ def read_pairs(path: PathLike, protein_column: str | None = None,
   """
   skips = skips or Skips()
   lineno = 0
+  with table_errors(path, lambda: lineno), open_table(path, "no CSV header") as (text, first):
+    if delimiter is None:
+      delimiter = "\t" if "\t" in first else ","
+    header = next(csv.reader([first], delimiter=delimiter))
+    pi = _find_column(header, protein_column, PROTEIN_COLUMNS, "protein sequence", path)
+    si = _find_column(header, smiles_column, SMILES_COLUMNS, "SMILES", path)
+    ni = None
+    if name_column is not None:
+      ni = _find_column(header, name_column, (), "name", path)
+    need = max(pi, si, ni or 0) + 1
+    reader = csv.reader(text, delimiter=delimiter)
+    index = -1
+    for row in reader:
+      lineno = reader.line_num + 1
+      if not row or (len(row) == 1 and not row[0].strip()):
+        continue
+      index += 1
+      if len(row) < need:
+        skips.report("short_row", f"{location(path, lineno)}: row has {len(row)} fields, needs "
+                     f"{need} (columns {header[pi]!r}, {header[si]!r})", path, lineno)
+        continue
+      protein = row[pi].strip().encode("ascii", errors="replace")
+      smiles = row[si].strip()
+      if not protein or not smiles:
+        which = "protein sequence" if not protein else "SMILES"
+        skips.report("empty_field", f"{location(path, lineno)}: empty {which}", path, lineno)
+        continue
+      yield PairRecord(protein, smiles, lineno, index, row[ni] if ni is not None else "")
+
+
+@contextlib.contextmanager
+def open_table(path: PathLike, what: str) -> Iterator[tuple[io.TextIOBase, str]]:
+  """Opens a plain or gzip text table: (the text stream after its first line, that line); a
+  DataError naming `path` when the file is empty (`what`: what the file lacks)."""
+  with open_binary(path) as raw:
+    text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    first = text.readline()
+    if not first.strip():
+      raise DataError(f"{path}: empty file ({what})", path, 1)
+    yield text, first
+
+
+@contextlib.contextmanager
+def table_errors(path: PathLike, line: Callable[[], int]) -> Iterator[None]:
+  """Turns a truncated gzip stream or malformed CSV into a DataError naming `path` and the line
+  after `line()` (the last line read)."""
   try:
-    with open_binary(path) as raw:
-      text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-      first = text.readline()
-      if not first.strip():
-        raise DataError(f"{path}: empty file (no CSV header)", path, 1)
-      if delimiter is None:
-        delimiter = "\t" if "\t" in first else ","
-      header = next(csv.reader([first], delimiter=delimiter))
-      pi = _find_column(header, protein_column, PROTEIN_COLUMNS, "protein sequence", path)
-      si = _find_column(header, smiles_column, SMILES_COLUMNS, "SMILES", path)
-      ni = None
-      if name_column is not None:
-        ni = _find_column(header, name_column, (), "name", path)
-      need = max(pi, si, ni or 0) + 1
-      reader = csv.reader(text, delimiter=delimiter)
-      index = -1
-      for row in reader:
-        lineno = reader.line_num + 1
-        if not row or (len(row) == 1 and not row[0].strip()):
-          continue
-        index += 1
-        if len(row) < need:
-          skips.report("short_row", f"{location(path, lineno)}: row has {len(row)} fields, needs "
-                       f"{need} (columns {header[pi]!r}, {header[si]!r})", path, lineno)
-          continue
-        protein = row[pi].strip().encode("ascii", errors="replace")
-        smiles = row[si].strip()
-        if not protein or not smiles:
-          which = "protein sequence" if not protein else "SMILES"
-          skips.report("empty_field", f"{location(path, lineno)}: empty {which}", path, lineno)
-          continue
-        yield PairRecord(protein, smiles, lineno, index, row[ni] if ni is not None else "")
+    yield
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise DataError(f"{location(path, lineno + 1)}: truncated or corrupt gzip stream ({e})", path,
-                    lineno + 1) from None
+    n = line() + 1
+    raise DataError(f"{location(path, n)}: truncated or corrupt gzip stream ({e})", path,
+                    n) from None
   except csv.Error as e:
-    raise DataError(f"{location(path, lineno + 1)}: malformed CSV ({e})", path,
-                    lineno + 1) from None
+    n = line() + 1
+    raise DataError(f"{location(path, n)}: malformed CSV ({e})", path, n) from None

@@ -28,6 +28,12 @@ tokens, so the loss weight / attention mask is `arange(W) < lengths`. Packing is
   next row and a counter: JSON-able; a restored iterator re-packs those rows, bit-identically).
   Not for protein-ligand stores (a ligand belongs to one protein).
 
+Unpaired ligands: with `cfg.data.ligand_corpus` set (protein-ligand stores only), each example
+also carries one SMILES of that corpus (`sedd_jax.data.ligand_corpus`), drawn uniformly from
+(seed, shard, stream position), so resumed iterators draw the same ones; batches add
+`corpus_ligand_tokens` (B, Lg) and `corpus_ligand_lengths` (B,), which the `ligand_only` mode
+trains on (`sedd_jax.protein_ligand.modes`).
+
 Paths: `ensure_prepared` resolves `cfg.data.fasta` and `cfg.data.prepared` with
 `prepare.resolve_path` (absolute as given; relative against the CWD when the path exists there,
 else against the repository root) and prepares the store on first use.
@@ -43,6 +49,7 @@ import numpy as np
 
 from sedd_jax.data import batching
 from sedd_jax.data import fasta as fasta_lib
+from sedd_jax.data import ligand_corpus as corpus_lib
 from sedd_jax.data import prepare as prepare_lib
 from sedd_jax.data import store as store_lib
 from sedd_jax.data import store_writer
@@ -146,13 +153,16 @@ class Examples:
   """Random-access examples: position in the (sharded, shuffled, repeated) stream -> example."""
 
   def __init__(self, store: store_lib.Store, seed: int, shard_index: int, shard_count: int,
-               shuffle: bool, num_epochs: int | None, length: int):
+               shuffle: bool, num_epochs: int | None, length: int,
+               corpus: corpus_lib.LigandCorpus | None = None):
     import grain  # pylint: disable=g-import-not-at-top
 
     self.store = store
     self.length = length
     self.ligand = "ligand" in store.tracks
+    self.corpus = corpus
     self.seed = int(seed)
+    self.shard_index = int(shard_index)
     ids = grain.MapDataset.range(len(store))[shard_index::shard_count]
     self.shard_size = len(ids)
     if self.shard_size == 0:
@@ -193,6 +203,9 @@ class Examples:
     out = {"tokens": seq}
     if self.ligand:
       out["ligand_tokens"] = self.store.get(rec, "ligand")
+    if self.corpus is not None:
+      out["corpus_ligand_tokens"] = self.corpus[self.corpus.draw(self.seed, self.shard_index,
+                                                                 position)]
     return out
 
 
@@ -252,6 +265,19 @@ def pack_sequences(seqs: Sequence[np.ndarray], width: int,
   return out
 
 
+def _ligand_corpus(cfg: Any, store: store_lib.Store,
+                   ligand_length: int) -> corpus_lib.LigandCorpus | None:
+  """The unpaired ligands of `cfg.data.ligand_corpus` ('' or absent: None), tokenized with the
+  store's SMILES vocabulary; a ValueError naming the key for a store without ligands."""
+  path = str(_cfg_get(cfg.data, "ligand_corpus", "") or "")
+  if not path:
+    return None
+  if "ligand" not in store.tracks:
+    raise ValueError(f"{corpus_lib.KEY} = {path!r} needs a protein-ligand store; {store.root} "
+                     f"has no ligand track (set it to '')")
+  return corpus_lib.load(resolve_path(path), store.smiles_tokenizer(), ligand_length)
+
+
 def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: int = 0,
                  shard_count: int = 1, *, num_epochs: int | None = None,
                  shuffle: bool | None = None, pad_to: str | None = None,
@@ -281,7 +307,8 @@ def make_dataset(cfg: Any, split: str, batch_size: int, seed: int, shard_index: 
                      f"{store.root} (one ligand per protein); use 'full' or 'bucket'")
   examples = Examples(store, seed, shard_index, shard_count,
                        shuffle=(split == "train") if shuffle is None else shuffle,
-                       num_epochs=num_epochs, length=length)
+                       num_epochs=num_epochs, length=length,
+                       corpus=_ligand_corpus(cfg, store, ligand_length))
   if pad_to == "pack":
     bins = int(_cfg_get(cfg.data, "pack_bins", DEFAULT_PACK_BINS))
     if bins < 1:
@@ -332,7 +359,8 @@ def make_iterator(cfg: Any, split: str, batch_size: int, seed: int, shard_index:
   Returns:
     A grain DatasetIterator with get_state()/set_state() (and padding_fraction() unless
     pad_to="pack"), yielding {"tokens": (B, W) int32, "lengths": (B,) int32} (+ "ligand_tokens":
-    (B, Lg) int32, "ligand_lengths": (B,) int32 for protein-ligand stores; + "segment_ids",
+    (B, Lg) int32, "ligand_lengths": (B,) int32 for protein-ligand stores, and
+    "corpus_ligand_tokens", "corpus_ligand_lengths" alike with cfg.data.ligand_corpus; + "segment_ids",
     "positions": (B, L) int32 with pad_to="pack"); W = L unless pad_to="bucket".
   """
   ds = make_dataset(cfg, split, batch_size, seed, shard_index, shard_count,

@@ -5,7 +5,9 @@ Modes (`cfg.mode`):
 
 - protein_only: protein track corrupted and run ALONE (no ligand track, no cross-attention);
   loss on the protein.
-- ligand_only: the same for the ligand.
+- ligand_only: the same for the ligand; with unpaired ligands configured
+  (`cfg.data.ligand_corpus`, batches with `corpus_ligand_tokens`/`corpus_ligand_lengths`), each
+  example's ligand is the corpus one with probability `cfg.data.ligand_corpus_fraction`.
 - ligand_given_protein: protein clean (sigma = 0, context), ligand corrupted, cross-attention
   both ways; loss on the ligand.
 - protein_given_ligand: the reverse.
@@ -52,6 +54,24 @@ MODES = ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_l
 """The five training modes, in the order of their index (metrics' `mode`, `cfg.mode_weights`)."""
 ALL = "all"
 BATCH_KEYS = ("tokens", "lengths", "ligand_tokens", "ligand_lengths")
+CORPUS_KEYS = ("corpus_ligand_tokens", "corpus_ligand_lengths")
+CORPUS_SALT = 0x5EDD  # folded into the step's loss key for the corpus-or-pair draw
+
+
+def batch_keys(cfg) -> tuple[str, ...]:
+  """The batch arrays a step takes: BATCH_KEYS, + CORPUS_KEYS with `cfg.data.ligand_corpus`."""
+  return BATCH_KEYS + (CORPUS_KEYS if corpus_fraction(cfg) is not None else ())
+
+
+def corpus_fraction(cfg) -> float | None:
+  """`cfg.data.ligand_corpus_fraction` when `cfg.data.ligand_corpus` is set, else None; a
+  ValueError naming the key outside [0, 1]."""
+  if not str(cfg.data.get("ligand_corpus", "") or ""):
+    return None
+  frac = float(cfg.data.get("ligand_corpus_fraction", 1.0))
+  if not 0.0 <= frac <= 1.0:
+    raise ValueError(f"data.ligand_corpus_fraction = {frac} must be in [0, 1]")
+  return frac
 
 
 def mode_index(mode: str) -> int:
@@ -78,15 +98,20 @@ def _weight(lengths: Array, length: int) -> Array:
   return (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)
 
 
-def _check_batch(batch: dict[str, Any]) -> None:
-  missing = [k for k in BATCH_KEYS if k not in batch]
+def _check_batch(batch: dict[str, Any], cfg=None) -> None:
+  """Keys and shapes of a batch (+ CORPUS_KEYS when `cfg` sets data.ligand_corpus)."""
+  keys = BATCH_KEYS if cfg is None else batch_keys(cfg)
+  missing = [k for k in keys if k not in batch]
   if missing:
-    raise ValueError(f"protein-ligand batch lacks {missing}; it needs {BATCH_KEYS}")
+    raise ValueError(f"protein-ligand batch lacks {missing}; it needs {keys}")
   b = batch["tokens"].shape[0]
-  for k, rank in zip(BATCH_KEYS, (2, 1, 2, 1)):
+  for k, rank in zip(keys, (2, 1, 2, 1, 2, 1)):
     shape = batch[k].shape
     if len(shape) != rank or shape[0] != b:
       raise ValueError(f"batch[{k!r}] has shape {shape}; expected rank {rank} with batch {b}")
+  if len(keys) > len(BATCH_KEYS) and batch[CORPUS_KEYS[0]].shape != batch["ligand_tokens"].shape:
+    raise ValueError(f"batch['corpus_ligand_tokens'] has shape {batch[CORPUS_KEYS[0]].shape}; "
+                     f"expected that of batch['ligand_tokens'], {batch['ligand_tokens'].shape}")
 
 
 def _corrupt(key: Array, graph, noise, cur, x0: Array, step: Array, time_eps: float,
@@ -145,6 +170,13 @@ def mode_loss(mode: str, model: ProteinLigandDDiT, batch: dict[str, Array], key:
     p_loss = track_loss(pgraph, out, x, p0, t, plen, ls)
     loss = p_loss
   elif mode == "ligand_only":
+    if CORPUS_KEYS[0] in batch:  # unpaired ligands: the corpus one with probability frac
+      frac = corpus_fraction(cfg)
+      if frac is None:
+        raise ValueError("the batch holds unpaired ligands but data.ligand_corpus is not set")
+      use = jax.random.bernoulli(jax.random.fold_in(key, CORPUS_SALT), frac, (b,))
+      l0 = jnp.where(use[:, None], jnp.asarray(batch[CORPUS_KEYS[0]], jnp.int32), l0)
+      llen = jnp.where(use, jnp.asarray(batch[CORPUS_KEYS[1]], jnp.int32), llen)
     t, x, sigma, ls = _corrupt(k_l, lgraph, noise, cur, l0, step, eps)
     _, out = model(None, x, None, sigma, None, llen, tracks="ligand")
     l_loss = track_loss(lgraph, out, x, l0, t, llen, ls)
@@ -187,7 +219,7 @@ def indexed_loss_fn(model: ProteinLigandDDiT, batch: dict[str, Array], key: Arra
   """The loss of mode MODES[index] with `index` a (possibly traced) int32 scalar: one compiled
   program serves every mode (`nnx.switch` over the five branches; only the selected one runs,
   and the parameters it does not use get exactly zero gradient). Same returns as `loss_fn`."""
-  _check_batch(batch)
+  _check_batch(batch, cfg)
   branches = [functools.partial(_branch, m, cfg) for m in MODES]
   return nnx.switch(jnp.asarray(index, jnp.int32), branches, model, batch, key,
                     jnp.asarray(step))
@@ -210,7 +242,7 @@ def loss_fn(model: ProteinLigandDDiT, batch: dict[str, Array], key: Array, step:
   Returns:
     (scalar float32 loss, metrics dict of scalars: loss, protein_loss, ligand_loss, mode).
   """
-  _check_batch(batch)
+  _check_batch(batch, cfg)
   mode = check_mode(cfg)
   if mode != ALL:
     return mode_loss(mode, model, batch, key, step, cfg)
@@ -234,6 +266,7 @@ def eval_loss_fn(model: ProteinLigandDDiT, batch: dict[str, Array], key: Array,
     dict of float32 scalars.
   """
   _check_batch(batch)
+  batch = {k: batch[k] for k in BATCH_KEYS}  # evaluated on the pairs (no unpaired ligands)
   mode = check_mode(cfg)
   step = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
   if mode != ALL:

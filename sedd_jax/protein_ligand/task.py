@@ -13,8 +13,9 @@
 - `sample_hook`: ligands for the first validation proteins -> `samples/step_<n>.smi` and a
   `sample` metrics row with their SMILES validity.
 
-Batches: `tokens (B, Lp)`, `lengths (B,)`, `ligand_tokens (B, Ll)`, `ligand_lengths (B,)`; real
-tokens are counted on both tracks.
+Batches: `tokens (B, Lp)`, `lengths (B,)`, `ligand_tokens (B, Ll)`, `ligand_lengths (B,)` (+
+`corpus_ligand_tokens`, `corpus_ligand_lengths` with `cfg.data.ligand_corpus`); real tokens are
+counted on both tracks of the pairs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ProteinLigandTask(task_lib.Task):
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "ProteinLigandTask":
     model_lib.resolve_ligand_vocab(cfg)
     modes.check_mode(cfg)
-    return cls(cfg, name="protein_ligand", batch_keys=modes.BATCH_KEYS,
+    return cls(cfg, name="protein_ligand", batch_keys=modes.batch_keys(cfg),
                length_keys=("lengths", "ligand_lengths"), token_keys=("tokens", "ligand_tokens"))
 
   def build_model(self, seed: int | None = None) -> model_lib.ProteinLigandDDiT:
