@@ -33,7 +33,9 @@ from sedd_jax.data.fasta import DataError, PathLike, location
 log = logging.getLogger(__name__)
 
 KEY = "data.ligand_corpus"
-CORPUS_SALT = 0x5EDD  # separates the corpus draws from the crop draws of the same seed
+# Separates the corpus draws from the crop draws of the same seed (numpy), and the corpus-or-pair
+# draw of `protein_ligand.modes` from the step key (jax.random.fold_in).
+CORPUS_SALT = 0x5EDD
 
 
 def read_smiles(path: PathLike) -> Iterator[tuple[str, int]]:

@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from sedd_jax import diffusion
+from sedd_jax.data import ligand_corpus as corpus_lib
 from sedd_jax.protein_ligand.model import ProteinLigandDDiT
 from sedd_jax.protein_ligand.model import get_graphs
 
@@ -55,7 +56,6 @@ MODES = ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_l
 ALL = "all"
 BATCH_KEYS = ("tokens", "lengths", "ligand_tokens", "ligand_lengths")
 CORPUS_KEYS = ("corpus_ligand_tokens", "corpus_ligand_lengths")
-CORPUS_SALT = 0x5EDD  # folded into the step's loss key for the corpus-or-pair draw
 
 
 def batch_keys(cfg) -> tuple[str, ...]:
@@ -68,7 +68,7 @@ def corpus_fraction(cfg) -> float | None:
   ValueError naming the key outside [0, 1]."""
   if not str(cfg.data.get("ligand_corpus", "") or ""):
     return None
-  frac = float(cfg.data.get("ligand_corpus_fraction", 1.0))
+  frac = float(cfg.data.ligand_corpus_fraction)
   if not 0.0 <= frac <= 1.0:
     raise ValueError(f"data.ligand_corpus_fraction = {frac} must be in [0, 1]")
   return frac
@@ -174,7 +174,7 @@ def mode_loss(mode: str, model: ProteinLigandDDiT, batch: dict[str, Array], key:
       frac = corpus_fraction(cfg)
       if frac is None:
         raise ValueError("the batch holds unpaired ligands but data.ligand_corpus is not set")
-      use = jax.random.bernoulli(jax.random.fold_in(key, CORPUS_SALT), frac, (b,))
+      use = jax.random.bernoulli(jax.random.fold_in(key, corpus_lib.CORPUS_SALT), frac, (b,))
       l0 = jnp.where(use[:, None], jnp.asarray(batch[CORPUS_KEYS[0]], jnp.int32), l0)
       llen = jnp.where(use, jnp.asarray(batch[CORPUS_KEYS[1]], jnp.int32), llen)
     t, x, sigma, ls = _corrupt(k_l, lgraph, noise, cur, l0, step, eps)
