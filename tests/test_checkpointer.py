@@ -1,6 +1,8 @@
 """The run's Checkpointer: round trip, retention with milestones, shape check, corrupt fallback."""
 
+import asyncio
 import errno
+import gc
 import logging
 import pathlib
 import re
@@ -186,3 +188,28 @@ def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, 
   moved = (tmp_path / checkpointer.CORRUPT).iterdir()
   assert sorted(p.name.split("-")[0] for p in moved) == ["2", "3"]
   ck.close()
+
+
+def test_unretrieved_read_errors_of_a_damaged_checkpoint_are_not_logged(caplog):
+  """orbax's concurrent reads of a damaged checkpoint fail together; asyncio logs the ones never
+  retrieved, with TensorStore's spec, when they are freed. Those are dropped; any other
+  unretrieved exception is still logged."""
+
+  def unretrieved(error):
+    loop = asyncio.new_event_loop()
+    try:
+      loop.create_future().set_exception(error)  # freed at once, exception never retrieved
+      gc.collect()
+    finally:
+      loop.close()
+
+  damage = ValueError('OUT_OF_RANGE: Error reading "a/0.0": not valid [tensorstore_spec=...]')
+  wrapped = Exception("Encountered error while reading array index: TensorStore({...})")
+  wrapped.__cause__ = damage
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    unretrieved(wrapped)
+    assert caplog.records == []
+    unretrieved(RuntimeError("a bug elsewhere"))
+  assert [r.name for r in caplog.records] == ["asyncio"]
+  assert "exception was never retrieved" in caplog.records[0].getMessage()
+  assert "a bug elsewhere" in caplog.text

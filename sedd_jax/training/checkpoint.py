@@ -87,6 +87,22 @@ def unreadable_reason(error: BaseException) -> str | None:
   return None
 
 
+class _DropUnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" record when its exception is checkpoint
+  damage (`unreadable_reason`). A damaged checkpoint fails many of orbax's concurrent reads; the
+  first error reaches `Checkpointer.restore_latest`, which reports the file and the problem, and
+  the others are logged by asyncio whenever the garbage collector frees them, each with
+  TensorStore's full spec. Every other asyncio record passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "exception was never retrieved" in record.getMessage():
+      return unreadable_reason(record.exc_info[1]) is None
+    return True
+
+
+logging.getLogger("asyncio").addFilter(_DropUnretrievedReadErrors())
+
+
 def check_files(step_dir: pathlib.Path, items: tuple[str, ...] = ITEMS) -> None:
   """Raises UnreadableCheckpoint naming the first missing item folder or malformed JSON file of
   the checkpoint `step_dir` (orbax's metadata; array data is checked when read)."""
