@@ -13,7 +13,7 @@
 # `:tiny` for a CPU smoke test), STAGE (all | train | sample; default all: about 28 minutes on
 # one H200), EXTRA (more `--config.*` overrides of the training, e.g.
 # EXTRA='--config.mode_weights=(0.1,0.2,0.4,0.1,0.2)'), SAMPLES (the sampling runs of
-# STAGE=sample, default `w1 w2 joint`), PREDICTOR (of the w1/w2 runs and of the in-training
+# STAGE=sample, default `w1 w2 joint`; `t<T>`, e.g. t0.5, samples as w1 at temperature T), PREDICTOR (of the w1/w2 runs and of the in-training
 # samples, default first_hitting; `analytic` samples as the runs before issue 19 did),
 # JOINT_PREDICTOR (of the joint run, default analytic). Why first_hitting: a run of `small`
 # (8,802 steps, mode_weights above) nearly memorised the ligands (valid loss 7.26 nats per pair),
@@ -73,7 +73,9 @@ for name in $SAMPLES; do
     w2) sample --task ligand_given_protein --split test --guidance 2 --predictor "$PREDICTOR" \
           --out "$RUN/ligands_w2.smi" ;;
     joint) sample --task joint --split test --predictor "$JOINT_PREDICTOR" --out "$RUN/pairs.fasta" ;;
-    *) echo "SAMPLES: unknown run '$name' (choose from w1 w2 joint)" >&2; exit 2 ;;
+    t*) sample --task ligand_given_protein --split test --guidance 1 --predictor "$PREDICTOR" \
+          --temperature "${name#t}" --out "$RUN/ligands_$name.smi" ;;
+    *) echo "SAMPLES: unknown run '$name' (choose from w1 w2 joint t<T>)" >&2; exit 2 ;;
   esac
 done
 
@@ -92,14 +94,15 @@ tok = store.smiles_tokenizer()
 train_smiles = {tok.decode(store.get(i, "ligand")) for i in range(len(store))}
 rows = metrics.read_metrics(run / metrics.METRICS_FILE)
 last_eval = [r for r in rows if r["kind"] == "eval"][-1]
-files = {"w1": "ligands_w1", "w2": "ligands_w2", "joint": "pairs"}
 for name in names:
-  rep = json.loads((run / f"{files[name]}.validity.json").read_text())
+  rep = json.loads((run / f"{'pairs' if name == 'joint' else 'ligands_' + name}.validity.json")
+                   .read_text())
   samples = rep["samples"]
   valid = [s["smiles"] for s in samples if s["valid"]]
   print(json.dumps({
       "bench": f"protein_ligand_{cfg['variant']}", "device": jax.devices()[0].device_kind,
       "task": rep["task"], "guidance": rep.get("guidance"), "predictor": rep["predictor"],
+      "temperature": rep["temperature"],
       "steps": rep["steps"], "checker": rep["checker"],
       "num": rep["num"], "validity": rep["validity"],
       "reference_match": (sum(s["smiles"] == s.get("reference") for s in samples) / len(samples)

@@ -21,7 +21,9 @@ Only the 20 standard amino acids are generated unless --allow-rare (adds X B U Z
 sampler zeroes the score of every other token (the rule of `tokenizers.residue_mask`; see
 sedd_jax.sampling.sampler), and conditioning that fixes another residue is refused. Same seed
 and batch size, same output. The flags are checked against the checkpoint's config before the
-model is loaded; `--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry
+model is loaded; `--temperature T` (default 1; both kinds of checkpoint) draws each revealed
+token from p^(1/T) / Z (T < 1: closer to the model's mode, no longer its distribution);
+`--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry
 the settings; `--report` also writes `<out>.report.json` and `<out>.report.png`
 (sampling.report) against the training data.
 
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="remasking probability in [0, 1] (absorbing graph; default 0 = off): the "
                  "ReMDM cap for analytic, a remask-and-redraw move after each reveal for "
                  "first_hitting")
+  p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                 help="sampling temperature > 0 (absorbing graph; default 1 = the model's own "
+                 "distribution): each revealed token follows p^(1/T) / Z, so T < 1 concentrates "
+                 "it on the model's mode (sedd_jax.sampling.sampler.tempered_score)")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
   p.add_argument("--seed", type=int, default=0, help="random seed of the sampler and of drawn "
                  "lengths / motif positions (default 0); the same seed and --batch-size give "
@@ -258,7 +264,7 @@ def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
   steps, predictor, eps = sampler_options(args, cfg, cached=args.cached, draw=args.draw,
-                                          remask=args.remask)
+                                          remask=args.remask, temperature=args.temperature)
   return plan, steps, predictor, eps
 
 
@@ -301,7 +307,7 @@ def run(args) -> int:
       jax.random.key(args.seed), graph, noise, n, run_len, batch_size=args.batch_size,
       steps=steps, predictor=predictor, eps=eps, model=model, fixed_tokens=fixed_tokens,
       fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed,
-      draw=args.draw, remask=args.remask)
+      draw=args.draw, remask=args.remask, temperature=args.temperature)
   tok = tokenizers.ProteinTokenizer()
   seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
   out = pathlib.Path(args.out)
@@ -321,7 +327,7 @@ def write_fasta(out: pathlib.Path, seqs: list[str], notes: list[str], args, step
     for i, s in enumerate(seqs):
       f.write(f">sample_{i} length={len(s)} steps={steps} predictor={predictor} eps={eps:g} "
               f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
-              f"draw={args.draw} remask={args.remask:g} "
+              f"draw={args.draw} remask={args.remask:g} temperature={args.temperature:g} "
               f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
               f"{notes[i]}\n{s}\n")
 

@@ -223,22 +223,23 @@ def test_first_hitting_draws_whole_memorised_ligands_with_guided_shares():
   """Issue 19: the analytic predictor reveals several tokens per step, each from the mixture of
   the modes, so its ligands are chimeras of memorised ones; first_hitting reveals one token per
   model call: only whole memorised ligands, mode k of protein c with probability
-  w_ck^W u_k^(1-W) / Z (W = 1: the conditional law; W = 2: 0.49 / 0.58 = 0.845)."""
+  w_ck^W u_k^(1-W) / Z (W = 1: the conditional law; W = 2: 0.49 / 0.58 = 0.845), and at
+  temperature T that raised to 1/T (W = 2, T = 1/2: 0.2401 / 0.2482 = 0.967)."""
   n, length = 2000, 6
   protein = np.full((n, LP), 9, np.int32)
   protein[: n // 2, 0] = 5
   plen, llen = np.full((n,), LP, np.int32), np.full((n,), length, np.int32)
   model = _ModesModel()
-  for w in (1.0, 2.0):
+  for w, t in ((1.0, 1.0), (2.0, 1.0), (2.0, 0.5)):
     x = np.asarray(conditional.sample_ligand_given_protein(
-        jax.random.PRNGKey(int(w)), model, CFG, protein, plen, llen, target_length=length,
-        predictor="first_hitting", guidance=w))
+        jax.random.PRNGKey(int(w / t)), model, CFG, protein, plen, llen, target_length=length,
+        predictor="first_hitting", guidance=w, temperature=t))
     assert np.all(x == x[:, :1]), x[np.any(x != x[:, :1], axis=1)][:3]  # no chimera
     for rows, first in ((slice(0, n // 2), 5), (slice(n // 2, n), 9)):
-      want = np.asarray(W_GIVEN[first]) ** w * np.asarray(W_ALONE) ** (1 - w)
+      want = (np.asarray(W_GIVEN[first]) ** w * np.asarray(W_ALONE) ** (1 - w)) ** (1 / t)
       freq = np.bincount(x[rows, 0], minlength=8)[MODE_TOKENS] / (n // 2)
       np.testing.assert_allclose(freq, want / want.sum(), atol=4.5 * np.sqrt(0.25 / (n // 2)),
-                                 err_msg=f"W={w} protein {first}")
+                                 err_msg=f"W={w} T={t} protein {first}")
   x = np.asarray(conditional.sample_ligand_given_protein(
       jax.random.PRNGKey(0), model, CFG, protein, plen, llen, target_length=length,
       predictor="analytic", steps=2))

@@ -109,11 +109,13 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
     m.setitem(sys.modules, "rdkit", None)  # `import rdkit` fails
     pairs = tmp_path / "pairs.fasta"
     assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--num", "3",
-                            "--steps", "4", "--task", "joint", "--ligand-length", "5"]) == 0
+                            "--steps", "4", "--task", "joint", "--ligand-length", "5",
+                            "--temperature", "0.7"]) == 0
   records = pairs.read_text().split(">")[1:]
   smi = pairs.with_suffix(".smi").read_text().splitlines()
   report = json.loads(pairs.with_suffix(".validity.json").read_text())
   assert len(records) == 3 and report["task"] == "joint" and report["checker"] == "grammar"
+  assert report["temperature"] == 0.7 and "temperature=0.7" in records[0].split("\n")[0]
   assert report["predictor"] == "first_hitting"
   for i, (rec, line, sample) in enumerate(zip(records, smi, report["samples"])):
     head, seq = rec.strip().split("\n")
@@ -124,9 +126,11 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
   # Guidance (the config trains both scores: mode `all`); joint takes none.
   guided = tmp_path / "guided.smi"
   assert sample_cli.main(["--workdir", str(work), "--out", str(guided), "--num", "2",
-                          "--steps", "4", "--guidance", "2.5", "--predictor", "analytic"]) == 0
+                          "--steps", "4", "--guidance", "2.5", "--predictor", "analytic",
+                          "--temperature", "0.5"]) == 0
   report = json.loads(guided.with_suffix(".validity.json").read_text())
   assert report["guidance"] == 2.5 and report["num"] == 2 and report["predictor"] == "analytic"
+  assert report["temperature"] == 0.5
   assert sample_cli.main(["--workdir", str(work), "--out", str(pairs), "--task", "joint",
                           "--guidance", "2"]) == 2
   # Ligands for the proteins of a FASTA (--num each), and proteins for the split's ligands.

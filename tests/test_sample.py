@@ -157,12 +157,13 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   for head, seq in recs:
     assert len(seq) == 12 and seq.startswith("MK") and set(seq) <= STANDARD
     assert "predictor=first_hitting" in head and "draw=reference" in head
-  assert sample_cli.main(base + ["--steps", "4", "--remask", "0.2",
+  assert sample_cli.main(base + ["--steps", "4", "--remask", "0.2", "--temperature", "0.5",
                                  "--out", str(tmp_path / "r.fasta")]) == 0
-  assert all("remask=0.2" in h for h, _ in read_records(tmp_path / "r.fasta"))
+  assert all("remask=0.2 temperature=0.5" in h for h, _ in read_records(tmp_path / "r.fasta"))
   out = ["--out", str(tmp_path / "x.fasta")]
   _fails(base + out + ["--predictor", "euler", "--remask", "0.1"], caplog,
          "--remask needs the analytic or first_hitting predictor")
   _fails(base + out + ["--remask", "1.5"], caplog, "--remask must be in [0, 1]")
+  _fails(base + out + ["--temperature", "0"], caplog, "--temperature must be a finite number > 0")
   _fails(base + out + ["--predictor", "first_hitting", "--cached"], caplog,
          "--predictor first_hitting needs the absorbing graph and no cache")

@@ -43,7 +43,8 @@ def test_task_and_the_flags_that_do_not_apply():
                        (["--remask", "0.5"], "are for protein checkpoints"),
                        (["--cached"], "--cached does not apply"),
                        (["--batch-size", "0"], "--batch-size must be >= 1"),
-                       (["--steps", "0"], "--steps must be >= 1; got 0")):
+                       (["--steps", "0"], "--steps must be >= 1; got 0"),
+                       (["--temperature", "-1"], "--temperature must be a finite number > 0")):
     with pytest.raises(CliError, match=match):
       pl_sample.check_protein_ligand_args(_args(*flags), CFG)
 

@@ -133,7 +133,13 @@ def test_bad_arguments():
                     (dict(cached=True), "cached needs the absorbing graph")):
     with pytest.raises(ValueError, match=f"^{match}"):
       sampler.check_options(uniform, **{"steps": 2, **kw})
-  sampler.check_options(GRAPH, steps=1, predictor="first_hitting", remask=1.0, draw="reference")
+  for t in (0.0, -1.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="^temperature must be a finite number > 0"):
+      sampler.check_options(GRAPH, steps=2, temperature=t)
+  with pytest.raises(ValueError, match="^temperature needs the absorbing graph"):
+    sampler.check_options(uniform, steps=2, temperature=0.5)
+  sampler.check_options(GRAPH, steps=1, predictor="first_hitting", remask=1.0, draw="reference",
+                        temperature=0.5)
 
 
 def _chi2_pvalue(x):
@@ -191,6 +197,63 @@ def test_remask_keeps_one_position_exact(eta):
 
 
 P1 = np.array([0.7, 0.25, 0.05])
+
+
+def test_tempered_score_closed_form():
+  """Non-mask columns 1 : 2 : 5 with mass 8 at T = 1/2 become 8 (1 : 4 : 25) / 30; the mask
+  column, zero columns and positions without mass are kept; T = 1 is the identity."""
+  s = jnp.array([[[1.0, 2.0, 5.0, 0.0, 7.0], [0.0, 0.0, 0.0, 0.0, 3.0]]])
+  out = np.asarray(sampler.tempered_score(s, 0.5))
+  np.testing.assert_allclose(out[0, 0], [8 / 30, 32 / 30, 200 / 30, 0.0, 7.0], rtol=1e-6)
+  np.testing.assert_array_equal(out[0, 1], [0.0, 0.0, 0.0, 0.0, 3.0])
+  np.testing.assert_allclose(np.asarray(sampler.tempered_score(s, 1.0)), s, rtol=1e-6)
+  cold = np.asarray(sampler.tempered_score(s, 0.01))[0, 0]
+  np.testing.assert_allclose(cold[:3], [0.0, 0.0, 8.0], atol=1e-6)
+
+
+def _tempered_law(temperature):
+  """Brute force: the law of sequences revealed one position at a time in a uniformly random
+  order, each token from the target's conditional given the revealed ones, raised to 1/T and
+  normalised; averaged over the L! orders."""
+  law = np.zeros(len(SEQS))
+  for perm in itertools.permutations(range(L)):
+    for idx, seq in enumerate(SEQS):
+      p = 1.0
+      for k, pos in enumerate(perm):
+        agree = np.all(SEQS[:, list(perm[:k])] == seq[list(perm[:k])], axis=1)
+        cond = np.bincount(SEQS[agree, pos], weights=PROBS[agree], minlength=V)
+        q = cond ** (1.0 / temperature)
+        p *= q[seq[pos]] / q.sum()
+      law[idx] += p / math.factorial(L)
+  return law
+
+
+def _pooled_chi2_pvalue(counts, expected):
+  """Chi-square with the cells expected below 5 pooled into one (a peaked law has some)."""
+  small = expected < 5
+  c = np.append(counts[~small], counts[small].sum())
+  e = np.append(expected[~small], expected[small].sum())
+  return stats.chisquare(c, e * c.sum() / e.sum()).pvalue
+
+
+@pytest.mark.parametrize("predictor,seed", [("first_hitting", 41), ("analytic", 42)])
+def test_temperature_follows_the_tempered_conditionals(predictor, seed):
+  """At T = 1/2 the sampled sequences follow the brute-force tempered law (chi-square over the
+  27 cells), which differs from the target; T = 1 gives the plain sampler's draws. The analytic
+  sampler needs 256 steps here: its tau-leaping error (two reveals in one step) shows at 64
+  (p ~ 3e-4) on this peaked law."""
+  n, temperature = 10000, 0.5
+  law = _tempered_law(temperature)
+  np.testing.assert_allclose(_tempered_law(1.0), PROBS, rtol=1e-9)  # the brute force at T = 1
+  x = run_sampler(exact_score_fn(), (n, L), seed=seed, steps=256, predictor=predictor,
+                  temperature=temperature)
+  counts = np.bincount(_codes(x), minlength=len(SEQS))
+  assert _pooled_chi2_pvalue(counts, law * n) > 1e-3, (counts, np.round(law * n))
+  assert _pooled_chi2_pvalue(counts, PROBS * n) < 1e-6  # it tells T = 1/2 from T = 1
+  plain = run_sampler(exact_score_fn(), (64, L), seed=seed, steps=64, predictor=predictor)
+  same = run_sampler(exact_score_fn(), (64, L), seed=seed, steps=64, predictor=predictor,
+                     temperature=1.0)
+  np.testing.assert_array_equal(plain, same)
 
 
 def test_cached_equals_uncached_given_same_draws():

@@ -84,8 +84,8 @@ def combined_score(log_p: Array, log_l: Array) -> Array:
 def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.Graph,
                         lgraph: diffusion.Graph, noise: diffusion.Noise,
                         protein_lengths: Array, ligand_lengths: Array, lp: int, ll: int, *,
-                        steps: int, predictor: str = "analytic",
-                        eps: float = 1e-5) -> tuple[Array, Array]:
+                        steps: int, predictor: str = "analytic", eps: float = 1e-5,
+                        temperature: float = 1.0) -> tuple[Array, Array]:
   """The joint reverse process for any pair of track log scores (see the module docstring).
 
   Args:
@@ -96,7 +96,8 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
     noise: the shared noise schedule.
     protein_lengths, ligand_lengths: (B,) int real lengths (>= 1).
     lp, ll: padded widths of the tracks.
-    steps, predictor, eps: as `sampler.sample` (predictor analytic, euler or first_hitting).
+    steps, predictor, eps, temperature: as `sampler.sample` (predictor analytic, euler or
+      first_hitting); the temperature sharpens each revealed token within its own track.
 
   Returns:
     ((B, Lp) protein ids, (B, Ll) ligand ids), int32: residues 4..28 and SMILES tokens (no
@@ -122,25 +123,27 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
   x = sampler.sample(key, score_fn, graph, noise, (b, lp + ll), steps=steps,
                      predictor=predictor, eps=eps, allowed=allowed,
                      fixed_tokens=to_combined(pad[:, :lp], pad[:, lp:], pdim, ldim),
-                     fixed_mask=padded)
+                     fixed_mask=padded, temperature=temperature)
   return from_combined(x, lp, pdim, ldim)
 
 
 @functools.partial(nnx.jit, static_argnames=("lp", "ll", "steps", "predictor", "eps", "pgraph",
-                                             "lgraph", "noise"))
+                                             "lgraph", "noise", "temperature"))
 def _sample_joint_jit(model, key, protein_lengths, ligand_lengths, *, lp, ll, steps, predictor,
-                      eps, pgraph, lgraph, noise):
+                      eps, pgraph, lgraph, noise, temperature):
   def log_score_fn(protein, ligand, sigma):
     return model(protein, ligand, sigma, sigma, protein_lengths, ligand_lengths)
 
   return sample_joint_scores(key, log_score_fn, pgraph, lgraph, noise, protein_lengths,
-                             ligand_lengths, lp, ll, steps=steps, predictor=predictor, eps=eps)
+                             ligand_lengths, lp, ll, steps=steps, predictor=predictor, eps=eps,
+                             temperature=temperature)
 
 
 def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Array,
                  ligand_lengths: Array, *, protein_length: int | None = None,
                  ligand_length: int | None = None, steps: int | None = None,
-                 predictor: str | None = None, eps: float | None = None) -> tuple[Array, Array]:
+                 predictor: str | None = None, eps: float | None = None,
+                 temperature: float = 1.0) -> tuple[Array, Array]:
   """Protein-ligand pairs from noise with the dual-track model (cross-attention both ways).
 
   Args:
@@ -150,6 +153,7 @@ def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Arr
     protein_lengths: (B,) int residues to generate per pair, in [1, protein_length].
     ligand_lengths: (B,) int SMILES tokens per pair, in [1, ligand_length].
     protein_length, ligand_length: padded widths (default cfg.model.length, cfg.ligand.length).
+    temperature: T of `sampler.tempered_score` (1 = the model's own distribution).
 
   Returns:
     ((B, Lp) int32 ESM-2 ids, (B, Ll) int32 SMILES ids), `<pad>` past the lengths.
@@ -167,8 +171,10 @@ def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Arr
       raise ValueError(f"{name} must lie in [1, {top}]; got {np.asarray(lengths).tolist()}")
   pgraph, lgraph = get_graphs(cfg)
   steps, predictor, eps = sampler.resolve_options(combined_graph(pgraph, lgraph), cfg.sampling,
-                                                  steps=steps, predictor=predictor, eps=eps)
+                                                  steps=steps, predictor=predictor, eps=eps,
+                                                  temperature=temperature)
   model.eval()
   return _sample_joint_jit(model, key, protein_lengths, ligand_lengths, lp=lp, ll=ll,
                            steps=steps, predictor=predictor, eps=eps, pgraph=pgraph,
-                           lgraph=lgraph, noise=diffusion.get_noise(cfg.noise))
+                           lgraph=lgraph, noise=diffusion.get_noise(cfg.noise),
+                           temperature=float(temperature))

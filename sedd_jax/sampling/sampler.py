@@ -37,6 +37,14 @@ Remasking (`remask=eta > 0`, absorbing graph). Analytic: ReMDM's max-capped sche
 min(eta, (1 - alpha_s) / alpha_t)), keeping the forward marginals, so a later step can revise
 an early token. First-hitting: a remask-and-redraw Gibbs move after each reveal.
 
+Temperature (`temperature=T`, absorbing graph): every score is replaced by `tempered_score`,
+which keeps each position's rate of leaving the mask and sharpens the token it reveals to
+p(y | unmasked)^(1/T) / Z. T = 1 (the default) is the plain sampler (the same draws for the same
+key); T < 1 concentrates each reveal on the model's mode. That is no longer a sample of the
+model's distribution: with the exact score and one reveal at a time (first_hitting), sequences
+follow the average over reveal orders of the product of the tempered conditionals
+(tests/test_sampler.py checks it by brute force).
+
 Categorical draws: `draw="unbiased"` (default) or "reference" (the reference's float32 draw;
 see sedd_jax.diffusion.categorical; the parity fixtures use it).
 """
@@ -74,7 +82,8 @@ def _pad_id() -> int:
 
 
 def check_options(graph: Graph, *, steps: int, predictor: str = "analytic", eps: float = 1e-5,
-                  cached: bool = False, draw: str = "unbiased", remask: float = 0.0) -> None:
+                  cached: bool = False, draw: str = "unbiased", remask: float = 0.0,
+                  temperature: float = 1.0) -> None:
   """ValueError for sampler options that `sample` cannot run; each message starts with the
   option's name. The one home of these checks: `sample` calls it, and so does the sampling CLI
   before it loads a model (its flags are these options by name: `--` + the message).
@@ -100,13 +109,18 @@ def check_options(graph: Graph, *, steps: int, predictor: str = "analytic", eps:
     raise ValueError(f"remask needs the analytic or first_hitting predictor and the absorbing "
                      f"graph; got predictor {predictor!r}"
                      f"{'' if graph.absorb else ' and the uniform graph'}")
+  if not (math.isfinite(temperature) and temperature > 0):
+    raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+  if temperature != 1.0 and not graph.absorb:
+    raise ValueError("temperature needs the absorbing graph (it sharpens the token a masked "
+                     "position reveals)")
 
 
 def resolve_options(graph: Graph, sampling, *, steps: int | None = None,
                     predictor: str | None = None, eps: float | None = None,
                     **extra) -> tuple[int, str, float]:
   """(steps, predictor, eps): the given values, else those of `sampling` (a config's `sampling`
-  block), checked with `extra` (cached=, draw=, remask=) by `check_options` (its ValueError)."""
+  block), checked with `extra` (cached=, draw=, remask=, temperature=) by `check_options` (its ValueError)."""
   steps = int(sampling.steps if steps is None else steps)
   predictor = str(predictor or sampling.predictor)
   eps = float(sampling.eps if eps is None else eps)
@@ -148,12 +162,23 @@ def _allowed_mask(allowed, graph: Graph) -> Array | None:
   return allowed.at[-1].set(True) if graph.absorb else allowed
 
 
+def tempered_score(score: Array, temperature: float) -> Array:
+  """The absorbing-graph score (..., D) (exponentiated; the mask column last) at temperature T:
+  each position's non-mask columns s_y become (sum_z s_z) s_y^(1/T) / sum_z s_z^(1/T), so the
+  rate of leaving the mask is kept and the revealed token follows p(y | unmasked)^(1/T) / Z.
+  Zero columns stay zero; a position without mass is returned unchanged."""
+  tokens, mask_col = score[..., :-1], score[..., -1:]
+  mass = jnp.sum(tokens, axis=-1, keepdims=True)
+  sharp = jax.nn.softmax(jnp.log(tokens) / temperature, axis=-1) * mass
+  return jnp.concatenate([jnp.where(mass > 0, sharp, tokens), mask_col], axis=-1)
+
+
 def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tuple[int, int], *,
            steps: int, predictor: str = "analytic", eps: float = 1e-5,
            fixed_tokens: Array | None = None, fixed_mask: Array | None = None,
            lengths: Array | None = None, cached: bool = False, allowed: Array | None = None,
            pad_id: int | None = None, return_nfe: bool = False, draw: str = "unbiased",
-           remask: float = 0.0):
+           remask: float = 0.0, temperature: float = 1.0):
   """Draws a batch of sequences by running the whole reverse process.
 
   Jit-able as one program with `score_fn`, `graph`, `noise`, `shape`, `steps`, `predictor`,
@@ -182,6 +207,8 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     remask: remasking probability eta in [0, 1] (absorbing graph; module docstring): the
       ReMDM cap for "analytic", the corrector probability for "first_hitting"; 0 (default) =
       no remasking.
+    temperature: T > 0 of `tempered_score` (absorbing graph; module docstring); 1 (default) =
+      the model's own distribution.
 
   Returns:
     (B, L) int32 tokens (and the call count if `return_nfe`).
@@ -189,14 +216,16 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
   if len(shape) != 2:
     raise ValueError(f"shape must be (B, L); got {shape}")
   check_options(graph, steps=steps, predictor=predictor, eps=eps, cached=cached, draw=draw,
-                remask=remask)
+                remask=remask, temperature=temperature)
   _check_conditioning(shape, fixed_tokens, fixed_mask, lengths)
   allowed = _allowed_mask(allowed, graph)
   pad_id = _pad_id() if pad_id is None else pad_id
 
   def score_at(x, sigma):
     score = score_fn(x, sigma) if lengths is None else score_fn(x, sigma, lengths=lengths)
-    return score if allowed is None else jnp.where(allowed, score, jnp.zeros_like(score))
+    if allowed is not None:
+      score = jnp.where(allowed, score, jnp.zeros_like(score))
+    return score if temperature == 1.0 else tempered_score(score, temperature)
 
   def proj(x):
     return x if fixed_tokens is None else _predictors.project(x, fixed_tokens, fixed_mask)
@@ -309,7 +338,7 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
                 predictor: str = "analytic", eps: float = 1e-5, cached: bool = False,
                 model=None, score_fn: ScoreFn | None = None, pad_id: int | None = None,
                 return_nfe: bool = False, compiler_options: dict | None = None,
-                draw: str = "unbiased", remask: float = 0.0):
+                draw: str = "unbiased", remask: float = 0.0, temperature: float = 1.0):
   """One compiled sampler for a fixed shape.
 
   Exactly one of `model` (an nnx DDiT in eval mode, split: its weights are inputs of the
@@ -323,7 +352,7 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
   if (model is None) == (score_fn is None):
     raise ValueError("give exactly one of model and score_fn")
   static = dict(steps=steps, predictor=predictor, eps=eps, cached=cached, pad_id=pad_id,
-                return_nfe=return_nfe, draw=draw, remask=remask)
+                return_nfe=return_nfe, draw=draw, remask=remask, temperature=temperature)
   if model is not None:
     from flax import nnx
 
@@ -353,7 +382,8 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
                    lengths: np.ndarray | None = None, cached: bool = False,
                    allowed: np.ndarray | None = None, pad_id: int | None = None,
                    progress: bool = True, compiler_options: dict | None = None,
-                   draw: str = "unbiased", remask: float = 0.0) -> np.ndarray:
+                   draw: str = "unbiased", remask: float = 0.0,
+                   temperature: float = 1.0) -> np.ndarray:
   """Draws `num` sequences of length `length` in chunks of `batch_size` (one compiled program).
 
   Chunk c uses fold_in(key, c); the last chunk is padded to `batch_size` and trimmed, so the
@@ -365,7 +395,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
     num: number of sequences N.
     length: L (the model's maximum, or the longest requested length).
     batch_size: sequences per compiled call.
-    steps, predictor, eps, cached, allowed, pad_id, draw, remask: as `sample`.
+    steps, predictor, eps, cached, allowed, pad_id, draw, remask, temperature: as `sample`.
     model / score_fn: exactly one (see `jit_sampler`).
     fixed_tokens, fixed_mask: (L,) shared by all, or (N, L) per sequence.
     lengths: (N,) int lengths (None: all `length`).
@@ -381,7 +411,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
   run = jit_sampler(graph, noise, (batch_size, length), steps=steps, predictor=predictor,
                     eps=eps, cached=cached, model=model, score_fn=score_fn, pad_id=pad_id,
                     return_nfe=True, compiler_options=compiler_options, draw=draw,
-                    remask=remask)
+                    remask=remask, temperature=temperature)
   per_seq = fixed_tokens is not None and np.ndim(fixed_tokens) == 2
   if lengths is not None:
     lengths = np.asarray(lengths, dtype=np.int32)
