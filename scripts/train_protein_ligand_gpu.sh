@@ -13,7 +13,8 @@
 # `:tiny` for a CPU smoke test), STAGE (all | train | sample; default all: about 28 minutes on
 # one H200), EXTRA (more `--config.*` overrides of the training, e.g.
 # EXTRA='--config.mode_weights=(0.1,0.2,0.4,0.1,0.2)'), SAMPLES (the sampling runs of
-# STAGE=sample, default `w1 w2 joint`; `t<T>`, e.g. t0.5, samples as w1 at temperature T), PREDICTOR (of the w1/w2 runs and of the in-training
+# STAGE=sample, default `w1 w2 joint`; `t<T>`, e.g. t0.5, samples as w1 at temperature T; `c<T>` as t<T> with the confidence
+# reveal order), PREDICTOR (of the w1/w2 runs and of the in-training
 # samples, default first_hitting; `analytic` samples as the runs before issue 19 did),
 # JOINT_PREDICTOR (of the joint run, default analytic). Why first_hitting: a run of `small`
 # (8,802 steps, mode_weights above) nearly memorised the ligands (valid loss 7.26 nats per pair),
@@ -75,7 +76,9 @@ for name in $SAMPLES; do
     joint) sample --task joint --split test --predictor "$JOINT_PREDICTOR" --out "$RUN/pairs.fasta" ;;
     t*) sample --task ligand_given_protein --split test --guidance 1 --predictor "$PREDICTOR" \
           --temperature "${name#t}" --out "$RUN/ligands_$name.smi" ;;
-    *) echo "SAMPLES: unknown run '$name' (choose from w1 w2 joint t<T>)" >&2; exit 2 ;;
+    c*) sample --task ligand_given_protein --split test --guidance 1 --predictor first_hitting \
+          --reveal-order confidence --temperature "${name#c}" --out "$RUN/ligands_$name.smi" ;;
+    *) echo "SAMPLES: unknown run '$name' (choose from w1 w2 joint t<T> c<T>)" >&2; exit 2 ;;
   esac
 done
 
@@ -102,7 +105,7 @@ for name in names:
   print(json.dumps({
       "bench": f"protein_ligand_{cfg['variant']}", "device": jax.devices()[0].device_kind,
       "task": rep["task"], "guidance": rep.get("guidance"), "predictor": rep["predictor"],
-      "temperature": rep["temperature"],
+      "temperature": rep["temperature"], "reveal_order": rep["reveal_order"],
       "steps": rep["steps"], "checker": rep["checker"],
       "num": rep["num"], "validity": rep["validity"],
       "reference_match": (sum(s["smiles"] == s.get("reference") for s in samples) / len(samples)

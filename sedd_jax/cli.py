@@ -46,7 +46,8 @@ def sampler_options(args, cfg, **extra) -> tuple[int, str, float]:
                                    steps=args.steps, predictor=args.predictor, eps=args.eps,
                                    **extra)
   except ValueError as e:
-    raise CliError(f"--{e}") from None
+    option, _, rest = str(e).partition(" ")
+    raise CliError(f"--{option.replace('_', '-')} {rest}") from None
 
 
 def json_safe(obj):

@@ -22,7 +22,8 @@ sampler zeroes the score of every other token (the rule of `tokenizers.residue_m
 sedd_jax.sampling.sampler), and conditioning that fixes another residue is refused. Same seed
 and batch size, same output. The flags are checked against the checkpoint's config before the
 model is loaded; `--temperature T` (default 1; both kinds of checkpoint) draws each revealed
-token from p^(1/T) / Z (T < 1: closer to the model's mode, no longer its distribution);
+token from p^(1/T) / Z (T < 1: closer to the model's mode, no longer its distribution), and
+`--reveal-order confidence` (first_hitting) reveals the most confident position first;
 `--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry
 the settings; `--report` also writes `<out>.report.json` and `<out>.report.png`
 (sampling.report) against the training data.
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="sampling temperature > 0 (absorbing graph; default 1 = the model's own "
                  "distribution): each revealed token follows p^(1/T) / Z, so T < 1 concentrates "
                  "it on the model's mode (sedd_jax.sampling.sampler.tempered_score)")
+  p.add_argument("--reveal-order", choices=("random", "confidence"), default="random",
+                 help="first_hitting: reveal a uniform masked position (random, default: exact) "
+                 "or the one whose best token is most likely (confidence; not exact)")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
   p.add_argument("--seed", type=int, default=0, help="random seed of the sampler and of drawn "
                  "lengths / motif positions (default 0); the same seed and --batch-size give "
@@ -264,7 +268,8 @@ def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
       raise CliError(f"--{flag.replace('_', '-')} is for protein-ligand checkpoints only")
   plan = make_plan(args, cfg, int(cfg.model.length))
   steps, predictor, eps = sampler_options(args, cfg, cached=args.cached, draw=args.draw,
-                                          remask=args.remask, temperature=args.temperature)
+                                          remask=args.remask, temperature=args.temperature,
+                                          reveal_order=args.reveal_order)
   return plan, steps, predictor, eps
 
 
@@ -307,7 +312,8 @@ def run(args) -> int:
       jax.random.key(args.seed), graph, noise, n, run_len, batch_size=args.batch_size,
       steps=steps, predictor=predictor, eps=eps, model=model, fixed_tokens=fixed_tokens,
       fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed,
-      draw=args.draw, remask=args.remask, temperature=args.temperature)
+      draw=args.draw, remask=args.remask, temperature=args.temperature,
+      reveal_order=args.reveal_order)
   tok = tokenizers.ProteinTokenizer()
   seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
   out = pathlib.Path(args.out)
@@ -328,6 +334,7 @@ def write_fasta(out: pathlib.Path, seqs: list[str], notes: list[str], args, step
       f.write(f">sample_{i} length={len(s)} steps={steps} predictor={predictor} eps={eps:g} "
               f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
               f"draw={args.draw} remask={args.remask:g} temperature={args.temperature:g} "
+              f"reveal_order={args.reveal_order} "
               f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
               f"{notes[i]}\n{s}\n")
 

@@ -47,7 +47,7 @@ def check_protein_ligand_args(args, cfg) -> str:
     raise CliError("--remask and --draw are for protein checkpoints")
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-  sampler_options(args, cfg, temperature=args.temperature)
+  sampler_options(args, cfg, temperature=args.temperature, reveal_order=args.reveal_order)
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   for flag, value, top in (("--ligand-length", args.ligand_length, l_len),
                            ("--length", args.length, p_len)):
@@ -72,7 +72,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   store, smiles_tok = reference.reference_pairs(cfg, args.split)
   rng = np.random.default_rng(args.seed)
   ptok = tokenizers.ProteinTokenizer()
-  steps, predictor, eps = sampler_options(args, cfg, temperature=args.temperature)
+  steps, predictor, eps = sampler_options(args, cfg, temperature=args.temperature,
+                                          reveal_order=args.reveal_order)
   if task == "joint":
     return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
 
@@ -97,7 +98,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
         conditional.sample_conditional(key, model, cfg, task, given_tokens[idx],
                                        given_lengths[idx], targets[idx], steps=steps,
                                        predictor=predictor, eps=eps, guidance=guidance,
-                                       temperature=args.temperature),))
+                                       temperature=args.temperature,
+                                       reveal_order=args.reveal_order),))
   except ValueError as e:
     raise CliError(str(e)) from None
   settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),
@@ -182,7 +184,7 @@ def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.nd
 def run_settings(args, steps: int, predictor: str, eps: float, bs: int) -> dict:
   """The settings every protein-ligand output records (FASTA headers, validity report)."""
   return {"steps": steps, "predictor": predictor, "eps": eps,
-          "temperature": args.temperature, "seed": args.seed,
+          "temperature": args.temperature, "reveal_order": args.reveal_order, "seed": args.seed,
           "batch_size": bs, "weights": "params" if args.use_params else "ema",
           "checkpoint": str(args.workdir or args.checkpoint)}
 
@@ -236,7 +238,7 @@ def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str,
               eps, bs, args.seed)
   prots, ligs = run_batches(n, bs, args.seed, t_start, lambda key, idx: joint.sample_joint(
       key, model, cfg, plens[idx], llens[idx], steps=steps, predictor=predictor, eps=eps,
-      temperature=args.temperature))
+      temperature=args.temperature, reveal_order=args.reveal_order))
   ptok = tokenizers.ProteinTokenizer()
   seqs = [ptok.decode(prots[i, :plens[i]]) for i in range(n)]
   smiles = [smiles_tok.decode(ligs[i, :llens[i]]) for i in range(n)]

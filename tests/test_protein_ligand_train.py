@@ -92,12 +92,13 @@ def test_train_resume_sample_evaluate(tmp_path, monkeypatch):
 
   out = tmp_path / "ligands.smi"
   assert sample_cli.main(["--workdir", str(work), "--out", str(out), "--num", "3",
-                          "--steps", "4"]) == 0
+                          "--steps", "4", "--reveal-order", "confidence"]) == 0
   lines = out.read_text().splitlines()
   assert [line.split("\t")[1] for line in lines] == ["test_0", "test_1", "test_2"]
   report = json.loads(out.with_suffix(".validity.json").read_text())
   assert report["task"] == "ligand_given_protein" and report["num"] == 3
   assert report["predictor"] == "first_hitting"  # cfg.sampling.predictor
+  assert report["reveal_order"] == "confidence" and report["temperature"] == 1.0
   assert report["checker"] == smiles_lib.validity_checker()[0]
   assert [s["smiles"] for s in report["samples"]] == [line.split("\t")[0] for line in lines]
   valid = [bool(is_valid(s["smiles"])) for s in report["samples"]]

@@ -151,12 +151,14 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
   base = ["--workdir", str(workdir), "--num", "3", "--length", "12", "--batch-size", "3"]
   assert sample_cli.main(base + ["--predictor", "first_hitting", "--draw", "reference",
                                  "--remask", "0.5", "--prefix", "MK",
+                                 "--reveal-order", "confidence",
                                  "--out", str(tmp_path / "f.fasta")]) == 0
   recs = read_records(tmp_path / "f.fasta")
   assert len(recs) == 3
   for head, seq in recs:
     assert len(seq) == 12 and seq.startswith("MK") and set(seq) <= STANDARD
     assert "predictor=first_hitting" in head and "draw=reference" in head
+    assert "reveal_order=confidence" in head
   assert sample_cli.main(base + ["--steps", "4", "--remask", "0.2", "--temperature", "0.5",
                                  "--out", str(tmp_path / "r.fasta")]) == 0
   assert all("remask=0.2 temperature=0.5" in h for h, _ in read_records(tmp_path / "r.fasta"))
@@ -165,5 +167,7 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
          "--remask needs the analytic or first_hitting predictor")
   _fails(base + out + ["--remask", "1.5"], caplog, "--remask must be in [0, 1]")
   _fails(base + out + ["--temperature", "0"], caplog, "--temperature must be a finite number > 0")
+  _fails(base + out + ["--reveal-order", "confidence"], caplog,
+         "--reveal-order confidence needs the first_hitting predictor")
   _fails(base + out + ["--predictor", "first_hitting", "--cached"], caplog,
          "--predictor first_hitting needs the absorbing graph and no cache")

@@ -138,6 +138,10 @@ def test_bad_arguments():
       sampler.check_options(GRAPH, steps=2, temperature=t)
   with pytest.raises(ValueError, match="^temperature needs the absorbing graph"):
     sampler.check_options(uniform, steps=2, temperature=0.5)
+  with pytest.raises(ValueError, match="^reveal_order 'first' is not one of"):
+    sampler.check_options(GRAPH, steps=2, predictor="first_hitting", reveal_order="first")
+  with pytest.raises(ValueError, match="^reveal_order confidence needs the first_hitting"):
+    sampler.check_options(GRAPH, steps=2, reveal_order="confidence")
   sampler.check_options(GRAPH, steps=1, predictor="first_hitting", remask=1.0, draw="reference",
                         temperature=0.5)
 
@@ -228,6 +232,27 @@ def _tempered_law(temperature):
   return law
 
 
+def _confidence_law(temperature):
+  """Brute force: the law of sequences revealed one position at a time, each time at the
+  unrevealed position whose tempered conditional has the largest top probability (the first
+  such position on ties), its token drawn from that tempered conditional."""
+  law = np.zeros(len(SEQS))
+  for idx, seq in enumerate(SEQS):
+    revealed, prob = [], 1.0
+    for _ in range(L):
+      agree = np.all(SEQS[:, revealed] == seq[revealed], axis=1)
+      best = None
+      for pos in sorted(set(range(L)) - set(revealed)):
+        q = np.bincount(SEQS[agree, pos], weights=PROBS[agree], minlength=V) ** (1 / temperature)
+        q /= q.sum()
+        if best is None or q.max() > best[1].max():
+          best = (pos, q)
+      prob *= best[1][seq[best[0]]]
+      revealed.append(best[0])
+    law[idx] = prob
+  return law
+
+
 def _pooled_chi2_pvalue(counts, expected):
   """Chi-square with the cells expected below 5 pooled into one (a peaked law has some)."""
   small = expected < 5
@@ -254,6 +279,21 @@ def test_temperature_follows_the_tempered_conditionals(predictor, seed):
   same = run_sampler(exact_score_fn(), (64, L), seed=seed, steps=64, predictor=predictor,
                      temperature=1.0)
   np.testing.assert_array_equal(plain, same)
+
+
+def test_confidence_order_follows_its_brute_force_law():
+  """reveal_order="confidence" (first_hitting): with the exact score at T = 1 the target itself
+  (the chain rule in any order); at T = 1/2 the brute-force law of the confident-first order,
+  which the test tells from the random order's tempered law."""
+  n = 10000
+  for temperature, seed in ((1.0, 43), (0.5, 44)):
+    law = _confidence_law(temperature)
+    x = run_sampler(exact_score_fn(), (n, L), seed=seed, steps=1, predictor="first_hitting",
+                    temperature=temperature, reveal_order="confidence")
+    counts = np.bincount(_codes(x), minlength=len(SEQS))
+    assert _pooled_chi2_pvalue(counts, law * n) > 1e-3, (temperature, counts, np.round(law * n))
+  np.testing.assert_allclose(_confidence_law(1.0), PROBS, rtol=1e-9)
+  assert _pooled_chi2_pvalue(counts, _tempered_law(0.5) * n) < 1e-6
 
 
 def test_cached_equals_uncached_given_same_draws():

@@ -116,10 +116,10 @@ def _check_guidance(cfg, task: str, guidance: float) -> float:
 
 @functools.partial(nnx.jit, static_argnames=("task", "target_length", "steps", "predictor",
                                              "eps", "pgraph", "lgraph", "noise", "guided",
-                                             "temperature"))
+                                             "temperature", "reveal_order"))
 def _sample_jit(model, key, given, given_lengths, target_lengths, guidance, *, task,
                 target_length, steps, predictor, eps, pgraph, lgraph, noise, guided,
-                temperature):
+                temperature, reveal_order):
   """The conditional reverse process (`sedd_jax.sampling.sampler.sample`), model as input;
   with `guided`, the score is `guided_log_score` of the conditional and the unconditional
   (the sampled track alone, `tracks=`) log scores with weight `guidance` (traced)."""
@@ -148,14 +148,15 @@ def _sample_jit(model, key, given, given_lengths, target_lengths, guidance, *, t
   return sampler.sample(key, score_fn, graph, noise, (b, target_length), steps=steps,
                         predictor=predictor, eps=eps, lengths=target_lengths,
                         allowed=_allowed(task, pgraph, lgraph), pad_id=PAD_ID,
-                        temperature=temperature)
+                        temperature=temperature, reveal_order=reveal_order)
 
 
 def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
                        given_tokens: Array, given_lengths: Array, target_lengths: Array, *,
                        target_length: int | None = None, steps: int | None = None,
                        predictor: str | None = None, eps: float | None = None,
-                       guidance: float = 1.0, temperature: float = 1.0) -> Array:
+                       guidance: float = 1.0, temperature: float = 1.0,
+                       reveal_order: str = "random") -> Array:
   """Samples one track given the other (clean, sigma 0) with `sedd_jax.sampling.sampler.sample`:
   `analytic` / `euler` steps in one `lax.fori_loop` and a final denoise step, or `first_hitting`
   (absorbing graph): one model call per revealed token, so tokens revealed together never come
@@ -183,6 +184,7 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
     guidance: W of `guided_log_score` (1 = no guidance).
     temperature: T of `sampler.tempered_score`, applied after guidance (1 = the model's own
       conditional; T < 1 concentrates each revealed token on its mode).
+    reveal_order: "random" or "confidence" (first_hitting; `sedd_jax.sampling.first_hitting`).
 
   Returns:
     (B, target_length) int32 tokens of the sampled track: never the mask nor a special/gap id,
@@ -203,7 +205,7 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
   noise = diffusion.get_noise(cfg.noise)
   steps, predictor, eps = sampler.resolve_options(
       lgraph if task == "ligand_given_protein" else pgraph, cfg.sampling, steps=steps,
-      predictor=predictor, eps=eps, temperature=temperature)
+      predictor=predictor, eps=eps, temperature=temperature, reveal_order=reveal_order)
   if int(jnp.max(target_lengths)) > target_length or int(jnp.min(target_lengths)) < 1:
     raise ValueError(f"target_lengths must lie in [1, target_length = {target_length}]")
   guidance = _check_guidance(cfg, task, guidance)
@@ -211,7 +213,8 @@ def sample_conditional(key: Array, model: ProteinLigandDDiT, cfg, task: str,
   return _sample_jit(model, key, given_tokens, given_lengths, target_lengths,
                      jnp.float32(guidance), task=task, target_length=int(target_length),
                      steps=steps, predictor=predictor, eps=eps, pgraph=pgraph, lgraph=lgraph,
-                     noise=noise, guided=guidance != 1.0, temperature=float(temperature))
+                     noise=noise, guided=guidance != 1.0, temperature=float(temperature),
+                     reveal_order=reveal_order)
 
 
 def sample_ligand_given_protein(key: Array, model: ProteinLigandDDiT, cfg, protein_tokens: Array,

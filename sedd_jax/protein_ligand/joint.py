@@ -85,7 +85,8 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
                         lgraph: diffusion.Graph, noise: diffusion.Noise,
                         protein_lengths: Array, ligand_lengths: Array, lp: int, ll: int, *,
                         steps: int, predictor: str = "analytic", eps: float = 1e-5,
-                        temperature: float = 1.0) -> tuple[Array, Array]:
+                        temperature: float = 1.0,
+                        reveal_order: str = "random") -> tuple[Array, Array]:
   """The joint reverse process for any pair of track log scores (see the module docstring).
 
   Args:
@@ -96,8 +97,9 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
     noise: the shared noise schedule.
     protein_lengths, ligand_lengths: (B,) int real lengths (>= 1).
     lp, ll: padded widths of the tracks.
-    steps, predictor, eps, temperature: as `sampler.sample` (predictor analytic, euler or
-      first_hitting); the temperature sharpens each revealed token within its own track.
+    steps, predictor, eps, temperature, reveal_order: as `sampler.sample` (predictor analytic,
+      euler or first_hitting); the temperature sharpens each revealed token within its own
+      track.
 
   Returns:
     ((B, Lp) protein ids, (B, Ll) ligand ids), int32: residues 4..28 and SMILES tokens (no
@@ -123,27 +125,28 @@ def sample_joint_scores(key: Array, log_score_fn: LogScoreFn, pgraph: diffusion.
   x = sampler.sample(key, score_fn, graph, noise, (b, lp + ll), steps=steps,
                      predictor=predictor, eps=eps, allowed=allowed,
                      fixed_tokens=to_combined(pad[:, :lp], pad[:, lp:], pdim, ldim),
-                     fixed_mask=padded, temperature=temperature)
+                     fixed_mask=padded, temperature=temperature, reveal_order=reveal_order)
   return from_combined(x, lp, pdim, ldim)
 
 
 @functools.partial(nnx.jit, static_argnames=("lp", "ll", "steps", "predictor", "eps", "pgraph",
-                                             "lgraph", "noise", "temperature"))
+                                             "lgraph", "noise", "temperature",
+                                             "reveal_order"))
 def _sample_joint_jit(model, key, protein_lengths, ligand_lengths, *, lp, ll, steps, predictor,
-                      eps, pgraph, lgraph, noise, temperature):
+                      eps, pgraph, lgraph, noise, temperature, reveal_order):
   def log_score_fn(protein, ligand, sigma):
     return model(protein, ligand, sigma, sigma, protein_lengths, ligand_lengths)
 
   return sample_joint_scores(key, log_score_fn, pgraph, lgraph, noise, protein_lengths,
                              ligand_lengths, lp, ll, steps=steps, predictor=predictor, eps=eps,
-                             temperature=temperature)
+                             temperature=temperature, reveal_order=reveal_order)
 
 
 def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Array,
                  ligand_lengths: Array, *, protein_length: int | None = None,
                  ligand_length: int | None = None, steps: int | None = None,
                  predictor: str | None = None, eps: float | None = None,
-                 temperature: float = 1.0) -> tuple[Array, Array]:
+                 temperature: float = 1.0, reveal_order: str = "random") -> tuple[Array, Array]:
   """Protein-ligand pairs from noise with the dual-track model (cross-attention both ways).
 
   Args:
@@ -154,6 +157,7 @@ def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Arr
     ligand_lengths: (B,) int SMILES tokens per pair, in [1, ligand_length].
     protein_length, ligand_length: padded widths (default cfg.model.length, cfg.ligand.length).
     temperature: T of `sampler.tempered_score` (1 = the model's own distribution).
+    reveal_order: "random" or "confidence" (first_hitting; `sedd_jax.sampling.first_hitting`).
 
   Returns:
     ((B, Lp) int32 ESM-2 ids, (B, Ll) int32 SMILES ids), `<pad>` past the lengths.
@@ -172,9 +176,10 @@ def sample_joint(key: Array, model: ProteinLigandDDiT, cfg, protein_lengths: Arr
   pgraph, lgraph = get_graphs(cfg)
   steps, predictor, eps = sampler.resolve_options(combined_graph(pgraph, lgraph), cfg.sampling,
                                                   steps=steps, predictor=predictor, eps=eps,
-                                                  temperature=temperature)
+                                                  temperature=temperature,
+                                                  reveal_order=reveal_order)
   model.eval()
   return _sample_joint_jit(model, key, protein_lengths, ligand_lengths, lp=lp, ll=ll,
                            steps=steps, predictor=predictor, eps=eps, pgraph=pgraph,
                            lgraph=lgraph, noise=diffusion.get_noise(cfg.noise),
-                           temperature=float(temperature))
+                           temperature=float(temperature), reveal_order=reveal_order)

@@ -15,6 +15,14 @@ the batch has its own clock (sigma is (B,)); the loop runs while any sequence ha
 position (fixed and padded positions are never masked), so the call count is the largest
 number of generated positions in the batch. Random numbers: reveal k uses fold_in(key, k).
 
+Reveal order (`order`): "random" (the default, above) picks the revealed position uniformly
+among the masked ones. "confidence" picks the masked position whose most likely token has the
+largest share of the score (MaskGIT's order; ties go to the first such position). With the
+exact score both give the data distribution (the chain rule holds in any order, chosen
+adaptively or not); a learned score is not exactly one joint law, so the order changes which of
+its conditionals are used: the confident ones first, which helps a model that writes
+near-copies of memorised sequences (BENCHMARKS.md, issue 19). The clock is the same.
+
 Remasking (`remask=eta > 0`): after each reveal at sigma, each sequence with probability eta
 masks one generated token (uniform among them; never a fixed one) and redraws it from the model
 at the same sigma. With the exact score that is a Gibbs move on the revealed tokens given the
@@ -42,8 +50,11 @@ def _token_at(key: Array, score: Array, pos: Array, draw: str) -> Array:
   return _categorical.sample_categorical(key, probs, draw)
 
 
-def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
-                         ) -> tuple[Array, Array]:
+REVEAL_ORDERS = ("random", "confidence")
+
+
+def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str,
+                         order: str = "random") -> tuple[Array, Array]:
   """What one reveal of the first-hitting sampler unmasks (see the module docstring).
 
   Args:
@@ -51,13 +62,21 @@ def first_hitting_reveal(key: Array, score: Array, masked: Array, draw: str
     score: (B, L, D) exponentiated score at the reveal time (its last column is the mask).
     masked: (B, L) bool, positions still to generate.
     draw: categorical draw ("unbiased" or "reference").
+    order: "random" or "confidence" (module docstring).
 
   Returns:
-    (position (B,) int32 uniform among the masked ones, token (B,) int32 drawn from the
-    non-mask columns of the score there). Rows without a masked position get position 0.
+    (position (B,) int32: uniform among the masked ones, or the most confident of them;
+    token (B,) int32 drawn from the non-mask columns of the score there). Rows without a masked
+    position get position 0.
   """
   k_pos, k_tok = jax.random.split(key)
-  pos = _categorical.sample_categorical(k_pos, masked.astype(jnp.float32), draw)
+  if order == "confidence":
+    tokens = score[..., :-1]
+    share = jnp.max(tokens, axis=-1) / jnp.maximum(jnp.sum(tokens, axis=-1),
+                                                   jnp.finfo(jnp.float32).tiny)
+    pos = jnp.argmax(jnp.where(masked, share, -1.0), axis=-1).astype(jnp.int32)
+  else:
+    pos = _categorical.sample_categorical(k_pos, masked.astype(jnp.float32), draw)
   return pos, _token_at(k_tok, score, pos, draw)
 
 
@@ -91,7 +110,7 @@ def remask_and_redraw(key: Array, score_at: Callable[[Array, Array], Array], gra
 def first_hitting_loop(key: Array, score_at: Callable[[Array, Array], Array],
                        proj: Callable[[Array], Array], graph: Graph, noise: Noise, x: Array,
                        valid: Array, generated: Array, eps: float, draw: str,
-                       remask: float) -> tuple[Array, Array]:
+                       remask: float, order: str = "random") -> tuple[Array, Array]:
   """The first-hitting reveals (module docstring), each followed by `remask_and_redraw` when
   `remask` > 0.
 
@@ -107,6 +126,7 @@ def first_hitting_loop(key: Array, score_at: Callable[[Array, Array], Array],
     eps: final time (the smallest sigma a reveal uses is sigma(eps)).
     draw: categorical draw.
     remask: eta in [0, 1].
+    order: reveal order, "random" or "confidence" (module docstring).
 
   Returns:
     (x (B, L) int32 with every valid position revealed, number of model calls).
@@ -128,7 +148,7 @@ def first_hitting_loop(key: Array, score_at: Callable[[Array, Array], Array],
     new_log_m = next_reveal_log_m(jax.random.fold_in(key_k, 0), log_m, n)
     sigma = jnp.maximum(-jnp.log1p(-jnp.exp(new_log_m)), sigma_min)
     pos, token = first_hitting_reveal(jax.random.fold_in(key_k, 1), score_at(x, sigma), masked,
-                                      draw)
+                                      draw, order)
     active = n > 0
     x = x.at[row, pos].set(jnp.where(active, token, x[row, pos]))
     if remask > 0:

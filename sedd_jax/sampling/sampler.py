@@ -30,7 +30,9 @@ which also conditions on sigma, it is the approximation MDLM and RADD make. The 
 batch-wide, so caching pays off when steps >> L and batches are small.
 
 First-hitting sampler (`predictor="first_hitting"`, absorbing graph only): one model call per
-revealed token at its exact time, no time discretisation (`sedd_jax.sampling.first_hitting`).
+revealed token at its exact time, no time discretisation (`sedd_jax.sampling.first_hitting`);
+`reveal_order="confidence"` reveals the most confident masked position first instead of a
+uniform one (not exact; see that module).
 
 Remasking (`remask=eta > 0`, absorbing graph). Analytic: ReMDM's max-capped schedule
 (`predictors.remdm_probs`): each step may mask generated tokens again (probability
@@ -83,7 +85,7 @@ def _pad_id() -> int:
 
 def check_options(graph: Graph, *, steps: int, predictor: str = "analytic", eps: float = 1e-5,
                   cached: bool = False, draw: str = "unbiased", remask: float = 0.0,
-                  temperature: float = 1.0) -> None:
+                  temperature: float = 1.0, reveal_order: str = "random") -> None:
   """ValueError for sampler options that `sample` cannot run; each message starts with the
   option's name. The one home of these checks: `sample` calls it, and so does the sampling CLI
   before it loads a model (its flags are these options by name: `--` + the message).
@@ -114,13 +116,19 @@ def check_options(graph: Graph, *, steps: int, predictor: str = "analytic", eps:
   if temperature != 1.0 and not graph.absorb:
     raise ValueError("temperature needs the absorbing graph (it sharpens the token a masked "
                      "position reveals)")
+  if reveal_order not in first_hitting.REVEAL_ORDERS:
+    raise ValueError(f"reveal_order {reveal_order!r} is not one of {first_hitting.REVEAL_ORDERS}")
+  if reveal_order != "random" and predictor != "first_hitting":
+    raise ValueError(f"reveal_order {reveal_order} needs the first_hitting predictor (one "
+                     f"reveal per model call); got predictor {predictor!r}")
 
 
 def resolve_options(graph: Graph, sampling, *, steps: int | None = None,
                     predictor: str | None = None, eps: float | None = None,
                     **extra) -> tuple[int, str, float]:
   """(steps, predictor, eps): the given values, else those of `sampling` (a config's `sampling`
-  block), checked with `extra` (cached=, draw=, remask=, temperature=) by `check_options` (its ValueError)."""
+  block), checked with `extra` (cached=, draw=, remask=, temperature=, reveal_order=) by
+  `check_options` (its ValueError)."""
   steps = int(sampling.steps if steps is None else steps)
   predictor = str(predictor or sampling.predictor)
   eps = float(sampling.eps if eps is None else eps)
@@ -178,11 +186,12 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
            fixed_tokens: Array | None = None, fixed_mask: Array | None = None,
            lengths: Array | None = None, cached: bool = False, allowed: Array | None = None,
            pad_id: int | None = None, return_nfe: bool = False, draw: str = "unbiased",
-           remask: float = 0.0, temperature: float = 1.0):
+           remask: float = 0.0, temperature: float = 1.0, reveal_order: str = "random"):
   """Draws a batch of sequences by running the whole reverse process.
 
   Jit-able as one program with `score_fn`, `graph`, `noise`, `shape`, `steps`, `predictor`,
-  `eps`, `cached` and `pad_id` static (see `jit_sampler`).
+  `eps`, `cached`, `pad_id`, `draw`, `remask`, `temperature` and `reveal_order` static (see
+  `jit_sampler`).
 
   Args:
     key: PRNG key; step i uses fold_in(key, i), the denoise step fold_in(key, steps), the
@@ -209,6 +218,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
       no remasking.
     temperature: T > 0 of `tempered_score` (absorbing graph; module docstring); 1 (default) =
       the model's own distribution.
+    reveal_order: "random" (default) or "confidence" (first_hitting only; module docstring).
 
   Returns:
     (B, L) int32 tokens (and the call count if `return_nfe`).
@@ -216,7 +226,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
   if len(shape) != 2:
     raise ValueError(f"shape must be (B, L); got {shape}")
   check_options(graph, steps=steps, predictor=predictor, eps=eps, cached=cached, draw=draw,
-                remask=remask, temperature=temperature)
+                remask=remask, temperature=temperature, reveal_order=reveal_order)
   _check_conditioning(shape, fixed_tokens, fixed_mask, lengths)
   allowed = _allowed_mask(allowed, graph)
   pad_id = _pad_id() if pad_id is None else pad_id
@@ -237,7 +247,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
     generated = valid if fixed_mask is None else valid & ~jnp.broadcast_to(
         jnp.asarray(fixed_mask, bool), shape)
     x, nfe = first_hitting.first_hitting_loop(key, score_at, proj, graph, noise, x, valid,
-                                              generated, eps, draw, remask)
+                                              generated, eps, draw, remask, reveal_order)
   else:
     loop = functools.partial(_cached_loop, valid=valid) if cached else _reverse_loop
     step_fn = _predictor(predictor, draw, remask)
@@ -338,7 +348,8 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
                 predictor: str = "analytic", eps: float = 1e-5, cached: bool = False,
                 model=None, score_fn: ScoreFn | None = None, pad_id: int | None = None,
                 return_nfe: bool = False, compiler_options: dict | None = None,
-                draw: str = "unbiased", remask: float = 0.0, temperature: float = 1.0):
+                draw: str = "unbiased", remask: float = 0.0, temperature: float = 1.0,
+                reveal_order: str = "random"):
   """One compiled sampler for a fixed shape.
 
   Exactly one of `model` (an nnx DDiT in eval mode, split: its weights are inputs of the
@@ -352,7 +363,8 @@ def jit_sampler(graph: Graph, noise: Noise, shape: tuple[int, int], *, steps: in
   if (model is None) == (score_fn is None):
     raise ValueError("give exactly one of model and score_fn")
   static = dict(steps=steps, predictor=predictor, eps=eps, cached=cached, pad_id=pad_id,
-                return_nfe=return_nfe, draw=draw, remask=remask, temperature=temperature)
+                return_nfe=return_nfe, draw=draw, remask=remask, temperature=temperature,
+                reveal_order=reveal_order)
   if model is not None:
     from flax import nnx
 
@@ -383,7 +395,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
                    allowed: np.ndarray | None = None, pad_id: int | None = None,
                    progress: bool = True, compiler_options: dict | None = None,
                    draw: str = "unbiased", remask: float = 0.0,
-                   temperature: float = 1.0) -> np.ndarray:
+                   temperature: float = 1.0, reveal_order: str = "random") -> np.ndarray:
   """Draws `num` sequences of length `length` in chunks of `batch_size` (one compiled program).
 
   Chunk c uses fold_in(key, c); the last chunk is padded to `batch_size` and trimmed, so the
@@ -395,7 +407,8 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
     num: number of sequences N.
     length: L (the model's maximum, or the longest requested length).
     batch_size: sequences per compiled call.
-    steps, predictor, eps, cached, allowed, pad_id, draw, remask, temperature: as `sample`.
+    steps, predictor, eps, cached, allowed, pad_id, draw, remask, temperature, reveal_order: as
+      `sample`.
     model / score_fn: exactly one (see `jit_sampler`).
     fixed_tokens, fixed_mask: (L,) shared by all, or (N, L) per sequence.
     lengths: (N,) int lengths (None: all `length`).
@@ -411,7 +424,7 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
   run = jit_sampler(graph, noise, (batch_size, length), steps=steps, predictor=predictor,
                     eps=eps, cached=cached, model=model, score_fn=score_fn, pad_id=pad_id,
                     return_nfe=True, compiler_options=compiler_options, draw=draw,
-                    remask=remask, temperature=temperature)
+                    remask=remask, temperature=temperature, reveal_order=reveal_order)
   per_seq = fixed_tokens is not None and np.ndim(fixed_tokens) == 2
   if lengths is not None:
     lengths = np.asarray(lengths, dtype=np.int32)
