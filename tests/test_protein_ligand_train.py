@@ -29,7 +29,8 @@ MICRO = {
 }
 
 
-# Unpaired ligands for the ligand_only steps: the bundled MOSES subset (sedd_jax.data.ligand_corpus).
+# Unpaired ligands for the ligand_only steps: the bundled MOSES subset
+# (sedd_jax.data.ligand_corpus).
 CORPUS = {"data.ligand_corpus": "data/moses_smiles_every8.csv.gz"}
 
 

@@ -360,8 +360,9 @@ def make_iterator(cfg: Any, split: str, batch_size: int, seed: int, shard_index:
     A grain DatasetIterator with get_state()/set_state() (and padding_fraction() unless
     pad_to="pack"), yielding {"tokens": (B, W) int32, "lengths": (B,) int32} (+ "ligand_tokens":
     (B, Lg) int32, "ligand_lengths": (B,) int32 for protein-ligand stores, and
-    "corpus_ligand_tokens", "corpus_ligand_lengths" alike with cfg.data.ligand_corpus; + "segment_ids",
-    "positions": (B, L) int32 with pad_to="pack"); W = L unless pad_to="bucket".
+    "corpus_ligand_tokens", "corpus_ligand_lengths" alike with cfg.data.ligand_corpus;
+    + "segment_ids", "positions": (B, L) int32 with pad_to="pack"); W = L unless
+    pad_to="bucket".
   """
   ds = make_dataset(cfg, split, batch_size, seed, shard_index, shard_count,
                     num_epochs=num_epochs, shuffle=shuffle, pad_to=pad_to,

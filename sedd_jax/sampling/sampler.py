@@ -32,7 +32,7 @@ batch-wide, so caching pays off when steps >> L and batches are small.
 First-hitting sampler (`predictor="first_hitting"`, absorbing graph only): one model call per
 revealed token at its exact time, no time discretisation (`sedd_jax.sampling.first_hitting`);
 `reveal_order="confidence"` reveals the most confident masked position first instead of a
-uniform one (not exact; see that module).
+uniform one (the same law for the exact score, another for a learned one; see that module).
 
 Remasking (`remask=eta > 0`, absorbing graph). Analytic: ReMDM's max-capped schedule
 (`predictors.remdm_probs`): each step may mask generated tokens again (probability
