@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.matmul": ("default", "fp8"),
   "model.norm_impl": ("auto", "reference", "xla", "pallas"),
   "model.gelu_impl": ("reference", "saved_input"),
+  "model.gate_grad": ("xla", "blocked"),
   "optim.schedule": ("constant", "cosine"),
   "wandb.mode": ("offline", "online", "disabled"),
 }

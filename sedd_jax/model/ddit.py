@@ -14,7 +14,8 @@ the sigma map, the output layer (logits) and the sigma scaling are float32, so t
 float32.
 float32 matmuls use Precision.HIGHEST (no TF32 on GPUs). `model.norm_impl` picks how each
 LayerNorm + modulate runs (`sedd_jax.model.norm_modulate`); the numbers agree to float32
-rounding.
+rounding. `model.gate_grad` picks the backward of the gated residual adds
+(`sedd_jax.model.gate_grad`), the same numbers up to the order of float32 sums.
 
 State names mirror the PyTorch state_dict (see `torch_import`): `vocab_embed.embedding`,
 `sigma_map.{mlp_in,mlp_out}`, `blocks.<n>.{norm1,attn_qkv,attn_out,norm2,mlp_in,mlp_out,
@@ -34,6 +35,7 @@ from flax import nnx
 
 from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import fp8 as fp8_lib
+from sedd_jax.model import gate_grad as gate_lib
 from sedd_jax.model import layers
 from sedd_jax.model import norm_modulate as norm_lib
 
@@ -54,6 +56,7 @@ DEFAULTS = {
     "matmul": "default",
     "norm_impl": "auto",
     "gelu_impl": "saved_input",
+    "gate_grad": "xla",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
@@ -64,7 +67,8 @@ MLP_RATIO = 4
 # The allowed values of the model config's keys with a fixed set of choices.
 CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat": REMAT_POLICIES,
            "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
-           "matmul": MATMULS, "norm_impl": norm_lib.CHOICES, "gelu_impl": layers.GELU_IMPLS}
+           "matmul": MATMULS, "norm_impl": norm_lib.CHOICES, "gelu_impl": layers.GELU_IMPLS,
+           "gate_grad": gate_lib.CHOICES}
 
 
 def cfg_value(cfg: Any, key: str):
@@ -124,9 +128,10 @@ class DDiTBlock(nnx.Module):
   def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, dtype,
                attention: str, chunk: int, rngs: nnx.Rngs, remat_mlp: bool = False,
                dropout_rng: str | None = None, fp8: bool = False, norm_impl: str = "reference",
-               gelu_impl: str = "reference"):
+               gelu_impl: str = "reference", gate_grad: str = "xla"):
     self.n_heads = n_heads
     self.norm_impl = norm_impl
+    self.gate_grad = gate_grad
     self.dtype = dtype
     self.attention = attention
     self.chunk = chunk
@@ -170,17 +175,14 @@ class DDiTBlock(nnx.Module):
     o = attention_lib.dot_product_attention(q, k, v, lengths, segment_ids=segment_ids,
                                             backend=self.attention, chunk=self.chunk)
     o = self.attn_out(o.reshape(b, l, dim))
-    x = _residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0))
+    x = gate_lib.residual_add(x, gate_msa, self._drop(self.dropout1, o, dropout_key, 0),
+                              impl=self.gate_grad)
 
     h = self.mlp_in(norm_lib.norm_modulate(x, self.norm2.scale[...], shift_mlp, scale_mlp,
                                            impl=self.norm_impl, out_dtype=self.dtype))
     h = self._activation_out(self.mlp_out, h)
-    return _residual_add(x, gate_mlp, self._drop(self.dropout2, h, dropout_key, 1))
-
-
-def _residual_add(x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
-  """x + gate * y computed in float32, stored in x's dtype (the residual stream's)."""
-  return (x.astype(jnp.float32) + gate.astype(jnp.float32) * y.astype(jnp.float32)).astype(x.dtype)
+    return gate_lib.residual_add(x, gate_mlp, self._drop(self.dropout2, h, dropout_key, 1),
+                                 impl=self.gate_grad)
 
 
 class DDiTFinalLayer(nnx.Module):
@@ -218,6 +220,11 @@ class DDiT(nnx.Module):
       "xla", with a warning, off such GPUs); in the blocks the result is cast to `dtype` right
       away (the next matmul's input dtype). gelu_impl: the MLP's GELU backward (`layers.gelu`):
       "saved_input" (the default: keeps only the GELU's input) or "reference" (autodiff).
+      gate_grad: the backward of the gated residual adds x + gate * y (`gate_grad`): "xla"
+      (the default: autodiff) or "blocked" (a hand-written backward whose two-stage gate
+      gradient avoids XLA's (B, L, H) -> (B, H, L) transposes: a 2-3% faster DDiT-small step
+      at 1024x64 on an H200, +1.1 GiB XLA memory estimate); the same numbers up to the order
+      of the gate gradient's float32 sums.
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
@@ -228,9 +235,10 @@ class DDiT(nnx.Module):
     hidden, n_heads, n_blocks, cond_dim, chunk = (
         int(get(k)) for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "attention_chunk"))
     dropout = float(get("dropout"))
-    dtype_name, attention, remat, dropout_rng, residual, matmul, norm_impl, gelu_impl = (
-        str(get(k)) for k in ("dtype", "attention", "remat", "dropout_rng", "residual_dtype",
-                              "matmul", "norm_impl", "gelu_impl"))
+    (dtype_name, attention, remat, dropout_rng, residual, matmul, norm_impl, gelu_impl,
+     gate_grad) = (str(get(k)) for k in ("dtype", "attention", "remat", "dropout_rng",
+                                         "residual_dtype", "matmul", "norm_impl", "gelu_impl",
+                                         "gate_grad"))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of "
                        f"model.n_heads {n_heads}")
@@ -238,7 +246,7 @@ class DDiT(nnx.Module):
       raise ValueError(f"head dim hidden_size/n_heads = {hidden // n_heads} must be even (rotary)")
     check_choices(dtype=dtype_name, attention=attention, remat=remat, dropout_rng=dropout_rng,
                   residual_dtype=residual, matmul=matmul, norm_impl=norm_impl,
-                  gelu_impl=gelu_impl)
+                  gelu_impl=gelu_impl, gate_grad=gate_grad)
     norm_impl = norm_lib.resolve_impl(norm_impl, DTYPES[dtype_name])
     fp8 = matmul == "fp8" and fp8_lib.fp8_available()
     if matmul == "fp8" and not fp8:
@@ -273,7 +281,7 @@ class DDiT(nnx.Module):
     self.blocks = nnx.List([
         DDiTBlock(hidden, n_heads, cond_dim, dropout, self.dtype, attention, chunk, rngs,
                   remat_mlp=remat == "mlp", dropout_rng=dropout_rng, fp8=fp8, norm_impl=norm_impl,
-                  gelu_impl=gelu_impl)
+                  gelu_impl=gelu_impl, gate_grad=gate_grad)
         for _ in range(n_blocks)])
     self.output_layer = DDiTFinalLayer(hidden, vocab_size, cond_dim, rngs, norm_impl)
 

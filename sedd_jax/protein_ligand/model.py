@@ -102,7 +102,8 @@ class ProteinLigandDDiT(nnx.Module):
 
   Args:
     cfg_model: the `model` sub-config (hidden_size, n_heads, n_blocks, cond_dim, dropout,
-      scale_by_sigma, attention, attention_chunk, dtype, remat, norm_impl, gelu_impl,
+      scale_by_sigma, attention, attention_chunk, dtype, remat, norm_impl, gelu_impl, gate_grad
+      (the self-attention blocks' residual adds; the cross-attention's keep autodiff),
       cross_attention);
       shared by the two tracks.
     protein_dim: D_p = protein graph dim (33 for absorbing ESM-2).
@@ -125,6 +126,7 @@ class ProteinLigandDDiT(nnx.Module):
     remat = str(get("remat"))
     norm_impl = str(get("norm_impl"))
     gelu_impl = str(get("gelu_impl"))
+    gate_grad = str(get("gate_grad"))
     cross = bool(cfg_model.get("cross_attention", True))
     if hidden <= 0 or n_heads <= 0 or hidden % n_heads or (hidden // n_heads) % 2:
       raise ValueError(f"model.hidden_size {hidden} must be a positive multiple of model.n_heads "
@@ -132,7 +134,7 @@ class ProteinLigandDDiT(nnx.Module):
     if n_blocks < 1:
       raise ValueError(f"model.n_blocks {n_blocks} must be >= 1")
     ddit.check_choices(dtype=dtype_name, attention=attention, remat=remat, norm_impl=norm_impl,
-                       gelu_impl=gelu_impl)
+                       gelu_impl=gelu_impl, gate_grad=gate_grad)
     norm_impl = norm_lib.resolve_impl(norm_impl, ddit.DTYPES[dtype_name])
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"model.dropout {dropout} must be in [0, 1)")
@@ -161,7 +163,7 @@ class ProteinLigandDDiT(nnx.Module):
     def blocks():
       return nnx.List([ddit.DDiTBlock(hidden, n_heads, cond_dim, dropout, dtype, attention, chunk,
                                       rngs, remat_mlp=remat == "mlp", norm_impl=norm_impl,
-                                      gelu_impl=gelu_impl)
+                                      gelu_impl=gelu_impl, gate_grad=gate_grad)
                          for _ in range(n_blocks)])
 
     def crosses():
