@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "it on the model's mode (sedd_jax.sampling.sampler.tempered_score)")
   p.add_argument("--reveal-order", choices=("random", "confidence"), default="random",
                  help="first_hitting: reveal a uniform masked position (random, default: exact) "
-                 "or the one whose best token is most likely (confidence; not exact)")
+                 "or the one whose best token is most likely (confidence; exact only for an exact "
+                 "score)")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
   p.add_argument("--seed", type=int, default=0, help="random seed of the sampler and of drawn "
                  "lengths / motif positions (default 0); the same seed and --batch-size give "

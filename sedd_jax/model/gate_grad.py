@@ -37,8 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "blocked")
-CHOICES = IMPLS  # `model.gate_grad`
+CHOICES = ("xla", "blocked")  # `model.gate_grad`
 BLOCK = 16  # "blocked": the extent c of the first stage's (column) reduction
 
 
@@ -55,13 +54,13 @@ def residual_add(x: jax.Array, gate: jax.Array, y: jax.Array, *, impl: str = "xl
     x: (B, L, H) float32 or bfloat16, the residual stream.
     gate: (B, 1, H) (other shapes that broadcast run the "xla" formula).
     y: (B, L, H), the branch output (bfloat16 under bf16 compute).
-    impl: one of IMPLS.
+    impl: one of CHOICES.
     block: "blocked"'s first-stage extent c; None = `BLOCK`.
   Returns:
     (B, L, H) in x's dtype.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"residual_add impl {impl!r}: choose one of {IMPLS}")
+  if impl not in CHOICES:
+    raise ValueError(f"residual_add impl {impl!r}: choose one of {CHOICES}")
   per_row_gate = x.ndim == 3 and y.shape == x.shape and gate.shape == (x.shape[0], 1, x.shape[2])
   if impl == "xla" or not per_row_gate:
     return formula(x, gate, y)
