@@ -20,6 +20,7 @@ and writes a PNG of the curves. `--from-logs` redraws table and PNG from such JS
 
   python benchmarks/curve_check.py                                   # GPU: 2 ref seeds + 3 variants
   python benchmarks/curve_check.py --variants default,hash --ref-seeds 0,1 --gpus 0,1
+  python benchmarks/curve_check.py --variants default,gateblocked --ref-seeds '' --gpus 0,0
   python benchmarks/curve_check.py --from-logs run1.log run2.log --png docs/curves.png  # redraw
   python benchmarks/curve_check.py --config configs/uniref50.py:tiny --length 64 --batch 4 \
     --steps 200 --ref-seeds '' --variants default,hash --gpus cpu --store /tmp/u64   # CPU dry run
@@ -123,25 +124,27 @@ def run_all(args) -> dict[str, dict[int, float]]:
   root = pathlib.Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
   todo, running, curves = jobs(args), {}, {}
-  gpus = args.gpus.split(",")
+  slots = args.gpus.split(",")  # a GPU named twice runs two jobs at once
   while todo or running:
-    for gpu in [g for g in gpus if g not in running]:
+    for slot in [i for i in range(len(slots)) if i not in running]:
       if not todo:
         break
       name, cmd, env = todo.pop(0)
       logfile = root / f"{name}.log"
-      full_env = {**os.environ, **env, "CUDA_VISIBLE_DEVICES": gpu}
+      full_env = {**os.environ, **env, "CUDA_VISIBLE_DEVICES": slots[slot]}
+      if slots.count(slots[slot]) > 1:  # shared: no process may take most of its memory
+        full_env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
       proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=logfile.open("w"),
                               stderr=subprocess.STDOUT)
-      running[gpu] = (name, proc, logfile, time.perf_counter())
-      log.info("GPU %s: %s", gpu, name)
+      running[slot] = (name, proc, logfile, time.perf_counter())
+      log.info("GPU %s: %s", slots[slot], name)
     time.sleep(2)
-    for gpu, (name, proc, logfile, t0) in list(running.items()):
+    for slot, (name, proc, logfile, t0) in list(running.items()):
       if proc.poll() is None and time.perf_counter() - t0 < args.timeout:
         continue
       if proc.poll() is None:
         proc.kill()
-      del running[gpu]
+      del running[slot]
       wall = time.perf_counter() - t0
       curve = read_curve(name, logfile, root / name) if proc.returncode == 0 else {}
       if not curve:
@@ -242,7 +245,8 @@ def main() -> None:
                  help="comma-separated; '+'-joined tokens of step_options.TOKENS, or default")
   p.add_argument("--ref-seeds", default="0,1", help="reference seeds ('' = no reference)")
   p.add_argument("--reference", default=".bench/torch_reference_curve.py")
-  p.add_argument("--gpus", default="0,1", help="CUDA_VISIBLE_DEVICES of the job slots")
+  p.add_argument("--gpus", default="0,1", help="CUDA_VISIBLE_DEVICES of the job slots; a GPU "
+                 "named n times runs n jobs at once (without memory preallocation)")
   p.add_argument("--config", default="configs/uniref50.py:small",
                  help="sedd_jax side (the reference is always SEDD-small)")
   p.add_argument("--length", type=int, default=256)

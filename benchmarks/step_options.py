@@ -4,23 +4,25 @@ SEDD-small (configs/uniref50.py:small), dropout 0.1, EMA, AdamW, clip, bf16 comp
 tokens at full length, as benchmarks/train_step.py. Each variant is '+'-joined option tokens
 (`TOKENS`): `loop` = today's Python loop over the blocks (model.scan_blocks=False), `scan` =
 the blocks as one lax.scan, `threefry` / `rbg` / `hash` = model.dropout_rng (`hash` the
-default), `bf16res` = model.residual_dtype=bfloat16, `fp8` = model.matmul=fp8, `remat_mlp` =
+default), `bf16res` / `f32res` = model.residual_dtype=bfloat16 / float32 (the config's `auto`
+is bfloat16 under bf16 compute on GPUs), `fp8` = model.matmul=fp8, `remat_mlp` =
 model.remat=mlp, `normref` / `normxla` / `normpallas` = model.norm_impl=reference / xla / pallas
 (LayerNorm + modulate; the config's `auto` is `pallas` on Ampere-or-later GPUs, so `loop` has
 the Pallas norm there); `geluref` / `gelusaved` = model.gelu_impl=reference / saved_input (the
 default: the GELU keeps only its input for the backward pass); `gatexla` / `gateblocked` =
-model.gate_grad (the gate gradients of the residual adds: `xla` the default, `blocked` a
-two-stage sum without XLA's (B, L, H) -> (B, H, L) transposes, 2-3% faster at 1024x64 on an
-H200; `benchmarks/gate_grad.py` times one gate alone). So `loop` is the default step
-and `loop+threefry+normref+geluref` the default before issue 17's options;
+model.gate_grad (the gate gradients of the residual adds: `blocked` the default, a two-stage
+sum without XLA's (B, L, H) -> (B, H, L) transposes, `xla` autodiff; `benchmarks/gate_grad.py`
+times one gate alone). So `loop` is the default step, `loop+f32res+gatexla` the default before
+the ninth session and `loop+threefry+normref+geluref+f32res+gatexla` the default before issue
+17's options;
 `nounroll` = XLA's GPU while-loop unrolling off, `cublaslt` = XLA's cuBLASLt GEMMs (bias + GELU
 epilogues), `noautotune` = no XLA autotuning (`COMPILER_TOKENS`).
 
 For every case and variant: compile time of the step (trace + lower, and in all with XLA's
 compilation; nothing cached), XLA's memory estimate of the compiled step (arguments +
 temporaries + outputs - aliased), the device's peak memory so far (monotone within the
-process: the largest variant's), and the median over `--repeats` of `--steps` steps -> tokens/s. One JSON line per measurement (prefix
-`JSON `), a table last.
+process: the largest variant's), and the median over `--repeats` of `--steps` steps ->
+tokens/s. One JSON line per measurement (prefix `JSON `), a table last.
 
   python benchmarks/step_options.py                      # GPU defaults: both cases, all variants
   python benchmarks/step_options.py --case 128x2 --variants loop,scan --steps 1 --repeats 1
@@ -57,6 +59,7 @@ TOKENS = {
   "rbg": {"dropout_rng": "rbg"},
   "hash": {"dropout_rng": "hash"},
   "bf16res": {"residual_dtype": "bfloat16"},
+  "f32res": {"residual_dtype": "float32"},
   "fp8": {"matmul": "fp8"},
   "remat_mlp": {"remat": "mlp"},
   "geluref": {"gelu_impl": "reference"},
@@ -77,7 +80,7 @@ COMPILER_TOKENS = {
   "noautotune": {"xla_gpu_autotune_level": 0},
 }
 # Most telling first: rows print as they finish, so a run cut short keeps these.
-GPU_VARIANTS = ("loop", "loop+threefry+normref+geluref", "loop+bf16res", "loop+remat_mlp",
+GPU_VARIANTS = ("loop", "loop+threefry+normref+geluref+f32res+gatexla", "loop+remat_mlp",
                 "loop+fp8", "scan")
 
 
@@ -143,11 +146,14 @@ def run(config: str, length: int, batch: int, variant: str, attention: str, drop
   return row
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, *, default_variants: str = ",".join(GPU_VARIANTS), check=parse_variant,
+         run_one=run, bench: str = "step_options", doc: str = __doc__) -> None:
+  """The command line; benchmarks/step_bounds.py reuses it with its own variant `check` and
+  `run_one` (`run`'s signature)."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument("--case", action="append", default=None, help="LxB (repeatable); default "
                  "1024x64 and 512x128")
-  p.add_argument("--variants", default=",".join(GPU_VARIANTS), help="comma-separated variants")
+  p.add_argument("--variants", default=default_variants, help="comma-separated variants")
   p.add_argument("--configs", default="small", help="comma-separated variants of uniref50.py")
   p.add_argument("--attention", default="cudnn")
   p.add_argument("--dropout", type=float, default=0.1)
@@ -157,20 +163,25 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   variants = args.variants.split(",")
   for v in variants:
-    parse_variant(v)  # fail before compiling anything
+    check(v)  # fail before compiling anything
   rows = []
   for config in args.configs.split(","):
     for variant in variants:
       for case in args.case or ["1024x64", "512x128"]:
         length, batch = (int(x) for x in case.split("x"))
         try:
-          row = run(config, length, batch, variant, args.attention, args.dropout, args.steps,
-                    args.repeats)
+          row = run_one(config, length, batch, variant, args.attention, args.dropout, args.steps,
+                        args.repeats)
         except Exception as e:  # noqa: BLE001 -- one failing option must not hide the others
-          row = {"bench": "step_options", "config": config, "L": length, "B": batch,
+          row = {"bench": bench, "config": config, "L": length, "B": batch,
                  "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         print("JSON " + json.dumps(row), flush=True)
+  print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+  """The rows of `run` (or their errors) as a table."""
   print(f"{'config':>7} {'L':>5} {'B':>4} {'variant':>28} {'compile s':>9} {'ms/step':>8} "
         f"{'tok/s':>9} {'spread%':>7} {'mem est':>7} {'peak':>6}")
   for r in rows:

@@ -52,17 +52,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | mlp (recompute GELU) | block | block_save_dots
   c.model.scan_blocks = False  # True: blocks as one lax.scan (compiles 3x faster, steps 1.4x slower on an H200)
   c.model.dropout_rng = "hash"  # hash | threefry | rbg: dropout bits (BENCHMARKS.md)
-  c.model.residual_dtype = "float32"  # float32 | bfloat16: the residual stream between blocks
+  # the residual stream between blocks: auto (bfloat16 under bf16 compute on GPUs, else float32)
+  # | float32 | bfloat16
+  c.model.residual_dtype = "auto"
   c.model.matmul = "default"  # default (in model.dtype) | fp8 (FP8 GPUs; else the default)
   # LayerNorm + modulate: auto (pallas in bf16 on Ampere+ GPUs, else reference) | reference |
   # xla | pallas (fused, hand-written backward; BENCHMARKS.md)
   c.model.norm_impl = "auto"
   # GELU backward: saved_input (keeps only its input, as torch does) | reference (autodiff)
   c.model.gelu_impl = "saved_input"
-  # gate gradients of the residual adds x + gate * y: xla (autodiff) | blocked (a two-stage
-  # sum without XLA's (B, L, H) -> (B, H, L) transposes: 2-3% faster step at 1024x64 on an
-  # H200, +1.1 GiB XLA memory estimate; off by default until a curve check; BENCHMARKS.md)
-  c.model.gate_grad = "xla"
+  # gate gradients of the residual adds x + gate * y: blocked (a two-stage sum without XLA's
+  # (B, L, H) -> (B, H, L) transposes: 2-3% faster step on an H200; BENCHMARKS.md) | xla
+  # (autodiff)
+  c.model.gate_grad = "blocked"
 
   c.data = ml_collections.ConfigDict()
   c.data.fasta = "data/uniprot_mmseqs2_example.fasta.gz"  # source, prepared on first use

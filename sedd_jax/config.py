@@ -38,7 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.dtype": ("bfloat16", "float32"),
   "model.remat": ("none", "mlp", "block", "block_save_dots"),
   "model.dropout_rng": ("threefry", "rbg", "hash"),
-  "model.residual_dtype": ("float32", "bfloat16"),
+  "model.residual_dtype": ("auto", "float32", "bfloat16"),
   "model.matmul": ("default", "fp8"),
   "model.norm_impl": ("auto", "reference", "xla", "pallas"),
   "model.gelu_impl": ("reference", "saved_input"),

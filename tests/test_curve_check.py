@@ -36,3 +36,30 @@ def test_tolerance_is_two_standard_errors_of_the_seeds_spread():
 def test_without_two_seeds_there_is_no_verdict():
   rows = curve_check.compare({"ref_seed0": curve(0.0), "hash": curve(0.002)})
   assert rows["hash"]["on_reference"] is None and rows["hash"]["vs_default"] is None
+
+
+# A job of `run_all`, standing in for the reference: its one logged point is 1 when it ran
+# without memory preallocation (a shared GPU), else 0, and it records when it ran.
+_FAKE_JOB = """
+import json, os, sys, time
+t0 = time.time()
+time.sleep(1.0)
+shared = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false"
+print(json.dumps({"impl": "torch-ref", "step": 100, "loss_per_token": float(shared),
+                  "gpu": os.environ["CUDA_VISIBLE_DEVICES"], "t0": t0, "t1": time.time()}))
+"""
+
+
+@pytest.mark.parametrize("gpus,shared", [("7,7", True), ("6,7", False), ("7", False)])
+def test_jobs_share_a_gpu_named_twice(tmp_path, monkeypatch, gpus, shared):
+  jobs = [(f"ref_seed{i}", [curve_check.sys.executable, "-c", _FAKE_JOB], {}) for i in range(2)]
+  monkeypatch.setattr(curve_check, "jobs", lambda args: list(jobs))
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  args = curve_check.argparse.Namespace(root=str(tmp_path), gpus=gpus, timeout=60)
+  curves = curve_check.run_all(args)
+  assert curves == {f"ref_seed{i}": {100: float(shared)} for i in range(2)}
+  rows = [next(curve_check.json.loads(line) for line in (tmp_path / f"ref_seed{i}.log")
+               .read_text().splitlines() if line.startswith("{")) for i in range(2)]
+  assert sorted(r["gpu"] for r in rows) == sorted(gpus.split(",") * (2 // len(gpus.split(","))))
+  overlap = min(r["t1"] for r in rows) > max(r["t0"] for r in rows)
+  assert overlap == (len(gpus.split(",")) == 2)  # two slots run at once, one slot in turn

@@ -12,6 +12,7 @@ from helpers import cases, ddit_out_and_grads, grads_and_out, randomize
 from helpers import ddit_config as model_cfg
 from sedd_jax import parity
 from sedd_jax.model import DDiT, import_state_dict
+from sedd_jax.model import attention as attention_lib
 from sedd_jax.model import ddit as ddit_lib
 from sedd_jax.model import fp8 as fp8_lib
 from sedd_jax.model import layers
@@ -219,6 +220,19 @@ def test_bfloat16_residual_stream_is_close_to_float32():
   a, b = apply(f32, idx, sigma), apply(bf16, idx, sigma)
   assert b.dtype == jnp.float32 and not np.array_equal(a, b)
   assert float(jnp.max(jnp.abs(a - b))) < 3e-2 * float(jnp.max(jnp.abs(a)))
+
+
+def test_auto_residual_stream_is_bfloat16_only_under_bfloat16_compute_on_gpus(monkeypatch):
+  resolve = ddit_lib.resolve_residual_dtype
+  for name in ("float32", "bfloat16"):  # explicit choices hold everywhere
+    assert resolve(name, jnp.bfloat16) == resolve(name, jnp.float32) == jnp.dtype(name)
+  monkeypatch.setattr(attention_lib, "cuda_capability", lambda: None)  # a CPU
+  assert resolve("auto", jnp.bfloat16) == resolve("auto", jnp.float32) == jnp.float32
+  monkeypatch.setattr(attention_lib, "cuda_capability", lambda: (7, 0))  # a V100 as well
+  assert resolve("auto", jnp.bfloat16) == jnp.bfloat16
+  assert resolve("auto", jnp.float32) == jnp.float32  # the parity tests' arithmetic
+  model = DDiT(model_cfg(dtype="bfloat16"), 9, True, nnx.Rngs(0))  # "auto" by default
+  assert model.residual_dtype == jnp.bfloat16
 
 
 def test_fp8_falls_back_without_fp8_gpus(caplog, monkeypatch):

@@ -112,7 +112,7 @@ def test_bad_values_are_named():
       DDiT(model_cfg(gate_grad=removed), 9, True, nnx.Rngs(0))
     with pytest.raises(config_lib.ConfigError, match="model.gate_grad"):
       load_config("uniref50.py:tiny", {"model.gate_grad": removed})
-  assert load_config("uniref50.py:small").model.gate_grad == "xla"
+  assert load_config("uniref50.py:small").model.gate_grad == "blocked"  # the default
   assert gg.CHOICES == config_lib.CHOICES["model.gate_grad"]
 
 

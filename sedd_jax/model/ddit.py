@@ -9,9 +9,9 @@ The layers (LayerNorm, rotary, modulate, dropout, the sigma map, the head) are i
 
 Precision: parameters are float32. Matmuls of the blocks (qkv, attention, out proj, MLP, adaLN)
 run in `cfg.dtype` (bfloat16 or float32), or FP8 with `cfg.matmul=fp8` on FP8 GPUs; the residual
-stream (stored in `cfg.residual_dtype`, float32 by default, added in float32), LayerNorms, rotary,
-the sigma map, the output layer (logits) and the sigma scaling are float32, so the output is
-float32.
+stream (stored in `cfg.residual_dtype`: by default, "auto", bfloat16 under bfloat16 compute on
+GPUs and float32 elsewhere; added in float32), LayerNorms, rotary, the sigma map, the output
+layer (logits) and the sigma scaling are float32, so the output is float32.
 float32 matmuls use Precision.HIGHEST (no TF32 on GPUs). `model.norm_impl` picks how each
 LayerNorm + modulate runs (`sedd_jax.model.norm_modulate`); the numbers agree to float32
 rounding. `model.gate_grad` picks the backward of the gated residual adds
@@ -52,15 +52,15 @@ DEFAULTS = {
     "remat": "none",
     "scan_blocks": False,
     "dropout_rng": "hash",
-    "residual_dtype": "float32",
+    "residual_dtype": "auto",
     "matmul": "default",
     "norm_impl": "auto",
     "gelu_impl": "saved_input",
-    "gate_grad": "xla",
+    "gate_grad": "blocked",
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "mlp", "block", "block_save_dots")
-RESIDUAL_DTYPES = ("float32", "bfloat16")
+RESIDUAL_DTYPES = ("auto", "float32", "bfloat16")  # auto: `resolve_residual_dtype`
 # The blocks' qkv / out / MLP matmuls: in `dtype`, or FP8 (`fp8.fp8_matmul`) on FP8 GPUs.
 MATMULS = ("default", "fp8")
 MLP_RATIO = 4
@@ -69,6 +69,18 @@ CHOICES = {"dtype": tuple(DTYPES), "attention": attention_lib.BACKENDS, "remat":
            "dropout_rng": layers.DROPOUT_RNGS, "residual_dtype": RESIDUAL_DTYPES,
            "matmul": MATMULS, "norm_impl": norm_lib.CHOICES, "gelu_impl": layers.GELU_IMPLS,
            "gate_grad": gate_lib.CHOICES}
+
+
+def resolve_residual_dtype(residual: str, dtype) -> jnp.dtype:
+  """The residual stream's dtype for `model.residual_dtype` (one of RESIDUAL_DTYPES) under
+  compute `dtype`: "auto" is bfloat16 under bfloat16 compute on a CUDA GPU (half the bytes of
+  the stream's many memory-bound passes: a 2.6% faster DDiT-small step on an H200, with the
+  training curve on the reference's; BENCHMARKS.md) and float32 otherwise (the CPU and the
+  float32 parity tests keep the reference's float32 stream)."""
+  if residual != "auto":
+    return DTYPES[residual]
+  on_gpu = attention_lib.cuda_capability() is not None
+  return jnp.bfloat16 if on_gpu and dtype == jnp.bfloat16 else jnp.float32
 
 
 def cfg_value(cfg: Any, key: str):
@@ -210,8 +222,9 @@ class DDiT(nnx.Module):
       residual_dtype); missing optional keys take `DEFAULTS`. scan_blocks: run the blocks as one
       `lax.scan` over their parameters stacked inside the trace (one block compiled instead of
       n_blocks; the parameters keep their per-block layout `blocks.<n>.*`). dropout_rng: how
-      dropout bits are drawn (`layers.dropout_bits`; "hash" by default). residual_dtype: the dtype of the residual
-      stream between blocks (LayerNorms and residual adds still compute in float32). matmul: "fp8"
+      dropout bits are drawn (`layers.dropout_bits`; "hash" by default). residual_dtype: the
+      dtype of the residual stream between blocks (LayerNorms and residual adds still compute
+      in float32): "auto" (`resolve_residual_dtype`), "float32" or "bfloat16". matmul: "fp8"
       runs the blocks' qkv, out and MLP matmuls by `fp8_matmul` where `fp8_available()`, and
       falls back to `dtype` (with a warning) elsewhere. norm_impl: how LayerNorm + modulate
       run (`norm_modulate`): "auto" (`norm_modulate.resolve_impl`: "pallas" in bfloat16 on
@@ -220,11 +233,10 @@ class DDiT(nnx.Module):
       "xla", with a warning, off such GPUs); in the blocks the result is cast to `dtype` right
       away (the next matmul's input dtype). gelu_impl: the MLP's GELU backward (`layers.gelu`):
       "saved_input" (the default: keeps only the GELU's input) or "reference" (autodiff).
-      gate_grad: the backward of the gated residual adds x + gate * y (`gate_grad`): "xla"
-      (the default: autodiff) or "blocked" (a hand-written backward whose two-stage gate
-      gradient avoids XLA's (B, L, H) -> (B, H, L) transposes: a 2-3% faster DDiT-small step
-      at 1024x64 on an H200, +1.1 GiB XLA memory estimate); the same numbers up to the order
-      of the gate gradient's float32 sums.
+      gate_grad: the backward of the gated residual adds x + gate * y (`gate_grad`):
+      "blocked" (the default: a hand-written backward whose two-stage gate gradient avoids
+      XLA's (B, L, H) -> (B, H, L) transposes; a 2-3% faster DDiT-small step on an H200) or
+      "xla" (autodiff); the same numbers up to the order of the gate gradient's float32 sums.
     vocab_size: D = graph.dim (tokens + 1 for absorbing).
     absorb: whether the graph is absorbing (last index = mask).
     rngs: nnx.Rngs; `params` (or default) for init, `dropout` for dropout.
@@ -269,7 +281,7 @@ class DDiT(nnx.Module):
     self.dtype = DTYPES[dtype_name]
     self.remat = remat
     self.scan_blocks = bool(get("scan_blocks"))
-    self.residual_dtype = DTYPES[residual]
+    self.residual_dtype = resolve_residual_dtype(residual, self.dtype)
     self.deterministic = False  # set by model.eval() / model.train(), as nnx.Dropout's
     # One dropout stream for all blocks: a key per forward pass, split into one key per block.
     self.dropout_stream = rngs["dropout"].fork() if dropout > 0 else None
