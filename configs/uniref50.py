@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the training job reads, with SEDD-small reference defaults."""
   c = ml_collections.ConfigDict()
   c.variant = "small"
-  c.seed = 0
+  c.seed = 0  # 0 .. 2**32 - 1 (a 32-bit seed: grain shuffles with it)
 
   c.graph = ml_collections.ConfigDict()
   c.graph.type = "absorb"  # absorb | uniform

@@ -23,8 +23,12 @@
 # 2. train it on the bundled UniProt proteins (`data/uniprot_mmseqs2_example.fasta.gz`, prepared
 #    on first use) with `sedd_jax.train.train` (a few minutes on a laptop CPU);
 # 3. plot the loss from the run's `metrics.jsonl`;
-# 4. load the EMA weights and sample proteins with `sedd_jax.sampling.sampler`;
-# 5. compare the samples with the training data (`sedd_jax.sampling.report`).
+# 4. load the trained model with `sedd_jax.load` and sample proteins (`model.sample`);
+# 5. score sequences (`model.score`, the negative ELBO) and a mutation scan
+#    (`model.score_mutations`);
+# 6. compare the samples with the training data (`sedd_jax.sampling.report`).
+#
+# It also runs as a plain script: `python notebooks/01_quickstart.py`.
 #
 # Set `SEDD_NOTEBOOK_FAST=1` for a smoke run of a few steps (what the tests do).
 # The run goes to `runs/quickstart` (or `$SEDD_NOTEBOOK_WORKDIR/quickstart`); running the
@@ -39,12 +43,13 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
+import sedd_jax
 from sedd_jax import config as config_lib
 from sedd_jax import train as train_lib
 from sedd_jax.data import pipeline, store, tokenizers
 from sedd_jax.data.prepare import repo_root
-from sedd_jax.sampling import report, sampler
-from sedd_jax.training import checkpoint, metrics
+from sedd_jax.sampling import report
+from sedd_jax.training import metrics
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
 for name in ("absl", "jax._src.xla_bridge", "orbax"):
@@ -110,37 +115,51 @@ plt.show()
 # %% [markdown]
 # ## 4. Sample
 #
-# `load_for_inference` returns the model with its EMA weights, the config, and the diffusion
-# graph and noise schedule. `sample_batched` runs the whole reverse process (one compiled
-# `lax.fori_loop`) per batch. Lengths are drawn from the training data; `allowed` restricts
-# the generated tokens to the 20 standard amino acids (as the sample CLI does).
+# `sedd_jax.load` takes a run folder (its newest checkpoint, EMA weights), a checkpoint folder
+# or an exported bundle (`python -m sedd_jax.export`). `model.sample` runs the whole reverse
+# process with the run's sampler settings; `lengths="from-data"` draws the lengths from the
+# training data; only the 20 standard amino acids are generated. `prefix=`, `suffix=`,
+# `motifs=`, `template=` and `infill=` condition the samples (notebook 03).
 
 # %%
-model, cfg, graph, noise = checkpoint.load_for_inference(WORKDIR)
-L = int(cfg.model.length)
-tok = tokenizers.ProteinTokenizer()
-train_store = store.open_store(pipeline.resolve_path(cfg.data.prepared), "train")
-
-num = 8 if FAST else 64
-rng = np.random.default_rng(0)
-lengths = np.minimum(rng.choice(train_store.lengths, num), L).astype(np.int32)
-allowed = tokenizers.residue_mask(graph.dim)  # the 20 standard amino acids
-
-tokens = sampler.sample_batched(jax.random.key(0), graph, noise, num, L, batch_size=num,
-                                steps=int(cfg.sampling.steps), model=model, lengths=lengths,
-                                allowed=allowed)
-samples = [tok.decode(tokens[i, :lengths[i]]) for i in range(num)]
+model = sedd_jax.load(WORKDIR)
+print(model)
+samples = model.sample(8 if FAST else 64, lengths="from-data", seed=0)
 for i, s in enumerate(samples[:5]):
   print(f">sample_{i} length={len(s)}\n{s}")
 
 # %% [markdown]
-# ## 5. Sample report
+# ## 5. Score sequences and a mutation scan
+#
+# `model.score` estimates the negative ELBO of each sequence (nats, an upper bound on
+# -log p; what `python -m sedd_jax.evaluate` reports). `model.score_mutations` gives
+# log p(mutant) - log p(wild type) of each mutation ("A12G", 1-based; higher = fitter).
+
+# %%
+scores = model.score(samples[:4], seed=0)
+for s, nelbo, per in zip(samples[:4], scores.nelbo, scores.per_residue):
+  print(f"{s[:30]:32s} nelbo {nelbo:7.2f} nats, {per:.3f} per residue")
+
+wild_type = samples[0]
+positions = [1, 2] if FAST else [1, 2, 3, 4, 5]  # 1-based: every single mutant of these
+scan = [f"{wild_type[p - 1]}{p}{aa}" for p in positions
+        for aa in tokenizers.STANDARD_RESIDUES if aa != wild_type[p - 1]]
+effects = model.score_mutations(wild_type, scan, seed=0)
+for i in np.argsort(-effects.delta)[:5]:
+  print(f"{effects.mutations[i]:6s} {effects.delta[i]:+.3f} +- {effects.se[i]:.3f} nats")
+
+# %% [markdown]
+# ## 6. Sample report
 #
 # `quality_report` compares samples with reference sequences: residue composition (KL), lengths,
 # low complexity, diversity (distinct k-mers, pairwise identity) and novelty (nearest training
 # sequence by 3-mer Jaccard). `plot_report` draws four panels.
 
 # %%
+L = model.max_length
+tok = tokenizers.ProteinTokenizer()
+train_store = store.open_store(pipeline.resolve_path(model.cfg.data.prepared), "train")
+rng = np.random.default_rng(0)
 ids = rng.choice(len(train_store), 300 if FAST else 2000, replace=False)
 data = [tok.decode(train_store[int(i)])[:L] for i in ids]
 rep = report.quality_report(samples, data)
@@ -156,8 +175,10 @@ print("sequences with a homopolymer run >= 5: samples %.3f, data %.3f"
       % (lc_s["frac_seqs_with_homopolymer"], lc_d["frac_seqs_with_homopolymer"]))
 
 # %%
-from IPython.display import Image, display  # noqa: E402
-
 png = WORKDIR / "report.png"
 report.plot_report(rep, samples, data, png)
-display(Image(filename=str(png)))
+print("report figure:", png)
+fig, ax = plt.subplots(figsize=(10, 8))
+ax.imshow(plt.imread(png))
+ax.axis("off")
+plt.show()

@@ -7,9 +7,15 @@ Configs are `ml_collections` files with a `get_config(variant)` function (see
   values parsed by the type of the existing field), then `validate`s the result.
 * `check_keys(cfg, keys)` raises `ConfigError` for the first dotted key that does not exist,
   with a spelling suggestion ("did you mean ...").
-* `validate(cfg, n_devices=None)` checks values (choices, ranges, divisibility) and raises
-  `ConfigError` naming the key; the `sampling.*` options go through the sampler's own checks
-  (`sampler.check_options`, imported when a config is validated). Nothing here compiles.
+* `validate(cfg, n_devices=None)` checks every key and raises `ConfigError` naming the first
+  bad one: each value against its `Check` in `checks()` (type, range, choices; numbers must be
+  finite) or, for the `FREE_FORM` keys (paths, names), its type; a key in neither fails (with
+  a close match), as does a missing one (except `OPTIONAL_KEYS`) or a `PROTEIN_LIGAND_KEYS`
+  key in a config of another task; then the rules between keys, and the `sampling.*` options
+  through the sampler's own checks (`sampler.check_options`, imported when a config is
+  validated). Nothing here compiles or writes.
+* `checks()` -> {dotted key: `Check`}: the table `validate` uses (`Check.allowed()` says
+  what a key allows, `Check.accepts(value)` tests a value).
 
 The command line (`sedd_jax.train`) uses `ml_collections.config_flags` for the same syntax
 (`--config=file.py:variant --config.optim.lr=1e-4`); it calls `check_override_args` first so that
@@ -20,9 +26,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
+import math
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -45,6 +54,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "model.gate_grad": ("xla", "blocked"),
   "optim.schedule": ("constant", "cosine"),
   "wandb.mode": ("offline", "online", "disabled"),
+  "data.format": ("auto", "fasta", "csv", "peers"),  # sedd_jax.data.prepare's --format
 }
 
 
@@ -55,7 +65,8 @@ PROTEIN_LIGAND_CHOICES: dict[str, tuple[str, ...]] = {
   "mode": ("protein_only", "ligand_only", "ligand_given_protein", "protein_given_ligand", "joint",
            "all"),
   "ligand.graph.type": ("absorb", "uniform"),
-  "sampling.task": ("ligand_given_protein", "protein_given_ligand"),
+  # what the protein-ligand samplers draw (`sample --task`): one track given the other, or both
+  "sampling.task": ("ligand_given_protein", "protein_given_ligand", "joint"),
 }
 
 
@@ -221,71 +232,221 @@ def _need(cond: bool, key: str, message: str) -> None:
     raise ConfigError(key, message)
 
 
-def _positive_int(cfg, key, allow_zero=False):
-  v = get(cfg, key)
-  ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v > 0)
-  _need(ok, key, f"must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
-  return v
+def _leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of the leaves of a nested mapping (lists as tuples)."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_leaves(v, key + "."))
+    else:
+      out[key] = tuple(v) if isinstance(v, list) else v
+  return out
 
 
-def _number(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False):
-  v = get(cfg, key)
-  _need(isinstance(v, (int, float)) and not isinstance(v, bool), key,
-        f"must be a number, got {v!r}")
-  if lo is not None:
-    _need(v > lo if lo_open else v >= lo, key,
-          f"must be {'>' if lo_open else '>='} {lo}, got {v!r}")
-  if hi is not None:
-    _need(v < hi if hi_open else v <= hi, key,
-          f"must be {'<' if hi_open else '<='} {hi}, got {v!r}")
-  return v
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """The allowed values of one config key (an entry of `checks()`).
+
+  `kind`: "int" (an int, not a bool), "number" (an int or float, finite: NaN and inf are
+  refused), "bool", "choice" (one of `choices`), "ints" (a strictly increasing tuple of ints,
+  () included) or "numbers" (a tuple of finite numbers). `lo` / `hi` bound an int or a number,
+  or each element of a tuple: inclusive, or exclusive with `lo_open` / `hi_open`.
+  """
+
+  kind: str
+  lo: int | float | None = None
+  hi: int | float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: tuple[str, ...] = ()
+
+  def allowed(self) -> str:
+    """The allowed values in words, e.g. "a finite number in (0, 1)", "one of ('a', 'b')"."""
+    lo, hi = self.lo is not None, self.hi is not None
+    if lo and hi:
+      bounds = (f" in {'(' if self.lo_open else '['}{self.lo}, {self.hi}"
+                f"{')' if self.hi_open else ']'}")
+    elif lo:
+      bounds = f" {'>' if self.lo_open else '>='} {self.lo}"
+    else:
+      bounds = f" {'<' if self.hi_open else '<='} {self.hi}" if hi else ""
+    return {"int": f"an integer{bounds}", "number": f"a finite number{bounds}",
+            "bool": "true or false", "choice": f"one of {self.choices}",
+            "ints": f"a strictly increasing tuple of integers{bounds}",
+            "numbers": f"a tuple of finite numbers{bounds}"}[self.kind]
+
+  def _scalar(self, v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+      return False
+    return ((isinstance(v, int) or math.isfinite(v))
+            and (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+            and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+  def accepts(self, value: Any) -> bool:
+    """Whether `value` is allowed."""
+    if self.kind == "bool":
+      return isinstance(value, bool)
+    if self.kind == "choice":
+      return isinstance(value, str) and value in self.choices
+    if self.kind in ("int", "number"):
+      return self._scalar(value, integer=self.kind == "int")
+    if not isinstance(value, (tuple, list)):
+      return False
+    integer = self.kind == "ints"
+    return (all(self._scalar(v, integer) for v in value)
+            and (not integer or all(a < b for a, b in zip(value, value[1:]))))
+
+
+# Keys whose value is any string, unchecked beyond its type: paths (data.fasta, data.prepared
+# and training.compile_cache are resolved or created when used; data.ligand_corpus is read
+# when the data pipeline starts), the CSV column names prepare looks for, and labels.
+FREE_FORM = frozenset({
+    "variant", "data.fasta", "data.prepared", "data.ligand_corpus", "data.protein_column",
+    "data.smiles_column", "training.compile_cache", "wandb.project", "wandb.name"})
+# Keys a config may leave out (their readers have a default): `task` ("sedd"), the prepare
+# options data.format ("auto"), data.on_error ("raise") and the CSV column names (detected),
+# and curriculum.sigma_scale_mode ("consistent").
+OPTIONAL_KEYS = frozenset({"task", "data.format", "data.on_error", "data.protein_column",
+                           "data.smiles_column", "curriculum.sigma_scale_mode"})
+# Keys of the protein_ligand task (configs/protein_ligand.py): required by it, refused elsewhere.
+PROTEIN_LIGAND_KEYS = frozenset({
+    "mode", "mode_weights", "model.cross_attention", "ligand.length", "ligand.graph.type",
+    "ligand.graph.tokens", "data.max_ligand_length", "data.ligand_length", "data.ligand_corpus",
+    "data.ligand_corpus_fraction", "sampling.task"})
+
+
+@functools.cache
+def checks() -> dict[str, Check]:
+  """{dotted key: Check} for every key but the FREE_FORM ones (treat as read-only). The
+  choices defined by the modules that read a key are theirs (imported here, so jax is
+  imported on first use, as validation does)."""
+  from sedd_jax.data import fasta
+  from sedd_jax.data import pipeline
+  from sedd_jax.diffusion import curriculum
+  from sedd_jax.sampling import sampler
+
+  def number(lo=None, hi=None, lo_open=False, hi_open=False) -> Check:
+    return Check("number", lo, hi, lo_open, hi_open)
+
+  positive, count, flag = Check("int", 1), Check("int", 0), Check("bool")
+  fraction, below_one = number(0, 1), number(0, 1, hi_open=True)
+  open_unit = number(0, 1, lo_open=True, hi_open=True)
+  choice = {key: Check("choice", choices=c)
+            for key, c in {**CHOICES, **PROTEIN_LIGAND_CHOICES, "task": TASKS,
+                           "data.pad_to": pipeline.PAD_TO, "data.on_error": fasta.ON_ERROR,
+                           "curriculum.sigma_scale_mode": curriculum.SIGMA_SCALE_MODES,
+                           "sampling.predictor": sampler.PREDICTOR_NAMES}.items()}
+  return {
+      **choice,
+      "seed": Check("int", 0, 2**32 - 1),  # grain's shuffle seeds are 32-bit
+      "graph.tokens": positive,
+      "noise.eps": open_unit,
+      "noise.sigma_min": number(0, lo_open=True),
+      "noise.sigma_max": number(0, lo_open=True),
+      "curriculum.preschool_time": positive,
+      **{f"model.{k}": positive for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim",
+                                          "length")},
+      "model.attention_chunk": count,  # 0 = chosen from the length
+      "model.dropout": below_one,
+      "model.scale_by_sigma": flag,
+      "model.scan_blocks": flag,
+      "model.cross_attention": flag,
+      "data.min_length": positive,
+      "data.max_length": positive,
+      "data.min_standard_fraction": fraction,
+      "data.valid_fraction": below_one,
+      "data.test_fraction": below_one,
+      "data.bucket_boundaries": Check("ints", 1),  # () = chosen from the model length
+      "data.pack_bins": positive,
+      "data.max_ligand_length": positive,
+      "data.ligand_length": positive,
+      "data.ligand_corpus_fraction": fraction,
+      **{f"training.{k}": positive for k in ("batch_size", "accum", "steps", "log_every",
+                                             "ckpt_every", "keep", "max_bad_steps")},
+      # 0 = never / none
+      **{f"training.{k}": count for k in ("eval_every", "eval_batches", "sample_every",
+                                          "num_samples", "milestone_every")},
+      "training.ema": below_one,
+      "training.fsdp": flag,
+      "training.time_eps": number(0, 0.5, lo_open=True, hi_open=True),
+      "optim.lr": number(0, lo_open=True),
+      "optim.beta1": below_one,
+      "optim.beta2": below_one,
+      "optim.eps": number(0),
+      "optim.weight_decay": number(0),
+      "optim.warmup": count,
+      "optim.clip": number(0),  # 0 = no clipping
+      "sampling.steps": positive,
+      "sampling.eps": open_unit,
+      "mode_weights": Check("numbers", 0),  # () = uniform
+      "ligand.length": positive,
+      "ligand.graph.tokens": count,  # 0 = from the prepared data
+  }
 
 
 def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
-  """Checks the values the training job reads; raises ConfigError naming the first bad key.
+  """Checks every key of `cfg`; raises ConfigError naming the first bad one.
+
+  Each leaf key must be one of `checks()` (its value checked) or FREE_FORM (a string); a key
+  that is neither (a misspelt key in a config file) fails with a close match. Every key but
+  OPTIONAL_KEYS must exist; PROTEIN_LIGAND_KEYS exactly when `task` is protein_ligand. Then the
+  rules between keys (divisibility, orders, the sampler's options).
 
   Args:
     cfg: the config (every key of `configs/uniref50.py:base_config` must exist).
     n_devices: when given, the per-step micro-batch (batch_size / accum) must divide by it.
   """
-  for key, choices in CHOICES.items():
-    v = get(cfg, key)
-    _need(v in choices, key, f"must be one of {choices}, got {v!r}")
+  table = checks()
+  task = cfg.get("task", "sedd")
+  _check_value(table["task"], "task", task)
+  foreign = frozenset() if task == "protein_ligand" else PROTEIN_LIGAND_KEYS
+  for key in (*table, *sorted(FREE_FORM)):
+    if key not in OPTIONAL_KEYS and key not in foreign:
+      get(cfg, key)
+  for key, value in _leaves(cfg.to_dict()).items():
+    if key in foreign:
+      raise ConfigError(key, f"applies to task 'protein_ligand' only (this config's task is "
+                             f"{task!r})")
+    if key in FREE_FORM:
+      _need(isinstance(value, str), key, f"must be a string, got {value!r}")
+    elif key in table:
+      _check_value(table[key], key, value)
+    else:
+      close = difflib.get_close_matches(key, [*table, *FREE_FORM], n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(key, f"is not a key that sedd_jax reads{hint}")
+  _check_relations(cfg, task, n_devices)
 
-  _positive_int(cfg, "graph.tokens")
-  _number(cfg, "noise.eps", 0.0, 1.0, lo_open=True, hi_open=True)
-  smin = _number(cfg, "noise.sigma_min", 0.0, lo_open=True)
-  smax = _number(cfg, "noise.sigma_max", 0.0, lo_open=True)
+
+def _check_value(check: Check, key: str, value: Any) -> None:
+  _need(check.accepts(value), key, f"must be {check.allowed()}, got {value!r}")
+
+
+def _check_relations(cfg: ml_collections.ConfigDict, task: str, n_devices: int | None) -> None:
+  """The rules between keys whose values `validate` has checked one by one."""
   if cfg.noise.type != "loglinear":
+    smin, smax = cfg.noise.sigma_min, cfg.noise.sigma_max
     _need(smin < smax, "noise.sigma_max", f"must exceed noise.sigma_min ({smin}), got {smax}")
-  _positive_int(cfg, "curriculum.preschool_time")
-
-  hidden = _positive_int(cfg, "model.hidden_size")
-  heads = _positive_int(cfg, "model.n_heads")
+  hidden, heads = cfg.model.hidden_size, cfg.model.n_heads
   _need(hidden % heads == 0, "model.hidden_size",
         f"{hidden} is not divisible by model.n_heads={heads}")
   _need((hidden // heads) % 2 == 0, "model.n_heads",
         f"head dim {hidden // heads} must be even (rotary embedding)")
-  _positive_int(cfg, "model.n_blocks")
-  _positive_int(cfg, "model.cond_dim")
-  _positive_int(cfg, "model.length")
-  _positive_int(cfg, "model.attention_chunk", allow_zero=True)
-  _number(cfg, "model.dropout", 0.0, 1.0, hi_open=True)
-  _need(isinstance(cfg.model.scale_by_sigma, bool), "model.scale_by_sigma", "must be a bool")
-  _need(isinstance(cfg.model.scan_blocks, bool), "model.scan_blocks", "must be a bool")
   _need(not (cfg.model.scale_by_sigma and cfg.graph.type == "uniform"), "model.scale_by_sigma",
         "must be false with graph.type='uniform' (the reference scales absorbing scores only)")
 
-  _positive_int(cfg, "data.min_length")
-  _positive_int(cfg, "data.max_length")
-  _need(cfg.data.min_length <= cfg.data.max_length, "data.min_length",
-        f"{cfg.data.min_length} exceeds data.max_length={cfg.data.max_length}")
-  _number(cfg, "data.min_standard_fraction", 0.0, 1.0)
-  _number(cfg, "data.valid_fraction", 0.0, 1.0, hi_open=True)
-  _number(cfg, "data.test_fraction", 0.0, 1.0, hi_open=True)
+  d = cfg.data
+  _need(d.min_length <= d.max_length, "data.min_length",
+        f"{d.min_length} exceeds data.max_length={d.max_length}")
+  _need(d.valid_fraction + d.test_fraction < 1, "data.test_fraction",
+        f"data.valid_fraction + data.test_fraction must be < 1 (the rest is the training split), "
+        f"got {d.valid_fraction} + {d.test_fraction}")
+  bounds = tuple(d.bucket_boundaries)
+  _need(not bounds or bounds[-1] <= cfg.model.length, "data.bucket_boundaries",
+        f"must not exceed model.length = {cfg.model.length}, got {bounds}")
 
-  batch = _positive_int(cfg, "training.batch_size")
-  accum = _positive_int(cfg, "training.accum")
+  batch, accum = cfg.training.batch_size, cfg.training.accum
   _need(batch % accum == 0, "training.batch_size",
         f"{batch} is not divisible by training.accum={accum}")
   if n_devices is not None:
@@ -293,32 +454,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _need(micro % n_devices == 0, "training.batch_size",
           f"micro-batch {micro} (= batch_size {batch} / accum {accum}) is not divisible by the "
           f"{n_devices} devices")
-  _positive_int(cfg, "training.steps")
-  _number(cfg, "training.ema", 0.0, 1.0, hi_open=True)
-  for key in ("log_every", "eval_every", "eval_batches", "sample_every", "num_samples",
-              "ckpt_every", "keep", "max_bad_steps"):
-    _positive_int(cfg, f"training.{key}", allow_zero=key in ("eval_every", "sample_every",
-                                                             "eval_batches", "num_samples"))
-  _positive_int(cfg, "training.milestone_every", allow_zero=True)
-  _need(isinstance(cfg.training.fsdp, bool), "training.fsdp", "must be a bool")
-  _need(isinstance(cfg.training.compile_cache, str), "training.compile_cache",
-        "must be a folder path, or '' for no persistent compilation cache")
-  _number(cfg, "training.time_eps", 0.0, 0.5, lo_open=True, hi_open=True)
-
-  _number(cfg, "optim.lr", 0.0, lo_open=True)
-  _number(cfg, "optim.beta1", 0.0, 1.0, hi_open=True)
-  _number(cfg, "optim.beta2", 0.0, 1.0, hi_open=True)
-  _number(cfg, "optim.eps", 0.0)
-  _number(cfg, "optim.weight_decay", 0.0)
-  _positive_int(cfg, "optim.warmup", allow_zero=True)
-  _number(cfg, "optim.clip", 0.0)
-
-  _positive_int(cfg, "sampling.steps")
-  _number(cfg, "sampling.eps", 0.0, 1.0, lo_open=True, hi_open=True)
   _check_sampler(cfg)
-
-  task = cfg.get("task", "sedd")
-  _need(task in TASKS, "task", f"must be one of {TASKS}, got {task!r}")
   if task == "protein_ligand":
     _validate_protein_ligand(cfg)
 
@@ -339,23 +475,22 @@ def _check_sampler(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _validate_protein_ligand(cfg: ml_collections.ConfigDict) -> None:
-  """The keys configs/protein_ligand.py adds (mode, mode_weights, ligand.*, sampling.task)."""
-  for key, choices in PROTEIN_LIGAND_CHOICES.items():
-    v = get(cfg, key)
-    _need(v in choices, key, f"must be one of {choices}, got {v!r}")
-  weights = tuple(get(cfg, "mode_weights") or ())
+  """The rules between the keys configs/protein_ligand.py adds (mode_weights, ligand.*) and the
+  others."""
+  unpacked = tuple(p for p in checks()["data.pad_to"].choices if p != "pack")
+  _need(cfg.data.pad_to in unpacked, "data.pad_to",
+        f"must be one of {unpacked} with task 'protein_ligand' (one ligand per protein: rows "
+        f"are not packed), got {cfg.data.pad_to!r}")
+  weights = tuple(cfg.mode_weights)
   n_modes = len(PROTEIN_LIGAND_CHOICES["mode"]) - 1
-  _need(not weights or (len(weights) == n_modes and min(weights) >= 0 and sum(weights) > 0),
+  _need(not weights or (len(weights) == n_modes and sum(weights) > 0),
         "mode_weights", f"must be () or {n_modes} non-negative numbers with a positive sum, one "
         f"per mode of {PROTEIN_LIGAND_CHOICES['mode'][:-1]}; got {weights}")
   _need(cfg.ligand.graph.type == cfg.graph.type, "ligand.graph.type",
         f"must equal graph.type ({cfg.graph.type!r}), got {cfg.ligand.graph.type!r}")
-  _positive_int(cfg, "ligand.graph.tokens", allow_zero=True)  # 0 = from the prepared data
-  length = _positive_int(cfg, "ligand.length")
-  width = _positive_int(cfg, "data.ligand_length")
+  length, width = cfg.ligand.length, cfg.data.ligand_length
   _need(width <= length, "data.ligand_length",
         f"{width} exceeds ligand.length={length} (the model's ligand length)")
-  _positive_int(cfg, "data.max_ligand_length")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -389,17 +524,7 @@ def diff_values(old: ml_collections.ConfigDict,
   """{dotted key: (old value, new value)} for the keys whose values differ between two configs;
   a key present in only one of them has `MISSING` on the other side."""
 
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      key = f"{prefix}{k}"
-      if isinstance(v, Mapping):
-        out.update(flat(v, key + "."))
-      else:
-        out[key] = tuple(v) if isinstance(v, list) else v
-    return out
-
-  a, b = flat(old.to_dict()), flat(new.to_dict())
+  a, b = _leaves(old.to_dict()), _leaves(new.to_dict())
   return {k: (a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
           if a.get(k, MISSING) != b.get(k, MISSING)}
 

@@ -14,6 +14,9 @@ the model's.
 Output: `DIR/checkpoints/<step>/` written by
 `sedd_jax.training.checkpoint.save_inference_checkpoint` (items params, ema = the chosen weights,
 config) and `DIR/config.json`; `sedd_jax.training.checkpoint.load_for_inference(DIR)` loads it.
+Before the input is read, DIR is checked (`sedd_jax.cli.check_outputs`): a folder (or none yet)
+that takes new files, whose config.json is not the input (symlinks and hard links included); an
+existing `DIR/checkpoints/<step>` is refused once the step is read.
 
 torch is imported only here (`pip install sedd_jax[torch]`).
 """
@@ -30,6 +33,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from sedd_jax.cli import CliError
+from sedd_jax.cli import check_outputs
 from sedd_jax.model import torch_import
 
 log = logging.getLogger(__name__)
@@ -180,6 +185,12 @@ def convert(input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
   from sedd_jax.model.ddit import DDiT  # noqa: PLC0415
   from sedd_jax.training import checkpoint  # noqa: PLC0415
 
+  out = pathlib.Path(output_dir).absolute()
+  try:
+    check_outputs({"--output's config.json": out / "config.json"}, {"--input": input_path},
+                  folders={"--output": out})
+  except CliError as e:
+    raise ConvertError(str(e)) from None
   obj = load_torch_file(input_path, allow_pickle=allow_pickle)
   state_dict = select_state_dict(obj, use_ema=use_ema)
   cfg = configure(cfg, state_dict)
@@ -190,7 +201,6 @@ def convert(input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
   torch_import.import_state_dict(model, state_dict)
   params = nnx.state(model, nnx.Param)
 
-  out = pathlib.Path(output_dir).absolute()
   step_dir = out / checkpoint.CHECKPOINTS / str(_step_of(obj))
   if step_dir.exists():
     raise ConvertError(f"{step_dir} exists already; choose another --output")

@@ -1,6 +1,8 @@
 """Likelihood CLI: python -m sedd_jax.evaluate --workdir DIR --split valid --out eval.json
 
 Estimates the model's negative ELBO (an upper bound on the NLL; sedd_jax.sampling.likelihood)
+(`SeddModel.score` of the model `sedd_jax.load` gives for `--workdir DIR` (a run folder or an
+exported bundle: the same numbers as its run) or `--checkpoint PATH`, with `--weights ema|raw`)
 on held-out data, a split of the prepared store (`--split valid|test`, from cfg.data.prepared)
 or a FASTA file (`--fasta FILE`), with `--num-samples` Monte-Carlo draws of t per sequence
 (stratified by default; `--antithetic` or `--t-sampling iid|stratified|antithetic`). Sequences
@@ -24,6 +26,12 @@ training mode (`sedd_jax.protein_ligand.modes.eval_loss_fn`, the per-sequence lo
 the pairs of `--split`, `--num-samples` draws of t per pair) in the JSON as `loss/<mode>`, with
 their mean as `loss` (per mode: `losses[mode]`, nats per sequence, and per real token of the
 track(s) the mode scores; `sedd_jax.evaluate_protein_ligand`). `--fasta` does not apply.
+
+The JSON records the checkpoint used (weights, checkpoint folder, step, run folder: an older
+checkpoint when the newest cannot be read) and the seed. Before the model is loaded, the output
+is checked (`cli.check_outputs`): it may not be an input (--fasta, --baseline-fasta, --config,
+the run's config.json; through symlinks and hard links too), lie inside the run's checkpoints
+or the data store, be an existing folder, or be unwritable; missing parent folders are created.
 """
 
 from __future__ import annotations
@@ -34,7 +42,6 @@ import logging
 import math
 import pathlib
 import sys
-import time
 from typing import Sequence
 
 import numpy as np
@@ -42,6 +49,8 @@ import numpy as np
 from sedd_jax import evaluate_protein_ligand as pl_evaluate
 from sedd_jax import inference
 from sedd_jax.cli import CliError
+from sedd_jax.cli import check_outputs
+from sedd_jax.cli import check_seed
 from sedd_jax.cli import json_safe
 from sedd_jax.cli import run_cli
 from sedd_jax.data import reference
@@ -53,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sedd_jax.evaluate",
                               description=__doc__.split("\n")[0])
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="training run folder (newest loadable checkpoint)")
+  src.add_argument("--workdir", help="training run folder (newest loadable checkpoint) or "
+                   "exported bundle (python -m sedd_jax.export)")
   src.add_argument("--checkpoint", help="a checkpoint folder (<workdir>/checkpoints/<step>)")
   p.add_argument("--config", help="expected config (file.py[:variant]); its model shape must "
                  "match the checkpoint's")
-  p.add_argument("--use-params", action="store_true", help="raw params instead of EMA weights")
+  p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                 help="the EMA weights (default) or the raw parameters (a bundle holds the "
+                 "weights it was exported with)")
   data = p.add_mutually_exclusive_group(required=True)
   data.add_argument("--split", choices=("valid", "test"))
   data.add_argument("--fasta")
@@ -135,81 +147,18 @@ def read_eval_data(args, cfg) -> tuple[list[str], list[np.ndarray]]:
 
   if args.fasta:
     names, seqs = read_fasta_tokens(args.fasta, "--fasta", args.max_sequences)
+    if not seqs:
+      raise CliError(f"--fasta {args.fasta} holds no sequence to evaluate")
   else:
     root = pipeline.resolve_path(cfg.data.prepared)
     try:
-      st = store_lib.Store(root, args.split)
+      st = reference.require_sequences(store_lib.Store(root, args.split))
     except (OSError, ValueError) as e:
       raise CliError(f"--split {args.split}: {e}") from None
     n = len(st) if not args.max_sequences else min(len(st), args.max_sequences)
     names = [f"{args.split}_{i}" for i in range(n)]
     seqs = [np.asarray(st[i]).astype(np.int32) for i in range(n)]
-  if not seqs:
-    raise CliError("no sequences to evaluate")
   return names, seqs
-
-
-def rows_of(seqs: list[np.ndarray], max_length: int, pack: bool) -> dict[str, np.ndarray]:
-  """The evaluation rows of `seqs` (each at most max_length long): one sequence per row of the
-  longest sequence's width, or packed (`pipeline.pack_sequences`) into rows as wide as the
-  longest sequence or MAX_SEGMENTS mean-length sequences (a multiple of 8, at most max_length).
-  Returns tokens/lengths (+ segment_ids/positions when packed) and index (R, S): the sequence
-  of each row (and segment), -1 for none."""
-  from sedd_jax.data import pipeline
-  from sedd_jax.data import reference
-
-  longest = max(len(s) for s in seqs)
-  if not pack:
-    x0, lengths = reference.pad_tokens(seqs, longest)  # <pad> after each sequence
-    return {"tokens": x0, "lengths": lengths, "index": np.arange(len(seqs))[:, None]}
-  mean = sum(len(s) for s in seqs) / len(seqs)
-  width = min(max_length, max(longest, -(-math.ceil(pipeline.MAX_SEGMENTS * mean) // 8) * 8))
-  return pipeline.pack_sequences(seqs, width)
-
-
-def evaluate_model(model, graph, noise, seqs: list[np.ndarray], max_length: int, *,
-                   num_samples: int, t_sampling: str, t_min: float, batch_size: int, seed: int,
-                   pack: bool = True):
-  """NelboResults of `seqs` (cropped to max_length), in their order, computed in batches of
-  `batch_size` rows of one compiled shape (packed rows with `pack`, see `rows_of`)."""
-  import jax
-  from flax import nnx
-
-  from sedd_jax.sampling import likelihood
-
-  seqs = [s[:max_length] for s in seqs]
-  rows = rows_of(seqs, max_length, pack)
-  index = rows.pop("index")
-  model.eval()
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, key, x0, lengths, packing):
-    fn = likelihood.model_log_score_fn(nnx.merge(graphdef, state))
-    return likelihood.nelbo(key, fn, graph, noise, x0, lengths=lengths, num_samples=num_samples,
-                            t_sampling=t_sampling, t_min=t_min, **packing)
-
-  n_rows = len(index)
-  logger.info("%d sequences in %d rows of width %d (padding %.1f%%)", len(seqs), n_rows,
-              rows["tokens"].shape[1], 100 * (1 - rows["lengths"].sum() / rows["tokens"].size))
-  out = {k: np.zeros(len(seqs)) for k in ("nelbo", "se", "prior", "tokens")}
-  t0 = time.perf_counter()
-  n_batches = math.ceil(n_rows / batch_size)
-  for b in range(n_batches):
-    take = np.resize(np.arange(b * batch_size, min(n_rows, (b + 1) * batch_size)), batch_size)
-    batch = {k: v[take] for k, v in rows.items()}  # one shape; repeated rows are dropped below
-    packing = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
-    r = jax.device_get(run(state, jax.random.fold_in(jax.random.key(seed), b), batch["tokens"],
-                           batch["lengths"], packing))
-    real = min(n_rows, (b + 1) * batch_size) - b * batch_size
-    idx = index[take[:real]]
-    for k in out:
-      vals = np.asarray(getattr(r, k)).reshape(batch_size, -1)[:real]
-      out[k][idx[idx >= 0]] = vals[:, :idx.shape[1]][idx >= 0]
-    done = int((index[:b * batch_size + real] >= 0).sum())
-    logger.info("batch %d/%d: %d sequences evaluated (%.1f seq/s)", b + 1, n_batches, done,
-                done / max(time.perf_counter() - t0, 1e-9))
-  return [likelihood.NelboResult(**out)]
 
 
 def pseudo_perplexity(model, graph, seqs: list[np.ndarray], max_length: int, *,
@@ -260,6 +209,21 @@ def check_args(args) -> None:
                    f"{args.mask_frac}, {args.pppl_samples}")
   if args.max_sequences is not None and args.max_sequences < 1:
     raise CliError(f"--max-sequences must be >= 1; got {args.max_sequences}")
+  check_seed(args.seed)
+
+
+def check_paths(args, out_path: pathlib.Path, cfg) -> None:
+  """CliError unless the JSON `out_path` can be written without replacing an input or landing
+  in the run's checkpoints or data store (`cli.check_outputs`; `cfg`: the checkpoint's config,
+  None when not known yet)."""
+  from sedd_jax import config as config_lib
+
+  src_flag = "--workdir" if args.workdir else "--checkpoint"
+  run_files, keep_out = inference.protected_paths(args.workdir or args.checkpoint, src_flag, cfg)
+  inputs = [("--fasta", args.fasta), ("--baseline-fasta", args.baseline_fasta),
+            ("--config", config_lib.split_spec(args.config)[0] if args.config else None),
+            *run_files]
+  check_outputs({"--out" if args.out else "--out (default)": out_path}, inputs, keep_out)
 
 
 def unigram_nll(cfg, train, eval_tokens) -> float | None:
@@ -315,8 +279,9 @@ def run(args) -> int:
 
   check_args(args)
   out_path = pathlib.Path(args.out) if args.out else default_out(args)
-  # The data are read (and checked) before the model is built and loaded.
+  # The outputs and the data are checked before the model is built and loaded.
   peeked = inference.read_config(args.workdir or args.checkpoint)
+  check_paths(args, out_path, peeked)
   if peeked is not None and inference.is_protein_ligand(peeked):
     pl_evaluate.check_protein_ligand_args(args)
   data = None
@@ -325,35 +290,39 @@ def run(args) -> int:
   train = None
   if args.baseline_fasta:
     train = read_fasta_tokens(args.baseline_fasta, "--baseline-fasta")[1]
-  model, cfg, graph, noise = inference.load_model(
-      args.workdir or args.checkpoint, not args.use_params, args.config)
+  loaded = inference.load_model(args.workdir or args.checkpoint, args.weights,
+                                args.config)
+  model, cfg, graph, noise = loaded.model, loaded.cfg, loaded.graph, loaded.noise
+  other = peeked is None or cfg.to_dict() != peeked.to_dict()  # another checkpoint was loaded
+  if other:
+    check_paths(args, out_path, cfg)
   if inference.is_protein_ligand(cfg):
-    return pl_evaluate.run_protein_ligand(args, model, cfg, out_path)
+    return pl_evaluate.run_protein_ligand(args, loaded, out_path)
   max_length = int(cfg.model.length)
   # A split is read again when another checkpoint (of another config) was loaded than peeked.
-  if data is None or (not args.fasta and cfg.to_dict() != peeked.to_dict()):
+  if data is None or (not args.fasta and other):
     data = read_eval_data(args, cfg)
   names, seqs = data
   cropped = sum(len(s) > max_length for s in seqs)
   if cropped:
     logger.warning("%d of %d sequences are longer than the model's length %d and are cropped",
                    cropped, len(seqs), max_length)
-  results = evaluate_model(model, graph, noise, seqs, max_length, num_samples=args.num_samples,
-                           t_sampling=args.t_sampling, t_min=args.t_min,
-                           batch_size=args.batch_size, seed=args.seed,
-                           pack=args.pad_to == "pack")
-  summary = likelihood.summarize(results, noise)
+  eval_tokens = [s[:max_length] for s in seqs]
+  scores = loaded.score(eval_tokens, num_samples=args.num_samples, seed=args.seed,
+                        batch_size=args.batch_size, t_sampling=args.t_sampling,
+                        t_min=args.t_min, pack=args.pad_to == "pack")
+  results = [scores.to_nelbo_result()]
+  summary = likelihood.summarize(results, noise, total_se=scores.total_se)
   pppl = None
   if graph.absorb and not args.no_pseudo_perplexity:
     pppl = pseudo_perplexity(model, graph, seqs, max_length, mask_frac=args.mask_frac,
                              num_samples=args.pppl_samples, batch_size=args.batch_size,
                              seed=args.seed)
 
-  eval_tokens = [s[:max_length] for s in seqs]
   shares = residue_shares(eval_tokens)
   unigram = unigram_nll(cfg, train, eval_tokens)
   out = {
-      "source": args.workdir or args.checkpoint,
+      "source": args.workdir or args.checkpoint, **inference.provenance(loaded),
       "data": args.fasta or f"{cfg.data.prepared}:{args.split}",
       "num_samples": args.num_samples, "t_sampling": args.t_sampling, "t_min": args.t_min,
       "seed": args.seed, "cropped_sequences": int(cropped), "model_length": max_length,

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from sedd_jax import inference
 from sedd_jax.cli import CliError
 from sedd_jax.cli import json_safe
 from sedd_jax.data import reference
@@ -94,13 +95,13 @@ def per_mode(means: dict[str, float], tokens: dict[str, float], n: int) -> dict[
   return losses
 
 
-def run_protein_ligand(args, model, cfg, out_path: pathlib.Path) -> int:
-  """Per-mode losses of a protein-ligand model on the pairs of --split (see the docstring)."""
+def run_protein_ligand(args, loaded, out_path: pathlib.Path) -> int:
+  """Per-mode losses of the protein-ligand model of the `checkpoint.InferenceCheckpoint`
+  `loaded` on the pairs of --split (see the docstring)."""
+  model, cfg = loaded.model, loaded.cfg
   check_protein_ligand_args(args)
   store, _ = reference.reference_pairs(cfg, args.split)
   n = len(store) if not args.max_sequences else min(len(store), args.max_sequences)
-  if n < 1:
-    raise CliError(f"--split {args.split} has no pairs")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   pairs = read_pairs(store, n, p_len, l_len)
   means = mean_losses(model, cfg, pairs, args.batch_size, args.num_samples, args.seed)
@@ -108,7 +109,8 @@ def run_protein_ligand(args, model, cfg, out_path: pathlib.Path) -> int:
             "ligand": float(pairs["ligand_lengths"].sum())}
   losses = per_mode(means, tokens, n)
   result = {
-      "source": args.workdir or args.checkpoint, "task": "protein_ligand",
+      "source": args.workdir or args.checkpoint, **inference.provenance(loaded),
+      "task": "protein_ligand",
       "data": f"{cfg.data.prepared}:{args.split}", "num_pairs": n,
       "num_samples": args.num_samples, "seed": args.seed, "trained_mode": cfg.mode,
       "model_length": p_len, "ligand_length": l_len, "tokens": tokens,

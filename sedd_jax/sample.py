@@ -1,7 +1,10 @@
 """Sampling CLI: python -m sedd_jax.sample --workdir DIR --num N --length L --out samples.fasta
 
-Loads the EMA weights of the newest loadable checkpoint (`--workdir DIR`, or one checkpoint
-folder with `--checkpoint PATH`) and runs the whole reverse process as one compiled program per
+Loads the model through `sedd_jax.load`: the EMA weights (`--weights raw`: the raw parameters)
+of the newest loadable checkpoint of a run (`--workdir DIR`), of one checkpoint folder
+(`--checkpoint PATH`) or of an exported bundle (`--workdir BUNDLE`, `python -m
+sedd_jax.export`: the same samples as its run), and draws the sequences with
+`SeddModel.sample`, which runs the whole reverse process as one compiled program per
 batch shape, `--batch-size` sequences at a time, logging progress (batches, seq/s).
 
 Lengths (unconditional): `--length L` for all (default: the model's length), `--lengths FILE`
@@ -19,14 +22,23 @@ Conditioning (positions are 0-based, spans half-open):
 
 Only the 20 standard amino acids are generated unless --allow-rare (adds X B U Z O): the
 sampler zeroes the score of every other token (the rule of `tokenizers.residue_mask`; see
-sedd_jax.sampling.sampler), and conditioning that fixes another residue is refused. Same seed
-and batch size, same output. The flags are checked against the checkpoint's config before the
+sedd_jax.sampling.sampler), and conditioning that fixes another residue is refused. Same seed,
+same output (sequence i from its own key: `SeddModel.sample`; --batch-size does not matter). The flags are checked against the checkpoint's config before the
 model is loaded; `--temperature T` (default 1; both kinds of checkpoint) draws each revealed
 token from p^(1/T) / Z (T < 1: closer to the model's mode, no longer its distribution), and
 `--reveal-order confidence` (first_hitting) reveals the most confident position first;
 `--verbose` also shows the INFO lines of jax and orbax. FASTA headers carry
-the settings; `--report` also writes `<out>.report.json` and `<out>.report.png`
-(sampling.report) against the training data.
+the settings, the seed and the checkpoint used (weights, checkpoint folder, step, run folder:
+an older checkpoint when the newest cannot be read); `--report` also writes
+`<out>.report.json` and `<out>.report.png` (sampling.report) against the training data. The
+seed defaults to 0 (the same samples on every run; the log names it): pass `--seed N` for
+others.
+
+Nothing is lost: before the model is loaded, every output path is checked
+(`cli.check_outputs`): none may be an input (--template, --infill, --lengths FILE, --proteins,
+--config, the run's config.json; the same file through a symlink or a hard link included), lie
+inside the run's checkpoints or the data store, be an existing folder, or be unwritable;
+missing parent folders are created.
 
 Protein-ligand checkpoints (`cfg.task == "protein_ligand"`; run by
 `sedd_jax.sample_protein_ligand`): `--task` (default cfg.sampling.task) picks what is generated
@@ -67,6 +79,8 @@ import numpy as np
 
 from sedd_jax import inference
 from sedd_jax.cli import CliError
+from sedd_jax.cli import check_outputs
+from sedd_jax.cli import check_seed
 from sedd_jax.cli import run_cli
 from sedd_jax.cli import sampler_options
 from sedd_jax.data import reference
@@ -79,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sedd_jax.sample", description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="training run folder (newest loadable checkpoint)")
+  src.add_argument("--workdir", help="training run folder (newest loadable checkpoint) or "
+                   "exported bundle (python -m sedd_jax.export)")
   src.add_argument("--checkpoint", help="a checkpoint folder (<workdir>/checkpoints/<step>)")
   p.add_argument("--config", help="expected config (file.py[:variant]); its model shape must "
                  "match the checkpoint's")
-  p.add_argument("--use-params", action="store_true", help="raw params instead of EMA weights")
+  p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                 help="the EMA weights (default) or the raw parameters (a bundle holds the "
+                 "weights it was exported with)")
   p.add_argument("--num", type=int, default=None, help="number of sequences (per template or "
                  "infill record); default 8")
   lens = p.add_mutually_exclusive_group()
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "score)")
   p.add_argument("--eps", type=float, help="final time (default cfg.sampling.eps)")
   p.add_argument("--seed", type=int, default=0, help="random seed of the sampler and of drawn "
-                 "lengths / motif positions (default 0); the same seed and --batch-size give "
+                 "lengths / motif positions (default 0); the same seed gives "
                  "the same output")
   p.add_argument("--out", required=True, help="output FASTA")
   p.add_argument("--batch-size", type=int, default=64)
@@ -193,7 +210,7 @@ def _file_plan(args, mode: str, num: int, max_length: int) -> Plan:
         raise CliError(f"{args.infill}: record {name!r} has no spans=START:END in its header")
       c = cond.infill(text, cond.parse_spans(m.group(1)), max_length)
       note = f"infill={name} spans={m.group(1)}"
-    check_fixed_residues(c, args.allow_rare, f"--{mode} record {name!r}")
+    cond.check_residues(c, args.allow_rare, f"--{mode} record {name!r}", "add --allow-rare")
     conds += [c] * num
     notes += [note] * num
   return Plan(np.array([c.length for c in conds], np.int32), conds, notes)
@@ -201,12 +218,14 @@ def _file_plan(args, mode: str, num: int, max_length: int) -> Plan:
 
 def _plan_lengths(args, cfg, num: int, max_length: int, rng) -> np.ndarray:
   """(N,) int32 lengths of --length, --lengths FILE or --lengths from-data."""
-  if args.lengths == "from-data":
-    split = reference.training_split(cfg)
-    if split is None:
+  if args.lengths == "from-data":  # as SeddModel.sample(lengths="from-data") draws them
+    from sedd_jax import bundle
+    src = args.workdir or args.checkpoint
+    stats = bundle.read_data_stats(src) if bundle.is_bundle(src) else bundle.data_stats(cfg)
+    if stats is None or "protein" not in stats.tracks:
       raise CliError("--lengths from-data: no prepared training data at "
                      f"{cfg.data.prepared} (run python -m sedd_jax.data.prepare)")
-    return np.minimum(rng.choice(split.lengths, num), max_length).astype(np.int32)
+    return stats.tracks["protein"].draw_lengths(num, rng, max_length)
   if args.lengths:
     path = pathlib.Path(args.lengths)
     if not path.is_file():
@@ -222,43 +241,27 @@ def _plan_lengths(args, cfg, num: int, max_length: int, rng) -> np.ndarray:
 
 
 def _inline_plan(args, lengths: np.ndarray, max_length: int, rng) -> Plan:
-  """--prefix / --suffix / --motif (or nothing) fixed in sequences of `lengths`."""
+  """--prefix / --suffix / --motif (or nothing) fixed in sequences of `lengths`, placed as
+  `SeddModel.sample` places them (`conditioning.inline`, drawn motif starts from `rng`)."""
   from sedd_jax.sampling import conditioning as cond
 
-  for n in np.unique(lengths):
-    cond.check_length(int(n), max_length)
   conds = []
-  segments = [cond.parse_motif(m) for m in args.motif]
   for n in lengths:
-    parts = []
-    if args.prefix:
-      parts.append(cond.prefix(args.prefix, int(n), max_length))
-      check_fixed_residues(parts[-1], args.allow_rare, "--prefix")
-    if args.suffix:
-      parts.append(cond.suffix(args.suffix, int(n), max_length))
-      check_fixed_residues(parts[-1], args.allow_rare, "--suffix")
-    if segments:
-      parts.append(cond.motif(segments, int(n), rng, max_length))
-      check_fixed_residues(parts[-1], args.allow_rare, "--motif")
-    conds.append(cond.combine(*parts) if parts else None)
+    try:
+      conds.append(cond.inline(int(n), prefix=args.prefix, suffix=args.suffix,
+                               motifs=args.motif, rng=rng, max_length=max_length,
+                               allow_rare=args.allow_rare))
+    except ValueError as e:
+      msg = str(e).replace("pass allow_rare=True", "add --allow-rare")
+      for name, flag in (("prefix", "--prefix"), ("suffix", "--suffix"), ("motifs", "--motif")):
+        if msg.startswith(f"{name} fixes"):
+          msg = flag + msg[len(name):]
+      raise CliError(msg) from None
   kinds = [k for k, v in (("prefix", args.prefix), ("suffix", args.suffix),
                           ("motif", args.motif)) if v]
   notes = [f"cond={'+'.join(kinds)} fixed={c.describe()}" if c is not None else "cond=none"
            for c in conds]
   return Plan(lengths, conds, notes)
-
-
-def check_fixed_residues(c, allow_rare: bool, what: str) -> None:
-  """CliError if the condition `c` fixes residues that the sampler never generates (the rule of
-  `tokenizers.residue_mask`: X B U Z O only with --allow-rare)."""
-  from sedd_jax.data import tokenizers
-  tok = tokenizers.ProteinTokenizer()
-  bad = c.mask & ~tokenizers.residue_mask(tok.vocab_size, allow_rare)[c.tokens]
-  if bad.any():
-    letters = "".join(sorted(set(tok.decode(c.tokens[bad]))))
-    raise CliError(f"{what} fixes {', '.join(letters)} (0-based positions "
-                   f"{np.flatnonzero(bad)[:10].tolist()}): only the 20 standard amino acids are "
-                   "generated unless --allow-rare; add --allow-rare or replace them")
 
 
 def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
@@ -274,51 +277,74 @@ def check_sedd_args(args, cfg) -> tuple[Plan, int, str, float]:
   return plan, steps, predictor, eps
 
 
+def check_paths(args, cfg) -> None:
+  """CliError unless every output of the run (--out; with --report its JSON and PNG; a
+  protein-ligand task's SMILES and validity files) can be written without replacing an input or
+  landing in the run's checkpoints or data store (`cli.check_outputs`); `cfg`: the checkpoint's
+  config (None: not known yet, only --out is checked against the inputs and the run)."""
+  from sedd_jax import config as config_lib
+
+  out = pathlib.Path(args.out)
+  outputs = {"--out": out}
+  if cfg is not None and inference.is_protein_ligand(cfg):
+    outputs.update(pl_sample.extra_outputs(args, cfg))
+  elif args.report:
+    outputs["--report's JSON"] = out.with_suffix(".report.json")
+    outputs["--report's PNG"] = out.with_suffix(".report.png")
+  src_flag = "--workdir" if args.workdir else "--checkpoint"
+  run_files, keep_out = inference.protected_paths(args.workdir or args.checkpoint, src_flag, cfg)
+  inputs = [("--template", args.template), ("--infill", args.infill),
+            ("--lengths", args.lengths if args.lengths != "from-data" else None),
+            ("--proteins", args.proteins),
+            ("--config", config_lib.split_spec(args.config)[0] if args.config else None),
+            *run_files]
+  check_outputs(outputs, inputs, keep_out)
+
+
 def run(args) -> int:
-  import jax
-
-  from sedd_jax.data import tokenizers
-  from sedd_jax.sampling import conditioning as cond
-  from sedd_jax.sampling import sampler
-
   t_start = time.perf_counter()
   if args.batch_size < 1:
     raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-  # The flags are checked against the checkpoint's config before the model is built and loaded.
+  check_seed(args.seed)
+  # The flags and the outputs are checked against the checkpoint's config before the model is
+  # built and loaded.
   peeked = inference.read_config(args.workdir or args.checkpoint)
+  check_paths(args, peeked)
   checked = None
   if peeked is not None and not inference.is_protein_ligand(peeked):
     checked = check_sedd_args(args, peeked)
   elif peeked is not None:
     pl_sample.check_protein_ligand_args(args, peeked)
-  model, cfg, graph, noise = inference.load_model(
-      args.workdir or args.checkpoint, not args.use_params, args.config)
+  loaded = inference.load_model(args.workdir or args.checkpoint, args.weights,
+                                args.config)
+  cfg = loaded.cfg
+  if peeked is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
+    check_paths(args, cfg)
+  logger.info("seed %d (the same seed gives the same samples); pass --seed N for other "
+              "samples", args.seed)
   if inference.is_protein_ligand(cfg):
-    return pl_sample.run_protein_ligand(args, model, cfg, t_start)
-  if checked is None or cfg.to_dict() != peeked.to_dict():  # another checkpoint was loaded
+    return pl_sample.run_protein_ligand(args, loaded, t_start)
+  if checked is None or cfg.to_dict() != peeked.to_dict():
     checked = check_sedd_args(args, cfg)
   plan, steps, predictor, eps = checked
-  max_length = int(cfg.model.length)
-  run_len = int(plan.lengths.max())
-  allowed = tokenizers.residue_mask(graph.dim, allow_rare=args.allow_rare)
-  fixed_tokens = fixed_mask = None
-  if any(c is not None for c in plan.conditions):
-    empty = cond.Condition(np.zeros((0,), np.int32), np.zeros((0,), bool))
-    fixed_tokens, fixed_mask = cond.stack([c or empty for c in plan.conditions], run_len)
   n = len(plan.lengths)
   logger.info("sampling %d sequences (length %d..%d, model max %d): %s, %d steps, eps %g, "
-              "batch %d, seed %d%s", n, plan.lengths.min(), run_len, max_length, predictor, steps,
-              eps, args.batch_size, args.seed, ", cached" if args.cached else "")
-  tokens = sampler.sample_batched(
-      jax.random.key(args.seed), graph, noise, n, run_len, batch_size=args.batch_size,
-      steps=steps, predictor=predictor, eps=eps, model=model, fixed_tokens=fixed_tokens,
-      fixed_mask=fixed_mask, lengths=plan.lengths, cached=args.cached, allowed=allowed,
-      draw=args.draw, remask=args.remask, temperature=args.temperature,
-      reveal_order=args.reveal_order)
-  tok = tokenizers.ProteinTokenizer()
-  seqs = [tok.decode(tokens[i, :plan.lengths[i]]) for i in range(n)]
+              "batch %d, seed %d%s", n, plan.lengths.min(), plan.lengths.max(),
+              int(cfg.model.length), predictor, steps, eps, args.batch_size, args.seed,
+              ", cached" if args.cached else "")
+  # The plan's conditions as templates (fixed letters, '_' free): SeddModel.sample draws them.
+  conditioned = any(c is not None for c in plan.conditions)
+  what = ({"template": [c.describe() for c in plan.conditions], "num": 1} if conditioned
+          else {"lengths": plan.lengths.tolist()})
+  try:
+    seqs = loaded.sample(**what, allow_rare=args.allow_rare, predictor=predictor, steps=steps,
+                         eps=eps, temperature=args.temperature, remask=args.remask,
+                         draw=args.draw, reveal_order=args.reveal_order, cached=args.cached,
+                         seed=args.seed, batch_size=args.batch_size, progress=True)
+  except ValueError as e:
+    raise CliError(str(e)) from None
   out = pathlib.Path(args.out)
-  write_fasta(out, seqs, plan.notes, args, steps, predictor, eps)
+  write_fasta(out, seqs, plan.notes, args, steps, predictor, eps, inference.provenance(loaded))
   logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
   if args.report:
     write_report(seqs, cfg, args.seed, out)
@@ -326,18 +352,17 @@ def run(args) -> int:
 
 
 def write_fasta(out: pathlib.Path, seqs: list[str], notes: list[str], args, steps: int,
-                predictor: str, eps: float) -> None:
-  """The samples as FASTA, each header with the settings that drew it and its condition."""
-  src = args.workdir or args.checkpoint
+                predictor: str, eps: float, source: dict) -> None:
+  """The samples as FASTA, each header with the settings that drew it, the checkpoint
+  (`source`: `inference.provenance`) and its condition."""
+  loaded = " ".join(f"{k}={v}" for k, v in source.items())
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out, "w") as f:
     for i, s in enumerate(seqs):
       f.write(f">sample_{i} length={len(s)} steps={steps} predictor={predictor} eps={eps:g} "
               f"seed={args.seed} batch_size={args.batch_size} cached={int(args.cached)} "
               f"draw={args.draw} remask={args.remask:g} temperature={args.temperature:g} "
-              f"reveal_order={args.reveal_order} "
-              f"weights={'params' if args.use_params else 'ema'} checkpoint={src} "
-              f"{notes[i]}\n{s}\n")
+              f"reveal_order={args.reveal_order} {loaded} {notes[i]}\n{s}\n")
 
 
 def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path) -> None:
@@ -353,7 +378,8 @@ def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path) -> None:
     ref = []
   else:
     ref = [tok.decode(a) for a in data]
-  report.write_report(seqs, ref, out.with_suffix(".report.json"), out.with_suffix(".report.png"))
+  report.write_report(seqs, ref, out.with_suffix(".report.json"), out.with_suffix(".report.png"),
+                      max_length=int(cfg.model.length))  # the cap of --lengths from-data
 
 
 def main(argv: Sequence[str] | None = None) -> int:

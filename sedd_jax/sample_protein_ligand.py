@@ -3,9 +3,12 @@
 
 - `check_protein_ligand_args(args, cfg)`: the task to sample; CliError for flags that do not
   apply or do not fit the config (checked before the model is loaded).
-- `run_protein_ligand(args, model, cfg, t_start)`: ligand_given_protein / protein_given_ligand
+- `extra_outputs(args, cfg)`: the files written beside --out (SMILES, validity report), for
+  the output checks made before the model is loaded.
+- `run_protein_ligand(args, loaded, t_start)`: ligand_given_protein / protein_given_ligand
   (one track given the other, optionally with classifier-free guidance) or joint pairs from
-  noise; writes --out and the SMILES validity report.
+  noise, with the `checkpoint.InferenceCheckpoint` `loaded`; writes --out and the SMILES
+  validity report, each recording the checkpoint used (`inference.provenance`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import time
 
 import numpy as np
 
+from sedd_jax import config as config_lib
+from sedd_jax import inference
 from sedd_jax.cli import CliError
 from sedd_jax.cli import sampler_options
 from sedd_jax.data import reference
 
 logger = logging.getLogger("sedd_jax.sample")
 
-PL_TASKS = ("ligand_given_protein", "protein_given_ligand", "joint")
+PL_TASKS = config_lib.PROTEIN_LIGAND_CHOICES["sampling.task"]
 
 
 def check_protein_ligand_args(args, cfg) -> str:
@@ -62,11 +67,30 @@ def check_protein_ligand_args(args, cfg) -> str:
   return task
 
 
-def run_protein_ligand(args, model, cfg, t_start: float) -> int:
+def extra_outputs(args, cfg) -> dict[str, pathlib.Path]:
+  """{label: path} of the files the task of `cfg` (or --task) writes beside --out: the
+  validity report `<out stem>.validity.json` of the ligands, and for joint the SMILES file
+  `<out stem>.smi`; CliError when that is --out itself."""
+  task = args.task or str(cfg.sampling.task)
+  out = pathlib.Path(args.out)
+  outputs = {}
+  if task == "joint":
+    outputs["the SMILES file (<out stem>.smi)"] = out.with_suffix(".smi")
+    if out.with_suffix(".smi") == out:
+      raise CliError(f"--out {out}: joint writes FASTA there and the SMILES to <stem>.smi; give "
+                     "another suffix (e.g. .fasta)")
+  if task in ("joint", "ligand_given_protein"):
+    outputs["the validity report (<out stem>.validity.json)"] = out.with_suffix(".validity.json")
+  return outputs
+
+
+def run_protein_ligand(args, loaded, t_start: float) -> int:
   """Samples one track of a protein-ligand model given the other (see the module docstring)."""
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import conditional
 
+  model, cfg = loaded.model, loaded.cfg
+  source = inference.provenance(loaded)
   task = check_protein_ligand_args(args, cfg)
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   store, smiles_tok = reference.reference_pairs(cfg, args.split)
@@ -75,7 +99,8 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
   steps, predictor, eps = sampler_options(args, cfg, temperature=args.temperature,
                                           reveal_order=args.reveal_order)
   if task == "joint":
-    return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), t_start)
+    return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), source,
+                     t_start)
 
   if args.proteins:
     names, given, targets, refs = _given_proteins(args, store, ptok, rng, p_len, l_len)
@@ -102,7 +127,7 @@ def run_protein_ligand(args, model, cfg, t_start: float) -> int:
                                        reveal_order=args.reveal_order),))
   except ValueError as e:
     raise CliError(str(e)) from None
-  settings = {"task": task, **run_settings(args, steps, predictor, eps, bs),
+  settings = {"task": task, **run_settings(args, steps, predictor, eps, bs, source),
               "guidance": guidance, "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
   _write_conditional(args, task, tokens, targets, names, refs, settings, smiles_tok, ptok,
                      t_start)
@@ -134,8 +159,6 @@ def _given_pairs(args, task: str, store, smiles_tok, p_len: int, l_len: int):
   """(names, given ids, target lengths, reference SMILES) of the first --num pairs of --split;
   target lengths = the reference's (or --ligand-length / --length)."""
   n = min(args.num or 8, len(store))
-  if n < 1:
-    raise CliError(f"--split {args.split} has no pairs")
   names = [f"{args.split}_{i}" for i in range(n)]
   prots = [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)]
   ligs = [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)]
@@ -181,12 +204,12 @@ def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.nd
   return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
 
-def run_settings(args, steps: int, predictor: str, eps: float, bs: int) -> dict:
-  """The settings every protein-ligand output records (FASTA headers, validity report)."""
+def run_settings(args, steps: int, predictor: str, eps: float, bs: int, source: dict) -> dict:
+  """The settings every protein-ligand output records (FASTA headers, validity report), with
+  the checkpoint used (`source`: `inference.provenance`)."""
   return {"steps": steps, "predictor": predictor, "eps": eps,
           "temperature": args.temperature, "reveal_order": args.reveal_order, "seed": args.seed,
-          "batch_size": bs, "weights": "params" if args.use_params else "ema",
-          "checkpoint": str(args.workdir or args.checkpoint)}
+          "batch_size": bs, **source}
 
 
 def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengths: list[int],
@@ -211,22 +234,18 @@ def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengt
 
 
 def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str, float],
-              t_start: float) -> int:
+              source: dict, t_start: float) -> int:
   """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring);
-  `reverse` = (steps, predictor, eps)."""
+  `reverse` = (steps, predictor, eps), `source` = `inference.provenance` of the checkpoint."""
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import joint
 
   out = pathlib.Path(args.out)
   smi_path = out.with_suffix(".smi")
-  if smi_path == out:
-    raise CliError(f"--out {out}: joint writes FASTA there and the SMILES to <stem>.smi; give "
-                   "another suffix (e.g. .fasta)")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
   n = 8 if args.num is None else args.num
-  if n < 1 or len(store) < 1:
-    raise CliError(f"--num must be >= 1 and --split {args.split} non-empty; got {n}, "
-                   f"{len(store)} pairs")
+  if n < 1:
+    raise CliError(f"--num must be >= 1; got {n}")
   pairs = rng.choice(len(store), n)  # each sample takes both lengths of one reference pair
   plens, llens = (np.full((n,), fixed, np.int32) if fixed else np.minimum(
       np.asarray(store.track(track).lengths)[pairs], top).astype(np.int32)
@@ -243,7 +262,7 @@ def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str,
   seqs = [ptok.decode(prots[i, :plens[i]]) for i in range(n)]
   smiles = [smiles_tok.decode(ligs[i, :llens[i]]) for i in range(n)]
   names = [f"sample_{i}" for i in range(n)]
-  settings = {"task": "joint", **run_settings(args, steps, predictor, eps, bs),
+  settings = {"task": "joint", **run_settings(args, steps, predictor, eps, bs, source),
               "lengths_from": f"{cfg.data.prepared}:{args.split}"}
   out.parent.mkdir(parents=True, exist_ok=True)
   report = write_validity(out, smiles, names, [int(t) for t in llens], settings, args.checker,

@@ -17,22 +17,29 @@ compiled, naming the key), `--workdir DIR` (default `runs/<variant>`), `--fresh`
 Workdir: `checkpoints/<step>/` (see `sedd_jax.training.checkpoint`), `metrics.jsonl`,
 `config.json` (the config of the latest start), `samples/step_<n>.fasta` (protein-ligand:
 `samples/step_<n>.smi`, ligands for validation proteins, with their SMILES validity logged as a
-`sample` row), `loss_curve.png`, `wandb/`. Starting resumes from the newest loadable
-checkpoint; if it is already at `training.steps` the job says so and exits 0. A config that
-changes the model's shape stops before the model is built, naming the keys that differ from the
+`sample` row), `loss_curve.png`, `wandb/`, `.lock`. One job per workdir: a second job started
+on a workdir in use exits at once with one error line naming the workdir and the running
+job's pid and host, writing nothing there (`.lock` is an flock that the kernel releases when
+the job ends or dies). Starting resumes from the newest loadable checkpoint; if it is already
+at `training.steps` the job says so and exits 0. A config that changes the model's shape stops
+before the model is built (finished run or not), naming the keys that differ from the
 checkpoint's. `--fresh` starts from step 0 WITHOUT deleting anything: the workdir's current
-content is moved into `<workdir>/old-<YYYYmmdd-HHMMSS>/`. Bad data inputs (`data.fasta` missing,
-a store of another source) stop the job before the workdir is written. Exit codes: 0 (finished,
-stopped by a signal, or --help), 2 (bad config, data or checkpoint: one error line), 3
-(non-finite steps).
+content is moved into `<workdir>/old-<YYYYmmdd-HHMMSS>/`. Bad data inputs (`data.fasta`
+missing, a store of another source) and an unusable workdir (a file, not writable, a data store
+or inside one, holding `data.fasta`, a `data.prepared` inside its `checkpoints/` or, with
+`--fresh`, anywhere in it) stop the job before the workdir is written. Exit codes: 0 (finished,
+stopped by a signal, or --help), 2 (bad config, data, checkpoint or workdir, or a workdir in
+use: one error line), 3 (non-finite steps), 130 (a second Ctrl-C).
 
 Stopping: SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop finishes the current step, writes a
-checkpoint and exits 0 (a second Ctrl-C aborts at once). `training.max_bad_steps` consecutive
-non-finite steps stop the run with a checkpoint and exit code 3.
+checkpoint and exits 0. A second Ctrl-C aborts at once, even mid-step or mid-save: one line
+naming the newest complete checkpoint, exit code 130, no final checkpoint (the complete ones are
+kept). `training.max_bad_steps` consecutive non-finite steps stop the run with a checkpoint and
+exit code 3.
 
 The library form is `sedd_jax.training.loop.train` (re-exported here as `train`): set-up in
-`training/run.py`, periodic actions in `training/hooks.py`, signals, workdir and prefetching in
-`training/runtime.py`.
+`training/run.py`, periodic actions in `training/hooks.py`, the workdir's checks, lock and
+`--fresh` in `training/workdir.py`, signals and prefetching in `training/runtime.py`.
 
 Devices: all devices of all processes form one data-parallel mesh (`sedd_jax.training.sharding`).
 Multi-process: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`,
@@ -41,10 +48,11 @@ Multi-process: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`,
 from the data (its iterator state is the same everywhere) and hands only its devices' rows to
 them (`sharding.put_batch`), so the losses, the checkpointed data state and resuming do not depend
 on the number of processes or devices (a run saved on 2 GPUs resumes on 1 and the reverse).
-Every process checks (and the first one to get there prepares) the data store before anything
-is written; process 0 alone moves the workdir aside (`--fresh`, then a barrier) and
-writes metrics, samples and `config.json`; every process writes its shards of each checkpoint
-(orbax). A signal to any process stops all of them after the same step: the flags are
+Every process checks the workdir and (the first one to get there prepares) the data store
+before anything is written; process 0 alone takes the workdir's lock and moves its content
+aside (`--fresh`), then every process learns whether that worked (a failure stops all of them);
+process 0 writes metrics, samples and `config.json`; every process writes its shards of each
+checkpoint (orbax). A signal to any process stops all of them after the same step: the flags are
 gathered from every process every 10 steps (`StopFlag.agreed`).
 """
 
@@ -70,8 +78,8 @@ EXIT_CONFIG = 2
 # The library lives in `sedd_jax.training` (loop, run, hooks, runtime); these names are re-exported
 # from there on first use, so that `--help` and config errors do not wait for jax to import.
 _LIBRARY = {"train": "loop", "Result": "loop", "EXIT_NONFINITE": "loop",
-            "maybe_initialize_distributed": "runtime", "prepare_workdir": "runtime",
-            "StopFlag": "runtime", "Prefetcher": "runtime"}
+            "maybe_initialize_distributed": "runtime", "StopFlag": "runtime",
+            "Prefetcher": "runtime", "EXIT_ABORTED": "runtime"}
 
 
 def __getattr__(name: str) -> Any:
@@ -143,12 +151,18 @@ def main(argv: Sequence[str]) -> int:
   from sedd_jax.data import store as store_lib  # noqa: PLC0415
   from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
   from sedd_jax.training import loop  # noqa: PLC0415
+  from sedd_jax.training import workdir as workdir_lib  # noqa: PLC0415
 
   try:
     return loop.train(cfg, workdir, fresh=_FLAGS["fresh"].value).code
-  except (fasta_lib.DataError, store_lib.StoreError, ckpt_lib.CheckpointError) as e:
-    sys.stderr.write(f"error: {e}\n")  # bad data or checkpoints: one line, no traceback
+  except (fasta_lib.DataError, store_lib.StoreError, ckpt_lib.CheckpointError,
+          workdir_lib.WorkdirError) as e:
+    sys.stderr.write(f"error: {e}\n")  # bad data, checkpoints or workdir: one line
     return EXIT_CONFIG
+  except KeyboardInterrupt:  # during set-up, before the signal watcher is installed
+    sys.stderr.write("interrupted during set-up: nothing was trained in this call; the "
+                     "workdir's complete checkpoints are unchanged\n")
+    return runtime.EXIT_ABORTED
 
 
 def run() -> None:

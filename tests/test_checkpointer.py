@@ -1,20 +1,27 @@
-"""The run's Checkpointer: round trip, retention with milestones, shape check, corrupt fallback."""
+"""The run's Checkpointer: round trip, retention with milestones, shape check, corrupt fallback,
+a full disk, nothing left running after close."""
 
 import asyncio
 import errno
 import gc
 import logging
+import os
 import pathlib
 import re
+import threading
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from orbax.checkpoint._src.path import temporary_paths
 
-from helpers import assert_trees_equal, checkpoint_config, state_at
+from helpers import FAST, assert_trees_equal, checkpoint_config, state_at, train_config
 from sedd_jax import config as config_lib
 from sedd_jax import diffusion
 from sedd_jax.training import checkpoint as ckpt_lib
 from sedd_jax.training import checkpointer
+from sedd_jax.training import loop
 from sedd_jax.training import state as state_lib
 
 # A deliberately failing orbax restore leaves asyncio read tasks that are reported when collected.
@@ -180,7 +187,7 @@ def test_unreadable_checkpoint_message_names_the_file_and_the_problem(tmp_path, 
   assert r.step == 1
   lines = [rec.getMessage() for rec in caplog.records if "cannot be read" in rec.getMessage()]
   assert len(lines) == 2
-  assert re.search(r"step 3 .*OUT_OF_RANGE: Error reading \"blocks\.0\..*\" in OCDBT database at "
+  assert re.search(r"step 3 .*OUT_OF_RANGE: Error reading \"[\w./]+\" in OCDBT database at "
                    rf"local file \"{tmp_path}/checkpoints/3/params/\": .*not valid", lines[0])
   assert (f"step 2 ({tmp_path}/checkpoints/2) cannot be read: {tmp_path}/checkpoints/2/opt_state/"
           "_METADATA is not valid JSON") in lines[1]
@@ -213,3 +220,142 @@ def test_unretrieved_read_errors_of_a_damaged_checkpoint_are_not_logged(caplog):
   assert [r.name for r in caplog.records] == ["asyncio"]
   assert "exception was never retrieved" in caplog.records[0].getMessage()
   assert "a bug elsewhere" in caplog.text
+
+
+def _json_writes_fail(monkeypatch, from_step: int) -> None:
+  """A full disk for the checkpoints from step `from_step` on: orbax's JSON items (train, data,
+  config), written in its background commit threads, fail as Python's file writes do."""
+  real = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def full(self, x, directory):
+    if int(directory.parent.name.split(".")[0]) >= from_step:  # <step>[.orbax-...]/<item>
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+    return await real(self, x, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", full)
+
+
+def _disk_usage(folder: pathlib.Path) -> int:
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(folder) for f in files)
+
+
+def test_disk_full_is_one_error_and_the_older_checkpoints_restore(tmp_path, micro_state,
+                                                                  monkeypatch, caplog):
+  """A save that runs out of disk space (raised in orbax's background thread): one DiskFull
+  naming the folder, the size needed and what to do, nothing logged, no partial folder left;
+  the older checkpoints (retention keep=2 would have deleted step 1) restore exactly, and the
+  next save, once there is space, works."""
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path, keep=2)
+  for step in (1, 2):
+    ck.save(state_at(state, step), {"position": step}, cfg)
+  ck.wait()
+  _json_writes_fail(monkeypatch, from_step=3)
+  with caplog.at_level(logging.INFO):
+    assert ck.save(state_at(state, 3), {"position": 3}, cfg)  # fails in the background
+    with pytest.raises(checkpointer.DiskFull) as err:
+      ck.wait()
+  folder = tmp_path / "checkpoints"
+  size = _disk_usage(folder / "2") / 2**10
+  free = r"\d+(\.\d)? (B|KiB|MiB|GiB|TiB)"  # what the disk has now (others write to it too)
+  assert re.fullmatch(re.escape(
+      f"no space left on device for the checkpoint of step 3 in {folder}: it needs about "
+      f"{size:.1f} KiB (step 2 takes that on disk), ") + free + re.escape(
+      " are free there with its partial folder removed. Free space (or lower training.keep); "
+      "the older checkpoints (steps 1, 2) are intact; run the same command to resume from step "
+      "2."), str(err.value)), str(err.value)
+  assert isinstance(err.value, ckpt_lib.CheckpointError)  # the train CLI: one line, exit 2
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+  assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]
+  ck.wait()  # reported once
+  for step in (1, 2):
+    r = ck.restore(step, state)
+    assert r.data_state == {"position": step}
+    assert_trees_equal(r.state, state_at(state, step))
+  monkeypatch.undo()  # space again: training goes on
+  assert ck.save(state_at(state, 3), None, cfg)
+  ck.wait()
+  assert ck.all_steps() == [2, 3]
+  ck.close()
+
+
+def test_disk_full_from_the_first_checkpoint_names_the_arrays(tmp_path, micro_state,
+                                                              monkeypatch):
+  cfg, state = micro_state
+  _json_writes_fail(monkeypatch, from_step=0)
+  ck = checkpointer.Checkpointer(tmp_path)
+  ck.save(state_at(state, 1), None, cfg)
+  with pytest.raises(checkpointer.DiskFull, match=(
+      r"checkpoint of step 1 in .*: it needs about 366\.0 KiB \(its arrays: params, EMA and "
+      r"optimizer state\), .* there is no older checkpoint; run the same command to start "
+      r"again\.$")):
+    ck.save(state_at(state, 2), None, cfg)  # the previous save's error comes first
+  # params, EMA and Adam's two moments of the micro model's 23,425 float32 parameters, and
+  # two int32 step counts of the optimizer.
+  assert f"{(4 * 23_425 * 4 + 2 * 4) / 2**10:.1f}" == "366.0"
+  assert list((tmp_path / "checkpoints").iterdir()) == []
+  ck.close()
+
+
+def test_is_disk_full():
+  tensorstore = ValueError(  # what TensorStore raised when a real (tmpfs) disk filled up
+    'RESOURCE_EXHAUSTED: Error writing "1.0.mu.blocks.0.mlp_in.bias.value/0" in OCDBT database '
+    'at local file "/tmp/run/checkpoints/8.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp'
+    '/ocdbt.process_0/": Failed writing: "/tmp/run/checkpoints/8.orbax-checkpoint-tmp/opt_state'
+    '.orbax-checkpoint-tmp/ocdbt.process_0/d/2751d6b2": Failed to write 3880 bytes to file 7: '
+    "No space left on device [os_error_code='28']")
+  wrapped = RuntimeError("Failed to run 8 Handler Commit operations")
+  wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+  assert checkpointer.is_disk_full(tensorstore) and checkpointer.is_disk_full(wrapped)
+  for other in (OSError(errno.EIO, "Input/output error"), MemoryError("out of memory"),
+                ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 "
+                           "bytes")):
+    assert not checkpointer.is_disk_full(other)
+
+
+def test_a_finished_run_leaves_no_thread_running(tmp_path, micro_state, store, monkeypatch):
+  """`train` on a finished run creates and closes a Checkpointer. orbax's clean-up of
+  unfinished saves ran in a thread that `close()` did not join; still running when the process
+  exited, it printed "RuntimeError: cannot schedule new futures after interpreter shutdown".
+  Slowed down here (5 s), so that it would always still run: nothing may be left running."""
+  cfg, state = micro_state
+  ck = checkpointer.Checkpointer(tmp_path)
+  ck.save(state_at(state, 6), None, cfg)
+  ck.close()
+  (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-123").mkdir()  # a save cut short
+  real_cleanup = temporary_paths.cleanup_temporary_paths
+
+  async def slow_cleanup(*args, **kwargs):
+    await asyncio.sleep(5)
+    return await real_cleanup(*args, **kwargs)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  before = set(threading.enumerate())
+  result = loop.train(train_config(store, **{"training.steps": 6}), tmp_path)
+  assert (result.code, result.step, result.reason) == (0, 6, "done")
+  started = [t for t in threading.enumerate()  # Python's threads (not TensorStore's)
+             if t not in before and not isinstance(t, threading._DummyThread)]
+  for t in started:  # an event loop's executor worker may still be on its way out
+    threading.Thread.join(t, timeout=1)  # (orbax's threads' own join raises on a timeout)
+  assert [t.name for t in started if t.is_alive()] == []
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
+
+
+def test_a_full_disk_stops_training_with_one_error(tmp_path, store, monkeypatch, caplog):
+  """The job's last checkpoint (step 4) does not fit: `train` raises DiskFull (the CLI prints
+  it as one `error:` line, exit code 2) and logs nothing else; step 2 stays; once there is
+  space, the same call resumes from it."""
+  cfg = train_config(store, **{"training.steps": 4, "training.ckpt_every": 2})
+  devices = jax.devices()[:1]
+  _json_writes_fail(monkeypatch, from_step=4)
+  with caplog.at_level(logging.WARNING), pytest.raises(checkpointer.DiskFull, match=(
+      r"checkpoint of step 4 .* the older checkpoints \(steps 2\) are intact; run the same "
+      r"command to resume from step 2\.$")):
+    loop.train(cfg, tmp_path, devices=devices, compiler_options=FAST)
+  assert caplog.records == []
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+  assert ckpt_lib.read_items(tmp_path / "checkpoints" / "2")["train"]["step"] == 2
+  monkeypatch.undo()
+  assert loop.train(cfg, tmp_path, devices=devices, compiler_options=FAST).step == 4
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]

@@ -95,3 +95,31 @@ def test_stack_pads():
   tok, msk = cond.stack([cond.prefix("MA", 3), cond.template("_G")], 4)
   assert tok.shape == (2, 4) and msk.shape == (2, 4)
   np.testing.assert_array_equal(msk, [[1, 1, 0, 0], [0, 1, 0, 0]])
+
+
+def test_inline_combines_prefix_suffix_and_motifs():
+  c = cond.inline(8, prefix="MA", suffix="GK", motifs=["VV@3"])
+  assert c.describe() == "MA_VV_GK"
+  assert cond.inline(8) is None
+  # Motifs as pairs or strings; a drawn start avoids the prefix and the given motif.
+  rng = np.random.default_rng(0)
+  seen = {cond.inline(9, prefix="MA", motifs=[("VV", 4), "SE"], rng=rng).describe()
+          for _ in range(40)}
+  assert seen == {"MASEVV___", "MA__VVSE_", "MA__VV_SE"}  # every free start of SE
+  with pytest.raises(ValueError, match="length 9 is over the model's maximum length 8"):
+    cond.inline(9, prefix="MA", max_length=8)
+  with pytest.raises(ValueError, match="^prefix fixes X"):
+    cond.inline(6, prefix="MX", allow_rare=False)
+  assert cond.inline(6, prefix="MX", allow_rare=True).describe() == "MX____"
+  with pytest.raises(ValueError, match="^motifs fixes B, U"):
+    cond.inline(6, motifs=["UB@2"], allow_rare=False)
+
+
+def test_check_residues_names_the_letters_and_positions():
+  c = cond.template("MX_Z_", max_length=8)
+  cond.check_residues(c, allow_rare=True, what="template")
+  with pytest.raises(ValueError) as e:
+    cond.check_residues(c, allow_rare=False, what="template", hint="add --allow-rare")
+  assert str(e.value) == (
+      "template fixes X, Z (0-based positions [1, 3]): only the 20 standard amino acids are "
+      "generated unless rare residues are allowed; add --allow-rare or replace them")

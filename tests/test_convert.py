@@ -2,6 +2,7 @@
 
 import argparse
 import collections
+import re
 import subprocess
 import sys
 
@@ -150,6 +151,29 @@ def test_files_that_are_no_torch_checkpoint_are_named(tmp_path):
   cut.write_bytes(good.read_bytes()[:200])
   with pytest.raises(convert.ConvertError, match="truncated or corrupt zip archive"):
     convert.load_torch_file(cut)
+
+
+def test_outputs_that_would_lose_the_input_are_refused_before_reading_it(tmp_path):
+  """--output as the input file, an existing file, or the folder whose config.json is the
+  input: refused before the input is read (any bytes do), the input left as it was."""
+  pth = tmp_path / "ref.pth"
+  pth.write_bytes(b"not read")
+  other = tmp_path / "other.txt"
+  other.write_text("x")
+  run = tmp_path / "run"
+  run.mkdir()
+  inside = run / "config.json"
+  inside.write_bytes(b"a checkpoint named config.json")
+  cfg = config_lib.load_config(f"{UNIREF50}:tiny")
+  for src, out, match in (
+      (pth, pth, f"--output {pth} would overwrite --input {pth} (the same file)"),
+      (pth, other, f"--output {other} exists and is not a folder"),
+      (inside, run, f"--output's config.json {inside} would overwrite --input {inside}")):
+    with pytest.raises(convert.ConvertError, match=re.escape(match)):
+      convert.convert(src, out, cfg)
+  assert pth.read_bytes() == b"not read" and other.read_text() == "x"
+  assert inside.read_bytes() == b"a checkpoint named config.json"
+  assert sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 
 def test_help_exits_0():

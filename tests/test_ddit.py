@@ -328,3 +328,61 @@ def test_the_saved_input_gelu_keeps_the_model_outputs_and_gradients():
   assert len(g_ref) == len(g_new) > 0
   for a, b in zip(g_new, g_ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@nnx.jit(static_argnames="layer")
+def hidden(model, indices, sigma, lengths=None, segment_ids=None, positions=None, *, layer):
+  return model.hidden_states(indices, sigma, lengths, layer=layer, segment_ids=segment_ids,
+                             positions=positions)
+
+
+@nnx.jit
+def head(model, h, sigma, indices):
+  """The output layer and score head on hidden states h (B, L, H): DDiT's last steps."""
+  c = jax.nn.silu(model.sigma_map(sigma))
+  return layers.score_head(model.output_layer(h, c), sigma, indices, model.scale_by_sigma)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_hidden_states_close_with_the_forward(scan):
+  """Layer -1 through the output layer and the score head is __call__'s log score; layer 0 is
+  the token embedding and layer 1 block 0 applied to it by hand; layers index the three
+  states as a list (-3 is 0, 2 is -1)."""
+  model = randomize(DDiT(model_cfg(scan_blocks=scan), 9, True, nnx.Rngs(0)))
+  model.eval()
+  idx = jax.random.randint(jax.random.key(3), (2, 8), 0, 9)
+  sigma, lengths = jnp.array([0.4, 1.9]), jnp.array([8, 6], jnp.int32)
+  last = hidden(model, idx, sigma, lengths, layer=-1)
+  assert last.shape == (2, 8, 16) and last.dtype == jnp.float32
+  np.testing.assert_allclose(head(model, last, sigma, idx), apply(model, idx, sigma, lengths),
+                             atol=1e-5, rtol=1e-5)
+  emb = np.asarray(model.vocab_embed.embedding[...])[np.asarray(idx)]
+  np.testing.assert_array_equal(hidden(model, idx, sigma, lengths, layer=0), emb)
+  cos, sin = layers.rotary_cos_sin(8, 8)
+  one = model.blocks[0](jnp.asarray(emb), cos, sin, jax.nn.silu(model.sigma_map(sigma)), lengths)
+  np.testing.assert_allclose(hidden(model, idx, sigma, lengths, layer=1), one, atol=1e-5,
+                             rtol=1e-5)
+  assert [model.layer_blocks(k) for k in (-3, -2, -1, 0, 1, 2)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_packed_hidden_states_equal_the_sequence_alone():
+  model = randomize(DDiT(model_cfg(), 9, True, nnx.Rngs(0)))
+  model.eval()
+  rng = np.random.default_rng(5)
+  seqs = [rng.integers(0, 9, n) for n in (5, 7, 2)]
+  tok, lengths, seg, pos = pack_rows(seqs, 16)
+  sigma = jnp.array([0.7])
+  packed = np.asarray(hidden(model, tok, sigma, lengths, seg, pos, layer=-1))
+  start = 0
+  for x in seqs:
+    alone = np.asarray(hidden(model, jnp.asarray(x[None], jnp.int32), sigma, layer=-1))
+    np.testing.assert_allclose(packed[0, start:start + len(x)], alone[0], atol=1e-5, rtol=0)
+    start += len(x)
+
+
+@pytest.mark.parametrize("layer", [3, -4, True, 1.0])
+def test_hidden_states_layer_is_checked(layer):
+  model = DDiT(model_cfg(), 9, True, nnx.Rngs(0))
+  with pytest.raises(ValueError, match=rf"layer {layer!r} is out of range for a model of 2 "
+                     r"blocks: use -3..2 \(0 = the token embedding"):
+    model.hidden_states(jnp.zeros((1, 4), jnp.int32), jnp.ones((1,)), layer=layer)

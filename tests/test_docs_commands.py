@@ -12,6 +12,7 @@ lines; `#` starts a comment), then:
   `tests/`, `benchmarks/` linked from the checkout): training with a `tiny` config (a few steps,
   via extra `--config.` overrides), data preparation (output redirected into the sandbox),
   sampling and evaluation of a run folder that an earlier command created (fewer steps / draws),
+  the export of such a run,
   and the shell helpers `printf`, `echo`, `mkdir`;
 * `pip install` lines are checked against pyproject's extras, `python -m pytest` is this suite.
 
@@ -112,7 +113,7 @@ for line in sys.stdin:
   sys.stderr.flush()
   print(f"\n@@DONE {code}", flush=True)
 """
-IN_RUNNER = {"sedd_jax.sample", "sedd_jax.evaluate", "sedd_jax.data.prepare"}
+IN_RUNNER = {"sedd_jax.sample", "sedd_jax.evaluate", "sedd_jax.data.prepare", "sedd_jax.export"}
 
 
 class Runner:
@@ -299,6 +300,9 @@ def _runnable(cmd: Command, sandbox: pathlib.Path):
             if a != "--output" and not a.startswith("--output=")
             and not (i > 0 and args[i - 1] == "--output")]
     return ["python", "-m", name, *rest, "--output", str(sandbox / out)]
+  if name == "sedd_jax.export":
+    src = _flag_value(args, "--workdir")
+    return ["python", "-m", name, *args] if src and (sandbox / src).exists() else None
   if name in ("sedd_jax.sample", "sedd_jax.evaluate"):
     src = _flag_value(args, "--workdir") or _flag_value(args, "--checkpoint")
     if src is None or not (sandbox / src).exists():

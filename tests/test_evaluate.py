@@ -5,16 +5,20 @@ unigram baseline on held-out data."""
 import json
 import logging
 import math
+import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
 
-from helpers import config_module, sample_config, save_checkpoint
+from helpers import FAA, cli_fails, config_module, sample_config, save_checkpoint
 from sedd_jax import evaluate as evaluate_cli
 from sedd_jax.data import pipeline
+from sedd_jax.data import prepare
 from sedd_jax.data import store as store_lib
 from sedd_jax.data import tokenizers
+from sedd_jax.sampling import likelihood
 from sedd_jax.training import checkpoint as ckpt_lib
 
 
@@ -113,7 +117,7 @@ def test_bad_input(workdir, tmp_path, caplog, monkeypatch):
     raise AssertionError("the model was loaded before the inputs were checked")
 
   with monkeypatch.context() as m:
-    m.setattr(ckpt_lib, "load_for_inference", no_load)
+    m.setattr(ckpt_lib, "load_inference_checkpoint", no_load)
     for extra, match in cases:
       caplog.clear()
       with caplog.at_level(logging.ERROR):
@@ -179,24 +183,6 @@ def test_checkpoint_without_config_item(workdir, tmp_path):
   assert json.loads((run / "eval_e.json").read_text())["num_tokens"] == 10
 
 
-def test_short_peptides_are_packed():
-  rng = np.random.default_rng(0)
-  seqs = [rng.integers(4, 29, n).astype(np.int32) for n in rng.integers(8, 40, 50)]
-  rows = evaluate_cli.rows_of(seqs, 128, pack=True)
-  full = evaluate_cli.rows_of(seqs, 128, pack=False)
-  idx = rows["index"][rows["index"] >= 0]
-  assert sorted(idx.tolist()) == list(range(50))  # every sequence once
-  for r, row in enumerate(rows["index"]):
-    for s, i in enumerate(row[row >= 0], 1):
-      np.testing.assert_array_equal(rows["tokens"][r][rows["segment_ids"][r] == s], seqs[i])
-
-  def padding(b):
-    return 1 - b["lengths"].sum() / b["tokens"].size
-
-  assert padding(rows) < 0.1 < 0.3 < padding(full)
-  assert len(rows["tokens"]) < len(seqs) // 5
-
-
 def test_pseudo_perplexity_and_bits(workdir, tmp_path, capsys, caplog):
   fa = tmp_path / "e.fasta"
   fa.write_text(">a\nMKVLAAGGSTEEKK\n>b\nMKVLSTTTAAGW\n>c\nMSTAKVLLQEGHWWRRT\n")
@@ -219,3 +205,93 @@ def test_pseudo_perplexity_and_bits(workdir, tmp_path, capsys, caplog):
   _fails_eval = ["--workdir", str(workdir), "--fasta", str(fa), "--out", str(path)]
   assert evaluate_cli.main(_fails_eval + ["--mask-frac", "1.0"]) == 2
   assert "--mask-frac must be in (0, 1)" in caplog.text
+
+
+def test_outputs_that_would_lose_something_are_refused_before_the_model_loads(
+    workdir, tmp_path, caplog, monkeypatch):
+  """--out as the --fasta (or a hard link of it), an existing folder, a default output inside
+  the checkpoints, a negative seed: one line naming the flags before the model is loaded."""
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output was checked")
+
+  monkeypatch.setattr(ckpt_lib, "load_inference_checkpoint", no_load)
+  fa = tmp_path / "e.fasta"
+  fa.write_text(">a\nMKVLA\n")
+  os.link(fa, tmp_path / "hard.fasta")
+  w = ["--workdir", str(workdir)]
+  step = workdir / "checkpoints" / "0"
+  for flags, match in (
+      (w + ["--fasta", str(fa), "--out", str(fa)],
+       f"--out {fa} would overwrite --fasta {fa} (the same file)"),
+      (w + ["--fasta", str(fa), "--out", str(tmp_path / "hard.fasta")],
+       f"--out {tmp_path / 'hard.fasta'} would overwrite --fasta {fa} (the same file)"),
+      (w + ["--split", "test", "--baseline-fasta", str(fa), "--out", str(fa)],
+       f"--out {fa} would overwrite --baseline-fasta {fa}"),
+      (w + ["--fasta", str(fa), "--out", str(tmp_path)],
+       f"--out {tmp_path} is a folder; give a file path"),
+      (["--workdir", str(step), "--split", "test"],
+       f"--out (default) {step / 'eval_test.json'} lies inside the checkpoints of --workdir "
+       f"{workdir / 'checkpoints'}"),
+      (w + ["--fasta", str(fa), "--seed", "-3"], "--seed must be an integer in [0, 2^32); got -3"),
+  ):
+    cli_fails(evaluate_cli.main, flags, caplog, match)
+  assert fa.read_text() == ">a\nMKVLA\n" and not (step / "eval_test.json").exists()
+
+
+def test_the_json_records_the_checkpoint_used(workdir, tmp_path, caplog):
+  """Newest checkpoint damaged: the estimate comes from step 0 and the JSON says so (folder,
+  step, run, weights, seed); the output's missing folders are created."""
+  run = tmp_path / "run"
+  shutil.copytree(workdir / "checkpoints" / "0", run / "checkpoints" / "0")
+  shutil.copytree(run / "checkpoints" / "0", run / "checkpoints" / "3")
+  for f in (run / "checkpoints" / "3" / "ema").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:5])
+  fa = tmp_path / "e.fasta"
+  fa.write_text(">a\nMKVLAAGGST\n")
+  out = tmp_path / "new" / "e.json"
+  with caplog.at_level(logging.ERROR):
+    assert evaluate_cli.main(["--workdir", str(run), "--fasta", str(fa), "--num-samples", "2",
+                              "--baseline-fasta", str(fa), "--seed", "5", "--out",
+                              str(out)]) == 0
+  assert f"checkpoint {run}/checkpoints/3 cannot be read" in caplog.text
+  r = json.loads(out.read_text())
+  assert {k: r[k] for k in ("source", "weights", "checkpoint", "step", "run", "seed")} == {
+      "source": str(run), "weights": "ema", "checkpoint": str(run / "checkpoints" / "0"),
+      "step": 0, "run": str(run), "seed": 5}
+
+
+def test_the_cli_numbers_are_the_apis(workdir, tmp_path):
+  """evaluate's JSON (per sequence and summed) == sedd_jax.load(run).score of the same
+  (cropped) sequences with the same seed and settings: one code path."""
+  import sedd_jax
+
+  fa = tmp_path / "e.fasta"
+  long = "MKVLAAGGST" * 6  # 60 > the model's 48: the CLI crops it, the API is given the crop
+  fa.write_text(f">a\nMKVLAAGGSTWY\n>b\nPPLKV\n>c\n{long}\n")
+  out = tmp_path / "e.json"
+  assert evaluate_cli.main(["--workdir", str(workdir), "--fasta", str(fa), "--num-samples", "4",
+                            "--t-sampling", "stratified", "--seed", "7", "--batch-size", "2",
+                            "--baseline-fasta", str(fa), "--no-pseudo-perplexity",
+                            "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  model = sedd_jax.load(workdir)
+  s = model.score(["MKVLAAGGSTWY", "PPLKV", long[:model.max_length]], num_samples=4, seed=7,
+                  batch_size=2, t_sampling="stratified")
+  assert [e["nelbo"] for e in r["per_sequence"]] == s.nelbo.tolist()
+  assert [e["se"] for e in r["per_sequence"]] == s.nelbo_se.tolist()
+  assert [e["tokens"] for e in r["per_sequence"]] == [12, 5, 48]
+  want = likelihood.summarize([s.to_nelbo_result()], model.noise, total_se=s.total_se)
+  assert r["nelbo_per_token"] == want["nelbo_per_token"]
+  assert r["se_per_token"] == want["se_per_token"]
+
+
+def test_an_empty_split_names_the_store_and_how_to_make_one(tmp_path, caplog):
+  cfg = sample_config(tmp_path)
+  prepare.prepare(FAA, cfg.data.prepared, valid_fraction=0.1, test_fraction=0.0)
+  run = save_checkpoint(tmp_path / "run", cfg)
+  store = cfg.data.prepared
+  cli_fails(evaluate_cli.main, ["--workdir", str(run), "--split", "test"], caplog,
+            f"error: --split test: the test split of the store {store} is empty: prepare it "
+            f"again with a test share, e.g. python -m sedd_jax.data.prepare --input {FAA} "
+            f"--output {store} --test-fraction 0.02 --overwrite")

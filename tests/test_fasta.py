@@ -106,3 +106,32 @@ def test_detect_format(tmp_path):
   assert fasta.detect_format("a/b.csv.gz") == "csv"
   assert fasta.detect_format("b.TSV") == "csv"
   assert fasta.detect_format(tmp_path) == "peers"
+
+
+def test_a_utf8_byte_order_mark_is_stripped(tmp_path):
+  text = ">a desc\nMKV\n>b\nMKL\n"
+  plain = tmp_path / "bom.fasta"
+  plain.write_bytes(b"\xef\xbb\xbf" + text.encode())
+  gz = tmp_path / "bom.fasta.gz"
+  gz.write_bytes(gzip.compress(plain.read_bytes()))
+  for p in (plain, gz):
+    assert [(r.name, r.description, r.sequence, r.line) for r in fasta.read_fasta(p)] == [
+        ("a", "a desc", b"MKV", 1), ("b", "b", b"MKL", 3)]
+
+
+def test_a_folder_must_hold_the_peers_layout(tmp_path):
+  """A folder input is the peers' layout; any other folder is told what it must hold and what
+  it holds."""
+  write_text(tmp_path / "a.fasta", ">u0\nMKV\n")
+  write_text(tmp_path / "b.fa", ">u1\nMKV\n")
+  with pytest.raises(DataError) as e:
+    fasta.peers_layout(tmp_path)
+  assert str(e.value) == (
+      f"{tmp_path}: a folder input must hold the peers' UniRef50 layout, consensus.fasta (or "
+      "consensus.fasta.gz) and splits.json; this one holds a.fasta, b.fa (give one FASTA file "
+      "as --input / data.fasta; several: cat them into one)")
+  write_text(tmp_path / "consensus.fasta", ">u0\nMKV\n")
+  with pytest.raises(DataError, match=r": a folder input must hold the peers' UniRef50 layout, "
+                     r"consensus.fasta \(or consensus.fasta.gz\) and splits.json; splits.json "
+                     r"is missing$"):
+    fasta.peers_layout(tmp_path)

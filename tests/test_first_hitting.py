@@ -58,6 +58,11 @@ def test_corrector_redraws_one_generated_token_with_probability_eta():
   changed = out != np.asarray(x)
   assert changed.sum(axis=1).tolist() == [1, 1]  # one redraw per row, to token 2
   assert (out[changed] == 2).all() and not (changed & ~np.asarray(generated)).any()
+  only, nfe = first_hitting.remask_and_redraw(jax.random.key(0), score_at, graph, x, generated,
+                                              sigma, 1.0, "unbiased", jnp.int32(5),
+                                              jnp.array([False, True]))
+  np.testing.assert_array_equal(np.asarray(only)[0], np.asarray(x)[0])  # an inactive row stays
+  np.testing.assert_array_equal(np.asarray(only)[1], out[1])
 
 
 def test_first_hitting_clock():

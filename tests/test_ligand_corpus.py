@@ -90,6 +90,7 @@ def pl_store(tmp_path_factory):
 def test_batches_carry_corpus_ligands_and_resume(pl_store, tmp_path):
   cfg = pipeline_config(pl_store, length=256)
   cfg.data.fasta = str(PAIRS)
+  cfg.task = "protein_ligand"
   smi = store.open_store(pl_store).smiles_tokenizer()
   pair_smiles = [smi.decode(store.open_store(pl_store).get(i, "ligand")) for i in range(8)]
   src = _write(tmp_path / "c.smi", "\n".join(pair_smiles + ["C[Si]C"]) + "\n")

@@ -1,6 +1,8 @@
 """`sedd_jax.training.loop.train` end to end on the micro config: resume, the finished run,
---fresh, bad data inputs, the non-finite stop, the lagged metric read, stop reasons."""
+--fresh, bad data inputs, an unusable or busy workdir, the non-finite stop, the lagged metric
+read, stop reasons."""
 
+import os
 import time
 import types
 
@@ -20,6 +22,8 @@ from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import run as run_lib
 from sedd_jax.training import sedd_task as sedd_task_lib
 from sedd_jax.training import state as state_lib
+from sedd_jax.training import workdir as workdir_lib
+from sedd_jax.training.workdir import WorkdirError
 
 
 def test_resume_is_bit_identical(tmp_path, store, monkeypatch):
@@ -62,12 +66,17 @@ def test_resume_is_bit_identical(tmp_path, store, monkeypatch):
 
 
 def test_finished_run_exits_at_once_and_fresh_moves_aside(tmp_path, store):
+  """A finished run: the same config says so at once; a changed model shape is refused first
+  (not 'nothing to do'); --fresh moves the run aside."""
   cfg = train_config(store, **{"training.steps": 2})
   assert loop.train(cfg, tmp_path, compiler_options=FAST).step == 2
   t0 = time.perf_counter()
   again = loop.train(cfg, tmp_path, compiler_options=FAST)
   assert (again.code, again.step, again.reason) == (0, 2, "done")
   assert time.perf_counter() - t0 < 10
+  wider = train_config(store, **{"training.steps": 2, "model.hidden_size": 64})
+  with pytest.raises(ckpt_lib.ShapeMismatch, match=r"model.hidden_size \(saved 32, now 64\)"):
+    loop.train(wider, tmp_path, compiler_options=FAST)
   fresh = loop.train(cfg, tmp_path, fresh=True, stop_after=0, compiler_options=FAST)
   assert fresh.step == 0
   old = [p for p in tmp_path.iterdir() if p.name.startswith("old-")]
@@ -81,6 +90,37 @@ def test_bad_data_inputs_fail_before_the_workdir_is_written(tmp_path, store):
   with pytest.raises(DataError, match="nonexistent.fa does not exist"):
     loop.train(cfg, tmp_path / "run", compiler_options=FAST)
   assert sorted(tmp_path.iterdir()) == []  # no workdir, no store
+
+
+def test_a_workdir_that_is_the_store_fails_before_anything_is_written(tmp_path):
+  """data.prepared = the workdir, neither there yet: refused before the store is prepared."""
+  with pytest.raises(WorkdirError, match=f"workdir {tmp_path / 'run'} is the data store"):
+    loop.train(train_config(tmp_path / "run"), tmp_path / "run", compiler_options=FAST)
+  assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_second_trainer_on_a_workdir_in_use_fails_at_once_and_writes_nothing(tmp_path, store):
+  """The workdir's lock is held (here by this process, as a running job holds it): `train`,
+  even with --fresh, fails at once naming the workdir and the holder's pid, and neither moves
+  nor writes anything; once the lock is released the same call starts over."""
+  work = tmp_path / "run"
+  cfg = train_config(store, **{"training.steps": 1})
+  held = workdir_lib.lock(work)
+  (work / "metrics.jsonl").write_text("the running job's\n")
+  before = {p.name: p.read_bytes() for p in work.iterdir()}
+  try:
+    t0 = time.perf_counter()
+    with pytest.raises(WorkdirError) as e:
+      loop.train(cfg, work, fresh=True, compiler_options=FAST)
+    assert time.perf_counter() - t0 < 5
+    assert str(e.value).startswith(f"workdir {work} is in use by another training job: pid "
+                                   f"{os.getpid()} on host ")
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+  finally:
+    held.release()
+  assert loop.train(cfg, work, fresh=True, stop_after=0, compiler_options=FAST).step == 0
+  (old,) = work.glob("old-*")
+  assert (old / "metrics.jsonl").read_text() == "the running job's\n"
 
 
 def test_non_finite_steps_stop_the_run(tmp_path, store, monkeypatch, caplog):

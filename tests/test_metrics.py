@@ -1,14 +1,17 @@
-"""Metrics: progress line, JSONL rows, loss-curve PNG, wandb modes (never online)."""
+"""Metrics: progress line, JSONL rows (one per step after a resume), loss-curve figure and PNG,
+wandb modes (never online)."""
 
 import builtins
 import json
 import logging
 
+import jax
 import pytest
 
-from helpers import load_config
+from helpers import FAST, load_config, train_config
+from sedd_jax.training import hooks
+from sedd_jax.training import loop
 from sedd_jax.training import metrics as metrics_lib
-
 
 
 def _cfg(mode="disabled"):
@@ -116,3 +119,122 @@ def test_wandb_offline_writes_locally(tmp_path, monkeypatch, caplog):
   w.close()
   runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
   assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
+
+
+def _write_rows(path, rows, tail=""):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_supersede_replayed_marks_the_rows_after_the_resume_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 2},
+          {"kind": "train", "step": 4}, {"kind": "eval", "step": 4},
+          {"kind": "sample", "step": 6}, {"kind": "train", "step": 6},
+          {"kind": "event", "step": 6, "message": "stopped: disk full"}]
+  torn = '{"kind": "train", "st'
+  _write_rows(path, rows, torn + "\n")
+  assert metrics_lib.supersede_replayed(path, 4) == 2  # train 6, sample 6; not the event
+  lines = path.read_text().splitlines()
+  assert [json.loads(x).get("superseded", False) for x in lines[:-1]] == [
+    False, False, False, False, True, True, False]
+  assert lines[-1] == torn  # kept as it was
+  assert [json.loads(x) for x in lines[:4]] == rows[:4]
+  before = path.read_text()
+  assert metrics_lib.supersede_replayed(path, 4) == 0 and path.read_text() == before
+  assert [(r["kind"], r["step"]) for r in metrics_lib.read_metrics(path)] == [
+    ("eval", 0), ("train", 2), ("train", 4), ("eval", 4), ("event", 6)]
+  assert len(metrics_lib.read_metrics(path, superseded=True)) == 7
+  # From step 0 (no checkpoint) everything but events is run again, step 0's validation too.
+  assert metrics_lib.supersede_replayed(path, 0) == 4
+  assert [r["kind"] for r in metrics_lib.read_metrics(path)] == ["event"]
+  assert metrics_lib.supersede_replayed(tmp_path / "none.jsonl", 3) == 0
+
+
+def test_a_row_after_a_torn_line_is_kept(tmp_path):
+  """A crash mid-write leaves a last line without its newline; the next run's first row
+  must not be glued to it (and lost)."""
+  _write_rows(tmp_path / "metrics.jsonl", [{"kind": "train", "step": 1, "loss": 3.0}],
+              '{"kind": "train", "step": 2, "lo')
+  w = metrics_lib.MetricsWriter(tmp_path, _cfg())
+  w.train(2, {"loss": 2.0, "lr": 0.0, "grad_norm": 0.0})
+  w.close()
+  rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 3.0), (2, 2.0)]
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_a_resume_after_a_crash_gives_one_train_row_per_step(tmp_path, store, monkeypatch):
+  """A run killed after step 4's row, its newest checkpoint at step 2; the resumed run writes
+  steps 3 and 4 again. Readers see one row per step (the resumed run's), the file keeps every
+  row, and the rows of the steps that were not replayed are untouched."""
+  cfg = train_config(store, **{"training.ckpt_every": 2})  # 6 steps, a train row each
+  work = tmp_path / "run"
+  periodic = hooks.periodic
+
+  def crash_at_4(run):
+    if run.step == 4:  # after step 4's train row, before its checkpoint
+      raise _Crash()
+    periodic(run)
+
+  monkeypatch.setattr(hooks, "periodic", crash_at_4)
+  with pytest.raises(_Crash):
+    loop.train(cfg, work, devices=jax.devices()[:1], compiler_options=FAST)
+  monkeypatch.undo()
+  path = work / metrics_lib.METRICS_FILE
+  first = path.read_text().splitlines()
+  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2"]
+  assert loop.train(cfg, work, devices=jax.devices()[:1], compiler_options=FAST).step == 6
+  train = [r for r in metrics_lib.read_metrics(path) if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+  everything = metrics_lib.read_metrics(path, superseded=True)
+  assert [(r["step"], r.get("superseded", False)) for r in everything if r["kind"] == "train"] \
+      == [(1, False), (2, False), (3, True), (4, True), (3, False), (4, False), (5, False),
+          (6, False)]
+  assert path.read_text().splitlines()[:2] == first[:2]  # steps 1 and 2, byte for byte
+  replayed = [r for r in everything if r.get("superseded")]
+  assert [r["loss"] for r in replayed] == [r["loss"] for r in train[2:4]]  # exact resume
+  assert [r["message"] for r in everything if r["kind"] == "event"] == ["finished"]
+
+
+def _train_row(step, loss, **extra):
+  return {"kind": "train", "step": step, "loss": loss, "loss_per_token": loss / 10, **extra}
+
+
+def _lines(ax):
+  return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+          for line in ax.get_lines()}
+
+
+def test_loss_figure_draws_the_unigram_baseline_per_residue():
+  rows = [_train_row(10, 50.0), _train_row(20, 40.0),
+          {"kind": "eval", "step": 20, "valid_loss": 41.0, "valid_loss_per_token": 4.1},
+          {"kind": "baseline", "step": 20, "unigram_per_token": 2.9},
+          {"kind": "baseline", "step": 30, "unigram_per_token": 2.8993}]  # the last one
+  per_sequence, per_residue = metrics_lib.loss_figure(rows).axes
+  assert _lines(per_sequence) == {"train": ([10, 20], [50.0, 40.0]),
+                                  "valid (EMA)": ([20], [41.0])}
+  assert _lines(per_residue) == {"train": ([10, 20], [5.0, 4.0]), "valid (EMA)": ([20], [4.1]),
+                                 "unigram baseline (valid) 2.899": ([0, 1], [2.8993, 2.8993])}
+  assert per_residue.get_lines()[-1].get_linestyle() == "--"
+  assert metrics_lib.loss_figure([{"kind": "event", "step": 0}]) is None
+
+
+def test_loss_figure_draws_one_curve_per_protein_ligand_mode():
+  """The protein-ligand rows: `loss` is the drawn mode's (it jumps between modes); each mode's
+  own loss is a curve, train and validation."""
+  rows = [_train_row(1, 90.0, **{"loss/protein_only": 90.0}),
+          _train_row(2, 30.0, **{"loss/joint": 30.0}),
+          _train_row(3, 80.0, **{"loss/protein_only": 80.0}),
+          {"kind": "eval", "step": 3, "valid_loss": 55.0, "valid_loss/protein_only": 85.0,
+           "valid_loss/joint": 25.0}]
+  train, valid = metrics_lib.loss_figure(rows).axes
+  assert _lines(train) == {"joint": ([2], [30.0]), "protein_only": ([1, 3], [90.0, 80.0])}
+  assert _lines(valid) == {"joint": ([3], [25.0]), "protein_only": ([3], [85.0])}
+  assert train.get_ylabel() == "train loss per sequence, by mode"
+  # One trained mode: its validation loss is `valid_loss`.
+  one = [_train_row(1, 30.0, **{"loss/joint": 30.0}), {"kind": "eval", "step": 1,
+                                                       "valid_loss": 25.0}]
+  assert _lines(metrics_lib.loss_figure(one).axes[1]) == {"joint": ([1], [25.0])}

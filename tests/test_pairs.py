@@ -46,3 +46,9 @@ def test_csv_short_row_and_empty_field(tmp_path):
   p = write_text(tmp_path / "empty.csv", "")
   with pytest.raises(DataError, match=r"empty\.csv: empty file"):
     list(pairs.read_pairs(p))
+
+
+def test_a_utf8_byte_order_mark_before_the_header_is_stripped(tmp_path):
+  p = tmp_path / "bom.csv"
+  p.write_bytes(b"\xef\xbb\xbfaa_sequence,smiles\nMKVL,CCO\n")
+  assert [(r.protein, r.smiles, r.line) for r in pairs.read_pairs(p)] == [(b"MKVL", "CCO", 2)]

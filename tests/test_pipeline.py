@@ -1,6 +1,7 @@
 """Tests of sedd_jax.data.pipeline: shapes, padding, crops, buckets, sharding, resuming."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,23 +105,100 @@ def test_ensure_prepared_prepares_once(tmp_path):
 
 def test_ensure_prepared_uses_only_a_store_of_data_fasta(faa_store, tmp_path):
   """A missing source is an error; a store prepared from another source is refused (never used
-  silently); a copy of the same source elsewhere is recognised by its sha256."""
+  silently), the message saying first what differs; a copy of the same source elsewhere is
+  recognised by its sha256."""
   cfg = pipeline_config(faa_store)
   cfg.data.fasta = str(tmp_path / "nonexistent.fa")
   with pytest.raises(DataError, match=r"data.fasta = .*nonexistent.fa does not exist"):
     pipeline.ensure_prepared(cfg)
   records = FAA.read_text().split(">")[1:]
-  others = {"fewer.faa": "".join(">" + r for r in records[1:]),  # another size
-            "edited.faa": FAA.read_text().replace("M", "A", 1)}  # same size, other content
-  for name, text in others.items():
+  fewer = "".join(">" + r for r in records[1:])
+  size = FAA.stat().st_size
+  others = {  # the source's name kept, or another name
+      f"fewer/{FAA.name}": (fewer, f"{FAA.name}: {len(fewer)} bytes, {size} bytes when the "
+                            "store was prepared"),
+      f"edited/{FAA.name}": (FAA.read_text().replace("M", "A", 1),
+                             rf"{FAA.name}: same size, other content \(sha256\)"),
+      "renamed.faa": (FAA.read_text(), rf"files \['renamed.faa'\], \['{FAA.name}'\] when the "
+                      "store was prepared")}
+  for name, (text, why) in others.items():
+    (tmp_path / name).parent.mkdir(exist_ok=True)
     (tmp_path / name).write_text(text)
     cfg.data.fasta = str(tmp_path / name)
-    with pytest.raises(store.StoreError, match=rf"prepared from {FAA}, not from data.fasta = "
-                       rf"{tmp_path / name}.*--input {tmp_path / name} --output {faa_store} "):
+    with pytest.raises(store.StoreError, match=rf"^data.fasta = {tmp_path / name} is not the "
+                       rf"source of the store data.prepared = {faa_store} \({why}; the store "
+                       rf"was prepared from {FAA}\).*--input {tmp_path / name} --output "
+                       rf"{faa_store} "):
       pipeline.ensure_prepared(cfg)
   (tmp_path / FAA.name).write_bytes(FAA.read_bytes())
   cfg.data.fasta = str(tmp_path / FAA.name)
   assert pipeline.ensure_prepared(cfg) == faa_store
+
+
+def test_an_edit_in_place_of_data_fasta_is_noticed(tmp_path):
+  """A same-size edit of data.fasta (new modification time, same path and size) is hashed and
+  refused, the message naming the file once and what changed; a new modification time alone
+  (touch, same bytes) is accepted."""
+  src = tmp_path / "data.faa"
+  src.write_bytes(FAA.read_bytes())
+  cfg = pipeline_config(tmp_path / "store")
+  cfg.data.fasta = str(src)
+  out = pipeline.ensure_prepared(cfg)
+  (recorded,) = json.loads((out / "manifest.json").read_text())["source"]["files"]
+  assert recorded["mtime_ns"] == src.stat().st_mtime_ns
+  assert pipeline.ensure_prepared(cfg) == out
+  st = src.stat()
+  os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same content
+  assert pipeline.ensure_prepared(cfg) == out
+  src.write_bytes(FAA.read_bytes().replace(b"M", b"A", 1))
+  os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+  assert src.stat().st_size == st.st_size
+  with pytest.raises(store.StoreError) as e:
+    pipeline.ensure_prepared(cfg)
+  assert str(e.value) == (
+      f"data.fasta = {src} changed since the store data.prepared = {out} was prepared from it "
+      f"(data.faa: same size, other content (sha256)); the store is not used. Rebuild it "
+      f"(python -m sedd_jax.data.prepare --input {src} --output {out} --overwrite) or point "
+      f"data.prepared to a new folder (prepared on first use)")
+
+
+def test_ensure_prepared_refuses_a_pairs_file_for_the_protein_task(tmp_path):
+  cfg = pipeline_config(tmp_path / "store")
+  cfg.data.fasta = str(PAIRS)
+  with pytest.raises(DataError) as e:
+    pipeline.ensure_prepared(cfg)
+  assert str(e.value) == (
+      f"data.fasta = {PAIRS} is a protein-ligand pairs file (format csv); the protein task "
+      "trains on a FASTA file or the peers' layout: point data.fasta to one, or train the "
+      "protein-ligand model on pairs with --config=configs/protein_ligand.py")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_data_prepared_must_be_a_store_or_new(tmp_path):
+  """data.prepared naming a user's folder, a file or a path under a file: one line each
+  (StoreError naming the key), nothing written."""
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  (tmp_path / "file.txt").write_text("a file")
+  cases = {"mine": "is a folder that is not a prepared store",
+           "file.txt": "is an existing file, not a folder",
+           "file.txt/store": f"cannot be created: {tmp_path / 'file.txt'} is a file"}
+  for name, what in cases.items():
+    cfg = pipeline_config(tmp_path / name)
+    with pytest.raises(store.StoreError, match=rf"^data.prepared = {tmp_path / name} {what}"):
+      pipeline.ensure_prepared(cfg)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+  assert (tmp_path / "file.txt").read_text() == "a file"
+  assert sorted(p.name for p in tmp_path.rglob("*")) == ["file.txt", "mine", "notes.txt"]
+
+
+def test_an_incomplete_store_at_data_prepared_is_one_line(tmp_path):
+  prepare.prepare(FAA, tmp_path / "partial")
+  (tmp_path / "partial" / "valid" / "tokens.npy").unlink()
+  with pytest.raises(store.StoreError, match=rf"^data.prepared: store {tmp_path / 'partial'} "
+                     r"already exists, incomplete \(valid/tokens.npy is missing\) \(pass "
+                     r"overwrite=True / --overwrite to replace it\)$"):
+    pipeline.ensure_prepared(pipeline_config(tmp_path / "partial"))
 
 
 def test_relative_paths_cwd_first_then_repo_root(tmp_path, monkeypatch):
@@ -138,6 +216,7 @@ def test_protein_ligand_batches(tmp_path):
   prepare.prepare(PAIRS, out, max_length=5000, valid_fraction=0.1, test_fraction=0.1)
   cfg = pipeline_config(out, length=256)
   cfg.data.fasta = str(PAIRS)  # the store's source
+  cfg.task = "protein_ligand"
   it = pipeline.make_iterator(cfg, "train", 4, seed=0)
   b = next(it)
   assert b["tokens"].shape == (4, 256) and b["ligand_tokens"].shape == (4, 128)

@@ -3,6 +3,7 @@ and its tokens in chunks, on the bundled FASTA's store (read back independently)
 pairs; padding."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -81,6 +82,21 @@ def test_reference_pairs_of_a_missing_store_say_what_to_run(tmp_path):
   cfg = load_config(overrides={"data.prepared": str(tmp_path / "none")})
   with pytest.raises(store_lib.StoreError, match="run python -m sedd_jax.data.prepare"):
     reference.reference_pairs(cfg, "test")
+
+
+def test_an_empty_split_names_the_store_and_how_to_prepare_one(tmp_path, train_split):
+  """The split, the store and the prepare command that fills the split; a split with
+  sequences passes unchanged."""
+  cfg, seqs = train_split
+  train = reference.training_split(cfg)
+  assert reference.require_sequences(train) is train
+  prepare.prepare(PAIRS, tmp_path / "p", on_error="skip", valid_fraction=0.2, test_fraction=0.0)
+  pairs = load_config(overrides={"data.prepared": str(tmp_path / "p")})
+  with pytest.raises(store_lib.StoreError, match=re.escape(
+      f"the test split of the store {tmp_path / 'p'} is empty: prepare it again with a test "
+      f"share, e.g. python -m sedd_jax.data.prepare --input {PAIRS} --output {tmp_path / 'p'} "
+      "--test-fraction 0.02 --overwrite")):
+    reference.reference_pairs(pairs, "test")
 
 
 def test_pad_tokens():

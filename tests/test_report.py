@@ -105,3 +105,9 @@ def test_length_panel_shows_samples_of_one_length():
   ax = Figure().subplots()
   report.plot_lengths(ax, ["M" * n for n in (55, 65, 75, 85)], data, bins=7, max_marked=3)
   assert not ax.lines and len(ax.patches) == 14
+  ax = Figure().subplots()  # the model's length: 2 of the 8 data sequences are longer than 95
+  report.plot_lengths(ax, ["M" * 64] * 5, data, bins=7, max_length=95)
+  cap = [ln for ln in ax.lines if ln.get_label().startswith("model length")]
+  assert len(cap) == 1 and cap[0].get_xdata()[0] == 95
+  assert cap[0].get_label() == "model length 95 (25.0% of data longer)"
+  assert ax.get_title().endswith("samples capped at 95")

@@ -2,27 +2,16 @@
 
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from helpers import ROOT, subprocess_env
 from sedd_jax.training import runtime
-
-
-def test_prepare_workdir_moves_the_content_aside_and_deletes_nothing(tmp_path):
-  work = tmp_path / "run"
-  runtime.prepare_workdir(work, fresh=True)  # creates it; nothing to move
-  assert work.is_dir() and list(work.iterdir()) == []
-  (work / "metrics.jsonl").write_text("x")
-  (work / "checkpoints").mkdir()
-  runtime.prepare_workdir(work, fresh=False)  # resuming: untouched
-  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "metrics.jsonl"]
-  runtime.prepare_workdir(work, fresh=True)
-  runtime.prepare_workdir(work, fresh=True)  # only old-* left: nothing to move again
-  (old,) = work.iterdir()
-  assert old.name.startswith("old-")
-  assert sorted(p.name for p in old.iterdir()) == ["checkpoints", "metrics.jsonl"]
-  assert (old / "metrics.jsonl").read_text() == "x"
 
 
 class _Counter:
@@ -63,25 +52,77 @@ def test_prefetcher_reraises_the_iterator_error_in_the_consumer():
     p.close()
 
 
+def wait_for(condition, timeout: float = 10.0) -> bool:
+  """Whether `condition()` became true within `timeout` seconds (polled)."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.01)
+  return True
+
+
 def test_stop_flag_is_set_by_sigterm_and_uninstalls():
   flag = runtime.StopFlag()
-  before = signal.getsignal(signal.SIGTERM)
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   flag.install()
   try:
     assert not flag and flag.agreed() is None
     os.kill(os.getpid(), signal.SIGTERM)
-    assert flag and flag.reason == "SIGTERM" and flag.agreed() == "SIGTERM"
+    assert wait_for(lambda: bool(flag))  # set by the watcher thread
+    assert flag.reason == "SIGTERM" and flag.agreed() == "SIGTERM"
   finally:
     flag.uninstall()
-  assert signal.getsignal(signal.SIGTERM) is before
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+  assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
 
 
-def test_stop_flag_keeps_one_record_of_the_signal_and_a_second_ctrl_c_aborts():
+def test_stop_flag_keeps_the_first_signal():
   flag = runtime.StopFlag()
   assert (flag.signum, flag.reason, bool(flag)) == (0, None, False)
-  flag._handler(signal.SIGINT, None)
-  assert (flag.signum, flag.reason, bool(flag)) == (signal.SIGINT, "SIGINT", True)
-  flag.signum = int(signal.SIGTERM)  # the name follows the number: one source of truth
+  flag.on_signal(signal.SIGTERM)
+  assert (flag.signum, flag.reason, bool(flag)) == (signal.SIGTERM, "SIGTERM", True)
+  flag.on_signal(signal.SIGTERM)  # a later SIGTERM changes nothing (a SIGINT would abort)
   assert flag.reason == "SIGTERM" and flag.agreed() == "SIGTERM"
-  with pytest.raises(KeyboardInterrupt):
-    flag._handler(signal.SIGINT, None)
+
+
+# Installs a StopFlag, then blocks in native code (a device computation that never ends), where
+# no Python signal handler can run.
+BLOCKED = ("import jax, jax.numpy as jnp\n"
+           "from sedd_jax.training import runtime\n"
+           "runtime.StopFlag().install()\n"
+           "forever = jax.jit(lambda x: jax.lax.while_loop(lambda v: v > -1.0,\n"
+           "                                               lambda v: v * 0.5 + 1.0, x))\n"
+           "print('blocking', flush=True)\n"
+           "forever(jnp.float32(0.0)).block_until_ready()\n")
+
+
+def test_a_second_ctrl_c_aborts_at_once_even_in_native_code():
+  """SIGINT, then SIGINT again, to a process stuck in a device computation: the first is
+  reported at once, the second ends the process at once with one line and exit code 130 (no
+  KeyboardInterrupt traceback, no crash at interpreter shutdown)."""
+  proc = subprocess.Popen([sys.executable, "-c", BLOCKED], cwd=ROOT, env=subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  watchdog = threading.Timer(60, proc.kill)  # a signal never acted on: no endless wait
+  watchdog.start()
+  try:
+    assert proc.stdout.readline() == "blocking\n"
+    time.sleep(0.5)  # inside the computation
+    proc.send_signal(signal.SIGINT)
+    first = proc.stderr.readline()
+    assert first.endswith("SIGINT received: finishing the current step, then checkpointing and "
+                          "stopping (Ctrl-C again aborts without a checkpoint)\n"), first
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=20)
+    assert time.monotonic() - t0 < 5
+    rest = proc.stderr.read()
+  finally:
+    watchdog.cancel()
+    proc.kill()  # SIGKILL: the computation never ends by itself
+    proc.wait()
+  assert rc == runtime.EXIT_ABORTED == 130
+  assert rest.splitlines()[-1].endswith(
+    "second interrupt: stopped at once without a final checkpoint (exit code 130); the newest "
+    "complete checkpoint is kept: run the same command to resume"), rest
+  assert "Traceback" not in rest and len(rest.splitlines()) == 1, rest

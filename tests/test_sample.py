@@ -1,13 +1,19 @@
 """python -m sedd_jax.sample: determinism, headers, conditioning flags, sampler flags
-(first_hitting, draw, remask; checked by the sampler), report, bad input."""
+(first_hitting, draw, remask; checked by the sampler), report, bad input, outputs that would
+lose something, a damaged newest checkpoint."""
 
 import functools
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from helpers import UNIREF50, cli_fails, read_records, sample_config, save_checkpoint
+from helpers import (ROOT, UNIREF50, cli_fails, read_records, sample_config, save_checkpoint,
+                     subprocess_env)
 from sedd_jax import sample as sample_cli
 from sedd_jax.data import tokenizers
 from sedd_jax.training import checkpoint as ckpt_lib
@@ -33,6 +39,27 @@ def test_same_seed_same_output_and_headers(workdir, tmp_path):
   rep = json.loads((tmp_path / "a.report.json").read_text())
   assert rep["num_samples"] == 5 and rep["num_reference"] > 0
   assert (tmp_path / "a.report.png").stat().st_size > 0
+
+
+def test_the_cli_samples_are_the_apis(workdir, tmp_path):
+  """The FASTA sequences == sedd_jax.load(run).sample(...) with the same seed and settings,
+  unconditional and with --prefix/--motif (a drawn start), whatever --batch-size."""
+  import sedd_jax
+
+  model = sedd_jax.load(workdir)
+  base = ["--workdir", str(workdir), "--num", "5", "--length", "20", "--steps", "6",
+          "--seed", "3"]
+  cases = [([], {}), (["--prefix", "MK", "--motif", "WW@?", "PP@12"],
+                      {"prefix": "MK", "motifs": ["WW@?", "PP@12"]})]
+  for flags, kwargs in cases:
+    got = []
+    for bs in ("2", "5"):
+      out = tmp_path / f"s{bs}.fasta"
+      assert sample_cli.main(base + flags + ["--batch-size", bs, "--out", str(out)]) == 0
+      got.append([s for _, s in read_records(out)])
+    want = model.sample(5, length=20, steps=6, seed=3, batch_size=4, **kwargs)
+    assert got[0] == got[1] == list(want), flags
+  assert all(s.startswith("MK") and s[12:14] == "PP" and "WW" in s[2:] for s in want)
 
 
 def test_conditioning_flags(workdir, tmp_path):
@@ -99,7 +126,7 @@ def test_flags_are_checked_before_the_model_is_loaded(workdir, tmp_path, caplog,
   def no_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the flags were checked")
 
-  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
+  monkeypatch.setattr(ckpt_lib, "load_inference_checkpoint", no_load)
   base = ["--workdir", str(workdir), "--out", str(tmp_path / "x.fasta")]
   _fails(base + ["--num", "0"], caplog, "--num must be >= 1")
   _fails(base + ["--steps", "0"], caplog, "--steps must be >= 1")
@@ -109,7 +136,8 @@ def test_flags_are_checked_before_the_model_is_loaded(workdir, tmp_path, caplog,
   _fails(base + ["--lengths", str(tmp_path / "none.txt")], caplog, "no such file")
   _fails(base + ["--task", "ligand_given_protein"], caplog, "protein-ligand checkpoints only")
   _fails(base + ["--length", "10", "--motif", "XYZ@5"], caplog, "--motif fixes X, Z (0-based "
-         "positions [5, 7]): only the 20 standard amino acids are generated unless --allow-rare")
+         "positions [5, 7]): only the 20 standard amino acids are generated unless rare residues "
+         "are allowed; add --allow-rare or replace them")
 
 
 def test_rare_fixed_residues_need_allow_rare(workdir, tmp_path, caplog):
@@ -171,3 +199,97 @@ def test_first_hitting_and_remask_flags(workdir, tmp_path, caplog):
          "--reveal-order confidence needs the first_hitting predictor")
   _fails(base + out + ["--predictor", "first_hitting", "--cached"], caplog,
          "--predictor first_hitting needs the absorbing graph and no cache")
+
+
+def _damaged_run(workdir, path, damaged: int = 5):
+  """A run folder `path`: the checkpoint of `workdir` as step 0 and `damaged` newer copies with
+  every array file of their EMA item cut to 5 bytes (as a torn copy leaves them)."""
+  shutil.copytree(workdir / "checkpoints" / "0", path / "checkpoints" / "0")
+  for step in range(1, damaged + 1):
+    folder = path / "checkpoints" / str(step)
+    shutil.copytree(path / "checkpoints" / "0", folder)
+    for f in (folder / "ema").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        f.write_bytes(f.read_bytes()[:5])
+  return path
+
+
+def test_outputs_that_would_lose_something_are_refused_before_the_model_loads(
+    workdir, tmp_path, caplog, monkeypatch):
+  """An output that is an input (the same path, a symlink, a hard link), that lies in the run's
+  checkpoints or data store, an existing folder, a file for a folder, an unwritable place, a
+  negative seed: one line naming the flags, before the model is loaded; the inputs unchanged."""
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the outputs were checked")
+
+  monkeypatch.setattr(ckpt_lib, "load_inference_checkpoint", no_load)
+  tpl = tmp_path / "t.fasta"
+  tpl.write_text(">t1\nMA__G\n")
+  inf = tmp_path / "i.fasta"
+  inf.write_text(">p1 spans=1:3\nMKVLA\n")
+  lens = tmp_path / "lengths.txt"
+  lens.write_text("5\n")
+  (tmp_path / "link.fasta").symlink_to(tpl)
+  os.link(inf, tmp_path / "hard.fasta")
+  rep = tmp_path / "r.report.json"
+  rep.write_text(">t1\nMA__G\n")
+  w = ["--workdir", str(workdir)]
+  ckpts = workdir / "checkpoints"
+  store = sample_config(workdir.parent).data.prepared
+  cases = [
+      (["--template", str(tpl), "--out", str(tpl)],
+       f"--out {tpl} would overwrite --template {tpl} (the same file)"),
+      (["--template", str(tpl), "--out", str(tmp_path / "link.fasta")],
+       f"--out {tmp_path / 'link.fasta'} would overwrite --template {tpl} (the same file)"),
+      (["--infill", str(inf), "--out", str(tmp_path / "hard.fasta")],
+       f"--out {tmp_path / 'hard.fasta'} would overwrite --infill {inf} (the same file)"),
+      (["--lengths", str(lens), "--out", str(lens)],
+       f"--out {lens} would overwrite --lengths {lens} (the same file)"),
+      (["--template", str(rep), "--report", "--out", str(tmp_path / "r.fasta")],
+       f"--report's JSON {rep} would overwrite --template {rep} (the same file)"),
+      (["--out", str(ckpts / "0" / "x.fasta")],
+       f"--out {ckpts / '0' / 'x.fasta'} lies inside the checkpoints of --workdir {ckpts}; "
+       "writing there could corrupt it"),
+      (["--out", f"{store}/x.fasta"], f"--out {store}/x.fasta lies inside the data store "
+       f"(data.prepared) of the checkpoint {store}"),
+      (["--out", str(tmp_path)], f"--out {tmp_path} is a folder; give a file path"),
+      (["--out", str(tpl / "x.fasta")], f"--out {tpl / 'x.fasta'}: {tpl} is not a folder"),
+      (["--out", str(tmp_path / "x.fasta"), "--seed", "-3"],
+       "--seed must be an integer in [0, 2^32); got -3"),
+  ]
+  if sys.platform.startswith("linux"):  # /proc takes no new file, for root as well
+    cases.append((["--out", "/proc/x.fasta"], "--out /proc/x.fasta: cannot write into /proc ("))
+  for flags, match in cases:
+    _fails(w + flags, caplog, match)
+  assert tpl.read_text() == ">t1\nMA__G\n" and inf.read_text() == ">p1 spans=1:3\nMKVLA\n"
+  assert lens.read_text() == "5\n" and rep.read_text() == ">t1\nMA__G\n"
+  assert sorted(p.name for p in ckpts.iterdir()) == ["0"]
+  # --checkpoint: its run's checkpoints are kept out of as well.
+  _fails(["--checkpoint", str(ckpts / "0"), "--out", str(ckpts / "1" / "x.fasta")], caplog,
+         f"lies inside the checkpoints of --checkpoint {ckpts}")
+
+
+def test_damaged_newest_checkpoints_fall_back_quietly_and_are_recorded(workdir, tmp_path):
+  """The CLI in a subprocess on a run whose five newest checkpoints have truncated EMA arrays:
+  it samples from step 0 with one error line per damaged checkpoint and no "Exception ignored"
+  traceback (the reads orbax abandoned); the headers record the checkpoint, its step, the run
+  and the seed; the log names the seed and how to draw others; missing folders of --out are
+  created."""
+  run = _damaged_run(workdir, tmp_path / "run")
+  out = tmp_path / "new" / "sub" / "s.fasta"
+  p = subprocess.run([sys.executable, "-m", "sedd_jax.sample", "--workdir", str(run), "--num",
+                      "2", "--length", "6", "--steps", "2", "--out", str(out)], cwd=ROOT,
+                     env=subprocess_env(devices=1, fast=True), capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+  errors = [line for line in p.stderr.splitlines() if " ERROR " in line]
+  assert [e.split(" ERROR ")[1].split(" cannot be read: ")[0] for e in errors] == [
+      f"checkpoint {run}/checkpoints/{s}" for s in range(5, 0, -1)]
+  assert ("seed 0 (the same seed gives the same samples); pass --seed N for other "
+          "samples") in p.stderr
+  recs = read_records(out)
+  assert len(recs) == 2
+  for head, _ in recs:
+    assert (" seed=0 " in head and f" weights=ema checkpoint={run}/checkpoints/0 step=0 "
+            f"run={run} cond=none" in head), head

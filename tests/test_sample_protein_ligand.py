@@ -85,10 +85,32 @@ def test_flags_are_checked_before_the_model_is_loaded(tmp_path, caplog, monkeypa
   def no_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the flags were checked")
 
-  monkeypatch.setattr(ckpt_lib, "load_for_inference", no_load)
+  monkeypatch.setattr(ckpt_lib, "load_inference_checkpoint", no_load)
   base = ["--workdir", str(tmp_path / "pl"), "--out", str(tmp_path / "l.smi")]
   _fails(base + ["--motif", "MKV@0"], caplog, "--motif does not apply to protein-ligand")
   _fails(base + ["--ligand-length", "49"], caplog, "--ligand-length 49 must lie in [1, 48]")
   _fails(base + ["--proteins", str(tmp_path / "none.fasta")], caplog, "does not exist")
   _fails(base + ["--task", "protein_given_ligand", "--length", "65"], caplog,
          "--length 65 must lie in [1, 64]")
+  # Outputs: the SMILES file of joint must not be --out, nor any output an input.
+  _fails(base[:2] + ["--task", "joint", "--out", str(tmp_path / "j.smi")], caplog,
+         f"--out {tmp_path / 'j.smi'}: joint writes FASTA there and the SMILES to <stem>.smi")
+  prots = tmp_path / "p.validity.json"
+  prots.write_text(">p\nMKV\n")
+  _fails(base[:2] + ["--proteins", str(prots), "--out", str(prots)], caplog,
+         f"--out {prots} would overwrite --proteins {prots} (the same file)")
+  _fails(base[:2] + ["--proteins", str(prots), "--out", str(tmp_path / "p.smi")], caplog,
+         f"the validity report (<out stem>.validity.json) {prots} would overwrite --proteins "
+         f"{prots} (the same file)")
+  _fails(base[:2] + ["--task", "joint", "--out", str(tmp_path / "pl" / "checkpoints" / "j.fa")],
+         caplog, f"lies inside the checkpoints of --workdir {tmp_path / 'pl' / 'checkpoints'}")
+  assert prots.read_text() == ">p\nMKV\n"
+
+
+def test_run_settings_record_the_checkpoint_used():
+  """What every protein-ligand output records: the settings, the seed and the checkpoint."""
+  source = {"weights": "ema", "checkpoint": "/r/checkpoints/4", "step": 4, "run": "/r"}
+  assert pl_sample.run_settings(_args("--seed", "3"), 8, "analytic", 1e-5, 2, source) == {
+      "steps": 8, "predictor": "analytic", "eps": 1e-5, "temperature": 1.0,
+      "reveal_order": "random", "seed": 3, "batch_size": 2, "weights": "ema",
+      "checkpoint": "/r/checkpoints/4", "step": 4, "run": "/r"}

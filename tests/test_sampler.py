@@ -345,3 +345,63 @@ def test_model_score_fn_wraps_log_score():
   fn = sampler.model_score_fn(toy)
   assert toy.mode == "eval"
   np.testing.assert_allclose(fn(jnp.zeros((1, 2), jnp.int32), jnp.ones((1,))), 2.0, rtol=1e-6)
+
+
+def test_row_keyed_draws_each_row_from_its_own_key():
+  """Row b of every (B, ...) draw of a row-keyed key is the draw of keys[b] for shape (...);
+  fold_in and split act row by row; other leading dimensions and untyped keys are refused."""
+  keys = sampler.sequence_keys(jax.random.key(3), np.arange(4))
+  for b in range(4):
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(keys[b])),
+                                  np.asarray(jax.random.key_data(jax.random.fold_in(
+                                      jax.random.key(3), b))))
+  rk = sampler.row_keyed(keys)
+
+  @jax.jit
+  def draws(rk, keys):
+    rows = (jax.random.uniform(jax.random.fold_in(rk, 7), (4, 5)),
+            jax.random.bits(jax.random.split(rk)[1], (4, 2, 3)),
+            jax.random.randint(rk, (4, 6), 0, 9))
+    each = jax.vmap(lambda k: (jax.random.uniform(jax.random.fold_in(k, 7), (5,)),
+                               jax.random.bits(jax.random.split(k)[1], (2, 3)),
+                               jax.random.randint(k, (6,), 0, 9)))(keys)
+    return rows, each
+
+  rows, each = draws(rk, keys)
+  for x, y in zip(rows, each):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  u = np.asarray(rows[0])
+  assert len(np.unique(u)) == u.size  # the rows differ
+  with pytest.raises(ValueError, match="draws arrays of leading dimension 4; got shape"):
+    jax.random.uniform(rk, (3, 4))
+  with pytest.raises(ValueError, match=r"keys must be a \(B,\) array of typed PRNG keys"):
+    sampler.row_keyed(jax.random.key_data(keys))
+
+
+@pytest.mark.parametrize("predictor,remask", [("analytic", 0.2), ("first_hitting", 0.0),
+                                             ("first_hitting", 0.5)])
+def test_key_per_sequence_samples_do_not_depend_on_the_batch(predictor, remask):
+  """With one key per sequence, sequence n is the same whatever the batch size (and its place
+  in a chunk), and the same as when drawn alone from fold_in(key, n) (random score with mass on
+  every token; mixed lengths and per-sequence conditioning)."""
+  graph = diffusion.Absorbing(32)
+  fn = random_score_fn(graph, 3)
+  lengths = np.array([5, 12, 9, 12, 3], np.int32)
+  fixed = np.zeros((5, 12), np.int32)
+  mask = np.zeros((5, 12), bool)
+  fixed[1, :2], mask[1, :2] = [6, 7], True
+  fixed[3, 8:], mask[3, 8:] = [9, 10, 11, 12], True
+  key = jax.random.key(7)
+  a, b = (sampler.sample_batched(key, graph, NOISE, 5, 12, batch_size=bs, steps=6,
+                                 predictor=predictor, remask=remask, score_fn=fn,
+                                 lengths=lengths, fixed_tokens=fixed, fixed_mask=mask,
+                                 progress=False, compiler_options=FAST, key_per_sequence=True)
+          for bs in (2, 5))
+  np.testing.assert_array_equal(a, b)
+  alone = compiled_sampler(fn, (1, 12), graph=graph, steps=6, predictor=predictor,
+                           remask=remask)(sampler.row_keyed(sampler.sequence_keys(key, [3])),
+                                          fixed[3:4], mask[3:4], lengths[3:4], None)
+  np.testing.assert_array_equal(np.asarray(alone)[0], a[3])
+  assert (a[mask] == fixed[mask]).all() and (a[1, :5] != a[2, :5]).any()
+  for row, n in zip(a, lengths):
+    assert (row[n:] == 1).all() and (row[:n] != graph.mask).all()

@@ -48,3 +48,25 @@ def test_corrupt_store_named(faa_store, tmp_path):
   (bad / "manifest.json").write_text("{")
   with pytest.raises(StoreError, match=r"bad/manifest\.json is corrupt"):
     store.open_store(bad, "test")
+
+
+def test_is_store_means_a_folder_holding_a_store_manifest(faa_store, tmp_path):
+  """What the trainer checks before it writes a run into a folder: a store's manifest.json
+  (written by prepare: format_version and splits), complete or not; nothing else counts."""
+  assert store.is_store(faa_store)
+  partial = tmp_path / "partial"
+  shutil.copytree(faa_store, partial)
+  shutil.rmtree(partial / "valid")
+  assert store.is_store(partial) and not store.is_prepared(partial)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "manifest.json").write_text('{"name": "not a store"}')
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "file").write_text("x")
+  assert not any(store.is_store(tmp_path / n) for n in ("other", "empty", "file", "absent"))
+  assert store.store_files(store.open_store(faa_store).manifest) == (
+      "manifest.json", "train/manifest.json", "train/tokens.npy", "train/offsets.npy",
+      "valid/manifest.json", "valid/tokens.npy", "valid/offsets.npy", "test/manifest.json",
+      "test/tokens.npy", "test/offsets.npy")
+  assert sorted(str(p.relative_to(faa_store)) for p in faa_store.rglob("*") if p.is_file()) == (
+      sorted(store.store_files(store.open_store(faa_store).manifest)))

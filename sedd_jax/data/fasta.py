@@ -12,6 +12,7 @@ Sequences are returned as ASCII `bytes` (as read; no case folding) for speed; `.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import gzip
@@ -123,7 +124,8 @@ def open_binary(path: PathLike) -> io.BufferedIOBase:
 
 
 def iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
-  """Yields (1-based line number, line without the newline) of a plain or gzip file.
+  """Yields (1-based line number, line without the newline) of a plain or gzip file; a UTF-8
+  byte order mark at its start is dropped.
 
   Raises:
     DataError: for a truncated or corrupt gzip stream, naming the last line read.
@@ -132,6 +134,8 @@ def iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
   try:
     with open_binary(path) as f:
       for lineno, line in enumerate(f, 1):  # noqa: B007
+        if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+          line = line[len(codecs.BOM_UTF8):]
         yield lineno, line.rstrip(b"\r\n")
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise DataError(f"{location(path, lineno + 1)}: truncated or corrupt gzip stream after line "
@@ -293,8 +297,15 @@ def peers_layout(directory: PathLike) -> tuple[pathlib.Path, Callable[[int], str
   directory = pathlib.Path(directory)
   fasta = next((directory / n for n in ("consensus.fasta", "consensus.fasta.gz")
                 if (directory / n).exists()), None)
+  must = (f"{directory}: a folder input must hold the peers' UniRef50 layout, consensus.fasta "
+          "(or consensus.fasta.gz) and splits.json")
   if fasta is None:
-    raise DataError(f"{directory}: no consensus.fasta in the peers' layout directory", directory)
+    names = sorted(p.name for p in directory.iterdir())
+    held = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise DataError(f"{must}; this one holds {held or 'nothing'} (give one FASTA file as "
+                    "--input / data.fasta; several: cat them into one)", directory)
+  if not (directory / "splits.json").exists():
+    raise DataError(f"{must}; splits.json is missing", directory)
   splits = load_splits_json(directory / "splits.json")
   size = int(max(int(v.max()) for v in splits.values() if v.size) + 1)
   names = ("train", "valid", "test")

@@ -97,10 +97,12 @@ def read_pairs(path: PathLike, protein_column: str | None = None,
 
 @contextlib.contextmanager
 def open_table(path: PathLike, what: str) -> Iterator[tuple[io.TextIOBase, str]]:
-  """Opens a plain or gzip text table: (the text stream after its first line, that line); a
-  DataError naming `path` when the file is empty (`what`: what the file lacks)."""
+  """Opens a plain or gzip text table (UTF-8; a byte order mark is dropped): (the text stream
+  after its first line, that line); a DataError naming `path` when the file is empty (`what`:
+  what the file lacks)."""
   with open_binary(path) as raw:
-    text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    # utf-8-sig: a byte order mark before the header is dropped
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
     first = text.readline()
     if not first.strip():
       raise DataError(f"{path}: empty file ({what})", path, 1)

@@ -87,12 +87,17 @@ def _check_store(out: pathlib.Path, src: pathlib.Path, fmt: str,
   if key not in _VERIFIED_SOURCES:
     other = prepare_lib.source_difference(manifest, src, fmt, trust_path=True)
     if other is not None:
+      recorded = manifest.get("source", {}).get("path")
+      rebuild = f"python -m sedd_jax.data.prepare --input {src} --output {out} --overwrite"
+      if recorded == str(src.resolve()):
+        raise store_lib.StoreError(
+            f"data.fasta = {src} changed since the store data.prepared = {out} was prepared "
+            f"from it ({other}); the store is not used. Rebuild it ({rebuild}) or point "
+            "data.prepared to a new folder (prepared on first use)")
       raise store_lib.StoreError(
-          f"store data.prepared = {out} was prepared from "
-          f"{manifest.get('source', {}).get('path')}, not from data.fasta = {src} ({other}); it "
-          f"is not used. Point data.prepared to a new folder (prepared on first use), or "
-          f"rebuild this one: python -m sedd_jax.data.prepare --input {src} --output {out} "
-          f"--overwrite")
+          f"data.fasta = {src} is not the source of the store data.prepared = {out} ({other}; "
+          f"the store was prepared from {recorded}); it is not used. Point data.prepared to a "
+          f"new folder (prepared on first use), or rebuild this one: {rebuild}")
     _VERIFIED_SOURCES.add(key)
   wanted = {k: v for k, v in opts.__dict__.items() if k not in ("on_error",)}
   have = manifest.get("filters", {})
@@ -107,19 +112,23 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
 
   Uses cfg.data.{min_length, max_length, min_standard_fraction, valid_fraction, test_fraction}
   and, when present, cfg.data.{format, on_error, max_ligand_length, protein_column,
-  smiles_column}. The source must exist, and an existing store must have been prepared from it
-  (the manifest's recorded files: `prepare.source_difference`, hashing only a moved source);
-  a store of another source is refused, never silently used. An existing store whose filters
-  differ from the config is kept, with a warning (delete it or run the prepare CLI with
-  --overwrite to rebuild). Safe against several processes preparing at once (each writes a
-  temporary directory; the first rename wins).
+  smiles_column}. The source must exist and suit the task (`cfg.task`: a pairs CSV only for
+  "protein_ligand"), and an existing store must have been prepared from it (the manifest's
+  recorded files: `prepare.source_difference`, hashing only a moved or modified source); a store
+  of another source (or of an edited one) is refused, never silently used. An existing store
+  whose filters differ from the config is kept, with a warning (delete it or run the prepare CLI
+  with --overwrite to rebuild). A missing store is prepared only where `prepare.check_paths`
+  allows (never over data.fasta, a file or a user's folder). Safe against several processes
+  preparing at once (each writes a temporary directory; the first rename wins).
 
   Returns:
     The resolved store directory.
 
   Raises:
-    fasta.DataError: `cfg.data.fasta` does not exist (or is bad input).
-    store.StoreError: the store at `cfg.data.prepared` was prepared from another source.
+    fasta.DataError: `cfg.data.fasta` does not exist, is a pairs file for the protein task, or
+      is bad input.
+    store.StoreError: the store at `cfg.data.prepared` was prepared from another source, or
+      data.prepared cannot take a store (one line naming the key).
   """
   d = cfg.data
   out = prepare_lib.resolve_path(d.prepared)
@@ -129,6 +138,11 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
                               f"data.prepared = {out})", src)
   fmt = str(_cfg_get(d, "format", "auto"))
   fmt = fasta_lib.detect_format(src) if fmt == "auto" else fmt
+  if fmt == "csv" and str(_cfg_get(cfg, "task", "sedd")) != "protein_ligand":
+    raise fasta_lib.DataError(
+        f"data.fasta = {src} is a protein-ligand pairs file (format csv); the protein task "
+        "trains on a FASTA file or the peers' layout: point data.fasta to one, or train the "
+        "protein-ligand model on pairs with --config=configs/protein_ligand.py", src)
   opts = store_writer.PrepareOptions(
       min_length=int(d.min_length), max_length=int(d.max_length),
       min_standard_fraction=float(d.min_standard_fraction),
@@ -140,12 +154,13 @@ def ensure_prepared(cfg: Any) -> pathlib.Path:
   if store_lib.is_prepared(out):
     _check_store(out, src, fmt, opts)
     return out
+  prepare_lib.check_paths(src, out, names=("data.fasta =", "data.prepared ="))
   log.info("preparing %s into %s (first use)", src, out)
   try:
     prepare_lib.prepare(src, out, fmt=fmt, options=opts)
-  except FileExistsError:
+  except FileExistsError as e:
     if not store_lib.is_prepared(out):
-      raise
+      raise store_lib.StoreError(f"data.prepared: {e}") from None
   return out
 
 

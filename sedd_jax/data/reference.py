@@ -3,7 +3,10 @@
 - `training_split(cfg)`: the training split of `cfg.data.prepared` (protein stores), memory-mapped;
   `training_sequences(cfg, limit)`: a sample of its sequences; `training_tokens(cfg)`: all its
   tokens in chunks (the unigram baseline), one chunk in memory at a time.
-- `reference_pairs(cfg, split)`: a protein-ligand store's split and its SMILES tokenizer.
+- `reference_pairs(cfg, split)`: a protein-ligand store's split (not empty) and its SMILES
+  tokenizer.
+- `require_sequences(st)`: a store's split, or StoreError naming the store and the split when it
+  is empty, with the prepare command that makes one.
 - `pad_tokens(seqs, width)`: id arrays -> a padded (N, width) batch and its lengths.
 """
 
@@ -58,15 +61,29 @@ def training_tokens(cfg, chunk: int = 1 << 24) -> Iterator[np.ndarray] | None:
 
 
 def reference_pairs(cfg, split: str):
-  """(store of `split` of cfg.data.prepared, its SmilesTokenizer); StoreError if unavailable."""
+  """(store of `split` of cfg.data.prepared, its SmilesTokenizer); StoreError if unavailable
+  or empty."""
   root = pipeline.resolve_path(cfg.data.prepared)
   try:
     st = store_lib.Store(root, split)
-    return st, st.smiles_tokenizer()
+    tokenizer = st.smiles_tokenizer()
   except (OSError, ValueError, KeyError) as e:
     raise store_lib.StoreError(
         f"no prepared protein-ligand pairs at {root} ({e}); run python -m "
         "sedd_jax.data.prepare on the pairs CSV of the config") from None
+  return require_sequences(st), tokenizer
+
+
+def require_sequences(st: store_lib.Store) -> store_lib.Store:
+  """`st`; StoreError naming its store and split when the split (valid or test: prepare never
+  leaves train empty) holds no sequence or pair, with the prepare command that gives it some."""
+  if len(st):
+    return st
+  source = st.manifest.get("source", {}).get("path") or "FILE"
+  raise store_lib.StoreError(
+      f"the {st.split} split of the store {st.root} is empty: prepare it again with a "
+      f"{st.split} share, e.g. python -m sedd_jax.data.prepare --input {source} --output "
+      f"{st.root} --{st.split}-fraction 0.02 --overwrite")
 
 
 def pad_tokens(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:

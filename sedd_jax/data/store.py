@@ -3,6 +3,11 @@
   store = Store.open("data/prepared/uniprot", "train")
   len(store), store[i] -> (len_i,) uint8 ESM-2 ids, store.lengths -> (N,) int32
   store.get(i, "ligand") -> (n_i,) SMILES ids (protein-ligand stores)
+
+* `open_store(root, split)` / `Store`: one split, memory-mapped.
+* `is_store(path)`: a folder holding a store's manifest (what must not become a run folder).
+* `is_prepared(root)`: a complete store.
+* `store_files(manifest)`: the files a store consists of (what `prepare --overwrite` replaces).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ SPLITS = ("train", "valid", "test")
 
 
 class StoreError(ValueError):
-  """A missing, incomplete or corrupt store; the message names the path."""
+  """A missing, incomplete or corrupt store, or a path that cannot take one (a user's folder or
+  file, a full disk); the message names the path."""
 
 
 def _load_json(path: pathlib.Path) -> dict:
@@ -141,6 +147,34 @@ class Store:
 def open_store(root: str | os.PathLike, split: str = "train") -> Store:
   """Opens split `split` of the store at `root` (StoreError naming the path if bad)."""
   return Store(root, split)
+
+
+def is_store(path: str | os.PathLike) -> bool:
+  """Whether `path` is a folder holding a store's manifest.json (a JSON object with
+  `format_version` and `splits`, as `sedd_jax.data.prepare` writes it), complete or not."""
+  try:
+    with open(pathlib.Path(path) / "manifest.json") as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    return False
+  return isinstance(manifest, dict) and {"format_version", "splits"} <= manifest.keys()
+
+
+def store_files(manifest: dict) -> tuple[str, ...]:
+  """The files (paths relative to the store folder) of the store whose manifest is `manifest`:
+  manifest.json, the SMILES vocabulary of a protein-ligand store, and per split its
+  manifest.json and each track's tokens.npy + offsets.npy (`<track>_` prefixed but protein's)."""
+  tracks = manifest.get("tracks", ["protein"])
+  files = ["manifest.json"]
+  if "ligand" in tracks:
+    files.append(manifest.get("vocabulary", {}).get("ligand", {}).get("file",
+                                                                       "smiles_vocab.json"))
+  for s in SPLITS:
+    files.append(f"{s}/manifest.json")
+    for t in tracks:
+      prefix = "" if t == "protein" else f"{t}_"
+      files += [f"{s}/{prefix}tokens.npy", f"{s}/{prefix}offsets.npy"]
+  return tuple(files)
 
 
 def is_prepared(root: str | os.PathLike) -> bool:

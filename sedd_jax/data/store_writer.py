@@ -2,7 +2,9 @@
 
 `write_store(src, folder, fmt, opts)` streams the records of `src` (FASTA, peers' layout or
 protein-ligand CSV), drops those `PrepareOptions` filters out (length bounds, fraction of the 20
-standard amino acids, duplicates, ligands too long), assigns each kept sequence a split from an
+standard amino acids, duplicates, ligands too long), reports bad records to the `--on-error`
+policy (letters outside the alphabets, SMILES failing the grammar check of
+`sedd_jax.data.smiles_grammar`), assigns each kept sequence a split from an
 8-byte keyed hash of its ESM-2 ids (`Splitter`; the peers' layout keeps splits.json's) and
 appends it to `<folder>/<split>/tokens.npy` + `offsets.npy` (ligand_* likewise), streamed by
 `NpyWriter` with constant memory apart from the deduplication set. It returns the store's
@@ -27,6 +29,7 @@ import numpy as np
 
 from sedd_jax.data import fasta as fasta_lib
 from sedd_jax.data import pairs as pairs_lib
+from sedd_jax.data import smiles_grammar
 from sedd_jax.data import tokenizers
 
 log = logging.getLogger("sedd_jax.data.prepare")
@@ -140,6 +143,13 @@ def file_sha256(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
+def source_record(path: pathlib.Path) -> dict:
+  """What a manifest records of a source file: name, bytes, modification time (ns), sha256."""
+  st = path.stat()
+  return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+          "sha256": file_sha256(path)}
+
+
 def source_files(src: pathlib.Path, fmt: str) -> list[pathlib.Path]:
   """The files a store of `src` read as `fmt` is made from (recorded in its manifest)."""
   if fmt == "peers":
@@ -182,17 +192,17 @@ class _Progress:
 
 
 def _smiles_vocabulary(src: pathlib.Path, opts: PrepareOptions) -> tokenizers.SmilesTokenizer:
-  """The SMILES tokenizer of every token in the pairs of `src` (a first pass; bad rows are
-  reported by the main pass)."""
+  """The SMILES tokenizer of every token in the valid SMILES of the pairs of `src` (a first
+  pass; bad rows are reported by the main pass)."""
   quiet = fasta_lib.Skips("skip", max_logged=0)
+  valid = smiles_grammar.grammar_valid_smiles
   counts: dict[str, int] = {}
   for r in pairs_lib.read_pairs(src, opts.protein_column, opts.smiles_column, opts.delimiter,
                                 quiet):
-    try:
-      for t in tokenizers.SmilesTokenizer.split(r.smiles):
-        counts[t] = counts.get(t, 0) + 1
-    except tokenizers.TokenizeError:
-      pass  # reported in the main pass
+    if not valid(r.smiles):
+      continue  # reported in the main pass
+    for t in tokenizers.SmilesTokenizer.split(r.smiles):
+      counts[t] = counts.get(t, 0) + 1
   return tokenizers.SmilesTokenizer(sorted(counts))
 
 
@@ -221,6 +231,7 @@ class _Selector:
     if fmt == "peers":
       self.split_of_index = fasta_lib.peers_layout(src)[1]
       self.filtered.update(not_in_splits=0)
+    self.smiles_ok = smiles_grammar.grammar_valid_smiles if smiles_tok is not None else None
     self.prot_tok = tokenizers.ProteinTokenizer()
     self.salt = opts.split_salt.encode()
     self.splitter = Splitter(opts.valid_fraction, opts.test_fraction)
@@ -248,6 +259,12 @@ class _Selector:
     lig_ids = None
     if smi is not None:
       try:
+        if not self.smiles_ok(smi):
+          tokenizers.SmilesTokenizer.split(smi, source=str(self.src), line=line)  # a bad char?
+          return self.skips.report(
+              "invalid_smiles", f"{fasta_lib.location(self.src, line)}: invalid SMILES {smi!r} "
+              "(fails the SMILES grammar: branches, ring closures, bonds, bracket atoms)",
+              self.src, line)
         lig_ids = self.smiles_tok.encode(smi, source=str(self.src), line=line)
       except tokenizers.TokenizeError as e:
         return self.skips.report("invalid_smiles", f"{e}", self.src, line)
@@ -335,8 +352,7 @@ def _manifest(src: pathlib.Path, folder: pathlib.Path, fmt: str, opts: PrepareOp
       "tracks": tracks,
       "dtype": {t: np.dtype(np.uint8 if t == "protein" else lig_dtype).name for t in tracks},
       "source": {"path": str(src.resolve()), "format": fmt,
-                 "files": [{"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                           for p in source_files(src, fmt)]},
+                 "files": [source_record(p) for p in source_files(src, fmt)]},
       "filters": dataclasses.asdict(opts),
       "vocabulary": {"protein": protein_vocab},
       **counts,

@@ -4,6 +4,8 @@ indices (B, L) -> token embedding (B, L, H); sigma (B,) -> 256-dim sinusoid -> L
 -> SiLU = c (B, C); `n_blocks` adaLN-Zero blocks with rotary attention and a 4x GELU(tanh) MLP;
 final LayerNorm + modulate + Linear -> (B, L, D) log score; absorbing graphs with
 `scale_by_sigma` subtract log(expm1(sigma)) + log(D - 1); the entry at the input token is 0.
+`DDiT.hidden_states` returns the residual stream after any block (0 = the token embedding, -1
+= the output layer's input), by the forward's own code path stopped early.
 The layers (LayerNorm, rotary, modulate, dropout, the sigma map, the head) are in
 `sedd_jax.model.layers`; here the blocks and the model.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -306,6 +309,38 @@ class DDiT(nnx.Module):
     stays within a sequence) and positions (B, L) int (each residue's index within its
     sequence; the rotary angles); None = one sequence per row at positions 0..L-1.
     """
+    indices, sigma, lengths, segment_ids, positions = self._check_inputs(
+        indices, sigma, lengths, segment_ids, positions)
+    x, c = self._stream(indices, sigma, lengths, segment_ids, positions, len(self.blocks))
+    return layers.score_head(self.output_layer(x, c), sigma, indices, self.scale_by_sigma)
+
+  def hidden_states(self, indices: jax.Array, sigma: jax.Array,
+                    lengths: jax.Array | None = None, *, layer: int = -1,
+                    segment_ids: jax.Array | None = None,
+                    positions: jax.Array | None = None) -> jax.Array:
+    """The residual stream (B, L, H), in `residual_dtype`, at `layer` (`layer_blocks`): 0 = the
+    token embedding, k = after block k, -1 = after the last block (the output layer's input);
+    the other arguments as `__call__`, whose code path this is (stopped before the output
+    layer), so `output_layer(hidden_states(..., layer=-1), c)` is `__call__`'s logits."""
+    n = self.layer_blocks(layer)
+    indices, sigma, lengths, segment_ids, positions = self._check_inputs(
+        indices, sigma, lengths, segment_ids, positions)
+    return self._stream(indices, sigma, lengths, segment_ids, positions, n)[0]
+
+  def layer_blocks(self, layer: int) -> int:
+    """How many blocks run before residual-stream state `layer`: the n_blocks + 1 states
+    (token embedding, after block 1, ..., after block n_blocks) indexed as a Python list, so
+    layer in [-(n_blocks + 1), n_blocks]; ValueError naming `layer` otherwise."""
+    n = len(self.blocks)
+    if (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)
+        or not -(n + 1) <= layer <= n):
+      raise ValueError(f"layer {layer!r} is out of range for a model of {n} blocks: use "
+                       f"{-(n + 1)}..{n} (0 = the token embedding, k = after block k, -1 = after "
+                       f"the last block)")
+    return int(layer) % (n + 1)
+
+  def _check_inputs(self, indices, sigma, lengths, segment_ids, positions) -> tuple:
+    """Checks the forward's inputs; returns them cast (int32 / float32 / int32, packing int32)."""
     indices = jnp.asarray(indices)
     sigma = jnp.asarray(sigma)
     if indices.ndim != 2 or not jnp.issubdtype(indices.dtype, jnp.integer):
@@ -322,21 +357,23 @@ class DDiT(nnx.Module):
                          f"got shape {lengths.shape} dtype {lengths.dtype}")
       lengths = lengths.astype(jnp.int32)
     segment_ids, positions = check_packing(b, l, segment_ids, positions)
-    indices = indices.astype(jnp.int32)
-    sigma = sigma.astype(jnp.float32)
+    return indices.astype(jnp.int32), sigma.astype(jnp.float32), lengths, segment_ids, positions
 
+  def _stream(self, indices, sigma, lengths, segment_ids, positions, n: int) -> tuple:
+    """(residual stream (B, L, H) after the first `n` blocks, conditioning c (B, C) f32) of
+    checked inputs (`_check_inputs`)."""
     x = self.vocab_embed(indices).astype(self.residual_dtype)  # (B, L, H)
     c = jax.nn.silu(self.sigma_map(sigma))  # (B, C) f32
-    cos, sin = layers.rotary_cos_sin(l, self.hidden_size // self.n_heads, positions=positions)
+    cos, sin = layers.rotary_cos_sin(indices.shape[1], self.hidden_size // self.n_heads,
+                                     positions=positions)
     keys = None
     if self.dropout_stream is not None and not self.deterministic:
       keys = jax.random.split(self.dropout_stream(), len(self.blocks))
-    x = self._run_blocks(x, (cos, sin, c, lengths, segment_ids), keys)
+    return self._run_blocks(x, (cos, sin, c, lengths, segment_ids), keys, n), c
 
-    return layers.score_head(self.output_layer(x, c), sigma, indices, self.scale_by_sigma)
-
-  def _run_blocks(self, x: jax.Array, args: tuple, keys: jax.Array | None) -> jax.Array:
-    """x (B, L, H) through every block: `block(x, *args, dropout_key=keys[n])`.
+  def _run_blocks(self, x: jax.Array, args: tuple, keys: jax.Array | None,
+                  n: int) -> jax.Array:
+    """x (B, L, H) through the first `n` blocks: `block(x, *args, dropout_key=keys[i])`.
 
     `args` are broadcast to every block (the same values for each; per-call inputs such as
     lengths go here). With `scan_blocks`, one `lax.scan` over the blocks' states stacked along
@@ -344,14 +381,16 @@ class DDiT(nnx.Module):
     same numbers); otherwise a Python loop. `remat` block policies wrap one block either
     way.
     """
+    if n == 0:
+      return x
     policy = {"block": None, "block_save_dots": jax.checkpoint_policies.checkpoint_dots}
     if not self.scan_blocks:
       def run(block, x, key):
         return block(x, *args, dropout_key=key)
       if self.remat in policy:
         run = nnx.remat(run, policy=policy[self.remat])
-      for n, block in enumerate(self.blocks):
-        x = run(block, x, None if keys is None else keys[n])
+      for i in range(n):
+        x = run(self.blocks[i], x, None if keys is None else keys[i])
       return x
 
     graphdef, _ = nnx.split(self.blocks[0])
@@ -361,7 +400,8 @@ class DDiT(nnx.Module):
       cast = self.dtype if names & {"kernel", "bias"} else v[0].dtype
       return jnp.stack([a.astype(cast) for a in v])
 
-    stacked = jax.tree_util.tree_map_with_path(stack, *(nnx.split(b)[1] for b in self.blocks))
+    stacked = jax.tree_util.tree_map_with_path(
+        stack, *(nnx.split(self.blocks[i])[1] for i in range(n)))
 
     def body(x, xs):
       state, key = xs
@@ -369,4 +409,4 @@ class DDiT(nnx.Module):
 
     if self.remat in policy:
       body = jax.checkpoint(body, policy=policy[self.remat])
-    return jax.lax.scan(body, x, (stacked, keys))[0]
+    return jax.lax.scan(body, x, (stacked, None if keys is None else keys[:n]))[0]

@@ -12,6 +12,11 @@ Python slices. `max_length` (the model's maximum, `cfg.model.length`) is checked
 * `template(text, mask_char="_")`: a template string where `<mask>` or `mask_char` marks a
   position to generate, every other letter is fixed.
 * `combine(*conditions)`: the union of conditions on the same length (e.g. prefix + suffix).
+* `inline(length, prefix=, suffix=, motifs=, rng=)`: prefix, suffix and motif segments of one
+  sequence combined (None without any); motifs as 'SEQ@POS' / 'SEQ' strings or pairs.
+* `check_residues(c, allow_rare, what)`: refuses a condition fixing a residue that the sampler
+  never generates (`tokenizers.residue_mask`).
+* `stack(conditions, length)`: per-sequence conditions padded to one width.
 
 Errors are ValueErrors that say what is wrong: a motif longer than the scaffold, overlapping
 spans or segments, a length over the model's maximum, residues the tokenizer rejects.
@@ -267,3 +272,47 @@ def stack(conditions: Iterable[Condition], length: int) -> tuple[np.ndarray, np.
   if not pairs:
     return np.zeros((0, length), np.int32), np.zeros((0, length), bool)
   return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+_prefix, _suffix = prefix, suffix  # the builders, under names that `inline`'s keywords leave free
+
+
+def inline(length: int, *, prefix: str | None = None, suffix: str | None = None,
+           motifs: Sequence[str | tuple[str, int | None]] = (),
+           rng: np.random.Generator | None = None, max_length: int | None = None,
+           allow_rare: bool | None = None) -> Condition | None:
+  """The `prefix`, `suffix` and `motifs` of one sequence of `length` combined, or None when
+  none is given. `motifs`: 'SEQ@POS', 'SEQ@?' or 'SEQ' strings (`parse_motif`) or
+  (sequence, start or None) pairs; a drawn start (by `rng`) overlaps neither another motif nor
+  the prefix or suffix. With `allow_rare` given, each part is checked by `check_residues`
+  (named prefix, suffix, motifs). ValueErrors as the builders'."""
+  check_length(length, max_length)
+  parts = {}
+  if prefix:
+    parts["prefix"] = _prefix(prefix, length, max_length)
+  if suffix:
+    parts["suffix"] = _suffix(suffix, length, max_length)
+  ends = combine(*parts.values()) if parts else None
+  if motifs:
+    segments = [parse_motif(m) if isinstance(m, str) else (str(m[0]), m[1]) for m in motifs]
+    placed = motif(segments + [(_TOKENIZER.decode(c.tokens[c.mask]), int(np.argmax(c.mask)))
+                               for c in parts.values()], length, rng, max_length)
+    free = ~ends.mask if ends is not None else np.ones((length,), bool)
+    parts["motifs"] = Condition(placed.tokens, placed.mask & free)
+  if allow_rare is not None:
+    for what, c in parts.items():
+      check_residues(c, allow_rare, what)
+  return combine(*parts.values()) if parts else None
+
+
+def check_residues(c: Condition, allow_rare: bool, what: str,
+                   hint: str = "pass allow_rare=True") -> None:
+  """ValueError naming `what` when `c` fixes residues that the sampler never generates (the
+  rule of `tokenizers.residue_mask`: X B U Z O only with `allow_rare`); `hint` says how to
+  allow them (the sample CLI: "add --allow-rare")."""
+  bad = c.mask & ~tokenizers.residue_mask(_TOKENIZER.vocab_size, allow_rare)[c.tokens]
+  if bad.any():
+    letters = "".join(sorted(set(_TOKENIZER.decode(c.tokens[bad]))))
+    raise ValueError(f"{what} fixes {', '.join(letters)} (0-based positions "
+                     f"{np.flatnonzero(bad)[:10].tolist()}): only the 20 standard amino acids are "
+                     f"generated unless rare residues are allowed; {hint} or replace them")

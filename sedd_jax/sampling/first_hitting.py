@@ -89,14 +89,19 @@ def next_reveal_log_m(key: Array, log_m: Array, n: Array) -> Array:
 
 def remask_and_redraw(key: Array, score_at: Callable[[Array, Array], Array], graph: Graph,
                       x: Array, generated: Array, sigma: Array, eta: float, draw: str,
-                      nfe: Array) -> tuple[Array, Array]:
+                      nfe: Array, active: Array | None = None) -> tuple[Array, Array]:
   """The remasking corrector: per sequence with probability `eta`, one generated token of
   x (B, L) (among `generated` (B, L) bool) is masked and redrawn from `score_at` at sigma (B,),
-  a Gibbs move that keeps the state's distribution. Returns (x, nfe + 1 if any row moved)."""
+  a Gibbs move that keeps the state's distribution. `active` (B,) bool (default all): the rows
+  that may move (the loop passes the rows that revealed a token in this call, so a finished
+  row is not remasked while another row of its batch is still revealing: a row's moves do not
+  depend on its batch). Returns (x, nfe + 1 if any row moved)."""
   batch = x.shape[0]
   row = jnp.arange(batch)
   cand = generated & (x != graph.mask)
   do = (jax.random.uniform(jax.random.fold_in(key, 0), (batch,)) < eta) & cand.any(-1)
+  if active is not None:
+    do &= active
   pos = _categorical.sample_categorical(jax.random.fold_in(key, 1), cand.astype(jnp.float32),
                                         draw)
 
@@ -154,7 +159,7 @@ def first_hitting_loop(key: Array, score_at: Callable[[Array, Array], Array],
     x = x.at[row, pos].set(jnp.where(active, token, x[row, pos]))
     if remask > 0:
       x, nfe = remask_and_redraw(jax.random.fold_in(key_k, 2), score_at, graph, x, generated,
-                                 sigma, remask, draw, nfe)
+                                 sigma, remask, draw, nfe, active)
     return x, jnp.where(active, new_log_m, log_m), k + 1, nfe + 1
 
   x, _, _, nfe = jax.lax.while_loop(lambda carry: jnp.any(masked_of(carry[0])), body,

@@ -243,12 +243,13 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 
 
 def plot_lengths(ax, samples: Sequence[str], data: Sequence[str], bins: int = 30,
-                 max_marked: int = 3) -> None:
+                 max_marked: int = 3, max_length: int | None = None) -> None:
   """The length panel: the fraction of sequences per length bin, over bins shared by both sets.
 
   Samples of at most `max_marked` distinct lengths (the usual case: one length for all) are
   drawn as a vertical marker per length instead of a bar, which would be one bin wide next to
-  the data's histogram.
+  the data's histogram. `max_length`: the model's length, drawn as a dashed line, with the
+  share of data sequences longer than it (lengths drawn from the data are capped there).
   """
   len_s = np.array([len(s) for s in samples])
   len_d = np.array([len(s) for s in data])
@@ -264,13 +265,20 @@ def plot_lengths(ax, samples: Sequence[str], data: Sequence[str], bins: int = 30
   elif len_s.size:
     ax.hist(len_s, bins=edges, weights=np.full(len_s.size, 1 / len_s.size), alpha=0.5,
             label="samples")
-  ax.set_title("length (fraction of sequences per bin)")
+  title = "length (fraction of sequences per bin)"
+  if max_length is not None:
+    over = float(np.mean(len_d > max_length)) if len_d.size else 0.0
+    ax.axvline(max_length, color="k", linestyle="--", linewidth=1,
+               label=f"model length {max_length} ({over:.1%} of data longer)")
+    title += f"; samples capped at {max_length}"
+  ax.set_title(title)
   ax.legend()
 
 
 def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
-                path: str | os.PathLike, window: int = 12) -> None:
-  """Four panels to PNG: composition, length histograms, window entropy, nearest Jaccard."""
+                path: str | os.PathLike, window: int = 12, max_length: int | None = None) -> None:
+  """Four panels to PNG: composition, length histograms (`max_length`: the model's length,
+  `plot_lengths`), window entropy, nearest Jaccard."""
   from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
   fig = Figure(figsize=(12, 8))
@@ -284,7 +292,7 @@ def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
   ax.set_xticks(xs, letters)
   ax.set_title(f"composition (KL {report['composition']['kl_samples_data_nats']:.4f} nats)")
   ax.legend()
-  plot_lengths(axes[0, 1], samples, data)
+  plot_lengths(axes[0, 1], samples, data, max_length=max_length)
   ax = axes[1, 0]
   ent_d = np.concatenate([window_entropies(s, window) for s in data] or [np.zeros(0)])
   ent_s = np.concatenate([window_entropies(s, window) for s in samples] or [np.zeros(0)])
@@ -305,10 +313,13 @@ def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
 
 
 def write_report(samples: Sequence[str], data: Sequence[str], json_path: str | os.PathLike,
-                 png_path: str | os.PathLike | None = None, **kwargs) -> dict:
-  """Computes `quality_report`, writes it as JSON and (if `png_path`) as a PNG; returns it."""
+                 png_path: str | os.PathLike | None = None, *, max_length: int | None = None,
+                 **kwargs) -> dict:
+  """Computes `quality_report`, writes it as JSON and (if `png_path`) as a PNG (`max_length`:
+  the model's length, marked in the length panel); returns it."""
   report = quality_report(samples, data, **kwargs)
   write_json(report, json_path)
   if png_path is not None:
-    plot_report(report, samples, data, png_path, window=kwargs.get("window", 12))
+    plot_report(report, samples, data, png_path, window=kwargs.get("window", 12),
+                max_length=max_length)
   return report

@@ -49,6 +49,18 @@ follow the average over reveal orders of the product of the tempered conditional
 
 Categorical draws: `draw="unbiased"` (default) or "reference" (the reference's float32 draw;
 see sedd_jax.diffusion.categorical; the parity fixtures use it).
+
+One key per sequence (`row_keyed`, `sample_batched(..., key_per_sequence=True)`, what
+`sedd_jax.load(...).sample` uses): `row_keyed(keys)` turns B keys into one key of a PRNG
+implementation whose every draw of shape (B, ...) gives row b the bits that keys[b] gives for
+shape (...) (fold_in and split act on each row's key). Every draw of the samplers has the batch
+as its leading axis, so row b of a batch then follows from keys[b] alone: with sequence n's key
+fold_in(key, n), the samples do not depend on the batch size, nor on a sequence's neighbours,
+except where the sampler itself couples the rows: `cached` (the reuse decision is batch-wide)
+and first_hitting's remasking (a row that has revealed all its tokens keeps remasking while
+another row still reveals, so with rows of unequal numbers of generated positions its result
+depends on the batch). The model sees each row alone, so its output for a row is the same up
+to the float rounding of another batch shape.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 
@@ -181,6 +194,60 @@ def tempered_score(score: Array, temperature: float) -> Array:
   return jnp.concatenate([jnp.where(mass > 0, sharp, tokens), mask_col], axis=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _row_impl(base, rows: int):
+  """The PRNG implementation of `row_keyed` for `rows` keys of implementation `base`."""
+  base_shape = tuple(jax.random.key_data(jax.random.key(0, impl=base)).shape)
+
+  def wrap(data):
+    return jax.random.wrap_key_data(data, impl=base)
+
+  def seed(_):
+    raise TypeError("row-keyed keys come from sampler.row_keyed(keys), not from a seed")
+
+  def split(data, shape):  # (rows, *key) -> (*shape, rows, *key)
+    out = jax.vmap(lambda d: jax.random.key_data(jax.random.split(wrap(d), shape)))(data)
+    return jnp.moveaxis(out, 0, len(shape))
+
+  def fold_in(data, value):
+    return jax.vmap(lambda d: jax.random.key_data(jax.random.fold_in(wrap(d), value)))(data)
+
+  def random_bits(data, bit_width, shape):
+    if not shape or shape[0] != rows:
+      raise ValueError(f"a row-keyed key of {rows} rows draws arrays of leading dimension "
+                       f"{rows}; got shape {tuple(shape)}")
+    dtype = jnp.dtype(f"uint{bit_width}")
+    return jax.vmap(lambda d: jax.random.bits(wrap(d), tuple(shape[1:]), dtype))(data)
+
+  return jax_random_ext.define_prng_impl(
+      key_shape=(rows, *base_shape), seed=seed, split=split, random_bits=random_bits,
+      fold_in=fold_in, name=f"rows{rows}[{base}]", tag=f"rows{rows}")
+
+
+def row_keyed(keys: Array) -> Array:
+  """One key that draws row b of every (B, ...) draw from `keys[b]` (module docstring).
+
+  Args:
+    keys: (B,) typed PRNG keys (`jax.random.key`), one per row.
+
+  Returns:
+    a () key: jax.random.bits(row_keyed(keys), (B, *s))[b] == jax.random.bits(keys[b], s),
+    the same for every other jax.random draw, fold_in and split; a draw whose leading
+    dimension is not B raises ValueError.
+  """
+  keys = jnp.asarray(keys)
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) or keys.ndim != 1:
+    raise ValueError(f"keys must be a (B,) array of typed PRNG keys (jax.random.key); got "
+                     f"{keys.dtype} {keys.shape}")
+  impl = _row_impl(jax.random.key_impl(keys), int(keys.shape[0]))
+  return jax.random.wrap_key_data(jax.random.key_data(keys), impl=impl)
+
+
+def sequence_keys(key: Array, index: np.ndarray) -> Array:
+  """(n,) keys fold_in(key, i) of the sequences `index` (n,) int: sequence i's own key."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(index, jnp.uint32))
+
+
 def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tuple[int, int], *,
            steps: int, predictor: str = "analytic", eps: float = 1e-5,
            fixed_tokens: Array | None = None, fixed_mask: Array | None = None,
@@ -195,7 +262,7 @@ def sample(key: Array, score_fn: ScoreFn, graph: Graph, noise: Noise, shape: tup
 
   Args:
     key: PRNG key; step i uses fold_in(key, i), the denoise step fold_in(key, steps), the
-      limit draw fold_in(key, steps + 1).
+      limit draw fold_in(key, steps + 1). A `row_keyed` key gives each row its own key.
     score_fn: (x (B, L), sigma (B,)[, lengths=(B,)]) -> (B, L, D) exponentiated score.
     graph: the diffusion graph (D = graph.dim).
     noise: the noise schedule.
@@ -395,11 +462,15 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
                    allowed: np.ndarray | None = None, pad_id: int | None = None,
                    progress: bool = True, compiler_options: dict | None = None,
                    draw: str = "unbiased", remask: float = 0.0,
-                   temperature: float = 1.0, reveal_order: str = "random") -> np.ndarray:
+                   temperature: float = 1.0, reveal_order: str = "random",
+                   key_per_sequence: bool = False, cache: dict | None = None) -> np.ndarray:
   """Draws `num` sequences of length `length` in chunks of `batch_size` (one compiled program).
 
   Chunk c uses fold_in(key, c); the last chunk is padded to `batch_size` and trimmed, so the
-  output depends on (key, batch_size) but not on `num` beyond the chunks it covers.
+  output depends on (key, batch_size) but not on `num` beyond the chunks it covers. With
+  `key_per_sequence`, sequence n is drawn from its own key fold_in(key, n) (`row_keyed`), so
+  it does not depend on `batch_size` either (but see the module docstring for `cached` and
+  first_hitting's remasking).
 
   Args:
     key: PRNG key.
@@ -414,6 +485,9 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
     lengths: (N,) int lengths (None: all `length`).
     progress: log each chunk with its speed.
     compiler_options: passed to XLA (see `jit_sampler`).
+    key_per_sequence: one key per sequence (above) instead of one per chunk.
+    cache: a dict the caller keeps to reuse the compiled sampler of `model` in later calls of
+      the same shape and options (the weights are read at each call); None: compile anew.
 
   Returns:
     (N, L) int32 numpy array.
@@ -421,10 +495,24 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
   if batch_size < 1 or num < 0:
     raise ValueError(f"need batch_size >= 1 and num >= 0; got {batch_size}, {num}")
   batch_size = min(batch_size, max(num, 1))
-  run = jit_sampler(graph, noise, (batch_size, length), steps=steps, predictor=predictor,
-                    eps=eps, cached=cached, model=model, score_fn=score_fn, pad_id=pad_id,
-                    return_nfe=True, compiler_options=compiler_options, draw=draw,
-                    remask=remask, temperature=temperature, reveal_order=reveal_order)
+  options = dict(steps=steps, predictor=predictor, eps=eps, cached=cached, pad_id=pad_id,
+                 return_nfe=True, compiler_options=compiler_options, draw=draw, remask=remask,
+                 temperature=temperature, reveal_order=reveal_order)
+  cache_key = state = None
+  if cache is not None and model is not None:
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+    cache_key = (graphdef, graph, noise, batch_size, length, *(
+        tuple(sorted(v.items())) if isinstance(v, dict) else v for v in options.values()))
+  if cache_key is not None and cache_key in cache:
+    run = functools.partial(cache[cache_key], state)
+  else:
+    run = jit_sampler(graph, noise, (batch_size, length), model=model, score_fn=score_fn,
+                      **options)
+    if cache_key is not None:
+      cache[cache_key] = run.func  # the compiled program; its first argument is the weights
   per_seq = fixed_tokens is not None and np.ndim(fixed_tokens) == 2
   if lengths is not None:
     lengths = np.asarray(lengths, dtype=np.int32)
@@ -442,8 +530,10 @@ def sample_batched(key: Array, graph: Graph, noise: Noise, num: int, length: int
 
     ft, fm = (take(fixed_tokens), take(fixed_mask)) if per_seq else (fixed_tokens, fixed_mask)
     ln = take(lengths) if lengths is not None else None
+    chunk_key = (row_keyed(sequence_keys(key, take(np.arange(num)))) if key_per_sequence
+                 else jax.random.fold_in(key, c))
     t0 = time.perf_counter()
-    x, nfe = run(jax.random.fold_in(key, c), ft, fm, ln, allowed)
+    x, nfe = run(chunk_key, ft, fm, ln, allowed)
     out[lo:hi] = np.asarray(jax.device_get(x))[:hi - lo]
     if progress:
       dt = time.perf_counter() - t0

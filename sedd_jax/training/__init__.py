@@ -3,7 +3,8 @@ SEDD task (`sedd_task`; protein-ligand: `sedd_jax.protein_ligand.task`), jitted 
 set-up (`step`), mesh and shardings (`sharding`), the run's orbax checkpoints
 (`checkpointer`), the checkpoint format and inference loading (`checkpoint`),
 console/JSONL/wandb metrics (`metrics`), and the job: `loop.train` (set-up in `run`, periodic
-actions in `hooks`, signals, workdir and prefetching in `runtime`).
+actions in `hooks`, the workdir's checks, lock and --fresh in
+`workdir`, signals and prefetching in `runtime`).
 
 The command line is `sedd_jax.train` (`python -m sedd_jax.train --config=configs/uniref50.py:tiny`).
 For sampling and evaluation:

@@ -23,16 +23,33 @@ The training run's checkpoints (save, retention, resume with the corrupt-checkpo
 are `sedd_jax.training.checkpointer.Checkpointer`'s; this module is the format's reading side:
 the errors, `check_files` / `unreadable_reason` (is a checkpoint damaged, and where),
 `saved_shape_changes` (does it fit a model), `read_config`, `read_items`, the inference
-checkpoints (`save_inference_checkpoint`, `load_for_inference`), and the tree helpers both
-sides use (`pure_dict`, `fill`, `abstract_arrays`).
+checkpoints (`save_inference_checkpoint`, `load_inference_checkpoint` -> `InferenceCheckpoint`
+with the step folder it came from, `load_for_inference`), and the tree helpers both sides use
+(`pure_dict`, `fill`, `abstract_arrays`).
+
+A restore of a damaged checkpoint fails on its first bad read while orbax's other reads are in
+flight: orbax closes its event loop with them pending, so TensorStore's completions find the
+loop closed and the pending read coroutines turn the GeneratorExit of their collection into an
+exception; the interpreter printed each as a traceback ("Exception ignored in: <coroutine
+...>", or a bare "RuntimeError: Event loop is closed") whenever it came, dozens per damaged
+checkpoint. A failed save (a full disk) leaves the same "Event loop is closed" callbacks of
+its writes still in flight, raised in TensorStore's threads.
+`_drop_abandoned_reads` (a `sys.unraisablehook` filter installed on import) drops exactly those
+leftovers, as `_DropUnretrievedReadErrors` drops asyncio's log of the reads that failed in
+time; the first error is the one reported (the file and the problem).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import os
 import pathlib
+import sys
+import threading
+import types
 from typing import Any
 
 import jax
@@ -101,6 +118,44 @@ class _DropUnretrievedReadErrors(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_DropUnretrievedReadErrors())
+
+_ORBAX = os.path.dirname(ocp.__file__)
+_ASYNCIO = os.path.dirname(asyncio.__file__)
+
+
+def _abandoned_read(unraisable) -> bool:
+  """Whether an unraisable exception is the leftover of a read that orbax abandoned with its
+  event loop (see the module docstring): an orbax coroutine that turned the GeneratorExit of its
+  collection into an exception, or a completion (`call_soon_threadsafe` called from TensorStore's
+  threads, no Python caller) that found the loop closed."""
+  exc, obj = unraisable.exc_value, unraisable.object
+  if isinstance(obj, types.CoroutineType):
+    return (obj.cr_code.co_filename.startswith(_ORBAX)
+            and isinstance(exc.__context__, GeneratorExit))
+  if not (obj is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  if isinstance(threading.current_thread(), threading._DummyThread):  # noqa: SLF001
+    return True  # raised in a thread Python did not start: TensorStore's (reads and writes)
+  tb = unraisable.exc_traceback
+  return (tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+          and tb.tb_frame.f_code.co_filename.startswith(_ASYNCIO))
+
+
+def _drop_abandoned_reads(previous):
+  """A `sys.unraisablehook` passing everything but `_abandoned_read`s on to `previous`."""
+
+  def hook(unraisable) -> None:
+    try:
+      drop = _abandoned_read(unraisable)
+    except Exception:  # noqa: BLE001 -- e.g. at interpreter exit: report it as before
+      drop = False
+    if not drop:
+      previous(unraisable)
+
+  return hook
+
+
+sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
 
 
 def check_files(step_dir: pathlib.Path, items: tuple[str, ...] = ITEMS) -> None:
@@ -238,17 +293,50 @@ def read_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
   raise FileNotFoundError(f"{step_dir}: no config item and no config.json")
 
 
+@dataclasses.dataclass(frozen=True)
+class InferenceCheckpoint:
+  """A model loaded for sampling / evaluation (`load_inference_checkpoint`).
+
+  model: the model of the config's task (`cfg.task`: a DDiT, or for "protein_ligand" a
+    ProteinLigandDDiT) in eval mode; cfg: its ConfigDict; graph, noise: the diffusion graph
+    (`cfg.graph`: the protein track's; the ligand graph is
+    `sedd_jax.protein_ligand.get_graphs(cfg)[1]`) and noise schedule of the config.
+  step_dir: the checkpoint folder it was loaded from (absolute); weights: "ema" or "params".
+  """
+
+  model: Any
+  cfg: ml_collections.ConfigDict
+  graph: Any
+  noise: Any
+  step_dir: pathlib.Path
+  weights: str
+
+  @property
+  def step(self) -> int | None:
+    """The training step of the checkpoint (its folder's name), None for another name."""
+    return int(self.step_dir.name) if self.step_dir.name.isdigit() else None
+
+  @property
+  def run_dir(self) -> pathlib.Path | None:
+    """The run folder holding `checkpoints/<step>`, None for a checkpoint folder elsewhere."""
+    return self.step_dir.parents[1] if self.step_dir.parent.name == CHECKPOINTS else None
+
+
 def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True):
+  """(model, cfg, graph, noise) of `load_inference_checkpoint(path_or_workdir, use_ema)`."""
+  c = load_inference_checkpoint(path_or_workdir, use_ema)
+  return c.model, c.cfg, c.graph, c.noise
+
+
+def load_inference_checkpoint(path_or_workdir: str | os.PathLike,
+                              use_ema: bool = True) -> InferenceCheckpoint:
   """Loads a model for sampling/evaluation from a workdir, a `checkpoints/` folder or a step.
 
-  Returns:
-    (model, cfg, graph, noise): the model of the config's task (`cfg.task`: a DDiT, or for
-    "protein_ligand" a ProteinLigandDDiT) in eval mode holding the EMA weights (or `params`
-    when `use_ema` is False or the checkpoint has no EMA), its ConfigDict, and the diffusion
-    graph (`cfg.graph`: the protein track's; the ligand graph is
-    `sedd_jax.protein_ligand.get_graphs(cfg)[1]`) and noise schedule built from the config. The
-    newest checkpoint that loads is used; an unreadable one (`unreadable_reason`) is reported and
-    skipped; any other error is raised.
+  The EMA weights are loaded (`params` when `use_ema` is False or the checkpoint has no EMA),
+  from the newest checkpoint that loads: an unreadable one (`unreadable_reason`) is reported and
+  skipped; weights of another shape than the config builds raise ShapeMismatch, no readable
+  checkpoint UnreadableCheckpoint (naming each folder, the damaged file or array, the
+  problem); any other error is raised.
   """
   from sedd_jax import diffusion
   from sedd_jax.training.task import get_task
@@ -278,11 +366,12 @@ def load_for_inference(path_or_workdir: str | os.PathLike, use_ema: bool = True)
       nnx.update(model, fill(params_t, restored[item]))
       model.eval()
       logger.info("loaded %s weights from %s", item, step_dir)
-      return model, cfg, graph, noise
+      return InferenceCheckpoint(model, cfg, graph, noise, step_dir, item)
     except Exception as e:
       reason = unreadable_reason(e)
       if reason is None:
         raise
       logger.error("checkpoint %s cannot be read: %s; trying the previous one", step_dir, reason)
       errors.append(f"{step_dir}: {reason}")
-  raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
+  raise UnreadableCheckpoint("no checkpoint can be read, the files of each are damaged "
+                             "(truncated, overwritten or missing): " + "; ".join(errors))

@@ -5,7 +5,20 @@ validation are `sedd_jax.training.checkpoint`'s; here the run's side of it:
 
 Retention: the newest `cfg.training.keep` checkpoints, plus every step that is a multiple of
 `cfg.training.milestone_every` (milestones, kept forever; 0 = none). Saving is asynchronous;
-`wait()` blocks until everything is on disk.
+`wait()` blocks until everything is on disk; `check()` (one process) reports a failed
+background save without waiting. orbax writes a step into `<step>.orbax-checkpoint-tmp` and
+renames it when complete; such folders of unfinished saves are removed when a Checkpointer is
+created (synchronously: orbax's own clean-up runs in a thread that `close()` does not join, and
+one still running at interpreter exit printed "cannot schedule new futures after ... shutdown").
+
+A full disk: the save fails (in orbax's background threads, reported at the next `save`,
+`wait` or `check`) with `DiskFull`, a `CheckpointError` of one line naming the folder, the bytes
+the checkpoint needs (the newest complete one's size on disk, else the state's arrays) and the
+bytes free; the partial folder is removed (once orbax's threads of that save have ended) and the
+older checkpoints are kept as they are (retention deletes only after a complete save). The
+echoes of that one error are dropped: orbax's and asyncio's log records of it (a traceback per
+failed write and thread) and TensorStore's "Event loop is closed" callbacks of the writes that
+were still in flight (the `sys.unraisablehook` filter of `sedd_jax.training.checkpoint`).
 
 Resume: `restore_latest` tries the newest step first. It first compares the shapes saved in
 the checkpoint's metadata with the state the config builds: a difference (a changed model shape)
@@ -19,12 +32,15 @@ with that error and moves nothing; so does a run in which no checkpoint loads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import pathlib
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -44,6 +60,53 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1  # of the train item
 CORRUPT = "checkpoints_corrupt"
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax's suffix of a step folder being written
+
+
+class DiskFull(ckpt_lib.CheckpointError):
+  """A checkpoint that did not fit on its disk (the message: folder, bytes needed and free)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it chains from, is "no space left on device": an OSError
+  ENOSPC (Python writes) or TensorStore's RESOURCE_EXHAUSTED error carrying that OS code."""
+  seen = set()
+  e = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if f"[os_error_code='{errno.ENOSPC}']" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class _DropDiskFullRecords(logging.Filter):
+  """Drops the log records (with their tracebacks) of a disk-full error: orbax logs one for
+  every failed write and thread of a save, asyncio one for each write never awaited; the
+  Checkpointer reports it once (`DiskFull`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.exc_info[1] is not None
+                and is_disk_full(record.exc_info[1]))
+
+
+for _name in ("absl", "asyncio"):  # orbax logs through absl
+  logging.getLogger(_name).addFilter(_DropDiskFullRecords())
+
+
+def _disk_usage(folder: pathlib.Path) -> int:
+  """Bytes the files under `folder` occupy on disk (their blocks)."""
+  return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
+
+
+def _size(n: float) -> str:
+  """'1.5 GiB', '12.0 MiB', '800 B'."""
+  for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.1f} {unit}"
+  return f"{int(n)} B"
 
 
 def encode_data_state(state: Any) -> dict:
@@ -85,6 +148,9 @@ class Checkpointer:
     self.keep = int(keep)
     self.milestone_every = int(milestone_every)
     self.async_save = async_save
+    self._pending: tuple[int, int] | None = None  # (step, bytes) of the save not yet waited for
+    self._threads: list[threading.Thread] = []  # orbax's threads of the pending save
+    self._remove_unfinished()
     self._manager = self._make_manager()
 
   def _make_manager(self) -> ocp.CheckpointManager:
@@ -94,7 +160,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=self.async_save,
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=False,  # `_remove_unfinished`, synchronously
       create=True,
     )
     return ocp.CheckpointManager(self.directory, options=options)
@@ -111,8 +177,13 @@ class Checkpointer:
     return self.directory / str(step)
 
   def save(self, state: TrainState, data_state: Any, cfg: ml_collections.ConfigDict) -> bool:
-    """Writes a checkpoint at `state.step` (asynchronously); False if that step exists."""
+    """Writes a checkpoint at `state.step` (asynchronously); False if that step exists.
+
+    Raises:
+      DiskFull: this save, or the previous one (waited for first), ran out of disk space.
+    """
     step = int(jax.device_get(state.step))
+    self.wait()
     if step in self._manager.all_steps():
       return False
     train_meta = {
@@ -130,16 +201,77 @@ class Checkpointer:
       data=ocp.args.JsonSave(encode_data_state(data_state)),
       config=ocp.args.JsonSave(json.loads(config_lib.to_json(cfg))),
     )
-    self._manager.save(step, args=args, force=True)
+    arrays = jax.tree.leaves((state.params, state.ema, state.opt_state))
+    self._pending = (step, sum(int(a.nbytes) for a in arrays))
+    before = set(threading.enumerate())
+    with self._reporting_disk_full():
+      self._manager.save(step, args=args, force=True)
+    # orbax's own threads of this save (commit futures, finalize), not its pools' workers.
+    self._threads = [t for t in threading.enumerate()
+                     if t not in before and type(t).__module__.startswith("orbax.")]
     logger.debug("checkpoint: saving step %d to %s", step, self.step_path(step))
     return True
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk.
+
+    Raises:
+      DiskFull: the pending save ran out of disk space (reported once).
+    """
+    with self._reporting_disk_full():
+      self._manager.wait_until_finished()
+    self._pending, self._threads = None, []
+
+  def check(self) -> None:
+    """Raises the error (DiskFull) of a background save that has failed, without waiting for
+    one in progress. One process only: with several, a failure surfaces at the next `save` or
+    `wait`, which every process calls at the same step."""
+    if (self._pending is not None and jax.process_count() == 1
+        and not self._manager.is_saving_in_progress()):
+      self.wait()
 
   def close(self) -> None:
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _reporting_disk_full(self):
+    """Turns a disk-full error of the pending save into DiskFull (after removing its partial
+    folder); any other error passes unchanged."""
+    try:
+      yield
+    except Exception as e:
+      if self._pending is None or not is_disk_full(e):
+        raise
+      step, arrays = self._pending
+      self._pending = None
+      for t in self._threads:  # orbax stops at its first failed write; the others go on
+        threading.Thread.join(t, timeout=60)  # (orbax's own join raises the thread's error)
+      self._threads = []
+      self._remove_unfinished(step)
+      self._manager.reload()  # orbax dropped the steps retention deletes after a good save
+      older = self.all_steps()
+      if older:
+        needed = _disk_usage(self.step_path(older[-1]))
+        basis = f"step {older[-1]} takes that on disk"
+        kept = (f"the older checkpoints (steps {', '.join(map(str, older))}) are intact; run "
+                f"the same command to resume from step {older[-1]}")
+      else:
+        needed, basis = arrays, "its arrays: params, EMA and optimizer state"
+        kept = "there is no older checkpoint; run the same command to start again"
+      free = shutil.disk_usage(self.directory).free
+      raise DiskFull(
+          f"no space left on device for the checkpoint of step {step} in {self.directory}: it "
+          f"needs about {_size(needed)} ({basis}), {_size(free)} are free there with its "
+          f"partial folder removed. Free space (or lower training.keep); {kept}.") from e
+
+  def _remove_unfinished(self, step: int | None = None) -> None:
+    """Deletes orbax's folders of unfinished saves (`<step>.orbax-checkpoint-tmp*`: of `step`,
+    or of any step) on process 0; a complete checkpoint is never touched."""
+    if jax.process_index() != 0 or not self.directory.is_dir():
+      return
+    for path in self.directory.glob(f"{'*' if step is None else step}{ORBAX_TMP}*"):
+      shutil.rmtree(path, ignore_errors=True)
+      logger.info("removed %s (a checkpoint whose save did not finish)", path)
 
   def shape_changes(self, step: int, template: TrainState) -> list[str]:
     """The arrays whose saved shape (the checkpoint's metadata) differs from `template`'s, as

@@ -1,6 +1,7 @@
 """The periodic actions of the training loop, each owning its cadence; all act on a `run.Run`.
 
   after_step(run, m)       called once per step, in this order:
+    run.ckpt.check           a background save that failed (a full disk) stops the run at once
     read_bad_steps           the consecutive non-finite count, read one step late (no stall)
     log_train                a train row every `log_every` steps, at the end, and when bad
     stop_non_finite          `max_bad_steps` bad steps: checkpoint, event, exit code 3
@@ -8,15 +9,23 @@
     run.write_samples        the task's samples every `sample_every` steps
     save                     a checkpoint every `ckpt_every` / `milestone_every` steps
   The throughput meter restarts after a step that evaluated, sampled or saved.
+  write_baseline(run)      at the end (`loop.finish`): the unigram baseline row, once per run
+                           folder and store (`unigram_baseline`)
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import jax
+import ml_collections
 import numpy as np
 
+from sedd_jax.data import pipeline
+from sedd_jax.data import store as store_lib
+from sedd_jax.data import tokenizers
+from sedd_jax.sampling import likelihood
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training.run import Run
 
@@ -26,6 +35,7 @@ EXIT_NONFINITE = 3
 # Step metrics that are not a task's extra metrics (see `summarize`).
 STEP_METRICS = ("loss", "loss_per_token", "grad_norm", "lr", "finite", "bad_steps", "skipped",
                 "tokens")
+BASELINE_TOKENS = 1 << 24  # the most tokens of each split the unigram baseline reads
 
 
 def save(run: Run, why: str) -> None:
@@ -135,7 +145,9 @@ def periodic(run: Run) -> None:
 
 
 def after_step(run: Run, m: dict) -> bool:
-  """The actions after step `run.step` (metrics `m`); True when the run must stop."""
+  """The actions after step `run.step` (metrics `m`); True when the run must stop (a failed
+  background save raises, e.g. `checkpointer.DiskFull`)."""
+  run.ckpt.check()
   bad = read_bad_steps(run, m)
   if run.step % run.cfg.training.log_every == 0 or run.step == run.total or bad:
     log_train(run)
@@ -144,3 +156,54 @@ def after_step(run: Run, m: dict) -> bool:
     return True
   periodic(run)
   return False
+
+
+def _spread(tokens: np.ndarray, cap: int = BASELINE_TOKENS, pieces: int = 64
+            ) -> list[np.ndarray]:
+  """`tokens (T,)` whole when T <= cap, else `pieces` evenly spaced slices of cap // pieces
+  tokens (a sample of the whole split; a memory map reads only those)."""
+  if tokens.size <= cap:
+    return [tokens]
+  n = cap // pieces
+  return [tokens[s:s + n] for s in np.linspace(0, tokens.size - n, pieces).astype(np.int64)]
+
+
+def unigram_baseline(cfg: ml_collections.ConfigDict) -> dict | None:
+  """The unigram baseline of the store's proteins: `likelihood.unigram_baseline` fitted on the
+  training split (add-one frequencies of the 25 residue letters, as `sedd_jax.evaluate`) over
+  the validation split, in nats per residue. Splits of more than BASELINE_TOKENS tokens are
+  read as BASELINE_TOKENS tokens in 64 evenly spaced slices.
+
+  Returns:
+    {"unigram_per_token", "train_tokens", "valid_tokens", "store"}, or None (with a warning)
+    when the store has no such splits.
+  """
+  root = pipeline.resolve_path(cfg.data.prepared)
+  try:
+    train, valid = (_spread(store_lib.Store(root, split).track("protein").tokens)
+                    for split in ("train", "valid"))
+    value = likelihood.unigram_baseline(
+        train, valid, vocab=tokenizers.ProteinTokenizer().encode(tokenizers.RESIDUES))
+  except (OSError, ValueError, KeyError) as e:
+    logger.warning("no unigram baseline for the loss curve (%s)", e)
+    return None
+  return {"unigram_per_token": value, "train_tokens": sum(t.size for t in train),
+          "valid_tokens": sum(t.size for t in valid), "store": str(root)}
+
+
+def write_baseline(run: Run) -> None:
+  """A `baseline` metrics row (`unigram_baseline`, the loss curve's line) unless the run folder
+  has one of this store; for the protein-only models (one token track), on process 0."""
+  if not run.primary or tuple(run.built.task.token_keys) != ("tokens",):
+    return
+  store = str(pipeline.resolve_path(run.cfg.data.prepared))
+  if any(r.get("kind") == "baseline" and r.get("store") == store
+         for r in metrics_lib.read_metrics(run.writer.path)):
+    return
+  t0 = time.perf_counter()
+  row = unigram_baseline(run.cfg)
+  if row is not None:
+    run.writer.write("baseline", run.step, row)
+    logger.info("unigram baseline %.4f nats per residue (%s training, %s validation tokens; "
+                "%.2f s)", row["unigram_per_token"], f"{row['train_tokens']:,}",
+                f"{row['valid_tokens']:,}", time.perf_counter() - t0)

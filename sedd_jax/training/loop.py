@@ -1,12 +1,14 @@
 """The training job as a library: `train(cfg, workdir) -> Result` (the CLI is `sedd_jax.train`).
 
-  train      checks (config, data inputs, the checkpoint's model shape) before the model is
-             built, then `run.build_run`, `run_steps`, `finish`
+  train      checks (config, workdir, data inputs), the workdir's lock (`workdir.lock`), the
+             checkpoint's model shape before the finished check and the model, then
+             `run.build_run`, `run_steps`, `finish`
   run_steps  the step loop: stop checks, one step, `hooks.after_step`
   finish     the last train row, the final checkpoint, closing, the loss curve
 
-Multi-process semantics (see `sedd_jax.train`): every process checks the data inputs; process 0
-alone prepares the workdir, then all meet at a barrier; `StopFlag.agreed` is called by every
+Multi-process semantics (see `sedd_jax.train`): every process checks the workdir and the data
+inputs; process 0 alone takes the workdir's lock and prepares it, then all learn whether that
+worked (one collective: a failure stops all of them); `StopFlag.agreed` is called by every
 process at the same steps (every `StopFlag.CHECK_EVERY` steps: a collective).
 """
 
@@ -29,9 +31,9 @@ from sedd_jax.training import checkpointer
 from sedd_jax.training import hooks
 from sedd_jax.training import metrics as metrics_lib
 from sedd_jax.training import runtime
-from sedd_jax.training import sharding
 from sedd_jax.training import state as state_lib
 from sedd_jax.training import task as task_lib
+from sedd_jax.training import workdir as workdir_lib
 from sedd_jax.training.run import COMPILE_CACHE
 from sedd_jax.training.run import CompileCache
 from sedd_jax.training.run import Run
@@ -72,7 +74,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
 
   Args:
     cfg: a config (validated here, before anything is compiled).
-    workdir: the run's folder.
+    workdir: the run's folder (one job at a time: see `workdir.lock`).
     fresh: start over (see `sedd_jax.train`).
     stop_after: stop, with a checkpoint, after this many steps of THIS invocation (tests use it
       to simulate an interruption).
@@ -84,6 +86,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
   Returns:
     Result(code, step, reason); code 0 when finished or stopped by a signal, 3 after too many
     non-finite steps.
+
+  Raises:
+    workdir.WorkdirError: an unusable workdir (a file, a data store, holding the data inputs,
+      not writable) or one in use by another job, before anything is written there.
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, n_devices=len(devices))
@@ -92,28 +98,60 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, fresh: boo
     logger.info("persistent compilation cache: %s", cache_dir)
   workdir = pathlib.Path(workdir).absolute()
   primary = jax.process_index() == 0
+  workdir_lib.check(workdir, cfg, fresh)
   pipeline.ensure_prepared(cfg)  # bad data inputs fail before the workdir is written
+  lock = _claim(workdir, fresh, primary)
+  try:
+    return _train(cfg, workdir, primary, devices, stop_after, compiler_options,
+                  COMPILE_CACHE if cache is None else cache)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _claim(workdir: pathlib.Path, fresh: bool, primary: bool) -> workdir_lib.Lock | None:
+  """Process 0 locks the workdir and prepares it (`--fresh`); then every process learns
+  whether that worked (`runtime.process_max`, the barrier before anything else is written), so
+  that a failure stops all of them instead of leaving the others waiting. Returns process 0's
+  lock (None elsewhere)."""
+  lock, error = None, None
   if primary:
-    runtime.prepare_workdir(workdir, fresh)
-  sharding.barrier("sedd_jax.train: workdir and data ready")
+    try:
+      lock = workdir_lib.lock(workdir)
+      workdir_lib.prepare(workdir, fresh)
+    except Exception as e:  # noqa: BLE001 -- raised below, after the other processes hear of it
+      error = e
+  if runtime.process_max(error is not None):
+    if lock is not None:
+      lock.release()
+    raise error or workdir_lib.WorkdirError(
+        f"process 0 could not take the workdir {workdir} (its log says why)")
+  return lock
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, primary: bool,
+           devices: list[Any], stop_after: int | None, compiler_options: dict | None,
+           cache: CompileCache) -> Result:
+  """`train` in its claimed workdir: the checkpoint checks, then build, steps, finish."""
   total = int(cfg.training.steps)
   ckpt = checkpointer.Checkpointer(workdir, keep=cfg.training.keep,
-                               milestone_every=cfg.training.milestone_every)
-  latest = ckpt.latest_step()
-  if latest is not None and latest >= total:
+                                   milestone_every=cfg.training.milestone_every)
+  try:
+    task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
+    latest = ckpt.latest_step()
+    _check_resume_shapes(ckpt, latest, cfg, task)  # before the finished check and the model
+    done = latest is not None and latest >= total
+    run = None if done else build_run(cfg, workdir, primary, ckpt, task, devices, stop_after,
+                                      compiler_options, cache)
+  except BaseException:
+    ckpt.close()  # a failed set-up (a changed model shape, bad data) leaves nothing open
+    raise
+  if run is None:
     logger.info("%s is already at step %d (training.steps = %d): nothing to do. Raise "
                 "--config.training.steps to train further, or use --fresh to start over.",
                 workdir, latest, total)
     ckpt.close()
     return Result(EXIT_OK, latest, "done")
-  try:
-    task = task_lib.get_task(cfg)  # fills derived keys (the ligand vocabulary) before the save
-    _check_resume_shapes(ckpt, latest, cfg, task)  # before the model is built
-    run = build_run(cfg, workdir, primary, ckpt, task, devices, stop_after, compiler_options,
-                    COMPILE_CACHE if cache is None else cache)
-  except BaseException:
-    ckpt.close()  # a failed set-up (a changed model shape, bad data) leaves nothing open
-    raise
   try:
     run_steps(run)
     finish(run)
@@ -159,16 +197,21 @@ def run_steps(run: Run) -> None:
 
 
 def finish(run: Run) -> None:
-  """The last train row; for a run that did not fail, the final checkpoint; the end event."""
+  """The last train row; for a run that did not fail, the final checkpoint; every checkpoint
+  waited for (a full disk stops here: `checkpointer.DiskFull`); the unigram baseline row (once
+  per run folder); the end event."""
   if run.pending:
     hooks.log_train(run)
   if run.code == EXIT_OK:
     hooks.save(run, run.reason)
+  run.ckpt.wait()
+  if run.code == EXIT_OK:
     if run.reason == "finished":
       logger.info("finished: step %d of %d", run.step, run.total)
     else:
       logger.info("%s at step %d; checkpoint written; run the same command to resume",
                   run.reason, run.step)
+  hooks.write_baseline(run)
   run.writer.event(run.step, run.reason)
 
 

@@ -3,17 +3,26 @@
 * Console (`logging`, logger `sedd_jax.train`): one line per `log_every` steps, e.g.
   `step 200/600 | loss 41.27 (2.95/tok) | lr 2.00e-03 | gnorm 3.1 | 12,345 tok/s |
   0.21 s/step | ETA 1m24s | skipped 0` (and `| peak 30.6 GiB` where devices report memory).
-* `<workdir>/metrics.jsonl`: one JSON object per line, `{"kind": "train" | "eval" | "event",
-  "step": int, "time": unix seconds, ...}`; train rows hold loss, loss_per_token, lr, grad_norm,
-  tokens_per_s (padded B*L tokens per second), real_tokens_per_s, step_time, skipped, and on
-  GPUs peak_gib (the highest peak of device memory in use among the process's devices); eval rows
-  hold valid_loss and valid_loss_per_token (EMA weights). A resumed run appends.
+* `<workdir>/metrics.jsonl`: one JSON object per line, `{"kind": "train" | "eval" | "sample" |
+  "baseline" | "event", "step": int, "time": unix seconds, ...}`; train rows hold loss,
+  loss_per_token, lr, grad_norm, tokens_per_s (padded B*L tokens per second),
+  real_tokens_per_s, step_time, skipped, and on GPUs peak_gib (the highest peak of device memory
+  in use among the process's devices), plus the task's metrics (protein-ligand: `loss/<mode>`,
+  the loss of each mode over its own steps); eval rows hold valid_loss and valid_loss_per_token
+  (EMA weights; protein-ligand `valid_loss/<mode>`); a baseline row the unigram baseline
+  (`hooks.write_baseline`). A resumed run appends (`MetricsWriter(..., start_step=)`), after
+  marking `"superseded": true` on the rows of the steps it replays (`supersede_replayed`: every
+  row but events after the step it resumed from; all of them when that is 0); a torn last line
+  (a crash mid-write) stays as it is, on a line of its own. `read_metrics(path)`: the rows,
+  without the superseded ones: one row per step and kind.
 * wandb: mode from `cfg.wandb.mode` (offline by default; `disabled` skips it; online is the
   user's choice). WANDB_MODE is set to the same value, so offline never touches the network. The
   run id is kept in `<workdir>/wandb_id` so a resumed run continues the same wandb run. If wandb
   cannot be imported or initialised, a warning is logged and training continues.
-* `plot_loss_curve(jsonl, png)`: train and validation loss against step, per sequence and per
-  residue (matplotlib Agg).
+* `plot_loss_curve(jsonl, png)`: the PNG of `loss_figure(rows)`: train and validation loss
+  against step, per sequence and per residue with the unigram baseline (per residue, of the
+  last baseline row) as a dashed line; a run whose rows hold per-mode losses (protein-ligand)
+  gets one curve per mode instead, train and validation (matplotlib, no pyplot).
 """
 
 from __future__ import annotations
@@ -25,15 +34,19 @@ import os
 import pathlib
 import time
 import uuid
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import jax
 import ml_collections
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 logger = logging.getLogger("sedd_jax.train")
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
+SUPERSEDED = "superseded"  # the field marking a row whose step a resumed run writes again
 
 
 def format_duration(seconds: float) -> str:
@@ -108,12 +121,25 @@ class MetricsWriter:
   """Writes metric rows to the console, `<workdir>/metrics.jsonl` and wandb (primary host)."""
 
   def __init__(self, workdir: str | os.PathLike, cfg: ml_collections.ConfigDict,
-               primary: bool = True):
+               primary: bool = True, start_step: int | None = None):
+    """`start_step`: the step this run starts from; the rows of later steps already in the
+    file (written by an earlier attempt, replayed now) are marked superseded
+    (`supersede_replayed`). None marks nothing."""
     self.workdir = pathlib.Path(workdir)
     self.path = self.workdir / METRICS_FILE
     self.total_steps = int(cfg.training.steps)
     self.primary = primary
-    self._file = open(self.path, "a", encoding="utf-8") if primary else None
+    self._file = None
+    if primary:
+      if start_step is not None:
+        n = supersede_replayed(self.path, start_step)
+        if n:
+          logger.info("%s: %d rows of the steps after %d (run again from there) marked %r",
+                      self.path, n, start_step, SUPERSEDED)
+      torn = _ends_torn(self.path)
+      self._file = open(self.path, "a", encoding="utf-8")
+      if torn:  # a crash mid-write: the next row starts on a line of its own
+        self._file.write("\n")
     self._wandb = init_wandb(cfg, self.workdir) if primary else None
 
   def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
@@ -189,17 +215,61 @@ def init_wandb(cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
     return None
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-  """Rows of a metrics JSONL file (unparsable lines, e.g. a torn last line, are skipped)."""
+def _ends_torn(path: pathlib.Path) -> bool:
+  """Whether the file `path` exists and its last line has no newline."""
+  if not path.is_file() or path.stat().st_size == 0:
+    return False
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
+
+
+def supersede_replayed(path: str | os.PathLike, start_step: int) -> int:
+  """Marks `"superseded": true` on the rows of the metrics file `path` that a run starting
+  from `start_step` writes again: every row but events of a step after `start_step`, and all
+  of them when `start_step` is 0 (a start from step 0 validates step 0 again). Rewrites the
+  file atomically (a temporary file, then a rename) when a row changes; other lines (marked
+  already, or unparsable) are kept byte for byte. Returns the number of rows marked."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    return 0
+  lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
+  marked = 0
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if (not isinstance(row, dict) or row.get("kind") == "event" or row.get(SUPERSEDED)
+        or (start_step and int(row.get("step", 0)) <= start_step)):
+      continue
+    row[SUPERSEDED] = True
+    lines[i] = json.dumps(row) + "\n"
+    marked += 1
+  if marked:
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(lines)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, p)
+  return marked
+
+
+def read_metrics(path: str | os.PathLike, superseded: bool = False) -> list[dict]:
+  """Rows of a metrics JSONL file, without the superseded ones (rows of steps a resumed run
+  wrote again) unless `superseded`; unparsable lines (a torn line) are skipped."""
   rows = []
   p = pathlib.Path(path)
   if not p.is_file():
     return rows
   for line in p.read_text(encoding="utf-8").splitlines():
     try:
-      rows.append(json.loads(line))
+      row = json.loads(line)
     except json.JSONDecodeError:
       continue
+    if superseded or not (isinstance(row, dict) and row.get(SUPERSEDED)):
+      rows.append(row)
   return rows
 
 
@@ -213,32 +283,81 @@ def _series(rows: Iterable[dict], kind: str, key: str) -> tuple[list[int], list[
   return steps, [by_step[s] for s in steps]
 
 
-def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
-                    title: str = "") -> pathlib.Path | None:
-  """Writes a PNG of train loss and EMA validation loss against step; None if no data."""
-  rows = read_metrics(metrics_path)
-  if not _series(rows, "train", "loss")[0] and not _series(rows, "eval", "valid_loss")[0]:
+def _baseline(rows: Iterable[dict]) -> float | None:
+  """The unigram baseline (nats per residue) of the last baseline row, or None."""
+  values = [r["unigram_per_token"] for r in rows
+            if r.get("kind") == "baseline" and r.get("unigram_per_token") is not None]
+  return float(values[-1]) if values else None
+
+
+def _modes(rows: list[dict]) -> list[str]:
+  """The modes of the per-mode losses (`loss/<mode>` train, `valid_loss/<mode>` eval keys)."""
+  found = {k.split("/", 1)[1] for r in rows for k in r
+           if (r.get("kind") == "train" and k.startswith("loss/"))
+           or (r.get("kind") == "eval" and k.startswith("valid_loss/"))}
+  return sorted(found)
+
+
+def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, str, dict]], float | None]]:
+  """(y label, [(kind, key, label, plot style)], baseline or None) of each panel."""
+  train = {"color": "tab:blue", "lw": 1.5}
+  valid = {"fmt": "o-", "color": "tab:orange", "lw": 1.5, "ms": 4}
+  modes = _modes(rows)
+  if not modes:
+    return [("loss per sequence (sum over residues)",
+             [("train", "loss", "train", train), ("eval", "valid_loss", "valid (EMA)", valid)],
+             None),
+            ("loss per residue",
+             [("train", "loss_per_token", "train", train),
+              ("eval", "valid_loss_per_token", "valid (EMA)", valid)], _baseline(rows))]
+  colors = {m: f"C{i % 10}" for i, m in enumerate(modes)}
+  per_mode_valid = any(k.startswith("valid_loss/") for r in rows if r.get("kind") == "eval"
+                       for k in r)
+  valid_lines = ([("eval", f"valid_loss/{m}", m, {**valid, "color": colors[m]}) for m in modes]
+                 if per_mode_valid else  # one mode trained: its loss is `valid_loss`
+                 [("eval", "valid_loss", modes[0] if len(modes) == 1 else "valid (EMA)", valid)])
+  return [("train loss per sequence, by mode",
+           [("train", f"loss/{m}", m, {"color": colors[m], "lw": 1.2}) for m in modes], None),
+          ("validation loss per sequence (EMA), by mode", valid_lines, None)]
+
+
+def loss_figure(rows: list[dict], title: str = "") -> "Figure | None":
+  """The loss curves of metrics rows (`read_metrics`) as a matplotlib Figure (see the module
+  docstring for the panels), or None when the rows hold no loss."""
+  panels = _panels(rows)
+  series = [[(_series(rows, kind, key), label, style) for kind, key, label, style in lines]
+            for _, lines, _ in panels]
+  if not any(steps for lines in series for (steps, _), _, _ in lines):
     return None
   from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: the caller's backend stays)
 
-  panels = (("loss", "valid_loss", "loss per sequence (sum over residues)"),
-            ("loss_per_token", "valid_loss_per_token", "loss per residue"))
   fig = Figure(figsize=(11, 4.2), dpi=110)
-  axes = fig.subplots(1, 2)
-  for ax, (train_key, valid_key, label) in zip(axes, panels):
-    steps, values = _series(rows, "train", train_key)
-    vsteps, vvalues = _series(rows, "eval", valid_key)
-    if steps:
-      ax.plot(steps, values, label="train", color="tab:blue", lw=1.5)
-    if vsteps:
-      ax.plot(vsteps, vvalues, "o-", label="valid (EMA)", color="tab:orange", lw=1.5, ms=4)
+  axes = fig.subplots(1, len(panels))
+  for ax, (ylabel, _, baseline), lines in zip(axes, panels, series):
+    for (steps, values), label, style in lines:
+      if steps:
+        style = dict(style)
+        ax.plot(steps, values, style.pop("fmt", "-"), label=label, **style)
+    if baseline is not None:
+      ax.axhline(baseline, ls="--", color="tab:gray", lw=1.2,
+                 label=f"unigram baseline (valid) {baseline:.3f}")
     ax.set_xlabel("step")
-    ax.set_ylabel(label)
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if ax.lines:
+      ax.legend(fontsize="small")
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  return fig
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
+                    title: str = "") -> pathlib.Path | None:
+  """Writes `loss_figure` of the rows of `metrics_path` as a PNG; None if they hold no loss."""
+  fig = loss_figure(read_metrics(metrics_path), title)
+  if fig is None:
+    return None
   out = pathlib.Path(out_path)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out)

@@ -173,11 +173,11 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, primary: bo
   eval_step = None
   if cfg.training.eval_every > 0 and eval_batches:
     eval_step = cache.get("eval", cfg, built.mesh, opts, lambda: built.eval_step(opts or None))
-  writer = metrics_lib.MetricsWriter(workdir, cfg, primary=primary)
+  writer = metrics_lib.MetricsWriter(workdir, cfg, primary=primary, start_step=step)
   write_samples = None
   if cfg.training.sample_every > 0 and cfg.training.num_samples > 0:
     write_samples = task.sample_hook(built, opts, cache, writer, workdir, primary)
-  stop = runtime.StopFlag()
+  stop = runtime.StopFlag(ckpt.directory)  # the newest checkpoint a second Ctrl-C names
   stop.install()
   return Run(cfg=cfg, workdir=workdir, primary=primary, built=built, ckpt=ckpt, state=state,
              step=step, total=total, stop_after=stop_after, data_after=data_state,

@@ -1,9 +1,10 @@
-"""The training job's runtime: multi-process start, workdir, stop signals, batch prefetching.
+"""The training job's runtime: multi-process start, stop signals, batch prefetching.
 
 - `maybe_initialize_distributed()`: `jax.distributed.initialize()` when the environment describes
   a multi-process job (`JAX_COORDINATOR_ADDRESS`, or SLURM with more than one task).
-- `prepare_workdir(workdir, fresh)`: creates it; `--fresh` moves its content to `old-<time>/`.
-- `StopFlag`: set by SIGTERM / SIGINT; `agreed()` is a collective over all processes.
+- `process_max(value)`: the largest value over all processes (a collective).
+- `StopFlag`: set by SIGTERM / SIGINT (a Ctrl-C after it aborts at once, exit code
+  EXIT_ABORTED); `agreed()` is a collective over all processes.
 - `Prefetcher`: host batches drawn and placed on the devices one step ahead, in a thread.
 - `host_value(x)`: a jax.Array's full value on every process.
 """
@@ -15,8 +16,8 @@ import os
 import pathlib
 import queue
 import signal
+import socket
 import threading
-import time
 from typing import Any, Callable
 
 logger = logging.getLogger("sedd_jax.train")
@@ -42,23 +43,16 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
-def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
-  """Creates the workdir; with `fresh`, moves its content to `old-<timestamp>/` (never deletes)."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  if not fresh:
-    return
-  entries = [p for p in workdir.iterdir() if not p.name.startswith("old-")]
-  if not entries:
-    return
-  dest = workdir / f"old-{time.strftime('%Y%m%d-%H%M%S')}"
-  n = 0
-  while dest.exists():
-    n += 1
-    dest = workdir / f"old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-  dest.mkdir()
-  for p in entries:
-    p.rename(dest / p.name)
-  logger.info("--fresh: moved the previous content of %s to %s", workdir, dest)
+def process_max(value: int) -> int:
+  """The largest of the processes' `value`s: with several processes a collective (an
+  all-gather; every process must call it), with one `value` itself."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.process_allgather(np.int32(value)).max())
 
 
 def _signal_name(signum: int) -> str | None:
@@ -66,14 +60,35 @@ def _signal_name(signum: int) -> str | None:
   return signal.Signals(signum).name if signum else None
 
 
+def _no_op(signum, frame):
+  """The Python-level handler while a StopFlag is installed (its watcher thread acts)."""
+
+
+EXIT_ABORTED = 130  # a Ctrl-C after the first signal: 128 + SIGINT, a shell's interrupted job
+_STOP_WATCHING = 0  # the byte that ends the watcher (signal numbers start at 1)
+
+
 class StopFlag:
-  """Set by SIGTERM / SIGINT; the training loop asks `agreed(step)` between steps."""
+  """Set by SIGTERM / SIGINT; the training loop asks `agreed(step)` between steps.
+
+  `install()` (from the main thread) routes both signals through `signal.set_wakeup_fd` to a
+  watcher thread, which acts at once even while the main thread waits in native code (a
+  compilation, a device step, a checkpoint write). The first signal sets the flag: the loop
+  finishes the current step, checkpoints and stops. A Ctrl-C after it aborts: one log line
+  naming the newest complete checkpoint in `checkpoints` (when set), then `os._exit` with
+  EXIT_ABORTED, without a final checkpoint and without the interpreter's shutdown (which
+  crashed under running jax and orbax threads). Complete checkpoints are left as they are; a
+  save cut short leaves only orbax's temporary folder, removed at the next start.
+  """
 
   CHECK_EVERY = 10  # steps between the processes' collective comparisons of their flags
 
-  def __init__(self):
-    self.signum = 0  # the signal received (0: none)
+  def __init__(self, checkpoints: pathlib.Path | None = None):
+    self.signum = 0  # the first signal received (0: none)
+    self.checkpoints = checkpoints
     self._previous: dict[int, Any] = {}
+    self._wakeup: tuple[socket.socket, socket.socket, int] | None = None
+    self._watcher: threading.Thread | None = None
 
   @property
   def reason(self) -> str | None:
@@ -86,40 +101,86 @@ class StopFlag:
   def agreed(self, step: int = 0) -> str | None:
     """The signal's name if this or ANY other process received one, else None.
 
-    With several processes this is a collective (an all-gather of the signal numbers, which
+    With several processes this is a collective (`process_max` of the signal numbers, which
     waits for the queued step: one host stall), so it runs only when `step` is a multiple of
     `CHECK_EVERY` and answers None in between: every process must call it at the same steps,
     and all get the same answer, so all stop after the same step (at most CHECK_EVERY - 1
     steps after the signal). One process answers at every step.
     """
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from jax.experimental import multihost_utils  # noqa: PLC0415
 
     if jax.process_count() == 1:
       return self.reason
     if step % self.CHECK_EVERY:
       return None
-    signum = int(multihost_utils.process_allgather(np.int32(self.signum)).max())
-    return _signal_name(signum)
+    return _signal_name(process_max(self.signum))
 
-  def _handler(self, signum, frame):
-    if self and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # second Ctrl-C: abort at once
-    self.signum = int(signum)
-    logger.warning("%s received: finishing the current step, then checkpointing and stopping "
-                   "(Ctrl-C again aborts without a checkpoint)", self.reason)
+  def on_signal(self, signum: int) -> None:
+    """What the watcher does with each SIGTERM / SIGINT: the first sets the flag; a SIGINT after
+    it aborts the process (see the class docstring); a later SIGTERM changes nothing."""
+    if not self:
+      self.signum = int(signum)
+      logger.warning("%s received: finishing the current step, then checkpointing and stopping "
+                     "(Ctrl-C again aborts without a checkpoint)", self.reason)
+    elif signum == signal.SIGINT:
+      self._abort()
+
+  def _newest_checkpoint(self) -> str:
+    if self.checkpoints is None:
+      return "the newest complete checkpoint is kept"
+    from sedd_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
+
+    try:
+      step_dir = ckpt_lib.resolve_checkpoint_dirs(self.checkpoints)[0]
+    except FileNotFoundError:
+      return f"no checkpoint in {self.checkpoints} yet"
+    return f"the newest complete checkpoint is step {step_dir.name} ({step_dir})"
+
+  def _abort(self) -> None:
+    logger.error("second interrupt: stopped at once without a final checkpoint (exit code %d); "
+                 "%s: run the same command to resume", EXIT_ABORTED, self._newest_checkpoint())
+    logging.shutdown()  # flushes the log handlers
+    os._exit(EXIT_ABORTED)
+
+  def _watch(self, reader: socket.socket) -> None:
+    while True:
+      data = reader.recv(64)
+      for signum in data:
+        if signum == _STOP_WATCHING:
+          return
+        if signum in (signal.SIGTERM, signal.SIGINT):
+          self.on_signal(signum)
+      if not data:
+        return
 
   def install(self) -> None:
+    """Routes SIGTERM and SIGINT to this flag (from the main thread; elsewhere nothing)."""
     if threading.current_thread() is not threading.main_thread():
       return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    self._wakeup = (reader, writer,
+                    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False))
+    self._watcher = threading.Thread(target=self._watch, args=(reader,), name="stop-signals",
+                                     daemon=True)
+    self._watcher.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handler)
+      self._previous[sig] = signal.signal(sig, _no_op)
 
   def uninstall(self) -> None:
+    """Restores the previous handlers, after the signals received so far are acted on."""
     for sig, old in self._previous.items():
       signal.signal(sig, old)
     self._previous.clear()
+    if self._wakeup is None:
+      return
+    reader, writer, previous_fd = self._wakeup
+    self._wakeup = None
+    signal.set_wakeup_fd(previous_fd)
+    writer.send(bytes([_STOP_WATCHING]))
+    self._watcher.join()
+    reader.close()
+    writer.close()
 
 
 class Prefetcher:
