@@ -575,9 +575,18 @@ class ProteinLigandModel(_LoadedModel):
 
   def _target_lengths(self, value, name: str, track: str, num: int, rng, top: int
                       ) -> np.ndarray:
-    """(num,) int32: `value` for all, or drawn from the training data's histogram of `track`."""
+    """(num,) int32: `value` for all, one per sample (a sequence of `num`), or drawn from the
+    training data's histogram of `track`; ValueError naming `name` (or `name[i]`)."""
     if value is None:
       return self._drawn_lengths(track, name, name, num, rng, top)
+    if isinstance(value, (Sequence, np.ndarray)):
+      if len(value) != num:
+        raise ValueError(f"{name} must give one length per sample ({num}); got {len(value)}")
+      out = [_check_int(f"{name}[{i}]", v, 1) for i, v in enumerate(value)]
+      for i, v in enumerate(out):
+        if v > top:
+          raise ValueError(f"{name}[{i}] {v} must lie in [1, {top}]")
+      return np.asarray(out, np.int32)
     value = _check_int(name, value, 1)
     if value > top:
       raise ValueError(f"{name} {value} must lie in [1, {top}]")
@@ -613,7 +622,7 @@ class ProteinLigandModel(_LoadedModel):
     return np.concatenate(out)
 
   def sample_ligands(self, proteins: Sequence[str], *, num_per_protein: int = 1,
-                     ligand_length: int | None = None, guidance: float = 1.0,
+                     ligand_length: int | Sequence[int] | None = None, guidance: float = 1.0,
                      temperature: float = 1.0, predictor: str | None = None,
                      steps: int | None = None, eps: float | None = None,
                      reveal_order: str = "random", seed: int = 0,
@@ -624,8 +633,9 @@ class ProteinLigandModel(_LoadedModel):
     Args:
       proteins: residue strings, each at most the model's length (never cropped).
       num_per_protein: ligands per protein (protein 0's first).
-      ligand_length: SMILES tokens of every ligand (default: drawn from the training ligands'
-        length histogram).
+      ligand_length: SMILES tokens of every ligand, or one per sample (a sequence of
+        len(proteins) * num_per_protein, in the order of the samples); default: drawn from the
+        training ligands' length histogram.
       guidance: classifier-free guidance weight W (1: none; W != 1 needs a config that trained
         both scores).
       temperature, predictor, steps, eps, reveal_order: the sampler (default cfg.sampling).
@@ -653,14 +663,15 @@ class ProteinLigandModel(_LoadedModel):
         ligand_lengths=targets.tolist(), given=np.repeat(np.arange(len(given)), each).tolist()))
 
   def sample_proteins(self, smiles: Sequence[str], *, num_per_ligand: int = 1,
-                      length: int | None = None, guidance: float = 1.0,
+                      length: int | Sequence[int] | None = None, guidance: float = 1.0,
                       temperature: float = 1.0, predictor: str | None = None,
                       steps: int | None = None, eps: float | None = None,
                       reveal_order: str = "random", seed: int = 0,
                       batch_size: int = 64) -> Samples:
     """Protein sequences for each ligand (the protein track given the clean SMILES; the 20
-    standard residues). `length`: residues of every protein (default: drawn from the training
-    proteins' length histogram, capped at the model's length); the rest as `sample_ligands`.
+    standard residues). `length`: residues of every protein, or one per sample (default: drawn
+    from the training proteins' length histogram, capped at the model's length); the rest as
+    `sample_ligands`.
 
     Returns:
       Samples of residue strings with `.provenance` (`given`: the ligand index of each).
@@ -682,15 +693,16 @@ class ProteinLigandModel(_LoadedModel):
         keys="fold_in(key(seed), i) per sample", batch_size=batch_size, num=n,
         lengths=targets.tolist(), given=np.repeat(np.arange(len(given)), each).tolist()))
 
-  def sample_pairs(self, num: int, *, length: int | None = None,
-                   ligand_length: int | None = None, temperature: float = 1.0,
+  def sample_pairs(self, num: int, *, length: int | Sequence[int] | None = None,
+                   ligand_length: int | Sequence[int] | None = None, temperature: float = 1.0,
                    predictor: str | None = None, steps: int | None = None,
                    eps: float | None = None, reveal_order: str = "random", seed: int = 0,
                    batch_size: int = 64) -> Samples:
     """`num` protein-ligand pairs from noise, both tracks denoised together
     (`protein_ligand.joint.sample_joint`). Lengths not given are drawn from the training
     data's protein and ligand histograms (independently: the bundle keeps no joint
-    histogram).
+    histogram); `length` / `ligand_length` may also give one length per pair (a sequence of
+    `num`).
 
     Returns:
       Samples of (protein, SMILES) tuples with `.provenance`.

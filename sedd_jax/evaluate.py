@@ -14,7 +14,8 @@ FASTA of short peptides is not mostly padding; `--pad-to full` gives each sequen
 standard error, the share of non-standard
 residues (X B U Z O) among the evaluated tokens and the unigram baseline (add-one-smoothed
 frequencies of the 25 residue letters of the ESM-2 alphabet, the 20 standard amino acids and
-X B U Z O, in the training split or `--baseline-fasta`), and writes them with the settings (and
+X B U Z O, in the training split or `--baseline-fasta`; for a bundle, the training split's
+counts in its data_stats.json, so no data store is needed), and writes them with the settings (and
 per-sequence values) to `--out` (default `<run folder>/eval_<split or FASTA name>.json`). Beside
 the negative ELBO: bits per residue (nats / ln 2) and, for the absorbing graph, the masked
 pseudo-perplexity that ESM-2 and other protein masked language models report (`--mask-frac` of the
@@ -226,20 +227,29 @@ def check_paths(args, out_path: pathlib.Path, cfg) -> None:
   check_outputs({"--out" if args.out else "--out (default)": out_path}, inputs, keep_out)
 
 
-def unigram_nll(cfg, train, eval_tokens) -> float | None:
-  """The unigram baseline (nats per token) over the 25 residue letters on the same (cropped)
-  tokens, fitted on `train` (--baseline-fasta) or the config's training split; None (with a
-  warning) without training data."""
+def unigram_nll(cfg, eval_tokens, train=None, train_source: str | None = None, stats=None,
+                stats_file: str | None = None) -> tuple[float | None, str | None]:
+  """(the unigram baseline in nats per token over the 25 residue letters on the same (cropped)
+  tokens, what it was fitted on): fitted on `train` (--baseline-fasta, named `train_source`),
+  else on the residue counts of `stats` (a bundle's `DataStats`, read from `stats_file`), else
+  on the config's training split; (None, None), with a warning naming cfg.data.prepared,
+  without any of them."""
   from sedd_jax.data import tokenizers
   from sedd_jax.sampling import likelihood
 
-  if train is None:
-    train = reference.training_tokens(cfg)
-  if train is None:
-    logger.warning("no training data for the unigram baseline (give --baseline-fasta)")
-    return None
   residue_ids = tokenizers.ProteinTokenizer().encode(tokenizers.RESIDUES)
-  return likelihood.unigram_baseline(train, eval_tokens, vocab=residue_ids)
+  if train is None and stats is not None and "protein" in stats.tracks:
+    counts = stats.tracks["protein"].token_counts
+    by_id = {int(i): counts.get(a, 0) for a, i in zip(tokenizers.RESIDUES, residue_ids)}
+    return (likelihood.unigram_baseline_from_counts(by_id, eval_tokens, vocab=residue_ids),
+            f"{stats.source}:train (its counts in {stats_file})")
+  if train is None:
+    train, train_source = reference.training_tokens(cfg), f"{cfg.data.prepared}:train"
+  if train is None:
+    logger.warning("no unigram baseline: no prepared training data at %s (data.prepared) and "
+                   "no data_stats.json; give --baseline-fasta", cfg.data.prepared)
+    return None, None
+  return likelihood.unigram_baseline(train, eval_tokens, vocab=residue_ids), train_source
 
 
 def summary_line(summary: dict, shares: dict, unigram: float | None, pppl: dict | None,
@@ -320,7 +330,10 @@ def run(args) -> int:
                              seed=args.seed)
 
   shares = residue_shares(eval_tokens)
-  unigram = unigram_nll(cfg, train, eval_tokens)
+  # A bundle's training data's token counts need no data store.
+  stats = loaded.data_stats() if loaded.source.get("kind") == "bundle" else None
+  unigram, fitted_on = unigram_nll(cfg, eval_tokens, train, args.baseline_fasta, stats,
+                                   f"{loaded.source['path']}/data_stats.json")
   out = {
       "source": args.workdir or args.checkpoint, **inference.provenance(loaded),
       "data": args.fasta or f"{cfg.data.prepared}:{args.split}",
@@ -333,7 +346,7 @@ def run(args) -> int:
       "unigram_bits_per_residue": unigram / math.log(2) if unigram is not None else None,
       "pseudo_perplexity": pppl,
       "unigram_alphabet": tokenizers.RESIDUES,
-      "unigram_fitted_on": args.baseline_fasta or f"{cfg.data.prepared}:train",
+      "unigram_fitted_on": fitted_on,
       "per_sequence": per_sequence(names, results),
   }
   out_path.parent.mkdir(parents=True, exist_ok=True)

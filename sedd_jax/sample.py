@@ -347,7 +347,8 @@ def run(args) -> int:
   write_fasta(out, seqs, plan.notes, args, steps, predictor, eps, inference.provenance(loaded))
   logger.info("wrote %d sequences to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
   if args.report:
-    write_report(seqs, cfg, args.seed, out)
+    write_report(seqs, cfg, args.seed, out,
+                 loaded.data_stats() if loaded.source.get("kind") == "bundle" else None)
   return 0
 
 
@@ -365,21 +366,30 @@ def write_fasta(out: pathlib.Path, seqs: list[str], notes: list[str], args, step
               f"reveal_order={args.reveal_order} {loaded} {notes[i]}\n{s}\n")
 
 
-def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path) -> None:
-  """--report: `sampling.report` of the samples against (up to 5000) training sequences."""
+def write_report(seqs: list[str], cfg, seed: int, out: pathlib.Path, stats=None) -> None:
+  """--report: `sampling.report` of the samples against (up to 5000) training sequences; without
+  the data store, against the composition of `stats` (a bundle's `DataStats`), novelty skipped
+  (one warning naming cfg.data.prepared)."""
   from sedd_jax.data import tokenizers
   from sedd_jax.sampling import report
 
   tok = tokenizers.ProteinTokenizer()
   data = reference.training_sequences(cfg, limit=5000, seed=seed)
-  if data is None:
-    logger.warning("--report: no prepared training data at %s; comparing with nothing",
-                   cfg.data.prepared)
-    ref = []
-  else:
+  ref, comp = [], None
+  if data is not None:
     ref = [tok.decode(a) for a in data]
+  else:
+    missing = f"no prepared training data at {cfg.data.prepared} (data.prepared)"
+    if stats is not None and "protein" in stats.tracks:
+      counts = stats.tracks["protein"].token_counts
+      comp = report.composition_from_counts({a: counts.get(a, 0) for a in tokenizers.RESIDUES})
+      logger.warning("--report: %s: composition from the bundle's data_stats.json, novelty "
+                     "against the training set skipped", missing)
+    else:
+      logger.warning("--report: %s: comparing with nothing, novelty skipped", missing)
   report.write_report(seqs, ref, out.with_suffix(".report.json"), out.with_suffix(".report.png"),
-                      max_length=int(cfg.model.length))  # the cap of --lengths from-data
+                      max_length=int(cfg.model.length),  # the cap of --lengths from-data
+                      data_composition=comp, missing=None if data is not None else missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

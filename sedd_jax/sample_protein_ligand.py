@@ -7,7 +7,8 @@
   the output checks made before the model is loaded.
 - `run_protein_ligand(args, loaded, t_start)`: ligand_given_protein / protein_given_ligand
   (one track given the other, optionally with classifier-free guidance) or joint pairs from
-  noise, with the `checkpoint.InferenceCheckpoint` `loaded`; writes --out and the SMILES
+  noise, drawn by the `api.ProteinLigandModel` `loaded` (`sample_ligands`, `sample_proteins`,
+  `sample_pairs`: sample i from its own key, whatever --batch-size); writes --out and the SMILES
   validity report, each recording the checkpoint used (`inference.provenance`).
 """
 
@@ -85,11 +86,12 @@ def extra_outputs(args, cfg) -> dict[str, pathlib.Path]:
 
 
 def run_protein_ligand(args, loaded, t_start: float) -> int:
-  """Samples one track of a protein-ligand model given the other (see the module docstring)."""
+  """Samples one track of a protein-ligand model given the other (see the module docstring)
+  through the `api.ProteinLigandModel` `loaded` (`sample_ligands` / `sample_proteins`)."""
   from sedd_jax.data import tokenizers
   from sedd_jax.protein_ligand import conditional
 
-  model, cfg = loaded.model, loaded.cfg
+  cfg = loaded.cfg
   source = inference.provenance(loaded)
   task = check_protein_ligand_args(args, cfg)
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
@@ -98,17 +100,18 @@ def run_protein_ligand(args, loaded, t_start: float) -> int:
   ptok = tokenizers.ProteinTokenizer()
   steps, predictor, eps = sampler_options(args, cfg, temperature=args.temperature,
                                           reveal_order=args.reveal_order)
+  reverse = {"steps": steps, "predictor": predictor, "eps": eps,
+             "temperature": args.temperature, "reveal_order": args.reveal_order,
+             "seed": args.seed, "batch_size": args.batch_size}
   if task == "joint":
-    return run_joint(args, model, cfg, store, smiles_tok, rng, (steps, predictor, eps), source,
-                     t_start)
+    return run_joint(args, loaded, store, smiles_tok, rng, reverse, source, t_start)
 
   if args.proteins:
-    names, given, targets, refs = _given_proteins(args, store, ptok, rng, p_len, l_len)
+    names, given, each, targets, refs = _given_proteins(args, store, ptok, rng, p_len, l_len)
   else:
-    names, given, targets, refs = _given_pairs(args, task, store, smiles_tok, p_len, l_len)
-  given_tokens, given_lengths = reference.pad_tokens(
-      given, p_len if task == "ligand_given_protein" else l_len)
-  n = len(given)
+    names, given, each, targets, refs = _given_pairs(args, task, store, smiles_tok, ptok, p_len,
+                                                     l_len)
+  n = len(names)
   bs = min(args.batch_size, n)
   guidance = 1.0 if args.guidance is None else args.guidance
   try:
@@ -119,89 +122,73 @@ def run_protein_ligand(args, loaded, t_start: float) -> int:
               "dropped in training with probability %.2f; proteins cropped to the model length "
               "%d)", task, n, predictor, steps, eps, bs, args.seed, guidance, drop, p_len)
   try:
-    (tokens,) = run_batches(n, bs, args.seed, t_start, lambda key, idx: (
-        conditional.sample_conditional(key, model, cfg, task, given_tokens[idx],
-                                       given_lengths[idx], targets[idx], steps=steps,
-                                       predictor=predictor, eps=eps, guidance=guidance,
-                                       temperature=args.temperature,
-                                       reveal_order=args.reveal_order),))
+    if task == "ligand_given_protein":
+      samples = loaded.sample_ligands(given, num_per_protein=each, ligand_length=targets,
+                                      guidance=guidance, **reverse)
+    else:
+      samples = loaded.sample_proteins(given, num_per_ligand=each, length=targets,
+                                       guidance=guidance, **reverse)
   except ValueError as e:
     raise CliError(str(e)) from None
   settings = {"task": task, **run_settings(args, steps, predictor, eps, bs, source),
               "guidance": guidance, "given": args.proteins or f"{cfg.data.prepared}:{args.split}"}
-  _write_conditional(args, task, tokens, targets, names, refs, settings, smiles_tok, ptok,
-                     t_start)
+  _write_conditional(args, task, list(samples), targets, names, refs, settings, t_start)
   return 0
 
 
 def _given_proteins(args, store, ptok, rng, p_len: int, l_len: int):
-  """(names, given protein ids, target ligand lengths, references) for --proteins FASTA: each
-  record --num times, ligand lengths --ligand-length or drawn from the split's ligands."""
+  """(names, given proteins (cropped to the model length), samples of each, target ligand
+  lengths, references) for --proteins FASTA: each record --num times, ligand lengths
+  --ligand-length or drawn from the split's ligands."""
   from sedd_jax.data import fasta as fasta_lib
 
-  names, given = [], []
+  names, given, each = [], [], args.num or 1
   try:
     for rec in fasta_lib.read_fasta(args.proteins, fasta_lib.Skips(hint="")):
       x = ptok.encode(rec.text, source=str(args.proteins), line=rec.line, name=rec.name)
-      names += [rec.name] * (args.num or 1)
-      given += [x[:p_len]] * (args.num or 1)
+      names += [rec.name] * each
+      given.append(ptok.decode(x[:p_len]))
   except ValueError as e:
     raise CliError(str(e)) from None
   if not given:
     raise CliError(f"--proteins {args.proteins}: no records")
   ref_lengths = store.track("ligand").lengths
-  targets = (np.full((len(given),), args.ligand_length, np.int32) if args.ligand_length
-             else np.minimum(rng.choice(ref_lengths, len(given)), l_len).astype(np.int32))
-  return names, given, targets, [""] * len(given)
+  targets = (np.full((len(names),), args.ligand_length, np.int32) if args.ligand_length
+             else np.minimum(rng.choice(ref_lengths, len(names)), l_len).astype(np.int32))
+  return names, given, each, targets, [""] * len(names)
 
 
-def _given_pairs(args, task: str, store, smiles_tok, p_len: int, l_len: int):
-  """(names, given ids, target lengths, reference SMILES) of the first --num pairs of --split;
-  target lengths = the reference's (or --ligand-length / --length)."""
+def _given_pairs(args, task: str, store, smiles_tok, ptok, p_len: int, l_len: int):
+  """(names, given proteins or SMILES, 1 sample of each, target lengths, reference SMILES) of
+  the first --num pairs of --split (proteins cropped to the model length); target lengths =
+  the reference's (or --ligand-length / --length)."""
   n = min(args.num or 8, len(store))
   names = [f"{args.split}_{i}" for i in range(n)]
   prots = [np.asarray(store.get(i, "protein"))[:p_len] for i in range(n)]
   ligs = [np.asarray(store.get(i, "ligand"))[:l_len] for i in range(n)]
   refs = [smiles_tok.decode(x) for x in ligs]
   if task == "ligand_given_protein":
-    return names, prots, np.array([args.ligand_length or len(x) for x in ligs], np.int32), refs
-  return names, ligs, np.array([args.length or len(x) for x in prots], np.int32), refs
+    return (names, [ptok.decode(x) for x in prots], 1,
+            np.array([args.ligand_length or len(x) for x in ligs], np.int32), refs)
+  return names, refs, 1, np.array([args.length or len(x) for x in prots], np.int32), refs
 
 
-def _write_conditional(args, task, tokens, targets, names, refs, settings, smiles_tok, ptok,
+def _write_conditional(args, task, samples: list[str], targets, names, refs, settings,
                        t_start: float) -> None:
   """--out: `SMILES<TAB>name` lines and the validity report (ligands), or FASTA (proteins)."""
   n = len(names)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   if task == "ligand_given_protein":
-    smiles = [smiles_tok.decode(tokens[i, :targets[i]]) for i in range(n)]
-    out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(smiles, names)))
-    write_validity(out, smiles, names, [int(t) for t in targets], settings, args.checker,
+    out.write_text("".join(f"{x}\t{name}\n" for x, name in zip(samples, names)))
+    write_validity(out, samples, names, [int(t) for t in targets], settings, args.checker,
                    t_start, references=refs)
   else:
     with open(out, "w") as f:
-      for i in range(n):
-        seq = ptok.decode(tokens[i, :targets[i]])
+      for i, seq in enumerate(samples):
         f.write(f">sample_{i} ligand={refs[i]} ref={names[i]} length={len(seq)} "
                 + " ".join(f"{k}={v}" for k, v in settings.items()) + f"\n{seq}\n")
     logger.info("wrote %d proteins to %s (%.1f s in all)", n, out, time.perf_counter() - t_start)
-
-
-def run_batches(n: int, bs: int, seed: int, t_start: float, draw) -> tuple[np.ndarray, ...]:
-  """Calls `draw(key, idx)` (-> tuple of (bs, ...) arrays) on chunks of `bs` of the n samples,
-  chunk c with key fold_in(key(seed), c); the last chunk is filled up by repetition (one
-  compiled shape) and trimmed. Returns the outputs concatenated, (n, ...) numpy arrays."""
-  import jax
-
-  chunks = []
-  for b in range(0, n, bs):
-    idx = np.resize(np.arange(b, min(b + bs, n)), bs)
-    outs = draw(jax.random.fold_in(jax.random.key(seed), b // bs), idx)
-    chunks.append([np.asarray(jax.device_get(o))[:min(bs, n - b)] for o in outs])
-    logger.info("batch %d/%d done (%.1f s)", b // bs + 1, -(-n // bs),
-                time.perf_counter() - t_start)
-  return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
 
 def run_settings(args, steps: int, predictor: str, eps: float, bs: int, source: dict) -> dict:
@@ -233,13 +220,12 @@ def write_validity(out: pathlib.Path, smiles: list[str], names: list[str], lengt
   return report
 
 
-def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str, float],
-              source: dict, t_start: float) -> int:
-  """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring);
-  `reverse` = (steps, predictor, eps), `source` = `inference.provenance` of the checkpoint."""
-  from sedd_jax.data import tokenizers
-  from sedd_jax.protein_ligand import joint
-
+def run_joint(args, loaded, store, smiles_tok, rng, reverse: dict, source: dict,
+              t_start: float) -> int:
+  """Samples protein-ligand pairs from noise (`--task joint`; see the module docstring) with
+  `loaded.sample_pairs`; `reverse` = its sampler, seed and batch-size arguments, `source` =
+  `inference.provenance` of the checkpoint."""
+  cfg = loaded.cfg
   out = pathlib.Path(args.out)
   smi_path = out.with_suffix(".smi")
   p_len, l_len = int(cfg.model.length), int(cfg.ligand.length)
@@ -251,16 +237,15 @@ def run_joint(args, model, cfg, store, smiles_tok, rng, reverse: tuple[int, str,
       np.asarray(store.track(track).lengths)[pairs], top).astype(np.int32)
                   for fixed, track, top in ((args.length, "protein", p_len),
                                             (args.ligand_length, "ligand", l_len)))
-  steps, predictor, eps = reverse
+  steps, predictor, eps = reverse["steps"], reverse["predictor"], reverse["eps"]
   bs = min(args.batch_size, n)
   logger.info("joint: %d pairs, %s, %d steps, eps %g, batch %d, seed %d", n, predictor, steps,
               eps, bs, args.seed)
-  prots, ligs = run_batches(n, bs, args.seed, t_start, lambda key, idx: joint.sample_joint(
-      key, model, cfg, plens[idx], llens[idx], steps=steps, predictor=predictor, eps=eps,
-      temperature=args.temperature, reveal_order=args.reveal_order))
-  ptok = tokenizers.ProteinTokenizer()
-  seqs = [ptok.decode(prots[i, :plens[i]]) for i in range(n)]
-  smiles = [smiles_tok.decode(ligs[i, :llens[i]]) for i in range(n)]
+  try:
+    drawn = loaded.sample_pairs(n, length=plens, ligand_length=llens, **reverse)
+  except ValueError as e:
+    raise CliError(str(e)) from None
+  seqs, smiles = [p for p, _ in drawn], [x for _, x in drawn]
   names = [f"sample_{i}" for i in range(n)]
   settings = {"task": "joint", **run_settings(args, steps, predictor, eps, bs, source),
               "lengths_from": f"{cfg.data.prepared}:{args.split}"}

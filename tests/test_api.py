@@ -232,7 +232,12 @@ def test_protein_ligand_ligands_scores_and_errors(pl_model):
       (lambda: m.sample_ligands(["MKV"], ligand_length=49), "ligand_length 49 must lie in"),
       (lambda: m.sample_proteins(["C?C"]), "smiles[0]: SMILES token '?' is not in the vocabulary"),
       (lambda: m.score_pairs(["MKV"], ["CC", "CO"]), "proteins and smiles must pair up"),
-      (lambda: m.sample_pairs(0), "num must be >= 1; got 0")):
+      (lambda: m.sample_pairs(0), "num must be >= 1; got 0"),
+      (lambda: m.sample_ligands(["MKV", "WW"], ligand_length=[3]),
+       "ligand_length must give one length per sample (2); got 1"),
+      (lambda: m.sample_ligands(["MKV", "WW"], ligand_length=[3, 49]),
+       "ligand_length[1] 49 must lie in [1, 48]"),
+      (lambda: m.sample_pairs(2, length=[3, 0]), "length[1] must be >= 1; got 0")):
     with pytest.raises(ValueError, match=re_escape(match)):
       call()
 
@@ -248,6 +253,13 @@ def test_protein_ligand_proteins_and_pairs(pl_model):
     assert len(protein) == 5 and set(protein) <= STANDARD
     ids = m.smiles_tokenizer.encode(smiles)
     assert ids.size == 4 and (ids >= 4).all()
+  each = m.sample_pairs(3, length=[5, 2, 9], ligand_length=np.array([4, 1, 7]), seed=2)
+  assert [len(p) for p, _ in each] == [5, 2, 9]  # one length per pair (issue 31)
+  assert [m.smiles_tokenizer.encode(x).size for _, x in each] == [4, 1, 7]
+  assert each.provenance["lengths"] == [5, 2, 9] and each.provenance["ligand_lengths"] == [4, 1, 7]
+  prots = m.sample_proteins(["CCO", "c1ccccc1"], num_per_ligand=2, length=[7, 3, 5, 1], seed=1,
+                            batch_size=2)
+  assert [len(s) for s in prots] == [7, 3, 5, 1] and prots.provenance["given"] == [0, 0, 1, 1]
   drawn = m.sample_pairs(3, seed=2)  # lengths from the training histograms (same program)
   for track, key, top in (("protein", "lengths", 64), ("ligand", "ligand_lengths", 48)):
     support = np.minimum(m.data_stats().tracks[track].length_values, top)

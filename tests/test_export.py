@@ -103,3 +103,58 @@ def test_sample_and_evaluate_give_a_bundle_the_numbers_of_its_run(workdir, tmp_p
   assert " weights=raw " in read_records(raw)[0][0]
   assert sample_cli.main(["--workdir", str(out), "--num", "1", "--length", "5", "--weights",
                           "raw", "--out", str(raw)]) == 2
+
+
+def test_a_bundle_without_the_data_store_keeps_the_unigram_and_the_report(workdir, tmp_path,
+                                                                          caplog):
+  """The data store moved away: `evaluate --workdir BUNDLE` gives the run's unigram baseline
+  (from data_stats.json's counts, the run's from the store), `sample --report` the run's
+  composition and KL, with novelty null, the missing input named in the JSON and in one log
+  line."""
+  import logging
+  import pathlib
+
+  from sedd_jax import evaluate as evaluate_cli
+  from sedd_jax import sample as sample_cli
+
+  out = tmp_path / "bundle"
+  assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0
+  fa = tmp_path / "e.fasta"
+  fa.write_text(">a\nMKVLAAGGSTWY\n>b\nPPLKV\n")
+  prep = pathlib.Path(bundle.read_config(out).data.prepared)
+
+  def both(src, name):
+    js, fasta = tmp_path / f"{name}.json", tmp_path / f"{name}.fasta"
+    assert evaluate_cli.main(["--workdir", str(src), "--fasta", str(fa), "--num-samples", "2",
+                              "--no-pseudo-perplexity", "--out", str(js)]) == 0
+    assert sample_cli.main(["--workdir", str(src), "--num", "3", "--length", "8", "--steps",
+                            "2", "--report", "--out", str(fasta)]) == 0
+    return (json.loads(js.read_text()),
+            json.loads(fasta.with_suffix(".report.json").read_text()))
+
+  ev_run, rep_run = both(workdir, "run")
+  assert ev_run["unigram_fitted_on"] == f"{prep}:train"
+  assert rep_run["novelty"] is not None and "missing" not in rep_run
+  away = prep.with_name(prep.name + ".away")
+  prep.rename(away)
+  try:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      ev, rep = both(out, "bundle")
+  finally:
+    away.rename(prep)
+  assert ev["unigram_nll_per_token"] == pytest.approx(ev_run["unigram_nll_per_token"], abs=1e-12)
+  assert ev["unigram_fitted_on"] == f"{prep}:train (its counts in {out}/data_stats.json)"
+  assert rep["composition"]["data"].keys() == rep_run["composition"]["data"].keys()
+  for a, f in rep_run["composition"]["data"].items():
+    assert rep["composition"]["data"][a] == pytest.approx(f, abs=1e-12), a
+  assert rep["composition"]["samples"] == rep_run["composition"]["samples"]
+  assert rep["composition"]["kl_samples_data_nats"] == pytest.approx(
+      rep_run["composition"]["kl_samples_data_nats"], abs=1e-12)
+  assert rep["novelty"] is None
+  missing = f"no prepared training data at {prep} (data.prepared)"
+  assert rep["missing"] == f"novelty needs the reference sequences: {missing}"
+  lines = [r.getMessage() for r in caplog.records if "--report" in r.getMessage()]
+  assert lines == [f"--report: {missing}: composition from the bundle's data_stats.json, "
+                   "novelty against the training set skipped"]
+  assert (tmp_path / "bundle.report.png").stat().st_size > 1000

@@ -165,6 +165,14 @@ def test_unigram_baseline_and_summary():
   assert nll == pytest.approx(-math.log(1 / 6))
   with pytest.raises(ValueError, match="not in vocab"):
     likelihood.unigram_baseline(["AAB"], ["C"], vocab="AB")
+  # From counts (a bundle's): the same formula; a 0 count is no symbol seen.
+  nll = likelihood.unigram_baseline_from_counts({"A": 2, "B": 1, "C": 0}, ["AB"])
+  assert nll == likelihood.unigram_baseline(["AAB"], ["AB"])
+  assert nll == pytest.approx(-(math.log(3 / 5) + math.log(2 / 5)) / 2)
+  nll = likelihood.unigram_baseline_from_counts({4: 2, 5: 1}, [np.array([6])], vocab=[4, 5, 6])
+  assert nll == pytest.approx(-math.log(1 / 6))
+  with pytest.raises(ValueError, match="train_counts must be counts >= 0"):
+    likelihood.unigram_baseline_from_counts({"A": -1}, ["A"])
   r = likelihood.NelboResult(nelbo=np.array([4.0, 2.0]), se=np.array([0.3, 0.4]),
                              prior=np.zeros(2), tokens=np.array([2.0, 4.0]))
   s = likelihood.summarize([r], NOISE)

@@ -111,3 +111,25 @@ def test_length_panel_shows_samples_of_one_length():
   assert len(cap) == 1 and cap[0].get_xdata()[0] == 95
   assert cap[0].get_label() == "model length 95 (25.0% of data longer)"
   assert ax.get_title().endswith("samples capped at 95")
+
+
+def test_a_report_from_the_data_composition_alone(tmp_path):
+  """Without data sequences (a bundle's counts only): the composition and KL against the given
+  composition, novelty null with the missing input named, the PNG still written."""
+  counts = {"A": 6, "K": 2, "M": 0, "L": 0}
+  comp = report.composition_from_counts(counts)
+  assert comp == report.composition(["AAAK", "AAAK"]) == {"A": 0.75, "K": 0.25}
+  assert report.composition_from_counts(counts, "AKM") == {"A": 0.75, "K": 0.25, "M": 0.0}
+  samples = ["AAKK", "AK"]  # A 1/2, K 1/2
+  rep = report.write_report(samples, [], tmp_path / "r.json", tmp_path / "r.png",
+                            data_composition=comp, missing="no prepared training data at P")
+  assert rep["composition"]["data"] == comp
+  kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+  assert rep["composition"]["kl_samples_data_nats"] == pytest.approx(kl, abs=1e-5)
+  loaded = json.loads((tmp_path / "r.json").read_text())
+  assert loaded["novelty"] is None and loaded["num_reference"] == 0
+  assert loaded["missing"] == ("novelty needs the reference sequences: no prepared training "
+                               "data at P")
+  assert (tmp_path / "r.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="give data sequences or data_composition, not both"):
+    report.quality_report(samples, ["AK"], data_composition=comp)

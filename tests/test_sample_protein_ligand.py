@@ -1,18 +1,19 @@
 """The protein-ligand half of python -m sedd_jax.sample: flag checks against the config (before
-the model is loaded), the chunked driver's keys and trimming, and the validity report file."""
+the model is loaded), the samples drawn through the API, and the validity report file."""
 
 import functools
 import json
 
-import jax
-import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import MICRO_MODEL, cli_fails, load_config
+from helpers import MICRO_MODEL, PAIRS, cli_fails, load_config, randomize
+import sedd_jax
+from sedd_jax import config as config_lib
 from sedd_jax import sample as sample_cli
 from sedd_jax import sample_protein_ligand as pl_sample
 from sedd_jax.cli import CliError
+from sedd_jax.data import pipeline
 from sedd_jax.protein_ligand import model as pl_model
 from sedd_jax.training import checkpoint as ckpt_lib
 
@@ -47,22 +48,6 @@ def test_task_and_the_flags_that_do_not_apply():
                        (["--temperature", "-1"], "--temperature must be a finite number > 0")):
     with pytest.raises(CliError, match=match):
       pl_sample.check_protein_ligand_args(_args(*flags), CFG)
-
-
-def test_run_batches_keys_chunks_and_trims():
-  seen = []
-
-  def draw(key, idx):
-    seen.append((np.asarray(jax.random.key_data(key)), idx.copy()))
-    return idx * 10, idx[:, None] + np.zeros((1, 2), int)
-
-  a, b = pl_sample.run_batches(5, 2, seed=4, t_start=0.0, draw=draw)
-  np.testing.assert_array_equal(a, np.arange(5) * 10)  # in order, the padding trimmed
-  assert b.shape == (5, 2)
-  assert [i.tolist() for _, i in seen] == [[0, 1], [2, 3], [4, 4]]  # one shape: filled up
-  for c, (k, _) in enumerate(seen):  # chunk c draws with fold_in(key(seed), c)
-    np.testing.assert_array_equal(k, jax.random.key_data(
-        jax.random.fold_in(jax.random.key(4), c)))
 
 
 def test_write_validity_records_settings_and_every_sample(tmp_path):
@@ -114,3 +99,30 @@ def test_run_settings_record_the_checkpoint_used():
       "steps": 8, "predictor": "analytic", "eps": 1e-5, "temperature": 1.0,
       "reveal_order": "random", "seed": 3, "batch_size": 2, "weights": "ema",
       "checkpoint": "/r/checkpoints/4", "step": 4, "run": "/r"}
+
+
+def test_ligands_for_given_proteins_are_the_apis(tmp_path):
+  """Issue 31: the CLI draws through `ProteinLigandModel.sample_ligands` (same seed and
+  settings, the same SMILES; the FASTA protein longer than the model cropped to its length),
+  whatever --batch-size."""
+  cfg = config_lib.apply_overrides(load_config("protein_ligand.py:tiny", {
+      **MICRO_MODEL, "model.length": 64, "ligand.length": 48, "sampling.steps": 3}),
+      {"data.fasta": str(PAIRS), "data.prepared": str(tmp_path / "store")})
+  pipeline.ensure_prepared(cfg)
+  model = randomize(pl_model.build_model(cfg, nnx.Rngs(0)))  # a score that depends on the input
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  ckpt_lib.save_inference_checkpoint(tmp_path / "run" / "checkpoints" / "1", params, cfg)
+  long = "MKVLLAAGGHWWKKLLPP" * 4  # 72 residues > model.length 64
+  fasta = tmp_path / "p.fasta"
+  fasta.write_text(f">a\nMKVLLAAGGH\n>b\n{long}\n")
+  outs = []
+  for bs in ("1", "4"):
+    out = tmp_path / f"l{bs}.smi"
+    assert sample_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(out), "--proteins",
+                            str(fasta), "--num", "2", "--ligand-length", "5", "--seed", "3",
+                            "--temperature", "0.7", "--batch-size", bs, "--split", "train"]) == 0
+    outs.append([line.split("\t") for line in out.read_text().splitlines()])
+  expected = sedd_jax.load(tmp_path / "run").sample_ligands(
+      ["MKVLLAAGGH", long[:64]], num_per_protein=2, ligand_length=5, seed=3, temperature=0.7)
+  assert outs[0] == outs[1] == [[x, name] for x, name in zip(expected, "aabb")]
+  assert len(set(expected)) > 1  # the samples differ: their keys do

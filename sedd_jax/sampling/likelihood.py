@@ -61,7 +61,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -349,10 +349,15 @@ def summarize(results: Sequence[NelboResult], noise: Noise | None = None, *,
   return out
 
 
+def _symbols(s) -> np.ndarray:
+  """A sequence (string or integer array) as a 1-D array of its symbols."""
+  return np.asarray(list(s)) if isinstance(s, str) else np.asarray(s).reshape(-1)
+
+
 def unigram_baseline(train_tokens: Iterable, eval_tokens: Iterable, vocab: Iterable | None = None
                      ) -> float:
   """Per-token NLL (nats) of `eval_tokens` under add-one-smoothed symbol frequencies of
-  `train_tokens`.
+  `train_tokens` (`unigram_baseline_from_counts` of their symbol counts).
 
   Args:
     train_tokens, eval_tokens: iterables of sequences (strings or 1-D integer arrays, without
@@ -363,26 +368,42 @@ def unigram_baseline(train_tokens: Iterable, eval_tokens: Iterable, vocab: Itera
   Returns:
     mean over eval tokens of -log p(token), p(a) = (count_a + 1) / (N + |vocab|).
   """
-  def as_array(s):
-    return np.asarray(list(s)) if isinstance(s, str) else np.asarray(s).reshape(-1)
-
   seen: dict = {}  # symbol -> count, one sequence (or chunk) of `train_tokens` at a time
   for s in train_tokens:
-    values, n = np.unique(as_array(s), return_counts=True)
+    values, n = np.unique(_symbols(s), return_counts=True)
     for v, c in zip(values.tolist(), n.tolist()):
       seen[v] = seen.get(v, 0) + c
-  parts = [as_array(s) for s in eval_tokens]
+  return unigram_baseline_from_counts(seen, eval_tokens, vocab=vocab)
+
+
+def unigram_baseline_from_counts(train_counts: Mapping, eval_tokens: Iterable,
+                                 vocab: Iterable | None = None) -> float:
+  """`unigram_baseline` from the training symbols' counts (an exported bundle's token counts).
+
+  Args:
+    train_counts: {symbol: count >= 0} of the training tokens (symbols absent count 0).
+    eval_tokens: iterable of sequences (strings or 1-D integer arrays, without padding).
+    vocab: the symbols that get the +1 (default: every key of `train_counts` with a count > 0
+      and every symbol of `eval_tokens`); symbols of `eval_tokens` outside it raise ValueError.
+
+  Returns:
+    mean over eval tokens of -log p(token), p(a) = (count_a + 1) / (N + |vocab|).
+  """
+  if any(int(c) < 0 for c in train_counts.values()):
+    raise ValueError("train_counts must be counts >= 0")
+  parts = [_symbols(s) for s in eval_tokens]
   ev = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
   if ev.size == 0:
     raise ValueError("eval_tokens hold no tokens")
   if vocab is None:
-    symbols = np.unique(np.concatenate([np.asarray(list(seen)) if seen else ev[:0], ev]))
+    seen = [v for v, c in train_counts.items() if c > 0]
+    symbols = np.unique(np.concatenate([np.asarray(seen) if seen else ev[:0], ev]))
   else:
     symbols = np.unique(np.asarray(list(vocab)))
   missing = np.setdiff1d(np.unique(ev), symbols)
   if missing.size:
     raise ValueError(f"eval tokens {missing.tolist()[:10]} are not in vocab")
-  counts = np.array([seen.get(v, 0) for v in symbols.tolist()], np.float64) + 1.0
+  counts = np.array([train_counts.get(v, 0) for v in symbols.tolist()], np.float64) + 1.0
   logp = np.log(counts) - np.log(counts.sum())
   return float(-logp[np.searchsorted(symbols, ev)].mean())
 

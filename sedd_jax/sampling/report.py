@@ -16,7 +16,9 @@ reference set (usually training or validation sequences):
 * novelty: for each sample the max k-mer Jaccard to the reference (default k = 3) and the
   highest aligned identity among its `candidates` (default 20) best Jaccard matches
   (`similarity.nearest_jaccard_and_identity`): mean / median, and the fractions of samples
-  over 0.5 Jaccard (near copies) and over 0.5 and 0.9 identity;
+  over 0.5 Jaccard (near copies) and over 0.5 and 0.9 identity; without reference sequences
+  (only the training data's composition, `data_composition=`, e.g. an exported bundle's)
+  "novelty" is null and "missing" names the input that was not there;
 * low-complexity samples: a residue is low-complexity if a window of `window` residues holding
   it has entropy < `entropy_threshold` bits (SEG-like) or it lies in a tandem repeat (a
   period of 1..6 residues repeated at least 3 times in a row, e.g. EKEKEK); a sequence is a
@@ -30,7 +32,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,6 +48,14 @@ def composition(seqs: Iterable[str], alphabet: str | None = None) -> dict[str, f
   counts = collections.Counter()
   for s in seqs:
     counts.update(s)
+  return composition_from_counts(counts, alphabet)
+
+
+def composition_from_counts(counts: Mapping[str, int], alphabet: str | None = None
+                            ) -> dict[str, float]:
+  """`composition` from residue counts {letter: count} (an exported bundle's token counts):
+  the letters counted at least once, and those of `alphabet`, in sorted order."""
+  counts = {a: int(n) for a, n in counts.items() if n > 0}
   if alphabet:
     for a in alphabet:
       counts.setdefault(a, 0)
@@ -173,21 +183,26 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
                    novelty_k: int = 3, max_reference: int = 5000, max_identity_seqs: int = 200,
                    run_length: int = 5, window: int = 12, entropy_threshold: float = 2.2,
                    seed: int = 0, alignment_candidates: int = 20,
-                   max_aligned_identity_seqs: int = 100, lc_fraction: float = 0.3) -> dict:
+                   max_aligned_identity_seqs: int = 100, lc_fraction: float = 0.3,
+                   data_composition: Mapping[str, float] | None = None,
+                   missing: str | None = None) -> dict:
   """The full report (a JSON-serialisable dict) of `samples` against the reference `data`.
 
-  `data` is subsampled to `max_reference` sequences for novelty (seeded by `seed`).
+  `data` is subsampled to `max_reference` sequences for novelty (seeded by `seed`). Without
+  reference sequences (`data` empty) the composition is `data_composition` (the training
+  data's, e.g. from a bundle's token counts; else empty), "novelty" is None and "missing"
+  says why (`missing`: the input that was not there).
   """
   samples = list(samples)
   data = list(data)
+  if data and data_composition is not None:
+    raise ValueError("give data sequences or data_composition, not both")
   rng = np.random.default_rng(seed)
   ref = data
   if len(ref) > max_reference:
     ref = [data[i] for i in sorted(rng.choice(len(data), max_reference, replace=False))]
   comp_s = composition(samples)
-  comp_d = composition(data)
-  near, ident = similarity.nearest_jaccard_and_identity(samples, ref, novelty_k,
-                                                         alignment_candidates, chunk=1024)
+  comp_d = composition(data) if data_composition is None else dict(data_composition)
   report = {
       "num_samples": len(samples),
       "num_reference": len(data),
@@ -206,21 +221,28 @@ def quality_report(samples: Sequence[str], data: Sequence[str], *, ks: Sequence[
           "mean_pairwise_aligned_identity": similarity.mean_pairwise_aligned_identity(
               samples, max_aligned_identity_seqs, seed),
           "aligned_identity": similarity.ALIGNED_IDENTITY},
-      "novelty": {
-          "k": novelty_k,
-          "num_reference_used": len(ref),
-          "nearest_jaccard_mean": float(near.mean()) if near.size else float("nan"),
-          "nearest_jaccard_median": float(np.median(near)) if near.size else float("nan"),
-          "frac_nearest_jaccard_over_0.5": float((near > 0.5).mean()) if near.size else 0.0,
-          "nearest_jaccard": near.tolist(),
-          "alignment_candidates": alignment_candidates,
-          "aligned_identity": similarity.ALIGNED_IDENTITY,
-          "nearest_identity_mean": float(ident.mean()) if ident.size else float("nan"),
-          "nearest_identity_median": float(np.median(ident)) if ident.size else float("nan"),
-          "frac_nearest_identity_over_0.5": float((ident > 0.5).mean()) if ident.size else 0.0,
-          "frac_nearest_identity_over_0.9": float((ident > 0.9).mean()) if ident.size else 0.0,
-          "nearest_identity": ident.tolist()},
+      "novelty": None,
   }
+  if not data:
+    report["missing"] = ("novelty needs the reference sequences: "
+                         + (missing or "no data sequences given"))
+    return report
+  near, ident = similarity.nearest_jaccard_and_identity(samples, ref, novelty_k,
+                                                         alignment_candidates, chunk=1024)
+  report["novelty"] = {
+      "k": novelty_k,
+      "num_reference_used": len(ref),
+      "nearest_jaccard_mean": float(near.mean()) if near.size else float("nan"),
+      "nearest_jaccard_median": float(np.median(near)) if near.size else float("nan"),
+      "frac_nearest_jaccard_over_0.5": float((near > 0.5).mean()) if near.size else 0.0,
+      "nearest_jaccard": near.tolist(),
+      "alignment_candidates": alignment_candidates,
+      "aligned_identity": similarity.ALIGNED_IDENTITY,
+      "nearest_identity_mean": float(ident.mean()) if ident.size else float("nan"),
+      "nearest_identity_median": float(np.median(ident)) if ident.size else float("nan"),
+      "frac_nearest_identity_over_0.5": float((ident > 0.5).mean()) if ident.size else 0.0,
+      "frac_nearest_identity_over_0.9": float((ident > 0.9).mean()) if ident.size else 0.0,
+      "nearest_identity": ident.tolist()}
   return report
 
 
@@ -296,17 +318,22 @@ def plot_report(report: dict, samples: Sequence[str], data: Sequence[str],
   ax = axes[1, 0]
   ent_d = np.concatenate([window_entropies(s, window) for s in data] or [np.zeros(0)])
   ent_s = np.concatenate([window_entropies(s, window) for s in samples] or [np.zeros(0)])
-  ax.hist(ent_d, bins=30, alpha=0.5, density=True, label="data")
+  if ent_d.size:  # none without data sequences
+    ax.hist(ent_d, bins=30, alpha=0.5, density=True, label="data")
   ax.hist(ent_s, bins=30, alpha=0.5, density=True, label="samples")
   ax.set_title(f"window entropy (bits, window {window})")
   ax.legend()
   ax = axes[1, 1]
-  ax.hist(report["novelty"]["nearest_jaccard"], bins=30, range=(0, 1), alpha=0.5,
-          label=f"{report['novelty']['k']}-mer Jaccard")
-  ax.hist(report["novelty"]["nearest_identity"], bins=30, range=(0, 1), alpha=0.5,
-          label="aligned identity")
   ax.set_title("nearest reference")
-  ax.legend()
+  if report["novelty"] is None:
+    ax.text(0.5, 0.5, report["missing"], ha="center", va="center", wrap=True,
+            transform=ax.transAxes)
+  else:
+    ax.hist(report["novelty"]["nearest_jaccard"], bins=30, range=(0, 1), alpha=0.5,
+            label=f"{report['novelty']['k']}-mer Jaccard")
+    ax.hist(report["novelty"]["nearest_identity"], bins=30, range=(0, 1), alpha=0.5,
+            label="aligned identity")
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   logger.info("wrote plot %s", path)
